@@ -1,0 +1,376 @@
+//! The `VaultCluster` custom resource: which pods are Vault, how to reach their health
+//! endpoint, and which Services to generate. The schema is the first line of validation:
+//! whatever the API server can reject, it rejects, with the field and the reason.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelectorRequirement};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Finalizer that removes this operator's labels from the pods before a VaultCluster goes.
+pub const FINALIZER: &str = "vault-registrar.dev/cleanup";
+
+/// Kubernetes duration strings ("2s", "1m30s", "250ms").
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// Selects the Vault pods of one cluster and decides how the operator labels them, probes
+/// them and which Services it generates for them.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "vault-registrar.dev",
+    version = "v1alpha1",
+    kind = "VaultCluster",
+    namespaced,
+    shortname = "vc",
+    category = "vault",
+    status = "VaultClusterStatus",
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activePod"}"#,
+    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.pods"}"#,
+    printcolumn = r#"{"name":"Unsealed","type":"integer","jsonPath":".status.unsealed"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.version"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultClusterSpec {
+    /// Which pods in this namespace belong to the Vault cluster. matchLabels is required
+    /// because the generated Services select with it; matchExpressions may narrow the pods
+    /// that are probed and labelled.
+    pub selector: PodSelector,
+
+    /// Prefix of the labels written on each pod: "<prefix>-active", "-initialized",
+    /// "-perf-standby", "-sealed" and "-version". "vault" matches Vault's own labels,
+    /// "openbao" OpenBao's.
+    #[serde(default = "default_label_prefix")]
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub label_prefix: String,
+
+    /// How each pod's health endpoint is probed.
+    #[serde(default)]
+    pub health: HealthSpec,
+
+    /// The Services generated for the cluster.
+    #[serde(default)]
+    pub services: ServicesSpec,
+}
+
+fn default_label_prefix() -> String {
+    "vault".into()
+}
+
+/// A label selector whose matchLabels is required and not empty.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSelector {
+    /// Labels every Vault pod carries, for example app.kubernetes.io/name: vault. Also the
+    /// base of every generated Service's selector. Must not be empty.
+    #[x_kube(validation = Rule::new("size(self) > 0").message("matchLabels must name at least one label"))]
+    pub match_labels: BTreeMap<String, String>,
+
+    /// Further requirements a pod must meet to be probed and labelled. They do not reach the
+    /// Services, whose selectors cannot express them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// Where and how often to ask each pod for GET /v1/sys/health.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.timeout) < duration(self.interval)").message("timeout must be less than interval"))]
+pub struct HealthSpec {
+    /// http or https.
+    #[serde(default)]
+    pub scheme: Scheme,
+
+    /// Port of Vault's API listener on the pod IP.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Path of the health endpoint.
+    #[serde(default = "default_path")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[^\s?#]*$"))]
+    pub path: String,
+
+    /// Time between probes of each pod, a Kubernetes duration of at least 200ms.
+    #[serde(default = "default_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('200ms')").message("interval must be at least 200ms"))]
+    pub interval: String,
+
+    /// How long one probe may take, a Kubernetes duration less than interval.
+    #[serde(default = "default_timeout")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("timeout must be positive"))]
+    pub timeout: String,
+
+    /// Consecutive failed probes before a pod counts as unreachable and gets the
+    /// after-shutdown labels.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: i32,
+
+    /// TLS settings, used when scheme is https.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            scheme: Scheme::default(),
+            port: default_port(),
+            path: default_path(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            failure_threshold: default_failure_threshold(),
+            tls: None,
+        }
+    }
+}
+
+fn default_port() -> i32 {
+    8200
+}
+fn default_path() -> String {
+    "/v1/sys/health".into()
+}
+fn default_interval() -> String {
+    "2s".into()
+}
+fn default_timeout() -> String {
+    "1s".into()
+}
+fn default_failure_threshold() -> i32 {
+    2
+}
+
+/// The health endpoint's scheme.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
+}
+
+/// How the probe verifies Vault's serving certificate.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret in this namespace holding the CA bundle (PEM) that signed Vault's certificate.
+    /// Required for https unless insecureSkipVerify is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+
+    /// Name to verify in the certificate instead of the pod IP, also sent as SNI. May use
+    /// {pod} and {namespace}, e.g. "{pod}.vault-internal".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 253))]
+    pub server_name: String,
+
+    /// Skip certificate verification. Only for tests: anyone on the path can then answer.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// A key of a Secret in the VaultCluster's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+/// The generated Services and their shared ports.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicesSpec {
+    /// Ports of every generated Service. Names must be unique.
+    #[serde(default = "default_ports")]
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub ports: Vec<ServicePortSpec>,
+
+    /// Selects the one active pod. Default name <metadata.name>-active.
+    #[serde(default = "ServiceSpec::enabled")]
+    pub active: ServiceSpec,
+
+    /// Selects unsealed standby pods. Default name <metadata.name>-standby.
+    #[serde(default = "ServiceSpec::enabled")]
+    pub standby: ServiceSpec,
+
+    /// Selects unsealed performance standby pods (Vault Enterprise). Default name
+    /// <metadata.name>-perf-standby. Disabled by default.
+    #[serde(default = "ServiceSpec::disabled")]
+    pub perf_standby: ServiceSpec,
+}
+
+impl Default for ServicesSpec {
+    fn default() -> Self {
+        Self {
+            ports: default_ports(),
+            active: ServiceSpec::enabled(),
+            standby: ServiceSpec::enabled(),
+            perf_standby: ServiceSpec::disabled(),
+        }
+    }
+}
+
+fn default_ports() -> Vec<ServicePortSpec> {
+    vec![
+        ServicePortSpec { name: "http".into(), port: 8200, target_port: Some(8200) },
+        ServicePortSpec { name: "internal".into(), port: 8201, target_port: Some(8201) },
+    ]
+}
+
+/// One port of the generated Services.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortSpec {
+    /// Port name, unique among the ports.
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Port the Service exposes.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Port on the pod. Defaults to port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub target_port: Option<i32>,
+}
+
+/// One generated Service.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Whether the Service exists. Disabling it deletes the Service.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Service name; the default is <metadata.name>-active, -standby or -perf-standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: Option<String>,
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Extra labels on the Service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on the Service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ServiceSpec {
+    fn enabled() -> Self {
+        Self { enabled: true, ..Self::disabled() }
+    }
+    fn disabled() -> Self {
+        Self {
+            enabled: false,
+            name: None,
+            type_: ServiceType::ClusterIP,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+/// Kubernetes Service type of a generated Service.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// What the operator last observed. Changes only when something observable changed, so an
+/// unchanged cluster causes no status writes.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultClusterStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Available and Degraded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The pod labelled active, if exactly one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_pod: Option<String>,
+    /// Selected pods.
+    #[serde(default)]
+    pub pods: i32,
+    /// Pods answering as active.
+    #[serde(default)]
+    pub active: i32,
+    /// Pods answering as standby.
+    #[serde(default)]
+    pub standby: i32,
+    /// Pods answering as performance standby.
+    #[serde(default)]
+    pub perf_standby: i32,
+    /// Pods that are initialized and unsealed.
+    #[serde(default)]
+    pub unsealed: i32,
+    /// Pods answering as sealed.
+    #[serde(default)]
+    pub sealed: i32,
+    /// Pods answering as not initialized.
+    #[serde(default)]
+    pub uninitialized: i32,
+    /// Pods not answering, or answering something that is not Vault's health.
+    #[serde(default)]
+    pub unreachable: i32,
+    /// Vault versions reported, comma-separated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Each selected pod as last probed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+}
+
+/// One pod as last probed.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Pod name.
+    pub name: String,
+    /// Pod IP probed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ip: String,
+    /// active, standby, perf-standby, sealed, uninitialized, removed, unreachable, pending
+    /// (not yet probed) or ignored (claimed by an older VaultCluster).
+    pub role: String,
+    /// Whether the pod reported itself sealed.
+    #[serde(default)]
+    pub sealed: bool,
+    /// Version the pod reported.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Why the last probe failed, if it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_probe_error: String,
+}

@@ -1,0 +1,183 @@
+//! The cluster-wide label decision: each pod's verdict gives its labels, then the invariant
+//! that at most one pod carries `<prefix>-active: "true"` is enforced over all of them.
+
+use std::collections::BTreeMap;
+
+use crate::health::Role;
+use crate::labels::{AFTER_SHUTDOWN, LabelNames, desired, diff, flag, flags_for};
+use crate::tracker::Verdict;
+
+/// One selected pod as observed, with the verdict of its latest probe.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub name: String,
+    pub ip: String,
+    pub labels: BTreeMap<String, String>,
+    pub verdict: Verdict,
+}
+
+/// Label writes for one pod: a value to set, or None to remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelPlan {
+    pub pod: String,
+    pub change: BTreeMap<String, Option<String>>,
+}
+
+/// The outcome of deciding labels for a whole cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Ordered so that every demotion precedes any promotion: the active Service never
+    /// selects two pods because of our writes.
+    pub plans: Vec<LabelPlan>,
+    /// Pods whose health says active; more than one means none is labelled active.
+    pub claimants: Vec<String>,
+    /// The pod that carries the active label once the plans are written, if exactly one.
+    pub active: Option<String>,
+}
+
+pub fn decide(names: &LabelNames, members: &[Member]) -> Decision {
+    let claimants: Vec<String> = members
+        .iter()
+        .filter(|m| matches!(&m.verdict, Verdict::Healthy(h) if h.role == Role::Active))
+        .map(|m| m.name.clone())
+        .collect();
+    let sole = (claimants.len() == 1).then(|| claimants[0].as_str());
+    let mut plans: Vec<(bool, LabelPlan)> = Vec::new();
+    let mut labelled_active = Vec::new();
+    for member in members {
+        let want = wanted(names, member, sole, !claimants.is_empty());
+        let change = diff(&member.labels, &want);
+        let after = |name: &str| change.get(name).cloned().flatten().or_else(|| member.labels.get(name).cloned());
+        if after(&names.active).as_deref() == Some("true") {
+            labelled_active.push(member.name.clone());
+        }
+        if !change.is_empty() {
+            let promotion = flag(&member.labels, &names.active) != Some(true)
+                && change.get(&names.active).cloned().flatten().as_deref() == Some("true");
+            plans.push((promotion, LabelPlan { pod: member.name.clone(), change }));
+        }
+    }
+    plans.sort_by_key(|(promotion, _)| *promotion);
+    Decision {
+        plans: plans.into_iter().map(|(_, plan)| plan).collect(),
+        active: (labelled_active.len() == 1).then(|| labelled_active.remove(0)),
+        claimants,
+    }
+}
+
+/// The labels one pod should carry. A pod without a fresh result keeps its labels, except
+/// that a confirmed active pod elsewhere demotes it at once.
+fn wanted(
+    names: &LabelNames,
+    member: &Member,
+    sole_active: Option<&str>,
+    someone_claims: bool,
+) -> BTreeMap<String, Option<String>> {
+    match &member.verdict {
+        Verdict::Healthy(health) => {
+            let mut flags = flags_for(health);
+            flags.active = sole_active == Some(member.name.as_str());
+            desired(names, flags, &health.version)
+        }
+        Verdict::Down { .. } => desired(names, AFTER_SHUTDOWN, ""),
+        Verdict::Failing { .. } if someone_claims && flag(&member.labels, &names.active) == Some(true) => {
+            BTreeMap::from([(names.active.clone(), Some("false".to_string()))])
+        }
+        Verdict::Failing { .. } => BTreeMap::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Health;
+
+    fn health(role: Role) -> Verdict {
+        Verdict::Healthy(Health {
+            role,
+            initialized: role != Role::Uninitialized,
+            sealed: matches!(role, Role::Sealed | Role::Uninitialized),
+            version: "1.17.2".into(),
+        })
+    }
+    fn failing() -> Verdict {
+        Verdict::Failing { last: None, error: "timed out".into() }
+    }
+    fn down() -> Verdict {
+        Verdict::Down { reason: "connection refused".into() }
+    }
+
+    /// A pod carrying the labels of the given role, as after an earlier convergence.
+    fn member(name: &str, labelled: Option<&str>, verdict: Verdict) -> Member {
+        let mut labels = BTreeMap::from([("app".to_string(), "vault".to_string())]);
+        if let Some(state) = labelled {
+            let (a, i, p, s) = match state {
+                "active" => ("true", "true", "false", "false"),
+                "standby" => ("false", "true", "false", "false"),
+                _ => ("false", "false", "false", "true"),
+            };
+            for (k, v) in [("vault-active", a), ("vault-initialized", i), ("vault-perf-standby", p), ("vault-sealed", s), ("vault-version", "1.17.2")] {
+                labels.insert(k.into(), v.into());
+            }
+        }
+        Member { name: name.into(), ip: String::new(), labels, verdict }
+    }
+
+    fn active_after(decision: &Decision, members: &[Member]) -> Vec<String> {
+        members
+            .iter()
+            .filter(|m| {
+                let change = decision.plans.iter().find(|p| p.pod == m.name).map(|p| p.change.clone()).unwrap_or_default();
+                let value = change.get("vault-active").cloned().flatten().or_else(|| m.labels.get("vault-active").cloned());
+                value.as_deref() == Some("true")
+            })
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn invariants_over_scenarios() {
+        // (scenario, members, pods labelled active afterwards, claimants, pods written)
+        let cases: Vec<(&str, Vec<Member>, Vec<&str>, usize, Vec<&str>)> = vec![
+            ("first convergence", vec![member("v0", None, health(Role::Active)), member("v1", None, health(Role::Standby)), member("v2", None, health(Role::Standby))], vec!["v0"], 1, vec!["v0", "v1", "v2"]),
+            ("steady state writes nothing", vec![member("v0", Some("active"), health(Role::Active)), member("v1", Some("standby"), health(Role::Standby))], vec!["v0"], 1, vec![]),
+            ("failover", vec![member("v0", Some("active"), health(Role::Standby)), member("v1", Some("standby"), health(Role::Active))], vec!["v1"], 1, vec!["v0", "v1"]),
+            ("crashed active below threshold is demoted by new active", vec![member("v0", Some("active"), failing()), member("v1", Some("standby"), health(Role::Active))], vec!["v1"], 1, vec!["v0", "v1"]),
+            ("crashed active below threshold, no new active, keeps label", vec![member("v0", Some("active"), failing()), member("v1", Some("standby"), health(Role::Standby))], vec!["v0"], 0, vec![]),
+            ("crashed active past threshold", vec![member("v0", Some("active"), down()), member("v1", Some("standby"), health(Role::Standby))], vec![], 0, vec!["v0"]),
+            ("two claim active: neither labelled", vec![member("v0", Some("active"), health(Role::Active)), member("v1", Some("standby"), health(Role::Active))], vec![], 2, vec!["v0"]),
+            ("unprobed pod is not written", vec![member("v0", None, failing())], vec![], 0, vec![]),
+            ("sealed active", vec![member("v0", Some("active"), health(Role::Sealed))], vec![], 0, vec!["v0"]),
+        ];
+        for (name, members, active, claimants, written) in cases {
+            let decision = decide(&LabelNames::new("vault"), &members);
+            assert_eq!(active_after(&decision, &members), active, "{name}: active");
+            assert_eq!(decision.claimants.len(), claimants, "{name}: claimants");
+            let mut pods: Vec<&str> = decision.plans.iter().map(|p| p.pod.as_str()).collect();
+            pods.sort();
+            assert_eq!(pods, written, "{name}: written");
+            assert_eq!(decision.active.as_deref(), active.first().copied().filter(|_| active.len() == 1), "{name}");
+        }
+    }
+
+    #[test]
+    fn demotions_are_written_before_the_promotion() {
+        let members = vec![
+            member("a-new", Some("standby"), health(Role::Active)),
+            member("b-old", Some("active"), health(Role::Standby)),
+            member("c-stale", Some("active"), failing()),
+        ];
+        let plans = decide(&LabelNames::new("vault"), &members).plans;
+        let order: Vec<&str> = plans.iter().map(|p| p.pod.as_str()).collect();
+        assert_eq!(order.last(), Some(&"a-new"), "{order:?}");
+        assert_eq!(plans[2].change.get("vault-active"), Some(&Some("true".into())));
+    }
+
+    #[test]
+    fn demoting_a_failing_pod_touches_only_the_active_label() {
+        let members = vec![member("v0", Some("active"), failing()), member("v1", Some("standby"), health(Role::Active))];
+        let decision = decide(&LabelNames::new("vault"), &members);
+        let plan = decision.plans.iter().find(|p| p.pod == "v0").unwrap();
+        assert_eq!(plan.change, BTreeMap::from([("vault-active".to_string(), Some("false".to_string()))]));
+    }
+}

@@ -1,0 +1,244 @@
+//! Classifying one answer of Vault's `/v1/sys/health`. Pure: the prober hands in the status
+//! code and body bytes, this decides what the pod is. The body decides the role, and the
+//! status code must agree with it, so that nothing but a coherent Vault answer can make a
+//! pod active.
+
+use serde::Deserialize;
+
+/// A pod's HA role as its health endpoint reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Active,
+    Standby,
+    PerfStandby,
+    Sealed,
+    Uninitialized,
+    /// Removed from the raft cluster (Vault 1.19+): it can no longer serve.
+    Removed,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Standby => "standby",
+            Self::PerfStandby => "perf-standby",
+            Self::Sealed => "sealed",
+            Self::Uninitialized => "uninitialized",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+/// What one successful probe says about a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub role: Role,
+    pub initialized: bool,
+    pub sealed: bool,
+    /// As reported; empty when the listener redacts it.
+    pub version: String,
+}
+
+/// Why an answer is not a usable health report.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HealthError {
+    #[error("status {status}: body is not Vault health JSON: {reason}")]
+    Body { status: u16, reason: String },
+    #[error("status {status} contradicts the body, which says {role}")]
+    Inconsistent { status: u16, role: &'static str },
+}
+
+/// The fields the decision needs; unknown fields are ignored because new Vault versions add
+/// them.
+#[derive(Deserialize)]
+struct Body {
+    initialized: bool,
+    sealed: bool,
+    standby: bool,
+    #[serde(default)]
+    performance_standby: bool,
+    #[serde(default)]
+    removed_from_cluster: bool,
+    #[serde(default)]
+    replication_dr_mode: String,
+    #[serde(default)]
+    version: String,
+}
+
+/// Classifies an answer. Only Vault's default status codes are accepted, since the prober
+/// sends no override parameters.
+pub fn classify(status: u16, body: &[u8]) -> Result<Health, HealthError> {
+    let parsed: Body = serde_json::from_slice(body)
+        .map_err(|e| HealthError::Body { status, reason: e.to_string() })?;
+    let role = role_of(&parsed);
+    if !status_matches(role, status) {
+        return Err(HealthError::Inconsistent { status, role: role.as_str() });
+    }
+    Ok(Health { role, initialized: parsed.initialized, sealed: parsed.sealed, version: parsed.version })
+}
+
+/// Same precedence as Vault's own status code: uninitialised, removed, sealed, standby kinds.
+fn role_of(body: &Body) -> Role {
+    if !body.initialized {
+        Role::Uninitialized
+    } else if body.removed_from_cluster {
+        Role::Removed
+    } else if body.sealed {
+        Role::Sealed
+    } else if body.replication_dr_mode == "secondary" {
+        // A DR secondary never serves clients, whatever its own HA state: never active.
+        Role::Standby
+    } else if body.performance_standby {
+        Role::PerfStandby
+    } else if body.standby {
+        Role::Standby
+    } else {
+        Role::Active
+    }
+}
+
+fn status_matches(role: Role, status: u16) -> bool {
+    match role {
+        Role::Uninitialized => status == 501,
+        Role::Removed => status == 530,
+        Role::Sealed => status == 503,
+        Role::PerfStandby => status == 473,
+        // 474: a standby whose heartbeat to the active fails; 472: a DR secondary, which
+        // never serves clients, so it is no more than a standby here.
+        Role::Standby => matches!(status, 429 | 474 | 472),
+        Role::Active => status == 200,
+    }
+}
+
+/// Vault's own sanitising of the version label: anything but letters, digits, '-', '_' and
+/// '.' becomes '-'.
+pub fn sanitize_version(version: &str) -> String {
+    version
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn vault(initialized: bool, sealed: bool, standby: bool, perf: bool) -> serde_json::Value {
+        json!({
+            "initialized": initialized, "sealed": sealed, "standby": standby,
+            "performance_standby": perf, "replication_performance_mode": "disabled",
+            "replication_dr_mode": "disabled", "server_time_utc": 1732700000,
+            "version": "1.17.2", "cluster_name": "vault-cluster-1", "cluster_id": "abc",
+            "enterprise": false, "echo_duration_ms": 0, "clock_skew_ms": 0,
+            "replication_primary_canary_age_ms": 0, "removed_from_cluster": false,
+        })
+    }
+
+    #[test]
+    fn every_vault_answer_is_classified() {
+        let removed = {
+            let mut v = vault(true, true, true, false);
+            v["removed_from_cluster"] = json!(true);
+            v
+        };
+        let mut dr_secondary = vault(true, false, false, false);
+        dr_secondary["replication_dr_mode"] = json!("secondary");
+        let cases: Vec<(&str, u16, serde_json::Value, Role)> = vec![
+            ("active", 200, vault(true, false, false, false), Role::Active),
+            ("standby", 429, vault(true, false, true, false), Role::Standby),
+            ("ha unhealthy standby", 474, vault(true, false, true, false), Role::Standby),
+            ("dr secondary", 472, dr_secondary, Role::Standby),
+            ("perf standby", 473, vault(true, false, true, true), Role::PerfStandby),
+            ("sealed", 503, vault(true, true, true, false), Role::Sealed),
+            ("uninitialized", 501, vault(false, true, true, false), Role::Uninitialized),
+            ("removed", 530, removed, Role::Removed),
+        ];
+        for (name, status, answer, role) in cases {
+            let health = classify(status, &body(answer)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(health.role, role, "{name}");
+        }
+    }
+
+    #[test]
+    fn openbao_body_without_enterprise_fields_is_understood() {
+        let answer = json!({"initialized": true, "sealed": false, "standby": true,
+            "replication_performance_mode": "disabled", "replication_dr_mode": "disabled",
+            "server_time_utc": 1, "version": "2.1.0", "cluster_name": "bao", "cluster_id": "x"});
+        assert_eq!(classify(429, &body(answer)).unwrap().role, Role::Standby);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let mut answer = vault(true, false, false, false);
+        answer["some_field_from_vault_2_0"] = json!({"nested": [1, 2]});
+        assert_eq!(classify(200, &body(answer)).unwrap().role, Role::Active);
+    }
+
+    #[test]
+    fn garbage_never_classifies() {
+        let cases: Vec<(&str, u16, Vec<u8>)> = vec![
+            ("html", 200, b"<html>not vault</html>".to_vec()),
+            ("empty", 200, Vec::new()),
+            ("truncated", 200, body(vault(true, false, false, false))[..40].to_vec()),
+            ("json without fields", 200, b"{}".to_vec()),
+            ("wrong types", 200, br#"{"initialized":"yes","sealed":false,"standby":false}"#.to_vec()),
+            ("array", 200, b"[true]".to_vec()),
+            ("null", 200, b"null".to_vec()),
+            ("huge garbage", 200, vec![b'x'; 1 << 20]),
+        ];
+        for (name, status, answer) in cases {
+            assert!(
+                matches!(classify(status, &answer), Err(HealthError::Body { .. })),
+                "{name} must be a failed probe"
+            );
+        }
+    }
+
+    #[test]
+    fn status_code_must_agree_with_body() {
+        let cases = [
+            ("active body, standby code", 429, vault(true, false, false, false)),
+            ("active body, 500", 500, vault(true, false, false, false)),
+            ("standby body, 200 (standbyok)", 200, vault(true, false, true, false)),
+            ("sealed body, 200", 200, vault(true, true, true, false)),
+            ("active body, 299", 299, vault(true, false, false, false)),
+        ];
+        for (name, status, answer) in cases {
+            assert!(
+                matches!(classify(status, &body(answer)), Err(HealthError::Inconsistent { .. })),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn fields_are_carried() {
+        let mut answer = vault(true, false, true, false);
+        answer["version"] = json!("1.15.2+ent");
+        let health = classify(429, &body(answer)).unwrap();
+        assert_eq!(
+            health,
+            Health { role: Role::Standby, initialized: true, sealed: false, version: "1.15.2+ent".into() }
+        );
+    }
+
+    #[test]
+    fn version_is_sanitized_like_vault() {
+        for (raw, label) in [
+            ("1.15.2+ent", "1.15.2-ent"),
+            ("1.17.2", "1.17.2"),
+            ("1.16.0-rc1", "1.16.0-rc1"),
+            ("1.15.2+ent.hsm", "1.15.2-ent.hsm"),
+            ("v1 beta/2", "v1-beta-2"),
+            ("", ""),
+        ] {
+            assert_eq!(sanitize_version(raw), label, "{raw}");
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! vault-registrar: labels Vault and OpenBao pods with their HA role from outside, and keeps
+//! the active and standby Services pointing at the right pods.
+
+pub mod cli;
+pub mod crd;
+pub mod decide;
+pub mod duration;
+pub mod error;
+pub mod health;
+pub mod labels;
+pub mod leader;
+pub mod metrics;
+pub mod probe;
+pub mod reconciler;
+pub mod selector;
+pub mod server;
+pub mod services;
+pub mod status;
+pub mod tracker;
+
+/// The CRD as YAML, as `vault-registrar crd` prints it and `crds/` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&crd::VaultCluster::crd()).expect("CRD serialises")
+}

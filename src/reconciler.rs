@@ -1,0 +1,492 @@
+//! The VaultCluster reconciler: observe (pods, probes, Services), decide (pure functions in
+//! `decide`, `services`, `status`), act (only the writes that change something).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalized, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::crd::{FINALIZER, Scheme, VaultCluster, VaultClusterStatus};
+use crate::decide::{LabelPlan, Member, decide};
+use crate::error::Error;
+use crate::labels::{LabelNames, OWNER_ANNOTATION, diff, removal};
+use crate::metrics::Metrics;
+use crate::probe::{Prober, Target, server_name, tls_config};
+use crate::services::{self, Kind};
+use crate::status::{Notice, Observation, build, notices};
+use crate::tracker::{Outcome, Tracker};
+use crate::{duration, selector};
+
+/// Field manager for every write, so `managedFields` shows what we own.
+pub const MANAGER: &str = "vault-registrar";
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub client: Client,
+    pub prober: Prober,
+    pub metrics: Metrics,
+    recorder: Recorder,
+    trackers: Mutex<HashMap<String, Tracker>>,
+    clusters: Mutex<Option<Store<VaultCluster>>>,
+    /// Cleared the moment leadership is lost, before the controller is stopped.
+    leading: Arc<AtomicBool>,
+}
+
+impl Context {
+    pub fn new(client: Client, prober: Prober, metrics: Metrics, leading: Arc<AtomicBool>) -> Arc<Self> {
+        let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            prober,
+            metrics,
+            trackers: Mutex::new(HashMap::new()),
+            clusters: Mutex::new(None),
+            leading,
+        })
+    }
+
+    fn guard(&self, what: &str) -> Result<(), Error> {
+        if self.leading.load(Ordering::SeqCst) { Ok(()) } else { Err(Error::NotLeader(what.into())) }
+    }
+
+    fn other_clusters(&self) -> Vec<VaultCluster> {
+        let store = self.clusters.lock().unwrap();
+        store.as_ref().map(|s| s.state().iter().map(|c| (**c).clone()).collect()).unwrap_or_default()
+    }
+}
+
+/// Runs the controller for one namespace, or all of them, until the stream ends.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (clusters, services, pods): (Api<VaultCluster>, Api<Service>, Api<Pod>) = match &namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+    };
+    let controller = Controller::new(clusters, watcher::Config::default());
+    let store = controller.store();
+    *ctx.clusters.lock().unwrap() = Some(store.clone());
+    let owned = watcher::Config::default().labels(&format!("{}={}", services::MANAGED_BY.0, services::MANAGED_BY.1));
+    controller
+        .owns(services, owned)
+        .watches(pods, watcher::Config::default(), move |pod: Pod| clusters_of(&store, &pod))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile trigger failed");
+            }
+        })
+        .await;
+}
+
+/// The VaultClusters a pod change concerns: those selecting it and the one that labelled it.
+fn clusters_of(store: &Store<VaultCluster>, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
+    let labels = pod.labels();
+    let labelled_by = pod.annotations().get(OWNER_ANNOTATION);
+    store
+        .state()
+        .iter()
+        .filter(|vc| vc.namespace() == pod.namespace())
+        .filter(|vc| selector::matches(&vc.spec.selector, labels) || labelled_by == Some(&vc.name_any()))
+        .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+        .collect()
+}
+
+fn error_policy(vc: Arc<VaultCluster>, error: &kube::runtime::finalizer::Error<Error>, ctx: Arc<Context>) -> Action {
+    warn!(cluster = %vc.name_any(), namespace = ?vc.namespace(), %error, "reconcile failed");
+    let kind = match error {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
+        _ => "finalizer",
+    };
+    ctx.metrics.reconcile_errors.with_label_values(&[kind]).inc();
+    Action::requeue(interval(&vc).min(Duration::from_secs(5)))
+}
+
+async fn reconcile(vc: Arc<VaultCluster>, ctx: Arc<Context>) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
+    let start = Instant::now();
+    let api: Api<VaultCluster> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    if ctx.guard("VaultCluster finalizer").is_err() {
+        return Ok(Action::requeue(interval(&vc)));
+    }
+    let result = finalizer(&api, FINALIZER, vc, |event| async {
+        match event {
+            Finalized::Apply(vc) => apply(&vc, &ctx).await,
+            Finalized::Cleanup(vc) => cleanup(&vc, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics.reconcile_duration.observe(start.elapsed().as_secs_f64());
+    ctx.metrics.reconciles.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+    result
+}
+
+fn interval(vc: &VaultCluster) -> Duration {
+    duration::parse(&vc.spec.health.interval).unwrap_or(Duration::from_secs(2))
+}
+
+fn cluster_name(vc: &VaultCluster) -> String {
+    format!("{}/{}", vc.namespace().unwrap_or_default(), vc.name_any())
+}
+
+/// Observe, decide, act for one VaultCluster.
+async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
+    let ns = vc.namespace().unwrap_or_default();
+    let names = LabelNames::new(&vc.spec.label_prefix);
+    let probe_settings = match probe_settings(vc, ctx).await {
+        Ok(settings) => settings,
+        Err(SpecProblem(problem)) => return report_invalid(vc, ctx, problem).await,
+    };
+    if let Some(problem) = services::name_clash(vc) {
+        return report_invalid(vc, ctx, problem).await;
+    }
+    let pods = observe_pods(vc, ctx, &names).await?;
+    let others = ctx.other_clusters();
+    let mut candidates = Vec::new();
+    let mut overlaps = Vec::new();
+    let mut strays = Vec::new();
+    for pod in pods {
+        let selected = selector::matches(&vc.spec.selector, pod.labels());
+        match (selected, selector::claimed_by_older(vc, &others, pod.labels())) {
+            (true, None) => candidates.push(pod),
+            (true, Some(older)) => overlaps.push(format!("{} ({})", pod.name_any(), older.name_any())),
+            (false, _) if pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any()) => strays.push(pod),
+            (false, _) => {}
+        }
+    }
+    let members = probe_all(vc, ctx, &probe_settings, &candidates).await;
+    let decision = decide(&names, &members);
+    for plan in &decision.plans {
+        write_labels(vc, ctx, &ns, plan, &candidates).await?;
+    }
+    for pod in &strays {
+        strip_labels(vc, ctx, &names, pod).await?;
+    }
+    let service_problems = converge_services(vc, ctx).await?;
+    let observation = Observation {
+        generation: vc.metadata.generation,
+        members: &members,
+        decision: &decision,
+        spec_problem: None,
+        service_problems,
+        overlaps,
+        previous: vc.status.as_ref(),
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    let status = build(&observation);
+    record_gauges(vc, ctx, &status);
+    publish_status(vc, ctx, status).await?;
+    Ok(Action::requeue(interval(vc)))
+}
+
+/// A spec that the schema let through but that cannot be acted on.
+struct SpecProblem(String);
+
+/// How to probe this cluster's pods: port, path, timeout, TLS.
+struct ProbeSettings {
+    port: u16,
+    path: String,
+    timeout: Duration,
+    threshold: u32,
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
+}
+
+async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, SpecProblem> {
+    let h = &vc.spec.health;
+    let timeout = duration::parse(&h.timeout).map_err(|e| SpecProblem(format!("spec.health.timeout: {e}")))?;
+    let interval = duration::parse(&h.interval).map_err(|e| SpecProblem(format!("spec.health.interval: {e}")))?;
+    if timeout >= interval {
+        return Err(SpecProblem("spec.health.timeout must be less than spec.health.interval".into()));
+    }
+    let tls = match h.scheme {
+        Scheme::Http => None,
+        Scheme::Https => {
+            let tls = h.tls.clone().unwrap_or_default();
+            let ca = match &tls.ca_secret_ref {
+                Some(r) => Some(read_ca(vc, ctx, &r.name, &r.key).await?),
+                None => None,
+            };
+            let config = tls_config(ca.as_deref(), tls.insecure_skip_verify)
+                .map_err(|e| SpecProblem(format!("spec.health.tls: {e}")))?;
+            Some((config, tls.server_name))
+        }
+    };
+    Ok(ProbeSettings {
+        port: h.port as u16,
+        path: h.path.clone(),
+        timeout,
+        threshold: h.failure_threshold.max(1) as u32,
+        tls,
+    })
+}
+
+async fn read_ca(vc: &VaultCluster, ctx: &Context, name: &str, key: &str) -> Result<Vec<u8>, SpecProblem> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| SpecProblem(format!("spec.health.tls.caSecretRef: reading Secret {name}: {e}")))?
+        .ok_or_else(|| SpecProblem(format!("spec.health.tls.caSecretRef: Secret {name} not found")))?;
+    secret
+        .data
+        .and_then(|d| d.get(key).map(|b| b.0.clone()))
+        .ok_or_else(|| SpecProblem(format!("spec.health.tls.caSecretRef: Secret {name} has no key {key}")))
+}
+
+/// The selected pods plus the pods still carrying labels we wrote.
+async fn observe_pods(vc: &VaultCluster, ctx: &Context, names: &LabelNames) -> Result<Vec<Pod>, Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let list = |selector: String| {
+        let api = api.clone();
+        async move {
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|source| Error::ListPods { cluster: cluster_name(vc), source })
+        }
+    };
+    let match_labels = vc.spec.selector.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
+    for pod in list(match_labels).await?.items.into_iter().chain(list(names.active.clone()).await?.items) {
+        pods.insert(pod.name_any(), pod);
+    }
+    Ok(pods.into_values().collect())
+}
+
+async fn probe_all(vc: &VaultCluster, ctx: &Context, settings: &ProbeSettings, pods: &[Pod]) -> Vec<Member> {
+    let ns = vc.namespace().unwrap_or_default();
+    let outcomes = futures::future::join_all(pods.iter().map(|pod| probe_pod(ctx, settings, &ns, pod))).await;
+    let key = vc.uid().unwrap_or_default();
+    let mut trackers = ctx.trackers.lock().unwrap();
+    let tracker = trackers.entry(key).or_default();
+    let uids: Vec<String> = pods.iter().map(|p| p.uid().unwrap_or_default()).collect();
+    tracker.retain(&uids.iter().map(String::as_str).collect::<Vec<_>>());
+    pods.iter()
+        .zip(outcomes)
+        .zip(&uids)
+        .map(|((pod, outcome), uid)| {
+            let verdict = match outcome {
+                Err(reason) => tracker.down(uid, &reason),
+                Ok(outcome) => tracker.record(uid, outcome, settings.threshold),
+            };
+            Member {
+                name: pod.name_any(),
+                ip: pod_ip(pod).map(|ip| ip.to_string()).unwrap_or_default(),
+                labels: pod.labels().clone(),
+                verdict,
+            }
+        })
+        .collect()
+}
+
+/// Probes a pod that can be probed; Err names why a pod cannot serve at all.
+async fn probe_pod(ctx: &Context, settings: &ProbeSettings, ns: &str, pod: &Pod) -> Result<Outcome, String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err("pod is terminating".into());
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+    if phase != "Running" {
+        return Err(format!("pod phase is {}", if phase.is_empty() { "unknown" } else { &phase }));
+    }
+    let ip = pod_ip(pod).ok_or("pod has no IP")?;
+    let tls = match &settings.tls {
+        None => None,
+        Some((config, template)) => Some((config.clone(), server_name(template, &pod.name_any(), ns, ip)?)),
+    };
+    let target = Target { ip, port: settings.port, path: settings.path.clone(), timeout: settings.timeout, tls };
+    let (outcome, took) = ctx.prober.probe(&target).await;
+    let label = match &outcome {
+        Outcome::Healthy(h) => h.role.as_str(),
+        Outcome::Failed(_) => "failed",
+    };
+    ctx.metrics.probes.with_label_values(&[label]).inc();
+    let result = if label == "failed" { "failed" } else { "ok" };
+    ctx.metrics.probe_latency.with_label_values(&[result]).observe(took.as_secs_f64());
+    Ok(outcome)
+}
+
+fn pod_ip(pod: &Pod) -> Option<IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+async fn write_labels(vc: &VaultCluster, ctx: &Context, ns: &str, plan: &LabelPlan, pods: &[Pod]) -> Result<(), Error> {
+    let owned = pods
+        .iter()
+        .find(|p| p.name_any() == plan.pod)
+        .is_some_and(|p| p.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any()));
+    let mut meta = json!({"labels": plan.change});
+    if !owned {
+        meta["annotations"] = json!({OWNER_ANNOTATION: vc.name_any()});
+    }
+    patch_pod(vc, ctx, ns, &plan.pod, json!({"metadata": meta})).await
+}
+
+async fn strip_labels(vc: &VaultCluster, ctx: &Context, names: &LabelNames, pod: &Pod) -> Result<(), Error> {
+    let change = diff(pod.labels(), &removal(names));
+    let patch = json!({"metadata": {"labels": change, "annotations": {OWNER_ANNOTATION: null}}});
+    patch_pod(vc, ctx, &pod.namespace().unwrap_or_default(), &pod.name_any(), patch).await
+}
+
+async fn patch_pod(vc: &VaultCluster, ctx: &Context, ns: &str, pod: &str, patch: serde_json::Value) -> Result<(), Error> {
+    ctx.guard(&format!("pod {ns}/{pod}"))?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch(pod, &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::PatchPod { cluster: cluster_name(vc), pod: pod.into(), source })?;
+    ctx.metrics.label_writes.inc();
+    info!(cluster = %cluster_name(vc), pod, "labels written");
+    Ok(())
+}
+
+/// Creates, repairs and deletes the generated Services; returns why any could not be put in
+/// place (a foreign Service with the name).
+async fn converge_services(vc: &VaultCluster, ctx: &Context) -> Result<Vec<String>, Error> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let mut problems = Vec::new();
+    let desired = services::desired(vc);
+    for (_, want) in &desired {
+        let name = want.name_any();
+        let existing = api.get_opt(&name).await.map_err(|source| Error::ReadService {
+            cluster: cluster_name(vc),
+            service: name.clone(),
+            source,
+        })?;
+        match existing {
+            Some(have) if !services::owned_by(&have, vc) => {
+                problems.push(format!("Service {name} exists and is not owned by this VaultCluster; left alone"));
+            }
+            Some(have) if !services::drifted(&have, want) => {}
+            _ => {
+                ctx.guard(&format!("Service {name}"))?;
+                let params = PatchParams::apply(MANAGER).force();
+                api.patch(&name, &params, &Patch::Apply(want)).await.map_err(|source| Error::WriteService {
+                    cluster: cluster_name(vc),
+                    service: name.clone(),
+                    source,
+                })?;
+                ctx.metrics.service_writes.inc();
+                info!(cluster = %cluster_name(vc), service = %name, "Service applied");
+            }
+        }
+    }
+    remove_unwanted_services(vc, ctx, &api, &desired).await?;
+    Ok(problems)
+}
+
+/// Deletes Services this VaultCluster owns that are no longer wanted (disabled or renamed).
+async fn remove_unwanted_services(vc: &VaultCluster, ctx: &Context, api: &Api<Service>, desired: &[(Kind, Service)]) -> Result<(), Error> {
+    let selector = format!("{}={}", services::CLUSTER_LABEL, vc.name_any());
+    let owned = api.list(&ListParams::default().labels(&selector)).await.map_err(|source| Error::ReadService {
+        cluster: cluster_name(vc),
+        service: selector.clone(),
+        source,
+    })?;
+    for svc in owned.items.iter().filter(|s| services::owned_by(s, vc)) {
+        let name = svc.name_any();
+        if desired.iter().any(|(_, want)| want.name_any() == name) {
+            continue;
+        }
+        ctx.guard(&format!("Service {name}"))?;
+        api.delete(&name, &DeleteParams::default()).await.map_err(|source| Error::WriteService {
+            cluster: cluster_name(vc),
+            service: name.clone(),
+            source,
+        })?;
+        ctx.metrics.service_writes.inc();
+        info!(cluster = %cluster_name(vc), service = %name, "Service removed");
+    }
+    Ok(())
+}
+
+/// Reports a spec the operator cannot act on, touching nothing else.
+async fn report_invalid(vc: &VaultCluster, ctx: &Context, problem: String) -> Result<Action, Error> {
+    warn!(cluster = %cluster_name(vc), %problem, "VaultCluster spec cannot be acted on");
+    let decision = decide(&LabelNames::new(&vc.spec.label_prefix), &[]);
+    let status = build(&Observation {
+        generation: vc.metadata.generation,
+        members: &[],
+        decision: &decision,
+        spec_problem: Some(problem),
+        service_problems: vec![],
+        overlaps: vec![],
+        previous: vc.status.as_ref(),
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    });
+    publish_status(vc, ctx, status).await?;
+    Ok(Action::requeue(interval(vc)))
+}
+
+/// Writes the status and its events, only if the status changed.
+async fn publish_status(vc: &VaultCluster, ctx: &Context, status: VaultClusterStatus) -> Result<(), Error> {
+    if vc.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    ctx.guard(&format!("VaultCluster {} status", cluster_name(vc)))?;
+    let api: Api<VaultCluster> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let patch = json!({"status": status});
+    api.patch_status(&vc.name_any(), &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::UpdateStatus { cluster: cluster_name(vc), source })?;
+    for notice in notices(vc.status.as_ref(), &status) {
+        if notice.reason == "ActiveChanged" {
+            let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
+            ctx.metrics.active_changes.with_label_values(&[labels[0].as_str(), labels[1].as_str()]).inc();
+        }
+        publish_event(vc, ctx, notice).await;
+    }
+    Ok(())
+}
+
+async fn publish_event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
+    info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
+    let event = KubeEvent {
+        type_: if notice.warning { EventType::Warning } else { EventType::Normal },
+        reason: notice.reason.into(),
+        note: Some(notice.message),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &vc.object_ref(&())).await {
+        warn!(cluster = %cluster_name(vc), error = %e, "publishing event failed");
+    }
+}
+
+fn record_gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
+    let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+    for (role, n) in [("all", s.pods), ("active", s.active), ("standby", s.standby), ("perf-standby", s.perf_standby),
+        ("sealed", s.sealed), ("uninitialized", s.uninitialized), ("unreachable", s.unreachable)] {
+        ctx.metrics.cluster_pods.with_label_values(&[ns.as_str(), name.as_str(), role]).set(n as i64);
+    }
+    let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    ctx.metrics.cluster_ready.with_label_values(&[ns.as_str(), name.as_str()]).set(ready as i64);
+}
+
+/// Removes our labels from every pod this VaultCluster labelled, then lets it go.
+async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
+    let names = LabelNames::new(&vc.spec.label_prefix);
+    let pods = observe_pods(vc, ctx, &names).await?;
+    let others = ctx.other_clusters();
+    for pod in &pods {
+        let ours = pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any())
+            || (selector::matches(&vc.spec.selector, pod.labels()) && selector::claimed_by_older(vc, &others, pod.labels()).is_none());
+        if ours && !diff(pod.labels(), &removal(&names)).is_empty() {
+            strip_labels(vc, ctx, &names, pod).await?;
+        }
+    }
+    ctx.trackers.lock().unwrap().remove(&vc.uid().unwrap_or_default());
+    info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
+    Ok(Action::await_change())
+}

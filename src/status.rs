@@ -1,0 +1,292 @@
+//! The VaultCluster status and the events that its changes imply. Pure: the status holds no
+//! probe timestamps, so an unchanged cluster yields an identical status and no write.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{MemberStatus, VaultClusterStatus};
+use crate::decide::{Decision, Member};
+use crate::tracker::Verdict;
+
+/// Everything the status is built from.
+pub struct Observation<'a> {
+    pub generation: Option<i64>,
+    pub members: &'a [Member],
+    pub decision: &'a Decision,
+    /// Why the spec cannot be acted on, if it cannot (what the schema could not reject).
+    pub spec_problem: Option<String>,
+    /// Services that could not be put in place, and why.
+    pub service_problems: Vec<String>,
+    /// Pods left alone because an older VaultCluster selects them: "pod (cluster)".
+    pub overlaps: Vec<String>,
+    pub previous: Option<&'a VaultClusterStatus>,
+    pub now: Time,
+}
+
+pub fn build(o: &Observation) -> VaultClusterStatus {
+    let members: Vec<MemberStatus> = o.members.iter().map(member_status).collect();
+    let count = |roles: &[&str]| members.iter().filter(|m| roles.contains(&m.role.as_str())).count() as i32;
+    let versions: BTreeSet<String> = o
+        .members
+        .iter()
+        .filter_map(|m| last_health(&m.verdict).map(|h| h.version.clone()))
+        .filter(|v| !v.is_empty())
+        .collect();
+    let mut status = VaultClusterStatus {
+        observed_generation: o.generation,
+        conditions: Vec::new(),
+        active_pod: o.decision.active.clone(),
+        pods: members.len() as i32,
+        active: o.decision.claimants.len() as i32,
+        standby: count(&["standby"]),
+        perf_standby: count(&["perf-standby"]),
+        unsealed: count(&["active", "standby", "perf-standby"]),
+        sealed: count(&["sealed"]),
+        uninitialized: count(&["uninitialized"]),
+        unreachable: count(&["unreachable"]),
+        version: versions.into_iter().collect::<Vec<_>>().join(","),
+        members,
+    };
+    status.conditions = conditions(o, &status);
+    status
+}
+
+fn last_health(verdict: &Verdict) -> Option<&crate::health::Health> {
+    match verdict {
+        Verdict::Healthy(h) | Verdict::Failing { last: Some(h), .. } => Some(h),
+        _ => None,
+    }
+}
+
+fn member_status(m: &Member) -> MemberStatus {
+    let (role, error) = match &m.verdict {
+        Verdict::Healthy(h) => (h.role.as_str(), String::new()),
+        Verdict::Failing { last: Some(h), error } => (h.role.as_str(), error.clone()),
+        Verdict::Failing { last: None, error } => ("pending", error.clone()),
+        Verdict::Down { reason } => ("unreachable", reason.clone()),
+    };
+    let health = last_health(&m.verdict);
+    MemberStatus {
+        name: m.name.clone(),
+        ip: m.ip.clone(),
+        role: role.into(),
+        sealed: health.is_some_and(|h| h.sealed),
+        version: health.map(|h| h.version.clone()).unwrap_or_default(),
+        last_probe_error: error,
+    }
+}
+
+fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
+    let (available, available_reason, available_message) = availability(o);
+    let ready = if let Some(problem) = &o.spec_problem {
+        (false, "InvalidSpec", problem.clone())
+    } else if !o.service_problems.is_empty() {
+        (false, "ServiceConflict", o.service_problems.join("; "))
+    } else if !available {
+        (false, available_reason, available_message.clone())
+    } else {
+        (true, "Ready", format!("Services in place; {available_message}"))
+    };
+    let degraded = degradation(s);
+    let mut wanted = vec![
+        ("Ready", ready),
+        ("Available", (available, available_reason, available_message)),
+        ("Degraded", (degraded.is_some(), if degraded.is_some() { "PodsUnhealthy" } else { "AllPodsHealthy" }, degraded.unwrap_or_else(|| "every selected pod answers and is unsealed".into()))),
+    ];
+    if !o.overlaps.is_empty() {
+        wanted.push(("SelectorOverlap", (true, "SelectorOverlap", format!("left to older VaultClusters: {}", o.overlaps.join(", ")))));
+    }
+    wanted
+        .into_iter()
+        .map(|(kind, (status, reason, message))| condition(o, kind, status, reason, message))
+        .collect()
+}
+
+fn availability(o: &Observation) -> (bool, &'static str, String) {
+    let claimants = &o.decision.claimants;
+    if claimants.len() > 1 {
+        return (false, "MultipleActive", format!("pods {} all claim to be active; none is labelled active", claimants.join(", ")));
+    }
+    match &o.decision.active {
+        Some(pod) => (true, "ActivePod", format!("{pod} is active")),
+        None if o.members.is_empty() => (false, "NoPods", "no pod matches the selector".into()),
+        None => (false, "NoActivePod", "no pod answers as active".into()),
+    }
+}
+
+/// Names the pods that need attention, with why.
+fn degradation(s: &VaultClusterStatus) -> Option<String> {
+    let troubled: Vec<String> = s
+        .members
+        .iter()
+        .filter(|m| {
+            matches!(m.role.as_str(), "unreachable" | "sealed" | "uninitialized" | "removed" | "pending")
+                || !m.last_probe_error.is_empty()
+        })
+        .map(|m| match m.last_probe_error.as_str() {
+            "" => format!("{}: {}", m.name, m.role),
+            error => format!("{}: {} ({error})", m.name, m.role),
+        })
+        .collect();
+    (!troubled.is_empty()).then(|| troubled.join("; "))
+}
+
+/// A condition whose transition time moves only when its status does.
+fn condition(o: &Observation, kind: &str, status: bool, reason: &str, message: String) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let previous = o.previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == kind));
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => o.now.clone(),
+    };
+    Condition {
+        type_: kind.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: o.generation,
+        last_transition_time,
+    }
+}
+
+/// An event to publish on the VaultCluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The events that the change from `old` to `new` calls for. Derived from the stored
+/// status, so a restarted operator does not repeat them.
+pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Vec<Notice> {
+    let empty = VaultClusterStatus::default();
+    let old = old.unwrap_or(&empty);
+    let mut out = Vec::new();
+    if old.active_pod != new.active_pod {
+        let name = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+        out.push(Notice {
+            warning: new.active_pod.is_none(),
+            reason: "ActiveChanged",
+            message: format!("active pod changed from {} to {}", name(&old.active_pod), name(&new.active_pod)),
+        });
+    }
+    for (kind, reason) in [("Available", "MultipleActive"), ("Ready", "ServiceConflict"), ("SelectorOverlap", "SelectorOverlap")] {
+        if let Some(message) = newly(old, new, kind, reason) {
+            out.push(Notice { warning: true, reason, message });
+        }
+    }
+    let old_roles: BTreeMap<&str, &str> = old.members.iter().map(|m| (m.name.as_str(), m.role.as_str())).collect();
+    for m in new.members.iter().filter(|m| m.role == "unreachable") {
+        if old_roles.get(m.name.as_str()) != Some(&"unreachable") {
+            out.push(Notice {
+                warning: true,
+                reason: "PodUnreachable",
+                message: format!("{} is unreachable: {}", m.name, m.last_probe_error),
+            });
+        }
+    }
+    out
+}
+
+/// The message of a condition that now has `reason` and did not have it with that message.
+fn newly(old: &VaultClusterStatus, new: &VaultClusterStatus, kind: &str, reason: &str) -> Option<String> {
+    let find = |s: &VaultClusterStatus| s.conditions.iter().find(|c| c.type_ == kind && c.reason == reason).map(|c| c.message.clone());
+    let now = find(new)?;
+    (find(old).as_ref() != Some(&now)).then_some(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::decide;
+    use crate::health::{Health, Role};
+    use crate::labels::LabelNames;
+
+    fn healthy(name: &str, role: Role) -> Member {
+        let h = Health { role, initialized: true, sealed: role == Role::Sealed, version: "1.17.2".into() };
+        Member { name: name.into(), ip: "127.0.0.1".into(), labels: BTreeMap::new(), verdict: Verdict::Healthy(h) }
+    }
+
+    fn status_of(members: Vec<Member>, previous: Option<&VaultClusterStatus>, services: Vec<String>, at: i64) -> VaultClusterStatus {
+        let decision = decide(&LabelNames::new("vault"), &members);
+        build(&Observation {
+            generation: Some(3),
+            members: &members,
+            decision: &decision,
+            spec_problem: None,
+            service_problems: services,
+            overlaps: vec![],
+            previous,
+            now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
+        })
+    }
+
+    fn cond<'a>(s: &'a VaultClusterStatus, kind: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == kind).unwrap()
+    }
+
+    #[test]
+    fn conditions_per_scenario() {
+        let down = Member { verdict: Verdict::Down { reason: "connection refused".into() }, ..healthy("v2", Role::Standby) };
+        // (scenario, members, service problems, Ready, Available, Degraded, Ready reason)
+        let cases: Vec<(&str, Vec<Member>, Vec<String>, &str, &str, &str, &str)> = vec![
+            ("healthy", vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)], vec![], "True", "True", "False", "Ready"),
+            ("no active", vec![healthy("v1", Role::Standby)], vec![], "False", "False", "False", "NoActivePod"),
+            ("two active", vec![healthy("v0", Role::Active), healthy("v1", Role::Active)], vec![], "False", "False", "False", "MultipleActive"),
+            ("one down", vec![healthy("v0", Role::Active), down.clone()], vec![], "True", "True", "True", "Ready"),
+            ("sealed", vec![healthy("v0", Role::Active), healthy("v1", Role::Sealed)], vec![], "True", "True", "True", "Ready"),
+            ("service conflict", vec![healthy("v0", Role::Active)], vec!["x-active exists and is not ours".into()], "False", "True", "False", "ServiceConflict"),
+            ("no pods", vec![], vec![], "False", "False", "False", "NoPods"),
+        ];
+        for (name, members, services, ready, available, degraded, reason) in cases {
+            let s = status_of(members, None, services, 100);
+            assert_eq!(cond(&s, "Ready").status, ready, "{name}");
+            assert_eq!(cond(&s, "Available").status, available, "{name}");
+            assert_eq!(cond(&s, "Degraded").status, degraded, "{name}");
+            assert_eq!(cond(&s, "Ready").reason, reason, "{name}");
+        }
+    }
+
+    #[test]
+    fn degraded_message_names_the_pods() {
+        let down = Member { verdict: Verdict::Down { reason: "connection refused".into() }, ..healthy("vault-2", Role::Standby) };
+        let s = status_of(vec![healthy("vault-0", Role::Active), healthy("vault-1", Role::Sealed), down], None, vec![], 1);
+        assert_eq!(cond(&s, "Degraded").message, "vault-1: sealed; vault-2: unreachable (connection refused)");
+        assert_eq!((s.pods, s.active, s.unsealed, s.sealed, s.unreachable), (3, 1, 1, 1, 1));
+    }
+
+    #[test]
+    fn unchanged_cluster_gives_identical_status() {
+        let members = || vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)];
+        let first = status_of(members(), None, vec![], 100);
+        let second = status_of(members(), Some(&first), vec![], 200);
+        assert_eq!(first, second, "a later probe of the same cluster must not change the status");
+    }
+
+    #[test]
+    fn transition_time_moves_with_status_only() {
+        let first = status_of(vec![healthy("v0", Role::Active)], None, vec![], 100);
+        let second = status_of(vec![healthy("v0", Role::Standby)], Some(&first), vec![], 200);
+        assert_eq!(cond(&second, "Available").last_transition_time.0.as_second(), 200);
+        assert_eq!(cond(&second, "Degraded").last_transition_time.0.as_second(), 100);
+    }
+
+    #[test]
+    fn events_follow_changes() {
+        let before = status_of(vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)], None, vec![], 1);
+        let after = status_of(vec![healthy("v0", Role::Standby), healthy("v1", Role::Active)], Some(&before), vec![], 2);
+        let reasons = |n: Vec<Notice>| n.into_iter().map(|n| (n.reason, n.message)).collect::<Vec<_>>();
+        assert_eq!(reasons(notices(Some(&before), &after)), vec![("ActiveChanged", "active pod changed from v0 to v1".to_string())]);
+        assert!(notices(Some(&after), &after).is_empty(), "no change, no event");
+        let multiple = status_of(vec![healthy("v0", Role::Active), healthy("v1", Role::Active)], Some(&after), vec![], 3);
+        let got: Vec<&str> = notices(Some(&after), &multiple).iter().map(|n| n.reason).collect();
+        assert_eq!(got, vec!["ActiveChanged", "MultipleActive"]);
+        assert!(notices(Some(&multiple), &multiple).is_empty());
+        let down = Member { verdict: Verdict::Down { reason: "timed out".into() }, ..healthy("v1", Role::Standby) };
+        let unreachable = status_of(vec![healthy("v0", Role::Active), down], Some(&before), vec![], 4);
+        let got: Vec<&str> = notices(Some(&before), &unreachable).iter().map(|n| n.reason).collect();
+        assert_eq!(got, vec!["PodUnreachable"]);
+    }
+}

@@ -1,0 +1,411 @@
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver and
+//! kube-controller-manager, built from Kubernetes' own Go modules by
+//! `tests/controlplane/build.sh`.
+//!
+//! Every process is started with a parent-death signal from a thread that lives as long as
+//! the test binary, so no process outlives it, even when a test panics or the binary is
+//! killed; `Drop` stops them too, for owners such as the demo that do drop the plane.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::certs::{Authority, signing_key};
+
+/// Where the binaries come from: `KUBEBUILDER_ASSETS` for etcd and kube-apiserver when set
+/// (the envtest convention), the build cache for the rest.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+    pub kubectl: PathBuf,
+    pub helm: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries, building them first if the cache lacks them.
+    pub fn locate() -> anyhow::Result<Self> {
+        let dir = match std::env::var_os("VAULT_REGISTRAR_BIN_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => build_binaries()?,
+        };
+        let assets = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
+        let from_assets = |name: &str| match &assets {
+            Some(a) if a.join(name).is_file() => a.join(name),
+            _ => dir.join(name),
+        };
+        let bins = Self {
+            etcd: from_assets("etcd"),
+            kube_apiserver: from_assets("kube-apiserver"),
+            kube_controller_manager: dir.join("kube-controller-manager"),
+            kubectl: dir.join("kubectl"),
+            helm: dir.join("helm"),
+        };
+        for path in [&bins.etcd, &bins.kube_apiserver, &bins.kube_controller_manager, &bins.kubectl, &bins.helm] {
+            if !path.is_file() {
+                bail!("control-plane binary {} is missing; run tests/controlplane/build.sh", path.display());
+            }
+        }
+        Ok(bins)
+    }
+}
+
+fn build_binaries() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(dir) = BUILT.get() {
+        return Ok(dir.clone());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controlplane/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed with {}", script.display(), out.status);
+    }
+    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim().lines().last().unwrap_or_default());
+    Ok(BUILT.get_or_init(|| dir).clone())
+}
+
+/// A running control plane. Dropping it stops every process and removes its files.
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    pub bins: Binaries,
+    pub kubeconfig: PathBuf,
+    pub server: String,
+    pub etcd_url: String,
+    procs: Mutex<Vec<Child>>,
+}
+
+impl ControlPlane {
+    /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API
+    /// server is ready and the controller manager has created the `default` ServiceAccount.
+    pub fn start() -> anyhow::Result<Self> {
+        let bins = Binaries::locate()?;
+        let dir = tempfile::Builder::new().prefix("vault-registrar-cp-").tempdir()?;
+        let files = PkiFiles::write(dir.path())?;
+        let mut plane = Self {
+            kubeconfig: dir.path().join("kubeconfig"),
+            server: String::new(),
+            etcd_url: String::new(),
+            dir,
+            bins,
+            procs: Mutex::new(Vec::new()),
+        };
+        plane.start_etcd()?;
+        plane.start_apiserver(&files)?;
+        plane.start_controller_manager(&files)?;
+        plane.wait_for_default_service_account()?;
+        Ok(plane)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let (client, peer) = (free_port()?, free_port()?);
+        self.etcd_url = format!("http://127.0.0.1:{client}");
+        let data = self.dir().join("etcd");
+        let mut cmd = Command::new(&self.bins.etcd);
+        cmd.arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={}", self.etcd_url))
+            .arg(format!("--advertise-client-urls={}", self.etcd_url))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
+            .arg("--unsafe-no-fsync=true")
+            .arg("--quota-backend-bytes=4294967296");
+        self.spawn("etcd", cmd)?;
+        self.wait_until("etcd", Duration::from_secs(30), |p| {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() && p.alive("etcd"))
+        })
+    }
+
+    fn start_apiserver(&mut self, f: &PkiFiles) -> anyhow::Result<()> {
+        let port = free_port()?;
+        self.server = format!("https://127.0.0.1:{port}");
+        let mut cmd = Command::new(&self.bins.kube_apiserver);
+        cmd.arg(format!("--etcd-servers={}", self.etcd_url))
+            .arg(format!("--cert-dir={}", self.dir().join("apiserver-certs").display()))
+            .arg(format!("--tls-cert-file={}", f.serving_cert.display()))
+            .arg(format!("--tls-private-key-file={}", f.serving_key.display()))
+            .arg(format!("--client-ca-file={}", f.client_ca.display()))
+            .arg(format!("--secure-port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--allow-privileged=true")
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={}", f.sa_key.display()))
+            .arg(format!("--service-account-signing-key-file={}", f.sa_key.display()))
+            .arg("--profiling=false")
+            .arg("--v=1");
+        self.spawn("kube-apiserver", cmd)?;
+        write_kubeconfig(&self.kubeconfig, &self.server, f)?;
+        self.wait_until("kube-apiserver", Duration::from_secs(90), |p| {
+            Ok(p.alive("kube-apiserver") && p.kubectl_ok(&["get", "--raw", "/readyz"]))
+        })
+    }
+
+    fn start_controller_manager(&mut self, f: &PkiFiles) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let mut cmd = Command::new(&self.bins.kube_controller_manager);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg("--leader-elect=false")
+            .arg("--controllers=endpointslice,endpointslicemirroring,namespace,garbagecollector,serviceaccount,serviceaccount-token")
+            .arg(format!("--root-ca-file={}", f.serving_ca.display()))
+            .arg(format!("--service-account-private-key-file={}", f.sa_key.display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={port}"))
+            .arg("--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics")
+            .arg("--concurrent-endpoint-slice-syncs=5")
+            .arg("--endpointslice-updates-batch-period=0s")
+            .arg("--v=1");
+        self.spawn("kube-controller-manager", cmd)
+    }
+
+    fn wait_for_default_service_account(&self) -> anyhow::Result<()> {
+        self.wait_until("kube-controller-manager", Duration::from_secs(90), |p| {
+            Ok(p.alive("kube-controller-manager")
+                && p.kubectl_ok(&["get", "serviceaccount", "default", "-n", "default"]))
+        })
+    }
+
+    /// A kube client for the admin identity.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&self.kubeconfig)?,
+            &Default::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The real kubectl, pointed at this plane.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(&self.bins.kubectl);
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// The real helm, pointed at this plane, with its state kept in the plane's directory.
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(&self.bins.helm);
+        let home = self.dir().join("helm");
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        cmd
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> bool {
+        self.kubectl()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn spawn(&self, name: &str, mut cmd: Command) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.log_path(name))?;
+        cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
+        let child = spawn_tied_to_process(cmd).with_context(|| format!("starting {name}"))?;
+        register_for_exit(child.id());
+        self.procs.lock().unwrap().push(child);
+        Ok(())
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir().join(format!("{name}.log"))
+    }
+
+    /// The last lines of a component's log, for error messages.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn alive(&self, name: &str) -> bool {
+        let mut procs = self.procs.lock().unwrap();
+        let index = ["etcd", "kube-apiserver", "kube-controller-manager"].iter().position(|n| *n == name);
+        match index.and_then(|i| procs.get_mut(i)) {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn wait_until(
+        &self,
+        name: &str,
+        limit: Duration,
+        mut ready: impl FnMut(&Self) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if ready(self)? {
+                return Ok(());
+            }
+            if !self.alive(name) {
+                bail!("{name} exited during start-up:\n{}", self.log_tail(name));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("{name} not ready after {limit:?}:\n{}", self.log_tail(name))
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let mut procs = self.procs.lock().unwrap();
+        // Reverse order: controllers first, etcd last, so nothing logs a storm of errors.
+        for child in procs.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One control plane per test binary, started on first use. Statics are never dropped, so
+/// the processes end through their parent-death signal and an exit hook removes the files.
+pub fn shared() -> &'static ControlPlane {
+    static PLANE: OnceLock<ControlPlane> = OnceLock::new();
+    PLANE.get_or_init(|| {
+        let plane = ControlPlane::start().expect("starting the local control plane");
+        register_dir_for_exit(plane.dir().to_path_buf());
+        plane
+    })
+}
+
+struct PkiFiles {
+    serving_ca: PathBuf,
+    serving_cert: PathBuf,
+    serving_key: PathBuf,
+    client_ca: PathBuf,
+    admin_cert: PathBuf,
+    admin_key: PathBuf,
+    sa_key: PathBuf,
+}
+
+impl PkiFiles {
+    fn write(dir: &Path) -> anyhow::Result<Self> {
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki)?;
+        let serving_ca = Authority::new("vault-registrar-test-serving-ca")?;
+        let client_ca = Authority::new("vault-registrar-test-client-ca")?;
+        let serving = serving_ca.serving(&["localhost", "127.0.0.1", "kubernetes.default.svc"])?;
+        let admin = client_ca.client("admin", &["system:masters"])?;
+        let put = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+            let path = pki.join(name);
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+        Ok(Self {
+            serving_ca: put("serving-ca.crt", &serving_ca.cert_pem())?,
+            serving_cert: put("apiserver.crt", &serving.cert)?,
+            serving_key: put("apiserver.key", &serving.key)?,
+            client_ca: put("client-ca.crt", &client_ca.cert_pem())?,
+            admin_cert: put("admin.crt", &admin.cert)?,
+            admin_key: put("admin.key", &admin.key)?,
+            sa_key: put("service-account.key", &signing_key()?)?,
+        })
+    }
+}
+
+fn write_kubeconfig(path: &Path, server: &str, f: &PkiFiles) -> anyhow::Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {cert}\n    client-key: {key}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: admin\n    namespace: default\ncurrent-context: local\n",
+        ca = f.serving_ca.display(),
+        cert = f.admin_cert.display(),
+        key = f.admin_key.display(),
+    );
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// A port that was free a moment ago. The window until a server binds it is small, and a
+/// clash shows as a start-up failure with the component's log.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns from one thread that lives as long as the process: Linux sends the parent-death
+/// signal when the spawning *thread* ends, and test threads end after each test.
+fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("controlplane-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawner thread");
+        Mutex::new(tx)
+    });
+    // SAFETY: prctl is async-signal-safe and touches only the child's own process state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    spawner.lock().unwrap().send((cmd, tx)).expect("spawner thread alive");
+    rx.recv().expect("spawner thread replies")
+}
+
+static EXIT_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static EXIT_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn register_for_exit(pid: u32) {
+    EXIT_PIDS.lock().unwrap().push(pid);
+    install_exit_hook();
+}
+
+fn register_dir_for_exit(dir: PathBuf) {
+    EXIT_DIRS.lock().unwrap().push(dir);
+    install_exit_hook();
+}
+
+fn install_exit_hook() {
+    static HOOK: OnceLock<()> = OnceLock::new();
+    HOOK.get_or_init(|| {
+        // SAFETY: registering a plain extern "C" function with no captured state.
+        unsafe { libc::atexit(on_exit) };
+    });
+}
+
+extern "C" fn on_exit() {
+    if let Ok(pids) = EXIT_PIDS.lock() {
+        for pid in pids.iter() {
+            // SAFETY: sending a signal to a child we started; a stale pid is harmless here.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+    if let Ok(dirs) = EXIT_DIRS.lock() {
+        for dir in dirs.iter() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

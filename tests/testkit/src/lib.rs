@@ -1,0 +1,10 @@
+//! Test kit for vault-registrar: a real local control plane (etcd, kube-apiserver,
+//! kube-controller-manager), simulated pods without a kubelet, and a Vault health simulator.
+
+pub mod certs;
+pub mod controlplane;
+pub mod pods;
+pub mod vault_sim;
+pub mod wait;
+
+pub use controlplane::{ControlPlane, shared};
