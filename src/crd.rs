@@ -25,6 +25,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
     namespaced,
     shortname = "vc",
     category = "vault",
+    doc = "A Vault or OpenBao cluster whose pods vault-registrar probes and labels with their HA role, and for which it keeps active and standby Services.",
     status = "VaultClusterStatus",
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activePod"}"#,
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.pods"}"#,

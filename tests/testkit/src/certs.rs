@@ -63,7 +63,10 @@ impl Authority {
     }
 }
 
-/// A fresh ECDSA P-256 private key in PKCS#8 PEM, used to sign service-account tokens.
-pub fn signing_key() -> anyhow::Result<String> {
-    Ok(KeyPair::generate()?.serialize_pem())
+/// A fresh ECDSA P-256 key pair to sign service-account tokens: the private key in PKCS#8
+/// PEM and the public key in PKIX PEM (the API server reads only public keys from the
+/// verification file).
+pub fn signing_key() -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }

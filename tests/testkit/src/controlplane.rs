@@ -147,7 +147,7 @@ impl ControlPlane {
             .arg("--allow-privileged=true")
             .arg("--endpoint-reconciler-type=none")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", f.sa_key.display()))
+            .arg(format!("--service-account-key-file={}", f.sa_pub.display()))
             .arg(format!("--service-account-signing-key-file={}", f.sa_key.display()))
             .arg("--profiling=false")
             .arg("--v=1");
@@ -163,13 +163,12 @@ impl ControlPlane {
         let mut cmd = Command::new(&self.bins.kube_controller_manager);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg("--leader-elect=false")
-            .arg("--controllers=endpointslice,endpointslicemirroring,namespace,garbagecollector,serviceaccount,serviceaccount-token")
+            .arg("--controllers=endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller")
             .arg(format!("--root-ca-file={}", f.serving_ca.display()))
             .arg(format!("--service-account-private-key-file={}", f.sa_key.display()))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={port}"))
             .arg("--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics")
-            .arg("--concurrent-endpoint-slice-syncs=5")
             .arg("--endpointslice-updates-batch-period=0s")
             .arg("--v=1");
         self.spawn("kube-controller-manager", cmd)
@@ -298,6 +297,7 @@ struct PkiFiles {
     admin_cert: PathBuf,
     admin_key: PathBuf,
     sa_key: PathBuf,
+    sa_pub: PathBuf,
 }
 
 impl PkiFiles {
@@ -308,6 +308,7 @@ impl PkiFiles {
         let client_ca = Authority::new("vault-registrar-test-client-ca")?;
         let serving = serving_ca.serving(&["localhost", "127.0.0.1", "kubernetes.default.svc"])?;
         let admin = client_ca.client("admin", &["system:masters"])?;
+        let (sa_private, sa_public) = signing_key()?;
         let put = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
             let path = pki.join(name);
             std::fs::write(&path, text)?;
@@ -320,7 +321,8 @@ impl PkiFiles {
             client_ca: put("client-ca.crt", &client_ca.cert_pem())?,
             admin_cert: put("admin.crt", &admin.cert)?,
             admin_key: put("admin.key", &admin.key)?,
-            sa_key: put("service-account.key", &signing_key()?)?,
+            sa_key: put("service-account.key", &sa_private)?,
+            sa_pub: put("service-account.pub", &sa_public)?,
         })
     }
 }
@@ -345,9 +347,9 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
-/// Spawns from one thread that lives as long as the process: Linux sends the parent-death
+/// Spawns a process that dies with this one. It is spawned from one thread that lives as long as the process: Linux sends the parent-death
 /// signal when the spawning *thread* ends, and test threads end after each test.
-fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+pub fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -402,6 +404,10 @@ extern "C" fn on_exit() {
             // SAFETY: sending a signal to a child we started; a stale pid is harmless here.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
+    }
+    // VAULT_REGISTRAR_KEEP_PLANE=1 keeps the logs and certificates for a post-mortem.
+    if std::env::var_os("VAULT_REGISTRAR_KEEP_PLANE").is_some() {
+        return;
     }
     if let Ok(dirs) = EXIT_DIRS.lock() {
         for dir in dirs.iter() {

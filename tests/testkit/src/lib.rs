@@ -2,7 +2,9 @@
 //! kube-controller-manager), simulated pods without a kubelet, and a Vault health simulator.
 
 pub mod certs;
+pub mod cluster;
 pub mod controlplane;
+pub mod netns;
 pub mod pods;
 pub mod vault_sim;
 pub mod wait;

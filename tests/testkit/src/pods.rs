@@ -13,14 +13,12 @@ use serde_json::json;
 /// The Node every simulated pod is bound to.
 pub const NODE_NAME: &str = "sim-node-0";
 
-/// A loopback address no other simulated pod of this process has. Each Vault simulator
-/// binds its own address, so every pod can listen on the same port, as in a real cluster.
+/// An address no other simulated pod of this process has, in the simulated pod network
+/// (see `netns`). Each Vault simulator binds its own address, so every pod listens on the
+/// same port, as in a real cluster.
 pub fn next_pod_ip() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // The second octet follows the pid so that two processes (a test run and a demo) differ.
-    let second = 20 + (std::process::id() % 200) as u8;
-    Ipv4Addr::new(127, second, (n / 250) as u8, (n % 250 + 1) as u8)
+    crate::netns::pod_ip(NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Creates the Node if it is missing.
@@ -106,7 +104,7 @@ pub async fn set_running(
     let status = if ready { "True" } else { "False" };
     let patch = json!({"status": {
         "phase": "Running",
-        "hostIP": "127.0.0.1",
+        "hostIP": "198.18.255.254",
         "podIP": pod.ip.to_string(),
         "podIPs": [{"ip": pod.ip.to_string()}],
         "conditions": [

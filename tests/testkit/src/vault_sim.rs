@@ -297,11 +297,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, mut stop: oneshot
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = crate::netns::socket_for(addr)?;
     // Lets a crashed node come back on its port while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;

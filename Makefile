@@ -1,0 +1,47 @@
+# vault-registrar: the two commands a fresh machine needs are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN_DIR = $(shell tests/controlplane/build.sh)
+TEST_THREADS ?= 8
+
+.PHONY: all build binaries test unit e2e demo bench crds lint check-tools
+
+all: build
+
+check-tools:
+	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2)
+	@command -v go >/dev/null || { echo "Go is required to build the control-plane binaries"; exit 1; }
+
+## Build the real control-plane binaries (etcd, kube-apiserver, kube-controller-manager,
+## kubectl, helm) into the cache outside the repository; a no-op when they are there.
+binaries: check-tools
+	@tests/controlplane/build.sh >/dev/null
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests.
+test: binaries
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+unit:
+	$(CARGO) test --workspace --lib
+
+## The operator at work on a local control plane with three simulated Vault pods.
+demo: binaries
+	$(CARGO) build --bin vault-registrar
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
+		$(CARGO) run -q -p vault-registrar-testkit --bin demo
+
+## Failover latency and steady-state writes, printed.
+bench: binaries
+	$(CARGO) build --release --bin vault-registrar
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench
+
+## Regenerate crds/ from the Rust types.
+crds:
+	$(CARGO) run -q --bin vault-registrar -- crd > crds/vaultclusters.vault-registrar.dev.yaml
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
