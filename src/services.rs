@@ -137,7 +137,7 @@ pub fn drifted(existing: &Service, want: &Service) -> bool {
     e.selector != w.selector
         || ports(&e) != ports(&w)
         || e.type_.as_deref().unwrap_or("ClusterIP") != w.type_.as_deref().unwrap_or("ClusterIP")
-        || e.publish_not_ready_addresses != Some(false)
+        || e.publish_not_ready_addresses.unwrap_or(false)
         || !contains(&existing.metadata.labels, &want.metadata.labels)
         || !contains(&existing.metadata.annotations, &want.metadata.annotations)
         || existing.metadata.owner_references != want.metadata.owner_references
