@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -457,7 +457,13 @@ async fn publish_event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
         reason: notice.reason.into(),
         note: Some(notice.message),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: notice.pod.map(|pod| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod),
+            namespace: vc.namespace(),
+            ..Default::default()
+        }),
     };
     if let Err(e) = ctx.recorder.publish(&event, &vc.object_ref(&())).await {
         warn!(cluster = %cluster_name(vc), error = %e, "publishing event failed");

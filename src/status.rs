@@ -156,6 +156,9 @@ pub struct Notice {
     pub warning: bool,
     pub reason: &'static str,
     pub message: String,
+    /// The pod the event is about, if one: events are grouped by it, so that each new
+    /// active pod gets its own event rather than a repeat count on the first.
+    pub pod: Option<String>,
 }
 
 /// The events that the change from `old` to `new` calls for. Derived from the stored
@@ -170,11 +173,12 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
             warning: new.active_pod.is_none(),
             reason: "ActiveChanged",
             message: format!("active pod changed from {} to {}", name(&old.active_pod), name(&new.active_pod)),
+            pod: new.active_pod.clone().or_else(|| old.active_pod.clone()),
         });
     }
     for (kind, reason) in [("Available", "MultipleActive"), ("Ready", "ServiceConflict"), ("SelectorOverlap", "SelectorOverlap")] {
         if let Some(message) = newly(old, new, kind, reason) {
-            out.push(Notice { warning: true, reason, message });
+            out.push(Notice { warning: true, reason, message, pod: None });
         }
     }
     let old_roles: BTreeMap<&str, &str> = old.members.iter().map(|m| (m.name.as_str(), m.role.as_str())).collect();
@@ -184,6 +188,7 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
                 warning: true,
                 reason: "PodUnreachable",
                 message: format!("{} is unreachable: {}", m.name, m.last_probe_error),
+                pod: Some(m.name.clone()),
             });
         }
     }

@@ -169,7 +169,12 @@ async fn failover_moves_the_active_label_and_service() -> anyhow::Result<()> {
     f.labels("vault-active", &[Some("false"), Some("true"), Some("false")]).await?;
     f.endpoints("vault-active", &[1]).await?;
     f.endpoints("vault-standby", &[0, 2]).await?;
-    assert_eq!(f.event("ActiveChanged").await.map(|m| m.contains("vault-0"))?, true);
+    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    wait::until("ActiveChanged from vault-0 to vault-1", LIMIT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list.items.iter().any(|e| e.note.as_deref() == Some("active pod changed from vault-0 to vault-1")).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod netns;
 pub mod pods;
+pub mod stage;
 pub mod vault_sim;
 pub mod wait;
 

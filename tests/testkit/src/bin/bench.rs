@@ -1,0 +1,72 @@
+//! `make bench`: failover convergence latency at interval 1s, from a simulated pod's change
+//! to the active Service's EndpointSlice change, over 20 flips; and the write requests the
+//! API server received during 60 s of steady state, from its own /metrics. Prints figures;
+//! asserts nothing about time.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vault_registrar_testkit::cluster::endpoint_ips;
+use vault_registrar_testkit::stage::Stage;
+use vault_registrar_testkit::vault_sim::Role;
+
+const FLIPS: usize = 20;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let stage = Stage::start("bench", &[Role::Active, Role::Standby, Role::Standby], "1s").await?;
+    stage.wait_ready().await?;
+    let mut latencies = Vec::new();
+    for flip in 0..FLIPS {
+        let (from, to) = if flip % 2 == 0 { (0, 1) } else { (1, 0) };
+        tokio::time::sleep(Duration::from_millis(300 + (flip as u64 * 137) % 700)).await;
+        let start = Instant::now();
+        stage.vault.sim(from).update(|s| s.role = Role::Standby).await;
+        stage.vault.sim(to).update(|s| s.role = Role::Active).await;
+        let want = vec![stage.vault.ip(to)];
+        loop {
+            if endpoint_ips(&stage.client, "bench", "vault-active").await? == want {
+                break;
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "flip {flip} did not converge");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        latencies.push(start.elapsed());
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    println!("failover convergence over {FLIPS} flips at interval 1s: p50 {:?}, p99 {:?}, max {:?} (target p99 <= 1.3s)",
+        pct(0.50), pct(0.99), latencies.last().unwrap());
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = writes(&stage)?;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let after = writes(&stage)?;
+    let mut total = 0;
+    for (resource, n) in &after {
+        let delta = n - before.get(resource).copied().unwrap_or(0.0);
+        if delta > 0.0 {
+            println!("  writes to {resource}: {delta}");
+        }
+        if ["pods", "services", "vaultclusters", "events"].contains(&resource.as_str()) {
+            total += delta as u64;
+        }
+    }
+    println!("write requests to pods, services, vaultclusters and events during 60 s of steady state: {total} (target 0)");
+    Ok(())
+}
+
+/// apiserver_request_total for write verbs, summed by resource.
+fn writes(stage: &Stage) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = vault_registrar_testkit::stage::run(stage.plane.kubectl().args(["get", "--raw", "/metrics"]))?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let field = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+        if !["POST", "PUT", "PATCH", "DELETE", "APPLY"].contains(&field("verb")) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0);
+        *out.entry(field("resource").to_string()).or_insert(0.0) += value;
+    }
+    Ok(out)
+}
