@@ -15,7 +15,11 @@ use crate::reconciler::{self, Context};
 use crate::{duration, server};
 
 #[derive(Parser, Debug)]
-#[command(name = "vault-registrar", version, about = "Labels Vault/OpenBao pods with their HA role and keeps active/standby Services on the right pods")]
+#[command(
+    name = "vault-registrar",
+    version,
+    about = "Labels Vault/OpenBao pods with their HA role and keeps active/standby Services on the right pods"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -102,13 +106,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ready.store(true, Ordering::SeqCst);
 
     let leading = Arc::new(AtomicBool::new(!args.leader_elect));
-    let ctx = Context::new(client.clone(), Prober::new(args.probe_concurrency), metrics.clone(), leading.clone());
-    let namespaces: Vec<Option<String>> =
-        if args.namespaces.is_empty() { vec![None] } else { args.namespaces.iter().cloned().map(Some).collect() };
+    let ctx = Context::new(
+        client.clone(),
+        Prober::new(args.probe_concurrency),
+        metrics.clone(),
+        leading.clone(),
+    );
+    let namespaces: Vec<Option<String>> = if args.namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.namespaces.iter().cloned().map(Some).collect()
+    };
     let work = move || {
         let (ctx, namespaces) = (ctx.clone(), namespaces.clone());
         async move {
-            futures::future::join_all(namespaces.into_iter().map(|ns| reconciler::run(ctx.clone(), ns))).await;
+            futures::future::join_all(
+                namespaces
+                    .into_iter()
+                    .map(|ns| reconciler::run(ctx.clone(), ns)),
+            )
+            .await;
         }
     };
     if !args.leader_elect {
@@ -120,7 +137,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         name: args.lease_name.clone(),
         namespace: args.lease_namespace.clone(),
         identity: args.identity.clone().unwrap_or_else(default_identity),
-        duration: duration::parse(&args.lease_duration).map_err(|e| anyhow::anyhow!("--lease-duration: {e}"))?,
+        duration: duration::parse(&args.lease_duration)
+            .map_err(|e| anyhow::anyhow!("--lease-duration: {e}"))?,
     };
     let gauge = metrics.leader.clone();
     let watched = leading.clone();
@@ -146,7 +164,8 @@ fn default_identity() -> String {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -45,7 +45,10 @@ pub struct VaultClusterSpec {
     /// "-perf-standby", "-sealed" and "-version". "vault" matches Vault's own labels,
     /// "openbao" OpenBao's.
     #[serde(default = "default_label_prefix")]
-    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub label_prefix: String,
 
     /// How each pod's health endpoint is probed.
@@ -230,8 +233,16 @@ impl Default for ServicesSpec {
 
 fn default_ports() -> Vec<ServicePortSpec> {
     vec![
-        ServicePortSpec { name: "http".into(), port: 8200, target_port: Some(8200) },
-        ServicePortSpec { name: "internal".into(), port: 8201, target_port: Some(8201) },
+        ServicePortSpec {
+            name: "http".into(),
+            port: 8200,
+            target_port: Some(8200),
+        },
+        ServicePortSpec {
+            name: "internal".into(),
+            port: 8201,
+            target_port: Some(8201),
+        },
     ]
 }
 
@@ -240,7 +251,10 @@ fn default_ports() -> Vec<ServicePortSpec> {
 #[serde(rename_all = "camelCase")]
 pub struct ServicePortSpec {
     /// Port name, unique among the ports.
-    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Port the Service exposes.
     #[schemars(range(min = 1, max = 65535))]
@@ -260,7 +274,10 @@ pub struct ServiceSpec {
     pub enabled: bool,
     /// Service name; the default is <metadata.name>-active, -standby or -perf-standby.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
     /// Service type.
     #[serde(default, rename = "type")]
@@ -275,7 +292,10 @@ pub struct ServiceSpec {
 
 impl ServiceSpec {
     fn enabled() -> Self {
-        Self { enabled: true, ..Self::disabled() }
+        Self {
+            enabled: true,
+            ..Self::disabled()
+        }
     }
     fn disabled() -> Self {
         Self {

@@ -47,14 +47,26 @@ pub fn decide(names: &LabelNames, members: &[Member]) -> Decision {
     for member in members {
         let want = wanted(names, member, sole, !claimants.is_empty());
         let change = diff(&member.labels, &want);
-        let after = |name: &str| change.get(name).cloned().flatten().or_else(|| member.labels.get(name).cloned());
+        let after = |name: &str| {
+            change
+                .get(name)
+                .cloned()
+                .flatten()
+                .or_else(|| member.labels.get(name).cloned())
+        };
         if after(&names.active).as_deref() == Some("true") {
             labelled_active.push(member.name.clone());
         }
         if !change.is_empty() {
             let promotion = flag(&member.labels, &names.active) != Some(true)
                 && change.get(&names.active).cloned().flatten().as_deref() == Some("true");
-            plans.push((promotion, LabelPlan { pod: member.name.clone(), change }));
+            plans.push((
+                promotion,
+                LabelPlan {
+                    pod: member.name.clone(),
+                    change,
+                },
+            ));
         }
     }
     plans.sort_by_key(|(promotion, _)| *promotion);
@@ -80,7 +92,9 @@ fn wanted(
             desired(names, flags, &health.version)
         }
         Verdict::Down { .. } => desired(names, AFTER_SHUTDOWN, ""),
-        Verdict::Failing { .. } if someone_claims && flag(&member.labels, &names.active) == Some(true) => {
+        Verdict::Failing { .. }
+            if someone_claims && flag(&member.labels, &names.active) == Some(true) =>
+        {
             BTreeMap::from([(names.active.clone(), Some("false".to_string()))])
         }
         Verdict::Failing { .. } => BTreeMap::new(),
@@ -101,10 +115,15 @@ mod tests {
         })
     }
     fn failing() -> Verdict {
-        Verdict::Failing { last: None, error: "timed out".into() }
+        Verdict::Failing {
+            last: None,
+            error: "timed out".into(),
+        }
     }
     fn down() -> Verdict {
-        Verdict::Down { reason: "connection refused".into() }
+        Verdict::Down {
+            reason: "connection refused".into(),
+        }
     }
 
     /// A pod carrying the labels of the given role, as after an earlier convergence.
@@ -116,19 +135,39 @@ mod tests {
                 "standby" => ("false", "true", "false", "false"),
                 _ => ("false", "false", "false", "true"),
             };
-            for (k, v) in [("vault-active", a), ("vault-initialized", i), ("vault-perf-standby", p), ("vault-sealed", s), ("vault-version", "1.17.2")] {
+            for (k, v) in [
+                ("vault-active", a),
+                ("vault-initialized", i),
+                ("vault-perf-standby", p),
+                ("vault-sealed", s),
+                ("vault-version", "1.17.2"),
+            ] {
                 labels.insert(k.into(), v.into());
             }
         }
-        Member { name: name.into(), ip: String::new(), labels, verdict }
+        Member {
+            name: name.into(),
+            ip: String::new(),
+            labels,
+            verdict,
+        }
     }
 
     fn active_after(decision: &Decision, members: &[Member]) -> Vec<String> {
         members
             .iter()
             .filter(|m| {
-                let change = decision.plans.iter().find(|p| p.pod == m.name).map(|p| p.change.clone()).unwrap_or_default();
-                let value = change.get("vault-active").cloned().flatten().or_else(|| m.labels.get("vault-active").cloned());
+                let change = decision
+                    .plans
+                    .iter()
+                    .find(|p| p.pod == m.name)
+                    .map(|p| p.change.clone())
+                    .unwrap_or_default();
+                let value = change
+                    .get("vault-active")
+                    .cloned()
+                    .flatten()
+                    .or_else(|| m.labels.get("vault-active").cloned());
                 value.as_deref() == Some("true")
             })
             .map(|m| m.name.clone())
@@ -139,15 +178,91 @@ mod tests {
     fn invariants_over_scenarios() {
         // (scenario, members, pods labelled active afterwards, claimants, pods written)
         let cases: Vec<(&str, Vec<Member>, Vec<&str>, usize, Vec<&str>)> = vec![
-            ("first convergence", vec![member("v0", None, health(Role::Active)), member("v1", None, health(Role::Standby)), member("v2", None, health(Role::Standby))], vec!["v0"], 1, vec!["v0", "v1", "v2"]),
-            ("steady state writes nothing", vec![member("v0", Some("active"), health(Role::Active)), member("v1", Some("standby"), health(Role::Standby))], vec!["v0"], 1, vec![]),
-            ("failover", vec![member("v0", Some("active"), health(Role::Standby)), member("v1", Some("standby"), health(Role::Active))], vec!["v1"], 1, vec!["v0", "v1"]),
-            ("crashed active below threshold is demoted by new active", vec![member("v0", Some("active"), failing()), member("v1", Some("standby"), health(Role::Active))], vec!["v1"], 1, vec!["v0", "v1"]),
-            ("crashed active below threshold, no new active, keeps label", vec![member("v0", Some("active"), failing()), member("v1", Some("standby"), health(Role::Standby))], vec!["v0"], 0, vec![]),
-            ("crashed active past threshold", vec![member("v0", Some("active"), down()), member("v1", Some("standby"), health(Role::Standby))], vec![], 0, vec!["v0"]),
-            ("two claim active: neither labelled", vec![member("v0", Some("active"), health(Role::Active)), member("v1", Some("standby"), health(Role::Active))], vec![], 2, vec!["v0"]),
-            ("unprobed pod is not written", vec![member("v0", None, failing())], vec![], 0, vec![]),
-            ("sealed active", vec![member("v0", Some("active"), health(Role::Sealed))], vec![], 0, vec!["v0"]),
+            (
+                "first convergence",
+                vec![
+                    member("v0", None, health(Role::Active)),
+                    member("v1", None, health(Role::Standby)),
+                    member("v2", None, health(Role::Standby)),
+                ],
+                vec!["v0"],
+                1,
+                vec!["v0", "v1", "v2"],
+            ),
+            (
+                "steady state writes nothing",
+                vec![
+                    member("v0", Some("active"), health(Role::Active)),
+                    member("v1", Some("standby"), health(Role::Standby)),
+                ],
+                vec!["v0"],
+                1,
+                vec![],
+            ),
+            (
+                "failover",
+                vec![
+                    member("v0", Some("active"), health(Role::Standby)),
+                    member("v1", Some("standby"), health(Role::Active)),
+                ],
+                vec!["v1"],
+                1,
+                vec!["v0", "v1"],
+            ),
+            (
+                "crashed active below threshold is demoted by new active",
+                vec![
+                    member("v0", Some("active"), failing()),
+                    member("v1", Some("standby"), health(Role::Active)),
+                ],
+                vec!["v1"],
+                1,
+                vec!["v0", "v1"],
+            ),
+            (
+                "crashed active below threshold, no new active, keeps label",
+                vec![
+                    member("v0", Some("active"), failing()),
+                    member("v1", Some("standby"), health(Role::Standby)),
+                ],
+                vec!["v0"],
+                0,
+                vec![],
+            ),
+            (
+                "crashed active past threshold",
+                vec![
+                    member("v0", Some("active"), down()),
+                    member("v1", Some("standby"), health(Role::Standby)),
+                ],
+                vec![],
+                0,
+                vec!["v0"],
+            ),
+            (
+                "two claim active: neither labelled",
+                vec![
+                    member("v0", Some("active"), health(Role::Active)),
+                    member("v1", Some("standby"), health(Role::Active)),
+                ],
+                vec![],
+                2,
+                vec!["v0"],
+            ),
+            (
+                "unprobed pod is not written",
+                vec![member("v0", None, failing())],
+                vec![],
+                0,
+                vec![],
+            ),
+            (
+                "sealed active",
+                vec![member("v0", Some("active"), health(Role::Sealed))],
+                vec![],
+                0,
+                vec!["v0"],
+            ),
         ];
         for (name, members, active, claimants, written) in cases {
             let decision = decide(&LabelNames::new("vault"), &members);
@@ -156,7 +271,11 @@ mod tests {
             let mut pods: Vec<&str> = decision.plans.iter().map(|p| p.pod.as_str()).collect();
             pods.sort();
             assert_eq!(pods, written, "{name}: written");
-            assert_eq!(decision.active.as_deref(), active.first().copied().filter(|_| active.len() == 1), "{name}");
+            assert_eq!(
+                decision.active.as_deref(),
+                active.first().copied().filter(|_| active.len() == 1),
+                "{name}"
+            );
         }
     }
 
@@ -170,14 +289,23 @@ mod tests {
         let plans = decide(&LabelNames::new("vault"), &members).plans;
         let order: Vec<&str> = plans.iter().map(|p| p.pod.as_str()).collect();
         assert_eq!(order.last(), Some(&"a-new"), "{order:?}");
-        assert_eq!(plans[2].change.get("vault-active"), Some(&Some("true".into())));
+        assert_eq!(
+            plans[2].change.get("vault-active"),
+            Some(&Some("true".into()))
+        );
     }
 
     #[test]
     fn demoting_a_failing_pod_touches_only_the_active_label() {
-        let members = vec![member("v0", Some("active"), failing()), member("v1", Some("standby"), health(Role::Active))];
+        let members = vec![
+            member("v0", Some("active"), failing()),
+            member("v1", Some("standby"), health(Role::Active)),
+        ];
         let decision = decide(&LabelNames::new("vault"), &members);
         let plan = decision.plans.iter().find(|p| p.pod == "v0").unwrap();
-        assert_eq!(plan.change, BTreeMap::from([("vault-active".to_string(), Some("false".to_string()))]));
+        assert_eq!(
+            plan.change,
+            BTreeMap::from([("vault-active".to_string(), Some("false".to_string()))])
+        );
     }
 }

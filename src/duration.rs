@@ -12,12 +12,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let mut rest = text;
     let mut total = 0f64;
     while !rest.is_empty() {
-        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         let number: f64 = rest[..number_len]
             .parse()
             .map_err(|_| format!("{text:?} is not a duration: expected a number at {rest:?}"))?;
         rest = &rest[number_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let seconds = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -39,8 +43,20 @@ mod tests {
 
     #[test]
     fn parses_go_durations() {
-        for (text, millis) in [("2s", 2000), ("200ms", 200), ("1m30s", 90_000), ("1.5s", 1500), ("1h", 3_600_000), ("500000us", 500), ("0s", 0)] {
-            assert_eq!(parse(text).unwrap(), Duration::from_millis(millis), "{text}");
+        for (text, millis) in [
+            ("2s", 2000),
+            ("200ms", 200),
+            ("1m30s", 90_000),
+            ("1.5s", 1500),
+            ("1h", 3_600_000),
+            ("500000us", 500),
+            ("0s", 0),
+        ] {
+            assert_eq!(
+                parse(text).unwrap(),
+                Duration::from_millis(millis),
+                "{text}"
+            );
         }
     }
 

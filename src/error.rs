@@ -3,17 +3,39 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("listing pods for VaultCluster {cluster}: {source}")]
-    ListPods { cluster: String, source: kube::Error },
+    ListPods {
+        cluster: String,
+        source: kube::Error,
+    },
     #[error("patching labels of pod {pod} for VaultCluster {cluster}: {source}")]
-    PatchPod { cluster: String, pod: String, source: kube::Error },
+    PatchPod {
+        cluster: String,
+        pod: String,
+        source: kube::Error,
+    },
     #[error("writing Service {service} for VaultCluster {cluster}: {source}")]
-    WriteService { cluster: String, service: String, source: kube::Error },
+    WriteService {
+        cluster: String,
+        service: String,
+        source: kube::Error,
+    },
     #[error("reading Service {service} for VaultCluster {cluster}: {source}")]
-    ReadService { cluster: String, service: String, source: kube::Error },
+    ReadService {
+        cluster: String,
+        service: String,
+        source: kube::Error,
+    },
     #[error("updating status of VaultCluster {cluster}: {source}")]
-    UpdateStatus { cluster: String, source: kube::Error },
+    UpdateStatus {
+        cluster: String,
+        source: kube::Error,
+    },
     #[error("reading CA Secret {secret} for VaultCluster {cluster}: {source}")]
-    ReadSecret { cluster: String, secret: String, source: kube::Error },
+    ReadSecret {
+        cluster: String,
+        secret: String,
+        source: kube::Error,
+    },
     #[error("finalizer of VaultCluster {cluster}: {message}")]
     Finalizer { cluster: String, message: String },
     #[error("not the leader: write to {0} withheld")]

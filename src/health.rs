@@ -69,13 +69,23 @@ struct Body {
 /// Classifies an answer. Only Vault's default status codes are accepted, since the prober
 /// sends no override parameters.
 pub fn classify(status: u16, body: &[u8]) -> Result<Health, HealthError> {
-    let parsed: Body = serde_json::from_slice(body)
-        .map_err(|e| HealthError::Body { status, reason: e.to_string() })?;
+    let parsed: Body = serde_json::from_slice(body).map_err(|e| HealthError::Body {
+        status,
+        reason: e.to_string(),
+    })?;
     let role = role_of(&parsed);
     if !status_matches(role, status) {
-        return Err(HealthError::Inconsistent { status, role: role.as_str() });
+        return Err(HealthError::Inconsistent {
+            status,
+            role: role.as_str(),
+        });
     }
-    Ok(Health { role, initialized: parsed.initialized, sealed: parsed.sealed, version: parsed.version })
+    Ok(Health {
+        role,
+        initialized: parsed.initialized,
+        sealed: parsed.sealed,
+        version: parsed.version,
+    })
 }
 
 /// Same precedence as Vault's own status code: uninitialised, removed, sealed, standby kinds.
@@ -116,7 +126,13 @@ fn status_matches(role: Role, status: u16) -> bool {
 pub fn sanitize_version(version: &str) -> String {
     version
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -150,13 +166,38 @@ mod tests {
         let mut dr_secondary = vault(true, false, false, false);
         dr_secondary["replication_dr_mode"] = json!("secondary");
         let cases: Vec<(&str, u16, serde_json::Value, Role)> = vec![
-            ("active", 200, vault(true, false, false, false), Role::Active),
-            ("standby", 429, vault(true, false, true, false), Role::Standby),
-            ("ha unhealthy standby", 474, vault(true, false, true, false), Role::Standby),
+            (
+                "active",
+                200,
+                vault(true, false, false, false),
+                Role::Active,
+            ),
+            (
+                "standby",
+                429,
+                vault(true, false, true, false),
+                Role::Standby,
+            ),
+            (
+                "ha unhealthy standby",
+                474,
+                vault(true, false, true, false),
+                Role::Standby,
+            ),
             ("dr secondary", 472, dr_secondary, Role::Standby),
-            ("perf standby", 473, vault(true, false, true, true), Role::PerfStandby),
+            (
+                "perf standby",
+                473,
+                vault(true, false, true, true),
+                Role::PerfStandby,
+            ),
             ("sealed", 503, vault(true, true, true, false), Role::Sealed),
-            ("uninitialized", 501, vault(false, true, true, false), Role::Uninitialized),
+            (
+                "uninitialized",
+                501,
+                vault(false, true, true, false),
+                Role::Uninitialized,
+            ),
             ("removed", 530, removed, Role::Removed),
         ];
         for (name, status, answer, role) in cases {
@@ -185,9 +226,17 @@ mod tests {
         let cases: Vec<(&str, u16, Vec<u8>)> = vec![
             ("html", 200, b"<html>not vault</html>".to_vec()),
             ("empty", 200, Vec::new()),
-            ("truncated", 200, body(vault(true, false, false, false))[..40].to_vec()),
+            (
+                "truncated",
+                200,
+                body(vault(true, false, false, false))[..40].to_vec(),
+            ),
             ("json without fields", 200, b"{}".to_vec()),
-            ("wrong types", 200, br#"{"initialized":"yes","sealed":false,"standby":false}"#.to_vec()),
+            (
+                "wrong types",
+                200,
+                br#"{"initialized":"yes","sealed":false,"standby":false}"#.to_vec(),
+            ),
             ("array", 200, b"[true]".to_vec()),
             ("null", 200, b"null".to_vec()),
             ("huge garbage", 200, vec![b'x'; 1 << 20]),
@@ -203,15 +252,26 @@ mod tests {
     #[test]
     fn status_code_must_agree_with_body() {
         let cases = [
-            ("active body, standby code", 429, vault(true, false, false, false)),
+            (
+                "active body, standby code",
+                429,
+                vault(true, false, false, false),
+            ),
             ("active body, 500", 500, vault(true, false, false, false)),
-            ("standby body, 200 (standbyok)", 200, vault(true, false, true, false)),
+            (
+                "standby body, 200 (standbyok)",
+                200,
+                vault(true, false, true, false),
+            ),
             ("sealed body, 200", 200, vault(true, true, true, false)),
             ("active body, 299", 299, vault(true, false, false, false)),
         ];
         for (name, status, answer) in cases {
             assert!(
-                matches!(classify(status, &body(answer)), Err(HealthError::Inconsistent { .. })),
+                matches!(
+                    classify(status, &body(answer)),
+                    Err(HealthError::Inconsistent { .. })
+                ),
                 "{name}"
             );
         }
@@ -224,7 +284,12 @@ mod tests {
         let health = classify(429, &body(answer)).unwrap();
         assert_eq!(
             health,
-            Health { role: Role::Standby, initialized: true, sealed: false, version: "1.15.2+ent".into() }
+            Health {
+                role: Role::Standby,
+                initialized: true,
+                sealed: false,
+                version: "1.15.2+ent".into()
+            }
         );
     }
 

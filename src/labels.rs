@@ -31,7 +31,13 @@ impl LabelNames {
     }
 
     pub fn all(&self) -> [&str; 5] {
-        [&self.active, &self.initialized, &self.perf_standby, &self.sealed, &self.version]
+        [
+            &self.active,
+            &self.initialized,
+            &self.perf_standby,
+            &self.sealed,
+            &self.version,
+        ]
     }
 }
 
@@ -46,16 +52,46 @@ pub struct Flags {
 
 /// What Vault writes on start and what the seed calls the after-shutdown labels: a pod that
 /// cannot serve leaves every Service that selects on them.
-pub const AFTER_SHUTDOWN: Flags = Flags { active: false, initialized: false, perf_standby: false, sealed: true };
+pub const AFTER_SHUTDOWN: Flags = Flags {
+    active: false,
+    initialized: false,
+    perf_standby: false,
+    sealed: true,
+};
 
 /// The flags a health report implies, before the cluster-wide rule on a single active pod.
 pub fn flags_for(health: &Health) -> Flags {
     match health.role {
-        Role::Active => Flags { active: true, initialized: true, perf_standby: false, sealed: false },
-        Role::Standby => Flags { active: false, initialized: true, perf_standby: false, sealed: false },
-        Role::PerfStandby => Flags { active: false, initialized: true, perf_standby: true, sealed: false },
-        Role::Sealed => Flags { active: false, initialized: true, perf_standby: false, sealed: true },
-        Role::Uninitialized => Flags { active: false, initialized: false, perf_standby: false, sealed: true },
+        Role::Active => Flags {
+            active: true,
+            initialized: true,
+            perf_standby: false,
+            sealed: false,
+        },
+        Role::Standby => Flags {
+            active: false,
+            initialized: true,
+            perf_standby: false,
+            sealed: false,
+        },
+        Role::PerfStandby => Flags {
+            active: false,
+            initialized: true,
+            perf_standby: true,
+            sealed: false,
+        },
+        Role::Sealed => Flags {
+            active: false,
+            initialized: true,
+            perf_standby: false,
+            sealed: true,
+        },
+        Role::Uninitialized => Flags {
+            active: false,
+            initialized: false,
+            perf_standby: false,
+            sealed: true,
+        },
         // A removed node must not stay in the standby pool, whatever it says of its seal.
         Role::Removed => AFTER_SHUTDOWN,
     }
@@ -63,7 +99,11 @@ pub fn flags_for(health: &Health) -> Flags {
 
 /// The labels to hold: the flags, and the version when one is known and valid as a label
 /// value. An empty (redacted) version keeps whatever label the pod had.
-pub fn desired(names: &LabelNames, flags: Flags, version: &str) -> BTreeMap<String, Option<String>> {
+pub fn desired(
+    names: &LabelNames,
+    flags: Flags,
+    version: &str,
+) -> BTreeMap<String, Option<String>> {
     let text = |b: bool| Some(if b { "true" } else { "false" }.to_string());
     let mut labels = BTreeMap::from([
         (names.active.clone(), text(flags.active)),
@@ -107,7 +147,8 @@ pub fn flag(current: &BTreeMap<String, String>, name: &str) -> Option<bool> {
 /// Kubernetes label value rules: at most 63 characters, alphanumeric at both ends.
 fn is_label_value(v: &str) -> bool {
     v.len() <= 63
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && v.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
         && v.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
 }
@@ -117,35 +158,104 @@ mod tests {
     use super::*;
 
     fn health(role: Role, version: &str) -> Health {
-        Health { role, initialized: role != Role::Uninitialized, sealed: false, version: version.into() }
+        Health {
+            role,
+            initialized: role != Role::Uninitialized,
+            sealed: false,
+            version: version.into(),
+        }
     }
 
     fn strs(pairs: &[(&str, &str)]) -> BTreeMap<String, Option<String>> {
-        pairs.iter().map(|(k, v)| (k.to_string(), Some(v.to_string()))).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+            .collect()
     }
 
     #[test]
     fn flags_per_role_match_vault() {
         let names = LabelNames::new("vault");
         let cases = [
-            (Role::Active, [("vault-active", "true"), ("vault-initialized", "true"), ("vault-perf-standby", "false"), ("vault-sealed", "false")]),
-            (Role::Standby, [("vault-active", "false"), ("vault-initialized", "true"), ("vault-perf-standby", "false"), ("vault-sealed", "false")]),
-            (Role::PerfStandby, [("vault-active", "false"), ("vault-initialized", "true"), ("vault-perf-standby", "true"), ("vault-sealed", "false")]),
-            (Role::Sealed, [("vault-active", "false"), ("vault-initialized", "true"), ("vault-perf-standby", "false"), ("vault-sealed", "true")]),
-            (Role::Uninitialized, [("vault-active", "false"), ("vault-initialized", "false"), ("vault-perf-standby", "false"), ("vault-sealed", "true")]),
-            (Role::Removed, [("vault-active", "false"), ("vault-initialized", "false"), ("vault-perf-standby", "false"), ("vault-sealed", "true")]),
+            (
+                Role::Active,
+                [
+                    ("vault-active", "true"),
+                    ("vault-initialized", "true"),
+                    ("vault-perf-standby", "false"),
+                    ("vault-sealed", "false"),
+                ],
+            ),
+            (
+                Role::Standby,
+                [
+                    ("vault-active", "false"),
+                    ("vault-initialized", "true"),
+                    ("vault-perf-standby", "false"),
+                    ("vault-sealed", "false"),
+                ],
+            ),
+            (
+                Role::PerfStandby,
+                [
+                    ("vault-active", "false"),
+                    ("vault-initialized", "true"),
+                    ("vault-perf-standby", "true"),
+                    ("vault-sealed", "false"),
+                ],
+            ),
+            (
+                Role::Sealed,
+                [
+                    ("vault-active", "false"),
+                    ("vault-initialized", "true"),
+                    ("vault-perf-standby", "false"),
+                    ("vault-sealed", "true"),
+                ],
+            ),
+            (
+                Role::Uninitialized,
+                [
+                    ("vault-active", "false"),
+                    ("vault-initialized", "false"),
+                    ("vault-perf-standby", "false"),
+                    ("vault-sealed", "true"),
+                ],
+            ),
+            (
+                Role::Removed,
+                [
+                    ("vault-active", "false"),
+                    ("vault-initialized", "false"),
+                    ("vault-perf-standby", "false"),
+                    ("vault-sealed", "true"),
+                ],
+            ),
         ];
         for (role, expected) in cases {
             let mut want = strs(&expected);
             want.insert("vault-version".into(), Some("1.15.2-ent".into()));
-            assert_eq!(desired(&names, flags_for(&health(role, "1.15.2+ent")), "1.15.2+ent"), want, "{role:?}");
+            assert_eq!(
+                desired(&names, flags_for(&health(role, "1.15.2+ent")), "1.15.2+ent"),
+                want,
+                "{role:?}"
+            );
         }
     }
 
     #[test]
     fn prefix_names_every_label() {
         let names = LabelNames::new("openbao");
-        assert_eq!(names.all(), ["openbao-active", "openbao-initialized", "openbao-perf-standby", "openbao-sealed", "openbao-version"]);
+        assert_eq!(
+            names.all(),
+            [
+                "openbao-active",
+                "openbao-initialized",
+                "openbao-perf-standby",
+                "openbao-sealed",
+                "openbao-version"
+            ]
+        );
     }
 
     #[test]
@@ -162,21 +272,51 @@ mod tests {
     #[test]
     fn diff_writes_only_what_changed_and_nothing_else() {
         let current: BTreeMap<String, String> = [
-            ("app", "vault"), ("vault-active", "true"), ("vault-sealed", "false"), ("vault-version", "1.17.2"),
-        ].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut want = desired(&LabelNames::new("vault"), Flags { active: false, initialized: true, perf_standby: false, sealed: false }, "1.17.2");
+            ("app", "vault"),
+            ("vault-active", "true"),
+            ("vault-sealed", "false"),
+            ("vault-version", "1.17.2"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut want = desired(
+            &LabelNames::new("vault"),
+            Flags {
+                active: false,
+                initialized: true,
+                perf_standby: false,
+                sealed: false,
+            },
+            "1.17.2",
+        );
         let change = diff(&current, &want);
-        assert_eq!(change, strs(&[("vault-active", "false"), ("vault-initialized", "true"), ("vault-perf-standby", "false")]));
+        assert_eq!(
+            change,
+            strs(&[
+                ("vault-active", "false"),
+                ("vault-initialized", "true"),
+                ("vault-perf-standby", "false")
+            ])
+        );
         want.extend(change.clone());
-        let settled: BTreeMap<String, String> = current.into_iter().chain(change.into_iter().map(|(k, v)| (k, v.unwrap()))).collect();
-        assert!(diff(&settled, &want).is_empty(), "second pass writes nothing");
+        let settled: BTreeMap<String, String> = current
+            .into_iter()
+            .chain(change.into_iter().map(|(k, v)| (k, v.unwrap())))
+            .collect();
+        assert!(
+            diff(&settled, &want).is_empty(),
+            "second pass writes nothing"
+        );
     }
 
     #[test]
     fn removal_only_removes_present_labels() {
         let names = LabelNames::new("vault");
-        let current: BTreeMap<String, String> =
-            [("app", "vault"), ("vault-active", "false")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let current: BTreeMap<String, String> = [("app", "vault"), ("vault-active", "false")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let change = diff(&current, &removal(&names));
         assert_eq!(change, BTreeMap::from([("vault-active".to_string(), None)]));
     }

@@ -46,7 +46,8 @@ pub fn may_take(holder: &Holder, me: &str, now: Timestamp) -> bool {
         (Some(id), _) if id == me || id.is_empty() => true,
         (Some(_), None) => true,
         (Some(_), Some(renewed)) => {
-            let expires = renewed + k8s_openapi::jiff::SignedDuration::try_from(holder.duration).unwrap_or_default();
+            let expires = renewed
+                + k8s_openapi::jiff::SignedDuration::try_from(holder.duration).unwrap_or_default();
             now >= expires
         }
     }
@@ -63,8 +64,12 @@ fn holder_of(lease: &Lease) -> Holder {
 
 /// Campaigns forever. While this process holds the Lease, `leading` is true and `work`
 /// runs; losing it clears `leading` first and then aborts `work`.
-pub async fn run<F, Fut>(client: kube::Client, settings: LeaseSettings, leading: Arc<AtomicBool>, work: F)
-where
+pub async fn run<F, Fut>(
+    client: kube::Client,
+    settings: LeaseSettings,
+    leading: Arc<AtomicBool>,
+    work: F,
+) where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -116,7 +121,10 @@ async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings) -> Result<boo
     };
     let Some(mut lease) = api.get_opt(&s.name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(s.name.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(s.name.clone()),
+                ..Default::default()
+            },
             spec: Some(spec(0, None)),
         };
         return match api.create(&PostParams::default(), &lease).await {
@@ -132,7 +140,10 @@ async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings) -> Result<boo
     let current = lease.spec.clone().unwrap_or_default();
     let ours = holder.identity.as_deref() == Some(s.identity.as_str());
     let transitions = current.lease_transitions.unwrap_or(0) + if ours { 0 } else { 1 };
-    lease.spec = Some(spec(transitions, if ours { current.acquire_time } else { None }));
+    lease.spec = Some(spec(
+        transitions,
+        if ours { current.acquire_time } else { None },
+    ));
     // The resourceVersion from the read makes this a compare-and-swap: of two contenders
     // for an expired Lease, one gets 409 Conflict.
     match api.replace(&s.name, &PostParams::default(), &lease).await {
@@ -150,7 +161,9 @@ pub async fn release(client: kube::Client, settings: &LeaseSettings) {
         if spec.holder_identity.as_deref() == Some(settings.identity.as_str()) {
             spec.holder_identity = None;
             spec.renew_time = None;
-            let _ = api.replace(&settings.name, &PostParams::default(), &lease).await;
+            let _ = api
+                .replace(&settings.name, &PostParams::default(), &lease)
+                .await;
         }
     }
 }
@@ -162,13 +175,31 @@ mod tests {
     #[test]
     fn who_may_take_the_lease() {
         let t = |s: i64| Timestamp::from_second(s).unwrap();
-        let held = |id: &str, at: i64| Holder { identity: Some(id.into()), renewed: Some(t(at)), duration: Duration::from_secs(10) };
+        let held = |id: &str, at: i64| Holder {
+            identity: Some(id.into()),
+            renewed: Some(t(at)),
+            duration: Duration::from_secs(10),
+        };
         let cases = [
-            ("free", Holder { identity: None, renewed: None, duration: Duration::from_secs(10) }, 100, true),
+            (
+                "free",
+                Holder {
+                    identity: None,
+                    renewed: None,
+                    duration: Duration::from_secs(10),
+                },
+                100,
+                true,
+            ),
             ("ours", held("me", 95), 100, true),
             ("other, fresh", held("other", 95), 100, false),
             ("other, just expired", held("other", 90), 100, true),
-            ("other, one second before expiry", held("other", 91), 100, false),
+            (
+                "other, one second before expiry",
+                held("other", 91),
+                100,
+                false,
+            ),
             ("released", held("", 99), 100, true),
         ];
         for (name, holder, now, expected) in cases {

@@ -39,12 +39,18 @@ pub struct Prober {
 
 impl Prober {
     pub fn new(concurrency: usize) -> Self {
-        Self { permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+        Self {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
     }
 
     /// Probes once; the outcome and how long the exchange took.
     pub async fn probe(&self, target: &Target) -> (Outcome, Duration) {
-        let _permit = self.permits.acquire().await.expect("semaphore never closed");
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         let start = Instant::now();
         let outcome = match tokio::time::timeout(target.timeout, exchange(target)).await {
             Err(_) => Outcome::Failed(format!("no answer within {:?}", target.timeout)),
@@ -59,7 +65,9 @@ impl Prober {
 }
 
 async fn exchange(target: &Target) -> Result<(u16, Bytes), String> {
-    let tcp = TcpStream::connect((target.ip, target.port)).await.map_err(|e| format!("connect: {e}"))?;
+    let tcp = TcpStream::connect((target.ip, target.port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     match &target.tls {
         None => request(tcp, target).await,
@@ -88,16 +96,24 @@ where
     let req = http::Request::get(target.path.as_str())
         .header(http::header::HOST, host)
         .header(http::header::ACCEPT, "application/json")
-        .header(http::header::USER_AGENT, concat!("vault-registrar/", env!("CARGO_PKG_VERSION")))
+        .header(
+            http::header::USER_AGENT,
+            concat!("vault-registrar/", env!("CARGO_PKG_VERSION")),
+        )
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("request: {e}"))?;
     let result = async {
-        let response = sender.send_request(req).await.map_err(|e| format!("http: {e}"))?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("http: {e}"))?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}"))?
+            .map_err(|e| {
+                format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}")
+            })?
             .to_bytes();
         Ok((status, body))
     }
@@ -108,7 +124,10 @@ where
 
 /// TLS client settings for a cluster: its CA bundle, or the built-in trust roots, or no
 /// verification at all when the user asked for that.
-pub fn tls_config(ca_pem: Option<&[u8]>, insecure: bool) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_config(
+    ca_pem: Option<&[u8]>,
+    insecure: bool,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -129,10 +148,16 @@ pub fn tls_config(ca_pem: Option<&[u8]>, insecure: bool) -> Result<Arc<rustls::C
                     return Err("CA bundle holds no certificate".into());
                 }
                 for cert in certs {
-                    roots.add(cert).map_err(|e| format!("CA certificate rejected: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("CA certificate rejected: {e}"))?;
                 }
             }
-            None => return Err("https without tls.caSecretRef needs tls.insecureSkipVerify or a CA".into()),
+            None => {
+                return Err(
+                    "https without tls.caSecretRef needs tls.insecureSkipVerify or a CA".into(),
+                );
+            }
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
@@ -161,7 +186,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -170,7 +200,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -179,12 +214,20 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
 }
 
 /// The name to verify: the template with {pod} and {namespace} filled in, or the pod IP.
-pub fn server_name(template: &str, pod: &str, namespace: &str, ip: IpAddr) -> Result<ServerName<'static>, String> {
+pub fn server_name(
+    template: &str,
+    pod: &str,
+    namespace: &str,
+    ip: IpAddr,
+) -> Result<ServerName<'static>, String> {
     if template.is_empty() {
         return Ok(ServerName::IpAddress(ip.into()));
     }
-    let name = template.replace("{pod}", pod).replace("{namespace}", namespace);
-    ServerName::try_from(name.clone()).map_err(|_| format!("spec.health.tls.serverName: {name:?} is not a valid DNS name or IP"))
+    let name = template
+        .replace("{pod}", pod)
+        .replace("{namespace}", namespace);
+    ServerName::try_from(name.clone())
+        .map_err(|_| format!("spec.health.tls.serverName: {name:?} is not a valid DNS name or IP"))
 }
 
 #[cfg(test)]
@@ -194,7 +237,10 @@ mod tests {
     #[test]
     fn server_name_template() {
         let ip: IpAddr = "127.0.0.9".parse().unwrap();
-        assert_eq!(server_name("", "vault-0", "ns", ip).unwrap(), ServerName::IpAddress(ip.into()));
+        assert_eq!(
+            server_name("", "vault-0", "ns", ip).unwrap(),
+            ServerName::IpAddress(ip.into())
+        );
         assert_eq!(
             server_name("{pod}.vault-internal.{namespace}.svc", "vault-0", "ns", ip).unwrap(),
             ServerName::try_from("vault-0.vault-internal.ns.svc").unwrap()

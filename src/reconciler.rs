@@ -47,8 +47,16 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, prober: Prober, metrics: Metrics, leading: Arc<AtomicBool>) -> Arc<Self> {
-        let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    pub fn new(
+        client: Client,
+        prober: Prober,
+        metrics: Metrics,
+        leading: Arc<AtomicBool>,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -61,12 +69,19 @@ impl Context {
     }
 
     fn guard(&self, what: &str) -> Result<(), Error> {
-        if self.leading.load(Ordering::SeqCst) { Ok(()) } else { Err(Error::NotLeader(what.into())) }
+        if self.leading.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::NotLeader(what.into()))
+        }
     }
 
     fn other_clusters(&self) -> Vec<VaultCluster> {
         let store = self.clusters.lock().unwrap();
-        store.as_ref().map(|s| s.state().iter().map(|c| (**c).clone()).collect()).unwrap_or_default()
+        store
+            .as_ref()
+            .map(|s| s.state().iter().map(|c| (**c).clone()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -74,16 +89,30 @@ impl Context {
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
     let (clusters, services, pods): (Api<VaultCluster>, Api<Service>, Api<Pod>) = match &namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
     };
     let controller = Controller::new(clusters, watcher::Config::default());
     let store = controller.store();
     *ctx.clusters.lock().unwrap() = Some(store.clone());
-    let owned = watcher::Config::default().labels(&format!("{}={}", services::MANAGED_BY.0, services::MANAGED_BY.1));
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        services::MANAGED_BY.0,
+        services::MANAGED_BY.1
+    ));
     controller
         .owns(services, owned)
-        .watches(pods, watcher::Config::default(), move |pod: Pod| clusters_of(&store, &pod))
+        .watches(pods, watcher::Config::default(), move |pod: Pod| {
+            clusters_of(&store, &pod)
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -102,24 +131,38 @@ fn clusters_of(store: &Store<VaultCluster>, pod: &Pod) -> Vec<ObjectRef<VaultClu
         .state()
         .iter()
         .filter(|vc| vc.namespace() == pod.namespace())
-        .filter(|vc| selector::matches(&vc.spec.selector, labels) || labelled_by == Some(&vc.name_any()))
+        .filter(|vc| {
+            selector::matches(&vc.spec.selector, labels) || labelled_by == Some(&vc.name_any())
+        })
         .map(|vc| ObjectRef::from_obj(vc.as_ref()))
         .collect()
 }
 
-fn error_policy(vc: Arc<VaultCluster>, error: &kube::runtime::finalizer::Error<Error>, ctx: Arc<Context>) -> Action {
+fn error_policy(
+    vc: Arc<VaultCluster>,
+    error: &kube::runtime::finalizer::Error<Error>,
+    ctx: Arc<Context>,
+) -> Action {
     warn!(cluster = %vc.name_any(), namespace = ?vc.namespace(), %error, "reconcile failed");
     let kind = match error {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
         _ => "finalizer",
     };
-    ctx.metrics.reconcile_errors.with_label_values(&[kind]).inc();
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[kind])
+        .inc();
     Action::requeue(interval(&vc).min(Duration::from_secs(5)))
 }
 
-async fn reconcile(vc: Arc<VaultCluster>, ctx: Arc<Context>) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
+async fn reconcile(
+    vc: Arc<VaultCluster>,
+    ctx: Arc<Context>,
+) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
     let start = Instant::now();
-    let api: Api<VaultCluster> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let api: Api<VaultCluster> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     if ctx.guard("VaultCluster finalizer").is_err() {
         return Ok(Action::requeue(interval(&vc)));
     }
@@ -130,8 +173,13 @@ async fn reconcile(vc: Arc<VaultCluster>, ctx: Arc<Context>) -> Result<Action, k
         }
     })
     .await;
-    ctx.metrics.reconcile_duration.observe(start.elapsed().as_secs_f64());
-    ctx.metrics.reconciles.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+    ctx.metrics
+        .reconcile_duration
+        .observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+        .inc();
     result
 }
 
@@ -161,10 +209,17 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let mut strays = Vec::new();
     for pod in pods {
         let selected = selector::matches(&vc.spec.selector, pod.labels());
-        match (selected, selector::claimed_by_older(vc, &others, pod.labels())) {
+        match (
+            selected,
+            selector::claimed_by_older(vc, &others, pod.labels()),
+        ) {
             (true, None) => candidates.push(pod),
-            (true, Some(older)) => overlaps.push(format!("{} ({})", pod.name_any(), older.name_any())),
-            (false, _) if pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any()) => strays.push(pod),
+            (true, Some(older)) => {
+                overlaps.push(format!("{} ({})", pod.name_any(), older.name_any()))
+            }
+            (false, _) if pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any()) => {
+                strays.push(pod)
+            }
             (false, _) => {}
         }
     }
@@ -207,10 +262,14 @@ struct ProbeSettings {
 
 async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, SpecProblem> {
     let h = &vc.spec.health;
-    let timeout = duration::parse(&h.timeout).map_err(|e| SpecProblem(format!("spec.health.timeout: {e}")))?;
-    let interval = duration::parse(&h.interval).map_err(|e| SpecProblem(format!("spec.health.interval: {e}")))?;
+    let timeout = duration::parse(&h.timeout)
+        .map_err(|e| SpecProblem(format!("spec.health.timeout: {e}")))?;
+    let interval = duration::parse(&h.interval)
+        .map_err(|e| SpecProblem(format!("spec.health.interval: {e}")))?;
     if timeout >= interval {
-        return Err(SpecProblem("spec.health.timeout must be less than spec.health.interval".into()));
+        return Err(SpecProblem(
+            "spec.health.timeout must be less than spec.health.interval".into(),
+        ));
     }
     let tls = match h.scheme {
         Scheme::Http => None,
@@ -234,41 +293,84 @@ async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSetting
     })
 }
 
-async fn read_ca(vc: &VaultCluster, ctx: &Context, name: &str, key: &str) -> Result<Vec<u8>, SpecProblem> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+async fn read_ca(
+    vc: &VaultCluster,
+    ctx: &Context,
+    name: &str,
+    key: &str,
+) -> Result<Vec<u8>, SpecProblem> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let secret = secrets
         .get_opt(name)
         .await
-        .map_err(|e| SpecProblem(format!("spec.health.tls.caSecretRef: reading Secret {name}: {e}")))?
-        .ok_or_else(|| SpecProblem(format!("spec.health.tls.caSecretRef: Secret {name} not found")))?;
+        .map_err(|e| {
+            SpecProblem(format!(
+                "spec.health.tls.caSecretRef: reading Secret {name}: {e}"
+            ))
+        })?
+        .ok_or_else(|| {
+            SpecProblem(format!(
+                "spec.health.tls.caSecretRef: Secret {name} not found"
+            ))
+        })?;
     secret
         .data
         .and_then(|d| d.get(key).map(|b| b.0.clone()))
-        .ok_or_else(|| SpecProblem(format!("spec.health.tls.caSecretRef: Secret {name} has no key {key}")))
+        .ok_or_else(|| {
+            SpecProblem(format!(
+                "spec.health.tls.caSecretRef: Secret {name} has no key {key}"
+            ))
+        })
 }
 
 /// The selected pods plus the pods still carrying labels we wrote.
-async fn observe_pods(vc: &VaultCluster, ctx: &Context, names: &LabelNames) -> Result<Vec<Pod>, Error> {
+async fn observe_pods(
+    vc: &VaultCluster,
+    ctx: &Context,
+    names: &LabelNames,
+) -> Result<Vec<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let list = |selector: String| {
         let api = api.clone();
         async move {
             api.list(&ListParams::default().labels(&selector))
                 .await
-                .map_err(|source| Error::ListPods { cluster: cluster_name(vc), source })
+                .map_err(|source| Error::ListPods {
+                    cluster: cluster_name(vc),
+                    source,
+                })
         }
     };
-    let match_labels = vc.spec.selector.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let match_labels = vc
+        .spec
+        .selector
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
-    for pod in list(match_labels).await?.items.into_iter().chain(list(names.active.clone()).await?.items) {
+    for pod in list(match_labels)
+        .await?
+        .items
+        .into_iter()
+        .chain(list(names.active.clone()).await?.items)
+    {
         pods.insert(pod.name_any(), pod);
     }
     Ok(pods.into_values().collect())
 }
 
-async fn probe_all(vc: &VaultCluster, ctx: &Context, settings: &ProbeSettings, pods: &[Pod]) -> Vec<Member> {
+async fn probe_all(
+    vc: &VaultCluster,
+    ctx: &Context,
+    settings: &ProbeSettings,
+    pods: &[Pod],
+) -> Vec<Member> {
     let ns = vc.namespace().unwrap_or_default();
-    let outcomes = futures::future::join_all(pods.iter().map(|pod| probe_pod(ctx, settings, &ns, pod))).await;
+    let outcomes =
+        futures::future::join_all(pods.iter().map(|pod| probe_pod(ctx, settings, &ns, pod))).await;
     let key = vc.uid().unwrap_or_default();
     let mut trackers = ctx.trackers.lock().unwrap();
     let tracker = trackers.entry(key).or_default();
@@ -293,20 +395,41 @@ async fn probe_all(vc: &VaultCluster, ctx: &Context, settings: &ProbeSettings, p
 }
 
 /// Probes a pod that can be probed; Err names why a pod cannot serve at all.
-async fn probe_pod(ctx: &Context, settings: &ProbeSettings, ns: &str, pod: &Pod) -> Result<Outcome, String> {
+async fn probe_pod(
+    ctx: &Context,
+    settings: &ProbeSettings,
+    ns: &str,
+    pod: &Pod,
+) -> Result<Outcome, String> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Err("pod is terminating".into());
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
     if phase != "Running" {
-        return Err(format!("pod phase is {}", if phase.is_empty() { "unknown" } else { &phase }));
+        return Err(format!(
+            "pod phase is {}",
+            if phase.is_empty() { "unknown" } else { &phase }
+        ));
     }
     let ip = pod_ip(pod).ok_or("pod has no IP")?;
     let tls = match &settings.tls {
         None => None,
-        Some((config, template)) => Some((config.clone(), server_name(template, &pod.name_any(), ns, ip)?)),
+        Some((config, template)) => Some((
+            config.clone(),
+            server_name(template, &pod.name_any(), ns, ip)?,
+        )),
     };
-    let target = Target { ip, port: settings.port, path: settings.path.clone(), timeout: settings.timeout, tls };
+    let target = Target {
+        ip,
+        port: settings.port,
+        path: settings.path.clone(),
+        timeout: settings.timeout,
+        tls,
+    };
     let (outcome, took) = ctx.prober.probe(&target).await;
     let label = match &outcome {
         Outcome::Healthy(h) => h.role.as_str(),
@@ -314,7 +437,10 @@ async fn probe_pod(ctx: &Context, settings: &ProbeSettings, ns: &str, pod: &Pod)
     };
     ctx.metrics.probes.with_label_values(&[label]).inc();
     let result = if label == "failed" { "failed" } else { "ok" };
-    ctx.metrics.probe_latency.with_label_values(&[result]).observe(took.as_secs_f64());
+    ctx.metrics
+        .probe_latency
+        .with_label_values(&[result])
+        .observe(took.as_secs_f64());
     Ok(outcome)
 }
 
@@ -322,7 +448,13 @@ fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
 }
 
-async fn write_labels(vc: &VaultCluster, ctx: &Context, ns: &str, plan: &LabelPlan, pods: &[Pod]) -> Result<(), Error> {
+async fn write_labels(
+    vc: &VaultCluster,
+    ctx: &Context,
+    ns: &str,
+    plan: &LabelPlan,
+    pods: &[Pod],
+) -> Result<(), Error> {
     let owned = pods
         .iter()
         .find(|p| p.name_any() == plan.pod)
@@ -334,18 +466,47 @@ async fn write_labels(vc: &VaultCluster, ctx: &Context, ns: &str, plan: &LabelPl
     patch_pod(vc, ctx, ns, &plan.pod, json!({"metadata": meta})).await
 }
 
-async fn strip_labels(vc: &VaultCluster, ctx: &Context, names: &LabelNames, pod: &Pod) -> Result<(), Error> {
+async fn strip_labels(
+    vc: &VaultCluster,
+    ctx: &Context,
+    names: &LabelNames,
+    pod: &Pod,
+) -> Result<(), Error> {
     let change = diff(pod.labels(), &removal(names));
     let patch = json!({"metadata": {"labels": change, "annotations": {OWNER_ANNOTATION: null}}});
-    patch_pod(vc, ctx, &pod.namespace().unwrap_or_default(), &pod.name_any(), patch).await
+    patch_pod(
+        vc,
+        ctx,
+        &pod.namespace().unwrap_or_default(),
+        &pod.name_any(),
+        patch,
+    )
+    .await
 }
 
-async fn patch_pod(vc: &VaultCluster, ctx: &Context, ns: &str, pod: &str, patch: serde_json::Value) -> Result<(), Error> {
+async fn patch_pod(
+    vc: &VaultCluster,
+    ctx: &Context,
+    ns: &str,
+    pod: &str,
+    patch: serde_json::Value,
+) -> Result<(), Error> {
     ctx.guard(&format!("pod {ns}/{pod}"))?;
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(pod, &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Merge(patch))
-        .await
-        .map_err(|source| Error::PatchPod { cluster: cluster_name(vc), pod: pod.into(), source })?;
+    api.patch(
+        pod,
+        &PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Merge(patch),
+    )
+    .await
+    .map_err(|source| Error::PatchPod {
+        cluster: cluster_name(vc),
+        pod: pod.into(),
+        source,
+    })?;
     ctx.metrics.label_writes.inc();
     info!(cluster = %cluster_name(vc), pod, "labels written");
     Ok(())
@@ -354,29 +515,37 @@ async fn patch_pod(vc: &VaultCluster, ctx: &Context, ns: &str, pod: &str, patch:
 /// Creates, repairs and deletes the generated Services; returns why any could not be put in
 /// place (a foreign Service with the name).
 async fn converge_services(vc: &VaultCluster, ctx: &Context) -> Result<Vec<String>, Error> {
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let mut problems = Vec::new();
     let desired = services::desired(vc);
     for (_, want) in &desired {
         let name = want.name_any();
-        let existing = api.get_opt(&name).await.map_err(|source| Error::ReadService {
-            cluster: cluster_name(vc),
-            service: name.clone(),
-            source,
-        })?;
+        let existing = api
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::ReadService {
+                cluster: cluster_name(vc),
+                service: name.clone(),
+                source,
+            })?;
         match existing {
             Some(have) if !services::owned_by(&have, vc) => {
-                problems.push(format!("Service {name} exists and is not owned by this VaultCluster; left alone"));
+                problems.push(format!(
+                    "Service {name} exists and is not owned by this VaultCluster; left alone"
+                ));
             }
             Some(have) if !services::drifted(&have, want) => {}
             _ => {
                 ctx.guard(&format!("Service {name}"))?;
                 let params = PatchParams::apply(MANAGER).force();
-                api.patch(&name, &params, &Patch::Apply(want)).await.map_err(|source| Error::WriteService {
-                    cluster: cluster_name(vc),
-                    service: name.clone(),
-                    source,
-                })?;
+                api.patch(&name, &params, &Patch::Apply(want))
+                    .await
+                    .map_err(|source| Error::WriteService {
+                        cluster: cluster_name(vc),
+                        service: name.clone(),
+                        source,
+                    })?;
                 ctx.metrics.service_writes.inc();
                 info!(cluster = %cluster_name(vc), service = %name, "Service applied");
             }
@@ -387,24 +556,34 @@ async fn converge_services(vc: &VaultCluster, ctx: &Context) -> Result<Vec<Strin
 }
 
 /// Deletes Services this VaultCluster owns that are no longer wanted (disabled or renamed).
-async fn remove_unwanted_services(vc: &VaultCluster, ctx: &Context, api: &Api<Service>, desired: &[(Kind, Service)]) -> Result<(), Error> {
+async fn remove_unwanted_services(
+    vc: &VaultCluster,
+    ctx: &Context,
+    api: &Api<Service>,
+    desired: &[(Kind, Service)],
+) -> Result<(), Error> {
     let selector = format!("{}={}", services::CLUSTER_LABEL, vc.name_any());
-    let owned = api.list(&ListParams::default().labels(&selector)).await.map_err(|source| Error::ReadService {
-        cluster: cluster_name(vc),
-        service: selector.clone(),
-        source,
-    })?;
+    let owned = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::ReadService {
+            cluster: cluster_name(vc),
+            service: selector.clone(),
+            source,
+        })?;
     for svc in owned.items.iter().filter(|s| services::owned_by(s, vc)) {
         let name = svc.name_any();
         if desired.iter().any(|(_, want)| want.name_any() == name) {
             continue;
         }
         ctx.guard(&format!("Service {name}"))?;
-        api.delete(&name, &DeleteParams::default()).await.map_err(|source| Error::WriteService {
-            cluster: cluster_name(vc),
-            service: name.clone(),
-            source,
-        })?;
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .map_err(|source| Error::WriteService {
+                cluster: cluster_name(vc),
+                service: name.clone(),
+                source,
+            })?;
         ctx.metrics.service_writes.inc();
         info!(cluster = %cluster_name(vc), service = %name, "Service removed");
     }
@@ -412,7 +591,11 @@ async fn remove_unwanted_services(vc: &VaultCluster, ctx: &Context, api: &Api<Se
 }
 
 /// Reports a spec the operator cannot act on, touching nothing else.
-async fn report_invalid(vc: &VaultCluster, ctx: &Context, problem: String) -> Result<Action, Error> {
+async fn report_invalid(
+    vc: &VaultCluster,
+    ctx: &Context,
+    problem: String,
+) -> Result<Action, Error> {
     warn!(cluster = %cluster_name(vc), %problem, "VaultCluster spec cannot be acted on");
     let decision = decide(&LabelNames::new(&vc.spec.label_prefix), &[]);
     let status = build(&Observation {
@@ -430,20 +613,38 @@ async fn report_invalid(vc: &VaultCluster, ctx: &Context, problem: String) -> Re
 }
 
 /// Writes the status and its events, only if the status changed.
-async fn publish_status(vc: &VaultCluster, ctx: &Context, status: VaultClusterStatus) -> Result<(), Error> {
+async fn publish_status(
+    vc: &VaultCluster,
+    ctx: &Context,
+    status: VaultClusterStatus,
+) -> Result<(), Error> {
     if vc.status.as_ref() == Some(&status) {
         return Ok(());
     }
     ctx.guard(&format!("VaultCluster {} status", cluster_name(vc)))?;
-    let api: Api<VaultCluster> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let api: Api<VaultCluster> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let patch = json!({"status": status});
-    api.patch_status(&vc.name_any(), &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Merge(patch))
-        .await
-        .map_err(|source| Error::UpdateStatus { cluster: cluster_name(vc), source })?;
+    api.patch_status(
+        &vc.name_any(),
+        &PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Merge(patch),
+    )
+    .await
+    .map_err(|source| Error::UpdateStatus {
+        cluster: cluster_name(vc),
+        source,
+    })?;
     for notice in notices(vc.status.as_ref(), &status) {
         if notice.reason == "ActiveChanged" {
             let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
-            ctx.metrics.active_changes.with_label_values(&[labels[0].as_str(), labels[1].as_str()]).inc();
+            ctx.metrics
+                .active_changes
+                .with_label_values(&[labels[0].as_str(), labels[1].as_str()])
+                .inc();
         }
         publish_event(vc, ctx, notice).await;
     }
@@ -453,7 +654,11 @@ async fn publish_status(vc: &VaultCluster, ctx: &Context, status: VaultClusterSt
 async fn publish_event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
     let event = KubeEvent {
-        type_: if notice.warning { EventType::Warning } else { EventType::Normal },
+        type_: if notice.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: notice.reason.into(),
         note: Some(notice.message),
         action: "Reconcile".into(),
@@ -472,12 +677,28 @@ async fn publish_event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
 
 fn record_gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
     let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
-    for (role, n) in [("all", s.pods), ("active", s.active), ("standby", s.standby), ("perf-standby", s.perf_standby),
-        ("sealed", s.sealed), ("uninitialized", s.uninitialized), ("unreachable", s.unreachable)] {
-        ctx.metrics.cluster_pods.with_label_values(&[ns.as_str(), name.as_str(), role]).set(n as i64);
+    for (role, n) in [
+        ("all", s.pods),
+        ("active", s.active),
+        ("standby", s.standby),
+        ("perf-standby", s.perf_standby),
+        ("sealed", s.sealed),
+        ("uninitialized", s.uninitialized),
+        ("unreachable", s.unreachable),
+    ] {
+        ctx.metrics
+            .cluster_pods
+            .with_label_values(&[ns.as_str(), name.as_str(), role])
+            .set(n as i64);
     }
-    let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    ctx.metrics.cluster_ready.with_label_values(&[ns.as_str(), name.as_str()]).set(ready as i64);
+    let ready = s
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ctx.metrics
+        .cluster_ready
+        .with_label_values(&[ns.as_str(), name.as_str()])
+        .set(ready as i64);
 }
 
 /// Removes our labels from every pod this VaultCluster labelled, then lets it go.
@@ -487,12 +708,16 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let others = ctx.other_clusters();
     for pod in &pods {
         let ours = pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any())
-            || (selector::matches(&vc.spec.selector, pod.labels()) && selector::claimed_by_older(vc, &others, pod.labels()).is_none());
+            || (selector::matches(&vc.spec.selector, pod.labels())
+                && selector::claimed_by_older(vc, &others, pod.labels()).is_none());
         if ours && !diff(pod.labels(), &removal(&names)).is_empty() {
             strip_labels(vc, ctx, &names, pod).await?;
         }
     }
-    ctx.trackers.lock().unwrap().remove(&vc.uid().unwrap_or_default());
+    ctx.trackers
+        .lock()
+        .unwrap()
+        .remove(&vc.uid().unwrap_or_default());
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }

@@ -8,7 +8,10 @@ use crate::crd::{PodSelector, VaultCluster};
 
 /// Whether labels satisfy the selector: every matchLabels entry and every expression.
 pub fn matches(selector: &PodSelector, labels: &BTreeMap<String, String>) -> bool {
-    selector.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
         && selector.match_expressions.iter().all(|e| {
             let value = labels.get(&e.key);
             let listed = |v: &String| e.values.iter().flatten().any(|x| x == v);
@@ -24,7 +27,10 @@ pub fn matches(selector: &PodSelector, labels: &BTreeMap<String, String>) -> boo
 
 /// Orders VaultClusters by age, oldest first; the name breaks ties so the order is total.
 fn seniority(vc: &VaultCluster) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
-    (vc.metadata.creation_timestamp.as_ref().map(|t| t.0), vc.name_any())
+    (
+        vc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        vc.name_any(),
+    )
 }
 
 /// The oldest other VaultCluster in the same namespace that also selects these labels and is
@@ -49,7 +55,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn req(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -71,22 +80,43 @@ mod tests {
             ("In", vec![req("tier", "In", &["a", "b"])], &pod, true),
             ("In, absent", vec![req("zone", "In", &["a"])], &pod, false),
             ("NotIn", vec![req("tier", "NotIn", &["a"])], &pod, false),
-            ("NotIn, absent", vec![req("zone", "NotIn", &["a"])], &pod, true),
+            (
+                "NotIn, absent",
+                vec![req("zone", "NotIn", &["a"])],
+                &pod,
+                true,
+            ),
             ("Exists", vec![req("tier", "Exists", &[])], &pod, true),
-            ("DoesNotExist", vec![req("tier", "DoesNotExist", &[])], &pod, false),
-            ("unknown operator", vec![req("tier", "Gt", &["1"])], &pod, false),
+            (
+                "DoesNotExist",
+                vec![req("tier", "DoesNotExist", &[])],
+                &pod,
+                false,
+            ),
+            (
+                "unknown operator",
+                vec![req("tier", "Gt", &["1"])],
+                &pod,
+                false,
+            ),
         ];
         for (name, expressions, pod_labels, expected) in cases {
-            let selector = PodSelector { match_labels: base.clone(), match_expressions: expressions };
+            let selector = PodSelector {
+                match_labels: base.clone(),
+                match_expressions: expressions,
+            };
             assert_eq!(matches(&selector, pod_labels), expected, "{name}");
         }
     }
 
     fn cluster(name: &str, created: i64, app: &str) -> VaultCluster {
-        let spec: VaultClusterSpec = serde_yaml::from_str(&format!("selector: {{matchLabels: {{app: {app}}}}}")).unwrap();
+        let spec: VaultClusterSpec =
+            serde_yaml::from_str(&format!("selector: {{matchLabels: {{app: {app}}}}}")).unwrap();
         let mut vc = VaultCluster::new(name, spec);
         vc.metadata.namespace = Some("ns".into());
-        vc.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()));
+        vc.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+        ));
         vc
     }
 
@@ -97,10 +127,16 @@ mod tests {
         let other = cluster("other", 5, "consul");
         let all = vec![old.clone(), new.clone(), other];
         let pod = labels(&[("app", "vault")]);
-        assert_eq!(claimed_by_older(&new, &all, &pod).map(|v| v.name_any()), Some("old".into()));
+        assert_eq!(
+            claimed_by_older(&new, &all, &pod).map(|v| v.name_any()),
+            Some("old".into())
+        );
         assert!(claimed_by_older(&old, &all, &pod).is_none());
         let twin = cluster("a-twin", 10, "vault");
-        assert!(claimed_by_older(&old, &[twin.clone()], &pod).is_some(), "same age: name decides");
+        assert!(
+            claimed_by_older(&old, &[twin.clone()], &pod).is_some(),
+            "same age: name decides"
+        );
         assert!(claimed_by_older(&twin, &[old], &pod).is_none());
     }
 }

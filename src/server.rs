@@ -16,14 +16,18 @@ use crate::metrics::Metrics;
 /// Serves until the process ends. `ready` turns true once the API server has answered.
 pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBool>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = answer(req.uri().path(), &metrics, ready.load(Ordering::SeqCst));
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -37,8 +41,14 @@ fn answer(path: &str, metrics: &Metrics, ready: bool) -> Response<Full<Bytes>> {
         "/metrics" => (StatusCode::OK, metrics.render()),
         "/healthz" | "/livez" => (StatusCode::OK, "ok\n".to_string()),
         "/readyz" if ready => (StatusCode::OK, "ok\n".to_string()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready: API server not reached yet\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: API server not reached yet\n".to_string(),
+        ),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
-    Response::builder().status(status).body(Full::new(Bytes::from(body))).expect("static response")
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response")
 }

@@ -62,7 +62,10 @@ impl Kind {
 
 /// The name of a generated Service.
 pub fn name(vc: &VaultCluster, kind: Kind) -> String {
-    kind.spec(vc).name.clone().unwrap_or_else(|| format!("{}-{}", vc.name_any(), kind.as_str()))
+    kind.spec(vc)
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", vc.name_any(), kind.as_str()))
 }
 
 /// The Services that should exist, by kind; disabled kinds are absent.
@@ -77,8 +80,12 @@ pub fn desired(vc: &VaultCluster) -> Vec<(Kind, Service)> {
 /// Names given twice among the enabled Services: a spec problem the schema cannot see.
 pub fn name_clash(vc: &VaultCluster) -> Option<String> {
     let names: Vec<String> = desired(vc).iter().map(|(k, _)| name(vc, *k)).collect();
-    let clash = names.iter().find(|n| names.iter().filter(|m| m == n).count() > 1)?;
-    Some(format!("spec.services: two enabled Services are both named {clash}"))
+    let clash = names
+        .iter()
+        .find(|n| names.iter().filter(|m| m == n).count() > 1)?;
+    Some(format!(
+        "spec.services: two enabled Services are both named {clash}"
+    ))
 }
 
 fn build(vc: &VaultCluster, kind: Kind) -> Service {
@@ -123,16 +130,32 @@ fn build(vc: &VaultCluster, kind: Kind) -> Service {
 /// Whether `existing` is controlled by this VaultCluster.
 pub fn owned_by(existing: &Service, vc: &VaultCluster) -> bool {
     let uid = vc.meta().uid.as_deref();
-    existing.owner_references().iter().any(|r: &OwnerReference| Some(r.uid.as_str()) == uid && r.controller == Some(true))
+    existing
+        .owner_references()
+        .iter()
+        .any(|r: &OwnerReference| Some(r.uid.as_str()) == uid && r.controller == Some(true))
 }
 
 /// Whether any field we set differs in `existing`: the write is skipped otherwise.
 pub fn drifted(existing: &Service, want: &Service) -> bool {
-    let (e, w) = (existing.spec.clone().unwrap_or_default(), want.spec.clone().unwrap_or_default());
-    let port_key = |p: &ServicePort| (p.name.clone(), p.port, p.target_port.clone(), p.protocol.clone().unwrap_or_else(|| "TCP".into()));
+    let (e, w) = (
+        existing.spec.clone().unwrap_or_default(),
+        want.spec.clone().unwrap_or_default(),
+    );
+    let port_key = |p: &ServicePort| {
+        (
+            p.name.clone(),
+            p.port,
+            p.target_port.clone(),
+            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+        )
+    };
     let ports = |s: &K8sServiceSpec| s.ports.iter().flatten().map(port_key).collect::<Vec<_>>();
-    let contains = |have: &Option<BTreeMap<String, String>>, need: &Option<BTreeMap<String, String>>| {
-        need.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    let contains = |have: &Option<BTreeMap<String, String>>,
+                    need: &Option<BTreeMap<String, String>>| {
+        need.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
     };
     e.selector != w.selector
         || ports(&e) != ports(&w)
@@ -159,25 +182,65 @@ mod tests {
     const BASIC: &str = "selector: {matchLabels: {app.kubernetes.io/name: vault}}";
 
     fn selector(s: &Service) -> Vec<(String, String)> {
-        s.spec.as_ref().unwrap().selector.clone().unwrap().into_iter().collect()
+        s.spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .clone()
+            .unwrap()
+            .into_iter()
+            .collect()
     }
 
     #[test]
     fn default_services_select_by_role() {
         let vc = cluster(BASIC);
         let services = desired(&vc);
-        let got: Vec<(Kind, String, Vec<(String, String)>)> =
-            services.iter().map(|(k, s)| (*k, s.metadata.name.clone().unwrap(), selector(s))).collect();
+        let got: Vec<(Kind, String, Vec<(String, String)>)> = services
+            .iter()
+            .map(|(k, s)| (*k, s.metadata.name.clone().unwrap(), selector(s)))
+            .collect();
         let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
-        assert_eq!(got, vec![
-            (Kind::Active, "vault-active".into(), vec![pair("app.kubernetes.io/name", "vault"), pair("vault-active", "true")]),
-            (Kind::Standby, "vault-standby".into(), vec![pair("app.kubernetes.io/name", "vault"), pair("vault-active", "false"), pair("vault-sealed", "false")]),
-        ]);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    Kind::Active,
+                    "vault-active".into(),
+                    vec![
+                        pair("app.kubernetes.io/name", "vault"),
+                        pair("vault-active", "true")
+                    ]
+                ),
+                (
+                    Kind::Standby,
+                    "vault-standby".into(),
+                    vec![
+                        pair("app.kubernetes.io/name", "vault"),
+                        pair("vault-active", "false"),
+                        pair("vault-sealed", "false")
+                    ]
+                ),
+            ]
+        );
         for (_, s) in &services {
             let spec = s.spec.as_ref().unwrap();
             assert_eq!(spec.publish_not_ready_addresses, Some(false));
-            assert_eq!(spec.ports.as_ref().unwrap().iter().map(|p| p.port).collect::<Vec<_>>(), vec![8200, 8201]);
-            assert_eq!(s.labels().get("app.kubernetes.io/managed-by").map(String::as_str), Some("vault-registrar"));
+            assert_eq!(
+                spec.ports
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.port)
+                    .collect::<Vec<_>>(),
+                vec![8200, 8201]
+            );
+            assert_eq!(
+                s.labels()
+                    .get("app.kubernetes.io/managed-by")
+                    .map(String::as_str),
+                Some("vault-registrar")
+            );
             assert_eq!(s.owner_references()[0].uid, "uid-1");
         }
     }
@@ -188,16 +251,31 @@ mod tests {
             "{BASIC}\nlabelPrefix: openbao\nservices:\n  ports: [{{name: https, port: 443, targetPort: 8200}}]\n  active: {{enabled: true, name: bao, type: NodePort, labels: {{team: a}}, annotations: {{note: x}}}}\n  standby: {{enabled: false}}\n  perfStandby: {{enabled: true}}"
         ));
         let services = desired(&vc);
-        assert_eq!(services.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![Kind::Active, Kind::PerfStandby]);
+        assert_eq!(
+            services.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            vec![Kind::Active, Kind::PerfStandby]
+        );
         let active = &services[0].1;
         assert_eq!(active.metadata.name.as_deref(), Some("bao"));
-        assert_eq!(active.spec.as_ref().unwrap().type_.as_deref(), Some("NodePort"));
+        assert_eq!(
+            active.spec.as_ref().unwrap().type_.as_deref(),
+            Some("NodePort")
+        );
         assert_eq!(active.labels().get("team").map(String::as_str), Some("a"));
-        assert_eq!(active.annotations().get("note").map(String::as_str), Some("x"));
+        assert_eq!(
+            active.annotations().get("note").map(String::as_str),
+            Some("x")
+        );
         let port = &active.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
-        assert_eq!((port.port, port.target_port.clone()), (443, Some(IntOrString::Int(8200))));
+        assert_eq!(
+            (port.port, port.target_port.clone()),
+            (443, Some(IntOrString::Int(8200)))
+        );
         assert!(selector(&services[1].1).contains(&("openbao-perf-standby".into(), "true".into())));
-        assert_eq!(services[1].1.metadata.name.as_deref(), Some("vault-perf-standby"));
+        assert_eq!(
+            services[1].1.metadata.name.as_deref(),
+            Some("vault-perf-standby")
+        );
     }
 
     #[test]
@@ -207,14 +285,57 @@ mod tests {
         let mut same = want.clone();
         // What the API server adds must not count as drift.
         same.spec.as_mut().unwrap().cluster_ip = Some("10.0.0.7".into());
-        same.metadata.labels.as_mut().unwrap().insert("added-by-someone".into(), "x".into());
+        same.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("added-by-someone".into(), "x".into());
         assert!(!drifted(&same, &want));
         let edits: Vec<(&str, Box<dyn Fn(&mut Service)>)> = vec![
-            ("selector", Box::new(|s| { s.spec.as_mut().unwrap().selector.as_mut().unwrap().insert("vault-active".into(), "false".into()); })),
-            ("publishNotReadyAddresses", Box::new(|s| s.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true))),
-            ("ports", Box::new(|s| s.spec.as_mut().unwrap().ports.as_mut().unwrap().pop().map(|_| ()).unwrap())),
-            ("type", Box::new(|s| s.spec.as_mut().unwrap().type_ = Some("NodePort".into()))),
-            ("managed-by label", Box::new(|s| { s.metadata.labels.as_mut().unwrap().remove("app.kubernetes.io/managed-by"); })),
+            (
+                "selector",
+                Box::new(|s| {
+                    s.spec
+                        .as_mut()
+                        .unwrap()
+                        .selector
+                        .as_mut()
+                        .unwrap()
+                        .insert("vault-active".into(), "false".into());
+                }),
+            ),
+            (
+                "publishNotReadyAddresses",
+                Box::new(|s| s.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true)),
+            ),
+            (
+                "ports",
+                Box::new(|s| {
+                    s.spec
+                        .as_mut()
+                        .unwrap()
+                        .ports
+                        .as_mut()
+                        .unwrap()
+                        .pop()
+                        .map(|_| ())
+                        .unwrap()
+                }),
+            ),
+            (
+                "type",
+                Box::new(|s| s.spec.as_mut().unwrap().type_ = Some("NodePort".into())),
+            ),
+            (
+                "managed-by label",
+                Box::new(|s| {
+                    s.metadata
+                        .labels
+                        .as_mut()
+                        .unwrap()
+                        .remove("app.kubernetes.io/managed-by");
+                }),
+            ),
         ];
         for (name, edit) in edits {
             let mut changed = want.clone();
@@ -231,7 +352,12 @@ mod tests {
         foreign.metadata.owner_references = None;
         assert!(!owned_by(&foreign, &vc));
         assert_eq!(name_clash(&vc), None);
-        let clash = cluster(&format!("{BASIC}\nservices: {{active: {{enabled: true, name: x}}, standby: {{enabled: true, name: x}}}}"));
-        assert_eq!(name_clash(&clash).as_deref(), Some("spec.services: two enabled Services are both named x"));
+        let clash = cluster(&format!(
+            "{BASIC}\nservices: {{active: {{enabled: true, name: x}}, standby: {{enabled: true, name: x}}}}"
+        ));
+        assert_eq!(
+            name_clash(&clash).as_deref(),
+            Some("spec.services: two enabled Services are both named x")
+        );
     }
 }

@@ -26,7 +26,12 @@ pub struct Observation<'a> {
 
 pub fn build(o: &Observation) -> VaultClusterStatus {
     let members: Vec<MemberStatus> = o.members.iter().map(member_status).collect();
-    let count = |roles: &[&str]| members.iter().filter(|m| roles.contains(&m.role.as_str())).count() as i32;
+    let count = |roles: &[&str]| {
+        members
+            .iter()
+            .filter(|m| roles.contains(&m.role.as_str()))
+            .count() as i32
+    };
     let versions: BTreeSet<String> = o
         .members
         .iter()
@@ -62,7 +67,10 @@ fn last_health(verdict: &Verdict) -> Option<&crate::health::Health> {
 fn member_status(m: &Member) -> MemberStatus {
     let (role, error) = match &m.verdict {
         Verdict::Healthy(h) => (h.role.as_str(), String::new()),
-        Verdict::Failing { last: Some(h), error } => (h.role.as_str(), error.clone()),
+        Verdict::Failing {
+            last: Some(h),
+            error,
+        } => (h.role.as_str(), error.clone()),
         Verdict::Failing { last: None, error } => ("pending", error.clone()),
         Verdict::Down { reason } => ("unreachable", reason.clone()),
     };
@@ -86,16 +94,41 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
     } else if !available {
         (false, available_reason, available_message.clone())
     } else {
-        (true, "Ready", format!("Services in place; {available_message}"))
+        (
+            true,
+            "Ready",
+            format!("Services in place; {available_message}"),
+        )
     };
     let degraded = degradation(s);
     let mut wanted = vec![
         ("Ready", ready),
-        ("Available", (available, available_reason, available_message)),
-        ("Degraded", (degraded.is_some(), if degraded.is_some() { "PodsUnhealthy" } else { "AllPodsHealthy" }, degraded.unwrap_or_else(|| "every selected pod answers and is unsealed".into()))),
+        (
+            "Available",
+            (available, available_reason, available_message),
+        ),
+        (
+            "Degraded",
+            (
+                degraded.is_some(),
+                if degraded.is_some() {
+                    "PodsUnhealthy"
+                } else {
+                    "AllPodsHealthy"
+                },
+                degraded.unwrap_or_else(|| "every selected pod answers and is unsealed".into()),
+            ),
+        ),
     ];
     if !o.overlaps.is_empty() {
-        wanted.push(("SelectorOverlap", (true, "SelectorOverlap", format!("left to older VaultClusters: {}", o.overlaps.join(", ")))));
+        wanted.push((
+            "SelectorOverlap",
+            (
+                true,
+                "SelectorOverlap",
+                format!("left to older VaultClusters: {}", o.overlaps.join(", ")),
+            ),
+        ));
     }
     wanted
         .into_iter()
@@ -106,7 +139,14 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
 fn availability(o: &Observation) -> (bool, &'static str, String) {
     let claimants = &o.decision.claimants;
     if claimants.len() > 1 {
-        return (false, "MultipleActive", format!("pods {} all claim to be active; none is labelled active", claimants.join(", ")));
+        return (
+            false,
+            "MultipleActive",
+            format!(
+                "pods {} all claim to be active; none is labelled active",
+                claimants.join(", ")
+            ),
+        );
     }
     match &o.decision.active {
         Some(pod) => (true, "ActivePod", format!("{pod} is active")),
@@ -121,8 +161,10 @@ fn degradation(s: &VaultClusterStatus) -> Option<String> {
         .members
         .iter()
         .filter(|m| {
-            matches!(m.role.as_str(), "unreachable" | "sealed" | "uninitialized" | "removed" | "pending")
-                || !m.last_probe_error.is_empty()
+            matches!(
+                m.role.as_str(),
+                "unreachable" | "sealed" | "uninitialized" | "removed" | "pending"
+            ) || !m.last_probe_error.is_empty()
         })
         .map(|m| match m.last_probe_error.as_str() {
             "" => format!("{}: {}", m.name, m.role),
@@ -133,9 +175,17 @@ fn degradation(s: &VaultClusterStatus) -> Option<String> {
 }
 
 /// A condition whose transition time moves only when its status does.
-fn condition(o: &Observation, kind: &str, status: bool, reason: &str, message: String) -> Condition {
+fn condition(
+    o: &Observation,
+    kind: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
     let status = if status { "True" } else { "False" }.to_string();
-    let previous = o.previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == kind));
+    let previous = o
+        .previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == kind));
     let last_transition_time = match previous {
         Some(c) if c.status == status => c.last_transition_time.clone(),
         _ => o.now.clone(),
@@ -172,16 +222,33 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
         out.push(Notice {
             warning: new.active_pod.is_none(),
             reason: "ActiveChanged",
-            message: format!("active pod changed from {} to {}", name(&old.active_pod), name(&new.active_pod)),
+            message: format!(
+                "active pod changed from {} to {}",
+                name(&old.active_pod),
+                name(&new.active_pod)
+            ),
             pod: new.active_pod.clone().or_else(|| old.active_pod.clone()),
         });
     }
-    for (kind, reason) in [("Available", "MultipleActive"), ("Ready", "ServiceConflict"), ("SelectorOverlap", "SelectorOverlap")] {
+    for (kind, reason) in [
+        ("Available", "MultipleActive"),
+        ("Ready", "ServiceConflict"),
+        ("SelectorOverlap", "SelectorOverlap"),
+    ] {
         if let Some(message) = newly(old, new, kind, reason) {
-            out.push(Notice { warning: true, reason, message, pod: None });
+            out.push(Notice {
+                warning: true,
+                reason,
+                message,
+                pod: None,
+            });
         }
     }
-    let old_roles: BTreeMap<&str, &str> = old.members.iter().map(|m| (m.name.as_str(), m.role.as_str())).collect();
+    let old_roles: BTreeMap<&str, &str> = old
+        .members
+        .iter()
+        .map(|m| (m.name.as_str(), m.role.as_str()))
+        .collect();
     for m in new.members.iter().filter(|m| m.role == "unreachable") {
         if old_roles.get(m.name.as_str()) != Some(&"unreachable") {
             out.push(Notice {
@@ -196,8 +263,18 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
 }
 
 /// The message of a condition that now has `reason` and did not have it with that message.
-fn newly(old: &VaultClusterStatus, new: &VaultClusterStatus, kind: &str, reason: &str) -> Option<String> {
-    let find = |s: &VaultClusterStatus| s.conditions.iter().find(|c| c.type_ == kind && c.reason == reason).map(|c| c.message.clone());
+fn newly(
+    old: &VaultClusterStatus,
+    new: &VaultClusterStatus,
+    kind: &str,
+    reason: &str,
+) -> Option<String> {
+    let find = |s: &VaultClusterStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == kind && c.reason == reason)
+            .map(|c| c.message.clone())
+    };
     let now = find(new)?;
     (find(old).as_ref() != Some(&now)).then_some(now)
 }
@@ -210,11 +287,26 @@ mod tests {
     use crate::labels::LabelNames;
 
     fn healthy(name: &str, role: Role) -> Member {
-        let h = Health { role, initialized: true, sealed: role == Role::Sealed, version: "1.17.2".into() };
-        Member { name: name.into(), ip: "127.0.0.1".into(), labels: BTreeMap::new(), verdict: Verdict::Healthy(h) }
+        let h = Health {
+            role,
+            initialized: true,
+            sealed: role == Role::Sealed,
+            version: "1.17.2".into(),
+        };
+        Member {
+            name: name.into(),
+            ip: "127.0.0.1".into(),
+            labels: BTreeMap::new(),
+            verdict: Verdict::Healthy(h),
+        }
     }
 
-    fn status_of(members: Vec<Member>, previous: Option<&VaultClusterStatus>, services: Vec<String>, at: i64) -> VaultClusterStatus {
+    fn status_of(
+        members: Vec<Member>,
+        previous: Option<&VaultClusterStatus>,
+        services: Vec<String>,
+        at: i64,
+    ) -> VaultClusterStatus {
         let decision = decide(&LabelNames::new("vault"), &members);
         build(&Observation {
             generation: Some(3),
@@ -234,16 +326,77 @@ mod tests {
 
     #[test]
     fn conditions_per_scenario() {
-        let down = Member { verdict: Verdict::Down { reason: "connection refused".into() }, ..healthy("v2", Role::Standby) };
+        let down = Member {
+            verdict: Verdict::Down {
+                reason: "connection refused".into(),
+            },
+            ..healthy("v2", Role::Standby)
+        };
         // (scenario, members, service problems, Ready, Available, Degraded, Ready reason)
         let cases: Vec<(&str, Vec<Member>, Vec<String>, &str, &str, &str, &str)> = vec![
-            ("healthy", vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)], vec![], "True", "True", "False", "Ready"),
-            ("no active", vec![healthy("v1", Role::Standby)], vec![], "False", "False", "False", "NoActivePod"),
-            ("two active", vec![healthy("v0", Role::Active), healthy("v1", Role::Active)], vec![], "False", "False", "False", "MultipleActive"),
-            ("one down", vec![healthy("v0", Role::Active), down.clone()], vec![], "True", "True", "True", "Ready"),
-            ("sealed", vec![healthy("v0", Role::Active), healthy("v1", Role::Sealed)], vec![], "True", "True", "True", "Ready"),
-            ("service conflict", vec![healthy("v0", Role::Active)], vec!["x-active exists and is not ours".into()], "False", "True", "False", "ServiceConflict"),
-            ("no pods", vec![], vec![], "False", "False", "False", "NoPods"),
+            (
+                "healthy",
+                vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)],
+                vec![],
+                "True",
+                "True",
+                "False",
+                "Ready",
+            ),
+            (
+                "no active",
+                vec![healthy("v1", Role::Standby)],
+                vec![],
+                "False",
+                "False",
+                "False",
+                "NoActivePod",
+            ),
+            (
+                "two active",
+                vec![healthy("v0", Role::Active), healthy("v1", Role::Active)],
+                vec![],
+                "False",
+                "False",
+                "False",
+                "MultipleActive",
+            ),
+            (
+                "one down",
+                vec![healthy("v0", Role::Active), down.clone()],
+                vec![],
+                "True",
+                "True",
+                "True",
+                "Ready",
+            ),
+            (
+                "sealed",
+                vec![healthy("v0", Role::Active), healthy("v1", Role::Sealed)],
+                vec![],
+                "True",
+                "True",
+                "True",
+                "Ready",
+            ),
+            (
+                "service conflict",
+                vec![healthy("v0", Role::Active)],
+                vec!["x-active exists and is not ours".into()],
+                "False",
+                "True",
+                "False",
+                "ServiceConflict",
+            ),
+            (
+                "no pods",
+                vec![],
+                vec![],
+                "False",
+                "False",
+                "False",
+                "NoPods",
+            ),
         ];
         for (name, members, services, ready, available, degraded, reason) in cases {
             let s = status_of(members, None, services, 100);
@@ -256,10 +409,30 @@ mod tests {
 
     #[test]
     fn degraded_message_names_the_pods() {
-        let down = Member { verdict: Verdict::Down { reason: "connection refused".into() }, ..healthy("vault-2", Role::Standby) };
-        let s = status_of(vec![healthy("vault-0", Role::Active), healthy("vault-1", Role::Sealed), down], None, vec![], 1);
-        assert_eq!(cond(&s, "Degraded").message, "vault-1: sealed; vault-2: unreachable (connection refused)");
-        assert_eq!((s.pods, s.active, s.unsealed, s.sealed, s.unreachable), (3, 1, 1, 1, 1));
+        let down = Member {
+            verdict: Verdict::Down {
+                reason: "connection refused".into(),
+            },
+            ..healthy("vault-2", Role::Standby)
+        };
+        let s = status_of(
+            vec![
+                healthy("vault-0", Role::Active),
+                healthy("vault-1", Role::Sealed),
+                down,
+            ],
+            None,
+            vec![],
+            1,
+        );
+        assert_eq!(
+            cond(&s, "Degraded").message,
+            "vault-1: sealed; vault-2: unreachable (connection refused)"
+        );
+        assert_eq!(
+            (s.pods, s.active, s.unsealed, s.sealed, s.unreachable),
+            (3, 1, 1, 1, 1)
+        );
     }
 
     #[test]
@@ -267,31 +440,92 @@ mod tests {
         let members = || vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)];
         let first = status_of(members(), None, vec![], 100);
         let second = status_of(members(), Some(&first), vec![], 200);
-        assert_eq!(first, second, "a later probe of the same cluster must not change the status");
+        assert_eq!(
+            first, second,
+            "a later probe of the same cluster must not change the status"
+        );
     }
 
     #[test]
     fn transition_time_moves_with_status_only() {
         let first = status_of(vec![healthy("v0", Role::Active)], None, vec![], 100);
-        let second = status_of(vec![healthy("v0", Role::Standby)], Some(&first), vec![], 200);
-        assert_eq!(cond(&second, "Available").last_transition_time.0.as_second(), 200);
-        assert_eq!(cond(&second, "Degraded").last_transition_time.0.as_second(), 100);
+        let second = status_of(
+            vec![healthy("v0", Role::Standby)],
+            Some(&first),
+            vec![],
+            200,
+        );
+        assert_eq!(
+            cond(&second, "Available")
+                .last_transition_time
+                .0
+                .as_second(),
+            200
+        );
+        assert_eq!(
+            cond(&second, "Degraded").last_transition_time.0.as_second(),
+            100
+        );
     }
 
     #[test]
     fn events_follow_changes() {
-        let before = status_of(vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)], None, vec![], 1);
-        let after = status_of(vec![healthy("v0", Role::Standby), healthy("v1", Role::Active)], Some(&before), vec![], 2);
-        let reasons = |n: Vec<Notice>| n.into_iter().map(|n| (n.reason, n.message)).collect::<Vec<_>>();
-        assert_eq!(reasons(notices(Some(&before), &after)), vec![("ActiveChanged", "active pod changed from v0 to v1".to_string())]);
-        assert!(notices(Some(&after), &after).is_empty(), "no change, no event");
-        let multiple = status_of(vec![healthy("v0", Role::Active), healthy("v1", Role::Active)], Some(&after), vec![], 3);
-        let got: Vec<&str> = notices(Some(&after), &multiple).iter().map(|n| n.reason).collect();
+        let before = status_of(
+            vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)],
+            None,
+            vec![],
+            1,
+        );
+        let after = status_of(
+            vec![healthy("v0", Role::Standby), healthy("v1", Role::Active)],
+            Some(&before),
+            vec![],
+            2,
+        );
+        let reasons = |n: Vec<Notice>| {
+            n.into_iter()
+                .map(|n| (n.reason, n.message))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reasons(notices(Some(&before), &after)),
+            vec![(
+                "ActiveChanged",
+                "active pod changed from v0 to v1".to_string()
+            )]
+        );
+        assert!(
+            notices(Some(&after), &after).is_empty(),
+            "no change, no event"
+        );
+        let multiple = status_of(
+            vec![healthy("v0", Role::Active), healthy("v1", Role::Active)],
+            Some(&after),
+            vec![],
+            3,
+        );
+        let got: Vec<&str> = notices(Some(&after), &multiple)
+            .iter()
+            .map(|n| n.reason)
+            .collect();
         assert_eq!(got, vec!["ActiveChanged", "MultipleActive"]);
         assert!(notices(Some(&multiple), &multiple).is_empty());
-        let down = Member { verdict: Verdict::Down { reason: "timed out".into() }, ..healthy("v1", Role::Standby) };
-        let unreachable = status_of(vec![healthy("v0", Role::Active), down], Some(&before), vec![], 4);
-        let got: Vec<&str> = notices(Some(&before), &unreachable).iter().map(|n| n.reason).collect();
+        let down = Member {
+            verdict: Verdict::Down {
+                reason: "timed out".into(),
+            },
+            ..healthy("v1", Role::Standby)
+        };
+        let unreachable = status_of(
+            vec![healthy("v0", Role::Active), down],
+            Some(&before),
+            vec![],
+            4,
+        );
+        let got: Vec<&str> = notices(Some(&before), &unreachable)
+            .iter()
+            .map(|n| n.reason)
+            .collect();
         assert_eq!(got, vec!["PodUnreachable"]);
     }
 }

@@ -18,9 +18,14 @@ pub enum Outcome {
 pub enum Verdict {
     Healthy(Health),
     /// Failing fewer than threshold times in a row: labels stay as they are.
-    Failing { last: Option<Health>, error: String },
+    Failing {
+        last: Option<Health>,
+        error: String,
+    },
     /// Cannot serve: unreachable after the threshold, not Running, no IP, or terminating.
-    Down { reason: String },
+    Down {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -50,7 +55,10 @@ impl Tracker {
                 if record.failures >= threshold.max(1) {
                     Verdict::Down { reason: error }
                 } else {
-                    Verdict::Failing { last: record.last.clone(), error }
+                    Verdict::Failing {
+                        last: record.last.clone(),
+                        error,
+                    }
                 }
             }
         }
@@ -60,7 +68,9 @@ impl Tracker {
     /// history restarts when it comes back.
     pub fn down(&mut self, pod_uid: &str, reason: &str) -> Verdict {
         self.pods.remove(pod_uid);
-        Verdict::Down { reason: reason.to_string() }
+        Verdict::Down {
+            reason: reason.to_string(),
+        }
     }
 
     /// Forgets pods no longer present.
@@ -75,7 +85,12 @@ mod tests {
     use crate::health::Role;
 
     fn healthy() -> Outcome {
-        Outcome::Healthy(Health { role: Role::Active, initialized: true, sealed: false, version: "1.17.2".into() })
+        Outcome::Healthy(Health {
+            role: Role::Active,
+            initialized: true,
+            sealed: false,
+            version: "1.17.2".into(),
+        })
     }
     fn failed() -> Outcome {
         Outcome::Failed("connection refused".into())
@@ -84,16 +99,45 @@ mod tests {
     #[test]
     fn threshold_counts_consecutive_failures() {
         let cases: Vec<(&str, Vec<Outcome>, u32, &str)> = vec![
-            ("first failure below threshold is no result", vec![failed()], 2, "failing-unknown"),
-            ("second failure reaches threshold", vec![failed(), failed()], 2, "down"),
+            (
+                "first failure below threshold is no result",
+                vec![failed()],
+                2,
+                "failing-unknown",
+            ),
+            (
+                "second failure reaches threshold",
+                vec![failed(), failed()],
+                2,
+                "down",
+            ),
             ("threshold one is immediate", vec![failed()], 1, "down"),
-            ("success resets the count", vec![failed(), healthy(), failed()], 2, "failing-known"),
-            ("failure after success keeps last", vec![healthy(), failed()], 3, "failing-known"),
-            ("recovery after down", vec![failed(), failed(), healthy()], 2, "healthy"),
+            (
+                "success resets the count",
+                vec![failed(), healthy(), failed()],
+                2,
+                "failing-known",
+            ),
+            (
+                "failure after success keeps last",
+                vec![healthy(), failed()],
+                3,
+                "failing-known",
+            ),
+            (
+                "recovery after down",
+                vec![failed(), failed(), healthy()],
+                2,
+                "healthy",
+            ),
         ];
         for (name, outcomes, threshold, expected) in cases {
             let mut tracker = Tracker::default();
-            let verdict = outcomes.into_iter().map(|o| tracker.record("uid", o, threshold)).last().unwrap();
+            let verdict = outcomes
+                .into_iter()
+                .map(|o| tracker.record("uid", o, threshold))
+                .last()
+                .unwrap();
             let kind = match verdict {
                 Verdict::Healthy(_) => "healthy",
                 Verdict::Failing { last: None, .. } => "failing-unknown",
@@ -108,8 +152,14 @@ mod tests {
     fn pods_are_independent_and_forgotten() {
         let mut tracker = Tracker::default();
         tracker.record("a", failed(), 2);
-        assert!(matches!(tracker.record("b", failed(), 2), Verdict::Failing { .. }));
+        assert!(matches!(
+            tracker.record("b", failed(), 2),
+            Verdict::Failing { .. }
+        ));
         tracker.retain(&["b"]);
-        assert!(matches!(tracker.record("a", failed(), 2), Verdict::Failing { .. }), "a starts over");
+        assert!(
+            matches!(tracker.record("a", failed(), 2), Verdict::Failing { .. }),
+            "a starts over"
+        );
     }
 }

@@ -3,7 +3,10 @@
 
 #[test]
 fn crds_directory_matches_the_rust_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/vaultclusters.vault-registrar.dev.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/vaultclusters.vault-registrar.dev.yaml"
+    );
     let committed = std::fs::read_to_string(path).expect("crds/ holds the CRD");
     assert!(
         committed == vault_registrar::crd_yaml(),

@@ -29,11 +29,33 @@ struct Fixture {
 async fn install_crd() -> anyhow::Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
     DONE.get_or_try_init(|| async {
-        let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/vaultclusters.vault-registrar.dev.yaml");
-        let out = shared().kubectl().args(["apply", "--server-side", "-f", crd]).output()?;
-        anyhow::ensure!(out.status.success(), "installing the CRD: {}", String::from_utf8_lossy(&out.stderr));
-        let out = shared().kubectl().args(["wait", "--for=condition=Established", "crd/vaultclusters.vault-registrar.dev", "--timeout=60s"]).output()?;
-        anyhow::ensure!(out.status.success(), "CRD not established: {}", String::from_utf8_lossy(&out.stderr));
+        let crd = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crds/vaultclusters.vault-registrar.dev.yaml"
+        );
+        let out = shared()
+            .kubectl()
+            .args(["apply", "--server-side", "-f", crd])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "installing the CRD: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = shared()
+            .kubectl()
+            .args([
+                "wait",
+                "--for=condition=Established",
+                "crd/vaultclusters.vault-registrar.dev",
+                "--timeout=60s",
+            ])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "CRD not established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     })
     .await
@@ -49,8 +71,18 @@ async fn fixture(name: &str, roles: &[Role], tls: Option<SimTls>) -> anyhow::Res
     create_namespace(&client, &ns).await?;
     let vault = SimCluster::start(&client, &ns, "vault", roles, tls).await?;
     let log = plane.dir().join(format!("operator-{name}.log"));
-    let operator = Operator::start(env!("CARGO_BIN_EXE_vault-registrar").as_ref(), &plane.kubeconfig, &["--namespace", &ns], &log)?;
-    Ok(Fixture { client, ns, vault, _operator: operator })
+    let operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &["--namespace", &ns],
+        &log,
+    )?;
+    Ok(Fixture {
+        client,
+        ns,
+        vault,
+        _operator: operator,
+    })
 }
 
 impl Fixture {
@@ -76,13 +108,30 @@ impl Fixture {
         wait_endpoints(&self.client, &self.ns, service, &ips, LIMIT).await
     }
 
-    async fn condition(&self, vc: &str, kind: &str, status: &str, reason: &str) -> anyhow::Result<String> {
+    async fn condition(
+        &self,
+        vc: &str,
+        kind: &str,
+        status: &str,
+        reason: &str,
+    ) -> anyhow::Result<String> {
         let api = self.clusters();
-        wait::until(&format!("{vc} condition {kind}={status} ({reason})"), LIMIT, || async {
-            let vc = api.get(vc).await?;
-            let found = vc.status.unwrap_or_default().conditions.into_iter().find(|c| c.type_ == kind);
-            Ok(found.filter(|c| c.status == status && c.reason == reason).map(|c| c.message))
-        })
+        wait::until(
+            &format!("{vc} condition {kind}={status} ({reason})"),
+            LIMIT,
+            || async {
+                let vc = api.get(vc).await?;
+                let found = vc
+                    .status
+                    .unwrap_or_default()
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == kind);
+                Ok(found
+                    .filter(|c| c.status == status && c.reason == reason)
+                    .map(|c| c.message))
+            },
+        )
         .await
     }
 
@@ -90,13 +139,21 @@ impl Fixture {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
         wait::until(&format!("event {reason}"), LIMIT, || async {
             let list = events.list(&ListParams::default()).await?;
-            Ok(list.items.into_iter().find(|e| e.reason.as_deref() == Some(reason)).and_then(|e| e.note))
+            Ok(list
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+                .and_then(|e| e.note))
         })
         .await
     }
 
     async fn converged(&self) -> anyhow::Result<()> {
-        self.labels("vault-active", &[Some("true"), Some("false"), Some("false")]).await?;
+        self.labels(
+            "vault-active",
+            &[Some("true"), Some("false"), Some("false")],
+        )
+        .await?;
         self.endpoints("vault-active", &[0]).await?;
         self.endpoints("vault-standby", &[1, 2]).await
     }
@@ -118,13 +175,25 @@ async fn first_convergence_labels_pods_and_fills_services() -> anyhow::Result<()
     f.create("vault", FAST).await?;
     f.converged().await?;
     let labels = f.vault.labels(0).await?;
-    for (k, v) in [("vault-initialized", "true"), ("vault-sealed", "false"), ("vault-perf-standby", "false"), ("vault-version", "1.17.2")] {
+    for (k, v) in [
+        ("vault-initialized", "true"),
+        ("vault-sealed", "false"),
+        ("vault-perf-standby", "false"),
+        ("vault-version", "1.17.2"),
+    ] {
         assert_eq!(labels.get(k).map(String::as_str), Some(v), "{k}");
     }
-    assert_eq!(labels.get("app.kubernetes.io/name").map(String::as_str), Some("vault"), "other labels untouched");
+    assert_eq!(
+        labels.get("app.kubernetes.io/name").map(String::as_str),
+        Some("vault"),
+        "other labels untouched"
+    );
     f.condition("vault", "Ready", "True", "Ready").await?;
     let status = f.clusters().get("vault").await?.status.unwrap();
-    assert_eq!((status.active_pod.as_deref(), status.pods, status.unsealed), (Some("vault-0"), 3, 3));
+    assert_eq!(
+        (status.active_pod.as_deref(), status.pods, status.unsealed),
+        (Some("vault-0"), 3, 3)
+    );
     let svc: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
     let active = svc.get("vault-active").await?;
     assert_ne!(active.spec.unwrap().publish_not_ready_addresses, Some(true));
@@ -147,15 +216,29 @@ async fn steady_state_sends_no_writes() -> anyhow::Result<()> {
         for s in ["vault-active", "vault-standby"] {
             v.push(svc.get(s).await?.metadata.resource_version.unwrap());
         }
-        v.push(f.clusters().get("vault").await?.metadata.resource_version.unwrap());
+        v.push(
+            f.clusters()
+                .get("vault")
+                .await?
+                .metadata
+                .resource_version
+                .unwrap(),
+        );
         anyhow::Ok(v)
     };
     let before = versions().await?;
     let probes_before: u64 = (0..3).map(|i| f.vault.sim(i).health_requests()).sum();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let probes_after: u64 = (0..3).map(|i| f.vault.sim(i).health_requests()).sum();
-    assert!(probes_after >= probes_before + 3 * 4, "probing continues: {probes_before} -> {probes_after}");
-    assert_eq!(before, versions().await?, "no object changed during 8 probe intervals");
+    assert!(
+        probes_after >= probes_before + 3 * 4,
+        "probing continues: {probes_before} -> {probes_after}"
+    );
+    assert_eq!(
+        before,
+        versions().await?,
+        "no object changed during 8 probe intervals"
+    );
     Ok(())
 }
 
@@ -166,13 +249,21 @@ async fn failover_moves_the_active_label_and_service() -> anyhow::Result<()> {
     f.converged().await?;
     f.set(0, Role::Standby).await;
     f.set(1, Role::Active).await;
-    f.labels("vault-active", &[Some("false"), Some("true"), Some("false")]).await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
     f.endpoints("vault-active", &[1]).await?;
     f.endpoints("vault-standby", &[0, 2]).await?;
     let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
     wait::until("ActiveChanged from vault-0 to vault-1", LIMIT, || async {
         let list = events.list(&ListParams::default()).await?;
-        Ok(list.items.iter().any(|e| e.note.as_deref() == Some("active pod changed from vault-0 to vault-1")).then_some(()))
+        Ok(list
+            .items
+            .iter()
+            .any(|e| e.note.as_deref() == Some("active pod changed from vault-0 to vault-1"))
+            .then_some(()))
     })
     .await?;
     Ok(())
@@ -185,14 +276,34 @@ async fn crashed_active_is_demoted() -> anyhow::Result<()> {
     f.converged().await?;
     f.behave(0, Behavior::Crash).await;
     // No other pod has taken over yet: after the threshold the crashed pod is shut down.
-    f.labels("vault-sealed", &[Some("true"), Some("false"), Some("false")]).await?;
-    f.labels("vault-active", &[Some("false"), Some("false"), Some("false")]).await?;
-    assert_eq!(f.vault.labels(0).await?.get("vault-initialized").map(String::as_str), Some("false"));
+    f.labels(
+        "vault-sealed",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("false"), Some("false")],
+    )
+    .await?;
+    assert_eq!(
+        f.vault
+            .labels(0)
+            .await?
+            .get("vault-initialized")
+            .map(String::as_str),
+        Some("false")
+    );
     f.endpoints("vault-active", &[]).await?;
-    f.condition("vault", "Degraded", "True", "PodsUnhealthy").await?;
+    f.condition("vault", "Degraded", "True", "PodsUnhealthy")
+        .await?;
     f.event("PodUnreachable").await?;
     f.set(2, Role::Active).await;
-    f.labels("vault-active", &[Some("false"), Some("false"), Some("true")]).await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("false"), Some("true")],
+    )
+    .await?;
     f.endpoints("vault-active", &[2]).await
 }
 
@@ -203,19 +314,42 @@ async fn seal_and_uninitialised_leave_the_pools() -> anyhow::Result<()> {
     f.converged().await?;
     f.set(1, Role::Sealed).await;
     f.set(2, Role::Uninitialized).await;
-    f.labels("vault-sealed", &[Some("false"), Some("true"), Some("true")]).await?;
-    f.labels("vault-initialized", &[Some("true"), Some("true"), Some("false")]).await?;
+    f.labels("vault-sealed", &[Some("false"), Some("true"), Some("true")])
+        .await?;
+    f.labels(
+        "vault-initialized",
+        &[Some("true"), Some("true"), Some("false")],
+    )
+    .await?;
     f.endpoints("vault-standby", &[]).await?;
-    let message = f.condition("vault", "Degraded", "True", "PodsUnhealthy").await?;
-    assert!(message.contains("vault-1: sealed") && message.contains("vault-2: uninitialized"), "{message}");
+    let message = f
+        .condition("vault", "Degraded", "True", "PodsUnhealthy")
+        .await?;
+    assert!(
+        message.contains("vault-1: sealed") && message.contains("vault-2: uninitialized"),
+        "{message}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn perf_standby_gets_its_label_and_service() -> anyhow::Result<()> {
-    let f = fixture("perf", &[Role::Active, Role::Standby, Role::PerfStandby], None).await?;
-    f.create("vault", &format!("{FAST}\nservices: {{perfStandby: {{enabled: true}}}}")).await?;
-    f.labels("vault-perf-standby", &[Some("false"), Some("false"), Some("true")]).await?;
+    let f = fixture(
+        "perf",
+        &[Role::Active, Role::Standby, Role::PerfStandby],
+        None,
+    )
+    .await?;
+    f.create(
+        "vault",
+        &format!("{FAST}\nservices: {{perfStandby: {{enabled: true}}}}"),
+    )
+    .await?;
+    f.labels(
+        "vault-perf-standby",
+        &[Some("false"), Some("false"), Some("true")],
+    )
+    .await?;
     f.endpoints("vault-perf-standby", &[2]).await?;
     f.endpoints("vault-active", &[0]).await
 }
@@ -226,10 +360,19 @@ async fn two_pods_claiming_active_get_neither() -> anyhow::Result<()> {
     f.create("vault", FAST).await?;
     f.converged().await?;
     f.set(1, Role::Active).await;
-    f.labels("vault-active", &[Some("false"), Some("false"), Some("false")]).await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("false"), Some("false")],
+    )
+    .await?;
     f.endpoints("vault-active", &[]).await?;
-    let message = f.condition("vault", "Available", "False", "MultipleActive").await?;
-    assert!(message.contains("vault-0") && message.contains("vault-1"), "{message}");
+    let message = f
+        .condition("vault", "Available", "False", "MultipleActive")
+        .await?;
+    assert!(
+        message.contains("vault-0") && message.contains("vault-1"),
+        "{message}"
+    );
     f.event("MultipleActive").await?;
     Ok(())
 }
@@ -239,11 +382,22 @@ async fn garbage_answer_is_never_labelled_active() -> anyhow::Result<()> {
     let f = fixture("garbage", &TRIO, None).await?;
     f.behave(0, Behavior::Garbage).await;
     f.create("vault", FAST).await?;
-    f.labels("vault-active", &[Some("false"), Some("false"), Some("false")]).await?;
-    f.labels("vault-sealed", &[Some("true"), Some("false"), Some("false")]).await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("false"), Some("false")],
+    )
+    .await?;
+    f.labels(
+        "vault-sealed",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
     let status = f.clusters().get("vault").await?.status.unwrap();
     let member = status.members.iter().find(|m| m.name == "vault-0").unwrap();
-    assert!(member.last_probe_error.contains("not Vault health JSON"), "{member:?}");
+    assert!(
+        member.last_probe_error.contains("not Vault health JSON"),
+        "{member:?}"
+    );
     Ok(())
 }
 
@@ -253,20 +407,41 @@ async fn hanging_server_times_out() -> anyhow::Result<()> {
     f.create("vault", FAST).await?;
     f.converged().await?;
     f.behave(0, Behavior::Hang).await;
-    f.labels("vault-active", &[Some("false"), Some("false"), Some("false")]).await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("false"), Some("false")],
+    )
+    .await?;
     let status = f.clusters().get("vault").await?.status.unwrap();
     let member = status.members.iter().find(|m| m.name == "vault-0").unwrap();
-    assert!(member.last_probe_error.contains("no answer within"), "{member:?}");
+    assert!(
+        member.last_probe_error.contains("no answer within"),
+        "{member:?}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn https_with_ca_secret_and_server_name() -> anyhow::Result<()> {
     let ca = Authority::new("vault-test-ca")?;
-    let cert = ca.serving(&["vault-0.vault-internal", "vault-1.vault-internal", "vault-2.vault-internal"])?;
-    let f = fixture("https", &TRIO, Some(SimTls { cert_pem: cert.cert, key_pem: cert.key })).await?;
+    let cert = ca.serving(&[
+        "vault-0.vault-internal",
+        "vault-1.vault-internal",
+        "vault-2.vault-internal",
+    ])?;
+    let f = fixture(
+        "https",
+        &TRIO,
+        Some(SimTls {
+            cert_pem: cert.cert,
+            key_pem: cert.key,
+        }),
+    )
+    .await?;
     let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
-    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}))?;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
+    )?;
     secrets.create(&PostParams::default(), &secret).await?;
     f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
     f.converged().await?;
@@ -280,8 +455,13 @@ async fn openbao_prefix() -> anyhow::Result<()> {
     for i in 0..3 {
         f.vault.sim(i).update(|s| s.openbao = true).await;
     }
-    f.create("bao", &format!("{FAST}\nlabelPrefix: openbao")).await?;
-    f.labels("openbao-active", &[Some("true"), Some("false"), Some("false")]).await?;
+    f.create("bao", &format!("{FAST}\nlabelPrefix: openbao"))
+        .await?;
+    f.labels(
+        "openbao-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
     f.endpoints("bao-active", &[0]).await?;
     assert!(!f.vault.labels(0).await?.contains_key("vault-active"));
     Ok(())
@@ -293,12 +473,22 @@ async fn service_drift_is_repaired() -> anyhow::Result<()> {
     f.create("vault", FAST).await?;
     f.converged().await?;
     let svc: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
-    let patch = json!({"spec": {"selector": {"vault-active": "false"}, "publishNotReadyAddresses": true}});
-    svc.patch("vault-active", &PatchParams::default(), &Patch::Merge(patch)).await?;
+    let patch =
+        json!({"spec": {"selector": {"vault-active": "false"}, "publishNotReadyAddresses": true}});
+    svc.patch(
+        "vault-active",
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
     wait::until("selector repaired", LIMIT, || async {
         let spec = svc.get("vault-active").await?.spec.unwrap();
         let selector = spec.selector.unwrap_or_default();
-        Ok((selector.get("vault-active").map(String::as_str) == Some("true") && spec.publish_not_ready_addresses != Some(true)).then_some(()))
+        Ok(
+            (selector.get("vault-active").map(String::as_str) == Some("true")
+                && spec.publish_not_ready_addresses != Some(true))
+            .then_some(()),
+        )
     })
     .await?;
     f.endpoints("vault-active", &[0]).await
@@ -308,15 +498,22 @@ async fn service_drift_is_repaired() -> anyhow::Result<()> {
 async fn foreign_service_is_left_alone() -> anyhow::Result<()> {
     let f = fixture("foreign", &TRIO, None).await?;
     let svc: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
-    let foreign: Service = serde_json::from_value(json!({"metadata": {"name": "vault-active", "labels": {"owner": "someone"}},
-        "spec": {"selector": {"app": "other"}, "ports": [{"port": 80}]}}))?;
+    let foreign: Service = serde_json::from_value(
+        json!({"metadata": {"name": "vault-active", "labels": {"owner": "someone"}},
+        "spec": {"selector": {"app": "other"}, "ports": [{"port": 80}]}}),
+    )?;
     svc.create(&PostParams::default(), &foreign).await?;
     f.create("vault", FAST).await?;
-    let message = f.condition("vault", "Ready", "False", "ServiceConflict").await?;
+    let message = f
+        .condition("vault", "Ready", "False", "ServiceConflict")
+        .await?;
     assert!(message.contains("vault-active"), "{message}");
     f.event("ServiceConflict").await?;
     let after = svc.get("vault-active").await?;
-    assert_eq!(after.spec.unwrap().selector.unwrap(), BTreeMap::from([("app".to_string(), "other".to_string())]));
+    assert_eq!(
+        after.spec.unwrap().selector.unwrap(),
+        BTreeMap::from([("app".to_string(), "other".to_string())])
+    );
     f.endpoints("vault-standby", &[1, 2]).await
 }
 
@@ -325,13 +522,23 @@ async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<(
     let f = fixture("overlap", &TRIO, None).await?;
     f.create("first", FAST).await?;
     f.converged().await.ok();
-    f.labels("vault-active", &[Some("true"), Some("false"), Some("false")]).await?;
+    f.labels(
+        "vault-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    f.create("second", &format!("{FAST}\nlabelPrefix: other")).await?;
-    let message = f.condition("second", "SelectorOverlap", "True", "SelectorOverlap").await?;
+    f.create("second", &format!("{FAST}\nlabelPrefix: other"))
+        .await?;
+    let message = f
+        .condition("second", "SelectorOverlap", "True", "SelectorOverlap")
+        .await?;
     assert!(message.contains("vault-0 (first)"), "{message}");
     f.event("SelectorOverlap").await?;
-    assert!(!f.vault.labels(0).await?.contains_key("other-active"), "newer cluster leaves the pod alone");
+    assert!(
+        !f.vault.labels(0).await?.contains_key("other-active"),
+        "newer cluster leaves the pod alone"
+    );
     Ok(())
 }
 
@@ -343,19 +550,37 @@ async fn deletion_and_unselected_pods_lose_our_labels_only() -> anyhow::Result<(
     // A pod that stops matching the selector loses our labels.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(f.client.clone(), &f.ns);
     let patch = json!({"metadata": {"labels": {"app.kubernetes.io/name": "retired"}}});
-    pods.patch(f.vault.pod_name(2), &PatchParams::default(), &Patch::Merge(patch)).await?;
-    f.vault.wait_labels("vault-active", &[Some("true"), Some("false"), None], LIMIT).await?;
-    f.clusters().delete("vault", &DeleteParams::default()).await?;
+    pods.patch(
+        f.vault.pod_name(2),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
+    f.vault
+        .wait_labels("vault-active", &[Some("true"), Some("false"), None], LIMIT)
+        .await?;
+    f.clusters()
+        .delete("vault", &DeleteParams::default())
+        .await?;
     f.labels("vault-active", &[None, None, None]).await?;
     for i in 0..3 {
         let labels = f.vault.labels(i).await?;
-        assert!(labels.keys().all(|k| !k.starts_with("vault-")), "{labels:?}");
+        assert!(
+            labels.keys().all(|k| !k.starts_with("vault-")),
+            "{labels:?}"
+        );
         assert!(labels.contains_key("app.kubernetes.io/name"));
     }
     let svc: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
     // The garbage collector learns of a new CRD on its discovery resync (30 s).
-    wait::until("Services collected", Duration::from_secs(100), || async { Ok(svc.get_opt("vault-active").await?.is_none().then_some(())) }).await?;
-    wait::until("VaultCluster gone", LIMIT, || async { Ok(f.clusters().get_opt("vault").await?.is_none().then_some(())) }).await
+    wait::until("Services collected", Duration::from_secs(100), || async {
+        Ok(svc.get_opt("vault-active").await?.is_none().then_some(()))
+    })
+    .await?;
+    wait::until("VaultCluster gone", LIMIT, || async {
+        Ok(f.clusters().get_opt("vault").await?.is_none().then_some(()))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -364,12 +589,29 @@ async fn kubectl_wait_for_ready() -> anyhow::Result<()> {
     f.create("vault", FAST).await?;
     // The simulators share this test's runtime: a blocking wait would starve them.
     let mut wait_cmd = shared().kubectl();
-    wait_cmd.args(["wait", "--for=condition=Ready", "vc/vault", "-n", &f.ns, "--timeout=60s"]);
+    wait_cmd.args([
+        "wait",
+        "--for=condition=Ready",
+        "vc/vault",
+        "-n",
+        &f.ns,
+        "--timeout=60s",
+    ]);
     let out = tokio::task::spawn_blocking(move || wait_cmd.output()).await??;
-    assert!(out.status.success(), "kubectl wait: {}", String::from_utf8_lossy(&out.stderr));
-    let out = shared().kubectl().args(["get", "vc", "-n", &f.ns]).output()?;
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = shared()
+        .kubectl()
+        .args(["get", "vc", "-n", &f.ns])
+        .output()?;
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("ACTIVE") && table.contains("vault-0") && table.contains("True"), "{table}");
+    assert!(
+        table.contains("ACTIVE") && table.contains("vault-0") && table.contains("True"),
+        "{table}"
+    );
     Ok(())
 }
 
@@ -379,21 +621,60 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
     let client = shared().client().await?;
     create_namespace(&client, "e2e-invalid").await?;
     let cases = [
-        ("empty matchLabels", "selector: {matchLabels: {}}", "matchLabels must name at least one label"),
-        ("bad duration", "selector: {matchLabels: {a: b}}\nhealth: {interval: soon}", "spec.health.interval"),
-        ("interval too short", "selector: {matchLabels: {a: b}}\nhealth: {interval: 100ms, timeout: 50ms}", "interval must be at least 200ms"),
-        ("timeout not below interval", "selector: {matchLabels: {a: b}}\nhealth: {interval: 1s, timeout: 1s}", "timeout must be less than interval"),
-        ("port out of range", "selector: {matchLabels: {a: b}}\nhealth: {port: 70000}", "spec.health.port"),
-        ("service port out of range", "selector: {matchLabels: {a: b}}\nservices: {ports: [{name: x, port: 0}]}", "spec.services.ports[0].port"),
-        ("duplicate port names", "selector: {matchLabels: {a: b}}\nservices: {ports: [{name: x, port: 1}, {name: x, port: 2}]}", "Duplicate value"),
-        ("unknown scheme", "selector: {matchLabels: {a: b}}\nhealth: {scheme: ftp}", "spec.health.scheme"),
+        (
+            "empty matchLabels",
+            "selector: {matchLabels: {}}",
+            "matchLabels must name at least one label",
+        ),
+        (
+            "bad duration",
+            "selector: {matchLabels: {a: b}}\nhealth: {interval: soon}",
+            "spec.health.interval",
+        ),
+        (
+            "interval too short",
+            "selector: {matchLabels: {a: b}}\nhealth: {interval: 100ms, timeout: 50ms}",
+            "interval must be at least 200ms",
+        ),
+        (
+            "timeout not below interval",
+            "selector: {matchLabels: {a: b}}\nhealth: {interval: 1s, timeout: 1s}",
+            "timeout must be less than interval",
+        ),
+        (
+            "port out of range",
+            "selector: {matchLabels: {a: b}}\nhealth: {port: 70000}",
+            "spec.health.port",
+        ),
+        (
+            "service port out of range",
+            "selector: {matchLabels: {a: b}}\nservices: {ports: [{name: x, port: 0}]}",
+            "spec.services.ports[0].port",
+        ),
+        (
+            "duplicate port names",
+            "selector: {matchLabels: {a: b}}\nservices: {ports: [{name: x, port: 1}, {name: x, port: 2}]}",
+            "Duplicate value",
+        ),
+        (
+            "unknown scheme",
+            "selector: {matchLabels: {a: b}}\nhealth: {scheme: ftp}",
+            "spec.health.scheme",
+        ),
         ("missing selector", "labelPrefix: vault", "spec.selector"),
     ];
     for (name, spec, expected) in cases {
-        let yaml = format!("apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: bad, namespace: e2e-invalid}}\nspec:\n  {}\n", spec.replace('\n', "\n  "));
+        let yaml = format!(
+            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: bad, namespace: e2e-invalid}}\nspec:\n  {}\n",
+            spec.replace('\n', "\n  ")
+        );
         let file = shared().dir().join("invalid.yaml");
         std::fs::write(&file, yaml)?;
-        let out = shared().kubectl().args(["create", "--dry-run=server", "-f"]).arg(&file).output()?;
+        let out = shared()
+            .kubectl()
+            .args(["create", "--dry-run=server", "-f"])
+            .arg(&file)
+            .output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: accepted");
         assert!(stderr.contains(expected), "{name}: server said {stderr}");

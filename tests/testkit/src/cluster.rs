@@ -44,13 +44,26 @@ impl SimCluster {
         let mut members = Vec::new();
         for (i, role) in roles.iter().enumerate() {
             let ip = next_pod_ip();
-            let sim = VaultSim::start(SocketAddr::new(ip.into(), 8200), tls.clone(), SimState::new(*role)).await?;
+            let sim = VaultSim::start(
+                SocketAddr::new(ip.into(), 8200),
+                tls.clone(),
+                SimState::new(*role),
+            )
+            .await?;
             let labels = BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]);
-            let pod = SimPod { name: format!("{prefix}-{i}"), labels, ip };
+            let pod = SimPod {
+                name: format!("{prefix}-{i}"),
+                labels,
+                ip,
+            };
             start_pod(client, namespace, &pod).await?;
             members.push(Member { pod, sim });
         }
-        Ok(Self { client: client.clone(), namespace: namespace.into(), members })
+        Ok(Self {
+            client: client.clone(),
+            namespace: namespace.into(),
+            members,
+        })
     }
 
     pub fn sim(&self, i: usize) -> &VaultSim {
@@ -66,7 +79,12 @@ impl SimCluster {
     }
 
     /// Waits until the given label has the given value on each listed pod (None: absent).
-    pub async fn wait_labels(&self, key: &str, want: &[Option<&str>], limit: Duration) -> anyhow::Result<()> {
+    pub async fn wait_labels(
+        &self,
+        key: &str,
+        want: &[Option<&str>],
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         let what = format!("{key} = {want:?} on {} pods", want.len());
         wait::until(&what, limit, || async {
             let mut got = Vec::new();
@@ -95,9 +113,15 @@ impl SimCluster {
 }
 
 /// Ready endpoint addresses of a Service's EndpointSlices, sorted.
-pub async fn endpoint_ips(client: &kube::Client, namespace: &str, service: &str) -> anyhow::Result<Vec<String>> {
+pub async fn endpoint_ips(
+    client: &kube::Client,
+    namespace: &str,
+    service: &str,
+) -> anyhow::Result<Vec<String>> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
-    let list = slices.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}"))).await?;
+    let list = slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+        .await?;
     let mut ips: Vec<String> = list
         .items
         .iter()
@@ -146,7 +170,10 @@ impl Operator {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
-        Ok(Self { child: spawn_tied_to_process(cmd)?, log: log.to_path_buf() })
+        Ok(Self {
+            child: spawn_tied_to_process(cmd)?,
+            log: log.to_path_buf(),
+        })
     }
 
     pub fn pid(&self) -> u32 {

@@ -49,9 +49,18 @@ impl Binaries {
             kubectl: dir.join("kubectl"),
             helm: dir.join("helm"),
         };
-        for path in [&bins.etcd, &bins.kube_apiserver, &bins.kube_controller_manager, &bins.kubectl, &bins.helm] {
+        for path in [
+            &bins.etcd,
+            &bins.kube_apiserver,
+            &bins.kube_controller_manager,
+            &bins.kubectl,
+            &bins.helm,
+        ] {
             if !path.is_file() {
-                bail!("control-plane binary {} is missing; run tests/controlplane/build.sh", path.display());
+                bail!(
+                    "control-plane binary {} is missing; run tests/controlplane/build.sh",
+                    path.display()
+                );
             }
         }
         Ok(bins)
@@ -72,7 +81,13 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     if !out.status.success() {
         bail!("{} failed with {}", script.display(), out.status);
     }
-    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim().lines().last().unwrap_or_default());
+    let dir = PathBuf::from(
+        String::from_utf8(out.stdout)?
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    );
     Ok(BUILT.get_or_init(|| dir).clone())
 }
 
@@ -91,7 +106,9 @@ impl ControlPlane {
     /// server is ready and the controller manager has created the `default` ServiceAccount.
     pub fn start() -> anyhow::Result<Self> {
         let bins = Binaries::locate()?;
-        let dir = tempfile::Builder::new().prefix("vault-registrar-cp-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("vault-registrar-cp-")
+            .tempdir()?;
         let files = PkiFiles::write(dir.path())?;
         let mut plane = Self {
             kubeconfig: dir.path().join("kubeconfig"),
@@ -121,7 +138,9 @@ impl ControlPlane {
             .arg(format!("--listen-client-urls={}", self.etcd_url))
             .arg(format!("--advertise-client-urls={}", self.etcd_url))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
             .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
             .arg("--unsafe-no-fsync=true")
             .arg("--quota-backend-bytes=4294967296");
@@ -136,9 +155,15 @@ impl ControlPlane {
         self.server = format!("https://127.0.0.1:{port}");
         let mut cmd = Command::new(&self.bins.kube_apiserver);
         cmd.arg(format!("--etcd-servers={}", self.etcd_url))
-            .arg(format!("--cert-dir={}", self.dir().join("apiserver-certs").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir().join("apiserver-certs").display()
+            ))
             .arg(format!("--tls-cert-file={}", f.serving_cert.display()))
-            .arg(format!("--tls-private-key-file={}", f.serving_key.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                f.serving_key.display()
+            ))
             .arg(format!("--client-ca-file={}", f.client_ca.display()))
             .arg(format!("--secure-port={port}"))
             .arg("--bind-address=127.0.0.1")
@@ -148,7 +173,10 @@ impl ControlPlane {
             .arg("--endpoint-reconciler-type=none")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-account-key-file={}", f.sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", f.sa_key.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                f.sa_key.display()
+            ))
             .arg("--profiling=false")
             .arg("--v=1");
         self.spawn("kube-apiserver", cmd)?;
@@ -220,7 +248,9 @@ impl ControlPlane {
 
     fn spawn(&self, name: &str, mut cmd: Command) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.log_path(name))?;
-        cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
+        cmd.stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null());
         let child = spawn_tied_to_process(cmd).with_context(|| format!("starting {name}"))?;
         register_for_exit(child.id());
         self.procs.lock().unwrap().push(child);
@@ -240,7 +270,9 @@ impl ControlPlane {
 
     fn alive(&self, name: &str) -> bool {
         let mut procs = self.procs.lock().unwrap();
-        let index = ["etcd", "kube-apiserver", "kube-controller-manager"].iter().position(|n| *n == name);
+        let index = ["etcd", "kube-apiserver", "kube-controller-manager"]
+            .iter()
+            .position(|n| *n == name);
         match index.and_then(|i| procs.get_mut(i)) {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
@@ -373,7 +405,11 @@ pub fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
         });
     }
     let (tx, rx) = mpsc::channel();
-    spawner.lock().unwrap().send((cmd, tx)).expect("spawner thread alive");
+    spawner
+        .lock()
+        .unwrap()
+        .send((cmd, tx))
+        .expect("spawner thread alive");
     rx.recv().expect("spawner thread replies")
 }
 

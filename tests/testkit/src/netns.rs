@@ -34,31 +34,75 @@ pub fn pod_ip(n: u32) -> Ipv4Addr {
 /// process finding them in place, does nothing.
 pub fn ensure() -> anyhow::Result<()> {
     static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    READY.get_or_init(|| set_up().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+    READY
+        .get_or_init(|| set_up().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 fn set_up() -> anyhow::Result<()> {
-    let exists = Command::new("ip").args(["link", "show", HOST_LINK]).output().is_ok_and(|o| o.status.success());
+    let exists = Command::new("ip")
+        .args(["link", "show", HOST_LINK])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if exists {
         return Ok(());
     }
-    let _ = Command::new("ip").args(["netns", "del", NAMESPACE]).output();
+    let _ = Command::new("ip")
+        .args(["netns", "del", NAMESPACE])
+        .output();
     let steps: [&[&str]; 10] = [
         &["ip", "netns", "add", NAMESPACE],
-        &["ip", "link", "add", HOST_LINK, "type", "veth", "peer", "name", POD_LINK, "netns", NAMESPACE],
+        &[
+            "ip", "link", "add", HOST_LINK, "type", "veth", "peer", "name", POD_LINK, "netns",
+            NAMESPACE,
+        ],
         &["ip", "addr", "add", HOST_ADDR, "dev", HOST_LINK],
         &["ip", "link", "set", HOST_LINK, "up"],
-        &["ip", "netns", "exec", NAMESPACE, "ip", "link", "set", "lo", "up"],
-        &["ip", "netns", "exec", NAMESPACE, "ip", "addr", "add", &format!("{GATEWAY}/16"), "dev", POD_LINK],
-        &["ip", "netns", "exec", NAMESPACE, "ip", "link", "set", POD_LINK, "up"],
-        &["ip", "netns", "exec", NAMESPACE, "ip", "route", "add", "local", POD_RANGE, "dev", "lo"],
-        &["ip", "route", "replace", POD_RANGE, "via", GATEWAY, "dev", HOST_LINK],
-        &["ip", "netns", "exec", NAMESPACE, "sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"],
+        &[
+            "ip", "netns", "exec", NAMESPACE, "ip", "link", "set", "lo", "up",
+        ],
+        &[
+            "ip",
+            "netns",
+            "exec",
+            NAMESPACE,
+            "ip",
+            "addr",
+            "add",
+            &format!("{GATEWAY}/16"),
+            "dev",
+            POD_LINK,
+        ],
+        &[
+            "ip", "netns", "exec", NAMESPACE, "ip", "link", "set", POD_LINK, "up",
+        ],
+        &[
+            "ip", "netns", "exec", NAMESPACE, "ip", "route", "add", "local", POD_RANGE, "dev", "lo",
+        ],
+        &[
+            "ip", "route", "replace", POD_RANGE, "via", GATEWAY, "dev", HOST_LINK,
+        ],
+        &[
+            "ip",
+            "netns",
+            "exec",
+            NAMESPACE,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_nonlocal_bind=1",
+        ],
     ];
     for step in steps {
-        let out = Command::new(step[0]).args(&step[1..]).output().with_context(|| format!("running {step:?}"))?;
+        let out = Command::new(step[0])
+            .args(&step[1..])
+            .output()
+            .with_context(|| format!("running {step:?}"))?;
         if !out.status.success() {
-            bail!("{step:?} failed: {} (the simulated pod network needs root and iproute2)", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{step:?} failed: {} (the simulated pod network needs root and iproute2)",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     Ok(())
@@ -68,7 +112,11 @@ fn set_up() -> anyhow::Result<()> {
 /// A socket stays in the namespace it was made in, so only its creation needs the switch.
 pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     if !is_pod_ip(addr.ip()) {
-        return if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+        return if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
     }
     ensure().map_err(std::io::Error::other)?;
     let fd = std::thread::spawn(|| -> std::io::Result<OwnedFd> {
@@ -78,7 +126,11 @@ pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
             if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -87,5 +139,7 @@ pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     })
     .join()
     .map_err(|_| std::io::Error::other("netns thread panicked"))??;
-    Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
+    Ok(tokio::net::TcpSocket::from_std_stream(
+        std::net::TcpStream::from(fd),
+    ))
 }

@@ -48,7 +48,11 @@ pub async fn create_namespace_with_labels(
 ) -> anyhow::Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns = Namespace {
-        metadata: ObjectMeta { name: Some(name.into()), labels: Some(labels), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
         ..Default::default()
     };
     namespaces.create(&PostParams::default(), &ns).await?;
@@ -71,7 +75,11 @@ pub struct SimPod {
 }
 
 /// Creates a pod bound to the simulated node, with Vault's container ports.
-pub async fn create_pod(client: &kube::Client, namespace: &str, pod: &SimPod) -> anyhow::Result<Pod> {
+pub async fn create_pod(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &SimPod,
+) -> anyhow::Result<Pod> {
     ensure_node(client).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let object: Pod = serde_json::from_value(json!({
@@ -114,7 +122,8 @@ pub async fn set_running(
             {"type": "Initialized", "status": "True"}
         ]
     }});
-    pods.patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(patch)).await?;
+    pods.patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await?;
     Ok(())
 }
 

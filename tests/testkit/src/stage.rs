@@ -27,32 +27,65 @@ impl Stage {
         let plane = ControlPlane::start()?;
         let client = plane.client().await?;
         let crd = repo_root().join("crds/vaultclusters.vault-registrar.dev.yaml");
-        run(plane.kubectl().args(["apply", "--server-side", "-f"]).arg(crd))?;
-        run(plane.kubectl().args(["wait", "--for=condition=Established", "crd/vaultclusters.vault-registrar.dev"]))?;
+        run(plane
+            .kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(crd))?;
+        run(plane.kubectl().args([
+            "wait",
+            "--for=condition=Established",
+            "crd/vaultclusters.vault-registrar.dev",
+        ]))?;
         create_namespace(&client, namespace).await?;
         let vault = SimCluster::start(&client, namespace, "vault", roles, None).await?;
         let bin = std::env::var_os("VAULT_REGISTRAR_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("target/debug/vault-registrar"));
-        let operator = Operator::start(&bin, &plane.kubeconfig, &["--namespace", namespace], &plane.dir().join("operator.log"))?;
-        let timeout = if interval.ends_with("ms") { "100ms" } else { "500ms" };
+        let operator = Operator::start(
+            &bin,
+            &plane.kubeconfig,
+            &["--namespace", namespace],
+            &plane.dir().join("operator.log"),
+        )?;
+        let timeout = if interval.ends_with("ms") {
+            "100ms"
+        } else {
+            "500ms"
+        };
         let vc = format!(
             "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {{interval: {interval}, timeout: {timeout}}}\n"
         );
         let file = plane.dir().join("vaultcluster.yaml");
         std::fs::write(&file, vc)?;
         run(plane.kubectl().args(["apply", "-f"]).arg(&file))?;
-        Ok(Self { plane, client, namespace: namespace.into(), vault, operator })
+        Ok(Self {
+            plane,
+            client,
+            namespace: namespace.into(),
+            vault,
+            operator,
+        })
     }
 
     /// Output of a kubectl command in the stage's namespace.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        run(self.plane.kubectl().args(args).args(["-n", &self.namespace]))
+        run(self
+            .plane
+            .kubectl()
+            .args(args)
+            .args(["-n", &self.namespace]))
     }
 
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let mut cmd = self.plane.kubectl();
-        cmd.args(["wait", "--for=condition=Ready", "vc/vault", "-n", &self.namespace, "--timeout=60s"]);
+        cmd.args([
+            "wait",
+            "--for=condition=Ready",
+            "vc/vault",
+            "-n",
+            &self.namespace,
+            "--timeout=60s",
+        ]);
         tokio::task::spawn_blocking(move || run(&mut cmd)).await??;
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
@@ -61,6 +94,10 @@ impl Stage {
 
 pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<String> {
     let out = cmd.output()?;
-    anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -19,7 +19,9 @@ where
             Err(e) => last_err = Some(e),
         }
         if start.elapsed() > limit {
-            let detail = last_err.map(|e| format!(": last error: {e:#}")).unwrap_or_default();
+            let detail = last_err
+                .map(|e| format!(": last error: {e:#}"))
+                .unwrap_or_default();
             anyhow::bail!("timed out after {limit:?} waiting for {what}{detail}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -21,22 +21,33 @@ async fn main() -> anyhow::Result<()> {
         let (from, to) = if flip % 2 == 0 { (0, 1) } else { (1, 0) };
         tokio::time::sleep(Duration::from_millis(300 + (flip as u64 * 137) % 700)).await;
         let start = Instant::now();
-        stage.vault.sim(from).update(|s| s.role = Role::Standby).await;
+        stage
+            .vault
+            .sim(from)
+            .update(|s| s.role = Role::Standby)
+            .await;
         stage.vault.sim(to).update(|s| s.role = Role::Active).await;
         let want = vec![stage.vault.ip(to)];
         loop {
             if endpoint_ips(&stage.client, "bench", "vault-active").await? == want {
                 break;
             }
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "flip {flip} did not converge");
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "flip {flip} did not converge"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         latencies.push(start.elapsed());
     }
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
-    println!("failover convergence over {FLIPS} flips at interval 1s: p50 {:?}, p99 {:?}, max {:?} (target p99 <= 1.3s)",
-        pct(0.50), pct(0.99), latencies.last().unwrap());
+    println!(
+        "failover convergence over {FLIPS} flips at interval 1s: p50 {:?}, p99 {:?}, max {:?} (target p99 <= 1.3s)",
+        pct(0.50),
+        pct(0.99),
+        latencies.last().unwrap()
+    );
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = writes(&stage)?;
@@ -52,20 +63,37 @@ async fn main() -> anyhow::Result<()> {
             total += delta as u64;
         }
     }
-    println!("write requests to pods, services, vaultclusters and events during 60 s of steady state: {total} (target 0)");
+    println!(
+        "write requests to pods, services, vaultclusters and events during 60 s of steady state: {total} (target 0)"
+    );
     Ok(())
 }
 
 /// apiserver_request_total for write verbs, summed by resource.
 fn writes(stage: &Stage) -> anyhow::Result<BTreeMap<String, f64>> {
-    let text = vault_registrar_testkit::stage::run(stage.plane.kubectl().args(["get", "--raw", "/metrics"]))?;
+    let text = vault_registrar_testkit::stage::run(
+        stage.plane.kubectl().args(["get", "--raw", "/metrics"]),
+    )?;
     let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        let field = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let field = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+        };
         if !["POST", "PUT", "PATCH", "DELETE", "APPLY"].contains(&field("verb")) {
             continue;
         }
-        let value: f64 = line.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0);
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0.0);
         *out.entry(field("resource").to_string()).or_insert(0.0) += value;
     }
     Ok(out)
