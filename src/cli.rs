@@ -140,16 +140,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         duration: duration::parse(&args.lease_duration)
             .map_err(|e| anyhow::anyhow!("--lease-duration: {e}"))?,
     };
-    let gauge = metrics.leader.clone();
-    let watched = leading.clone();
-    tokio::spawn(async move {
-        loop {
-            gauge.set(watched.load(Ordering::SeqCst) as i64);
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    });
     tokio::select! {
-        _ = leader::run(client.clone(), settings.clone(), leading.clone(), work) => {}
+        _ = leader::run(client.clone(), settings.clone(), leading.clone(), metrics.leader.clone(), work) => {}
         _ = shutdown_signal() => {
             leading.store(false, Ordering::SeqCst);
             leader::release(client, &settings).await;

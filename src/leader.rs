@@ -68,6 +68,7 @@ pub async fn run<F, Fut>(
     client: kube::Client,
     settings: LeaseSettings,
     leading: Arc<AtomicBool>,
+    gauge: prometheus::IntGauge,
     work: F,
 ) where
     F: Fn() -> Fut,
@@ -84,15 +85,23 @@ pub async fn run<F, Fut>(
                 if !held {
                     info!(identity = %settings.identity, lease = %settings.name, "became leader");
                     leading.store(true, Ordering::SeqCst);
+                    gauge.set(1);
                     task = Some(tokio::spawn(work()));
                 }
             }
-            Ok(false) if held => step_down(&leading, &mut task, "another holder has the lease"),
+            Ok(false) if held => {
+                step_down(&leading, &gauge, &mut task, "another holder has the lease")
+            }
             Ok(false) => {}
             Err(e) => {
                 warn!(error = %e, "lease request failed");
                 if held && last_renew.elapsed() >= settings.renew_deadline() {
-                    step_down(&leading, &mut task, "could not renew within the deadline");
+                    step_down(
+                        &leading,
+                        &gauge,
+                        &mut task,
+                        "could not renew within the deadline",
+                    );
                 }
             }
         }
@@ -100,8 +109,14 @@ pub async fn run<F, Fut>(
     }
 }
 
-fn step_down(leading: &AtomicBool, task: &mut Option<tokio::task::JoinHandle<()>>, why: &str) {
+fn step_down(
+    leading: &AtomicBool,
+    gauge: &prometheus::IntGauge,
+    task: &mut Option<tokio::task::JoinHandle<()>>,
+    why: &str,
+) {
     leading.store(false, Ordering::SeqCst);
+    gauge.set(0);
     if let Some(t) = task.take() {
         t.abort();
     }

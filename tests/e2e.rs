@@ -169,11 +169,17 @@ impl Fixture {
 
 const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
 
-#[tokio::test]
-async fn first_convergence_labels_pods_and_fills_services() -> anyhow::Result<()> {
-    let f = fixture("first", &TRIO, None).await?;
+/// The common start: one active and two standbys under VaultCluster `vault`, converged.
+async fn converged_trio(name: &str) -> anyhow::Result<Fixture> {
+    let f = fixture(name, &TRIO, None).await?;
     f.create("vault", FAST).await?;
     f.converged().await?;
+    Ok(f)
+}
+
+#[tokio::test]
+async fn first_convergence_labels_pods_and_fills_services() -> anyhow::Result<()> {
+    let f = converged_trio("first").await?;
     let labels = f.vault.labels(0).await?;
     for (k, v) in [
         ("vault-initialized", "true"),
@@ -202,9 +208,7 @@ async fn first_convergence_labels_pods_and_fills_services() -> anyhow::Result<()
 
 #[tokio::test]
 async fn steady_state_sends_no_writes() -> anyhow::Result<()> {
-    let f = fixture("steady", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("steady").await?;
     f.condition("vault", "Ready", "True", "Ready").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let versions = || async {
@@ -244,9 +248,7 @@ async fn steady_state_sends_no_writes() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn failover_moves_the_active_label_and_service() -> anyhow::Result<()> {
-    let f = fixture("failover", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("failover").await?;
     f.set(0, Role::Standby).await;
     f.set(1, Role::Active).await;
     f.labels(
@@ -271,9 +273,7 @@ async fn failover_moves_the_active_label_and_service() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn crashed_active_is_demoted() -> anyhow::Result<()> {
-    let f = fixture("crash", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("crash").await?;
     f.behave(0, Behavior::Crash).await;
     // No other pod has taken over yet: after the threshold the crashed pod is shut down.
     f.labels(
@@ -309,9 +309,7 @@ async fn crashed_active_is_demoted() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn seal_and_uninitialised_leave_the_pools() -> anyhow::Result<()> {
-    let f = fixture("seal", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("seal").await?;
     f.set(1, Role::Sealed).await;
     f.set(2, Role::Uninitialized).await;
     f.labels("vault-sealed", &[Some("false"), Some("true"), Some("true")])
@@ -356,9 +354,7 @@ async fn perf_standby_gets_its_label_and_service() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn two_pods_claiming_active_get_neither() -> anyhow::Result<()> {
-    let f = fixture("split", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("split").await?;
     f.set(1, Role::Active).await;
     f.labels(
         "vault-active",
@@ -403,9 +399,7 @@ async fn garbage_answer_is_never_labelled_active() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn hanging_server_times_out() -> anyhow::Result<()> {
-    let f = fixture("hang", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("hang").await?;
     f.behave(0, Behavior::Hang).await;
     f.labels(
         "vault-active",
@@ -469,9 +463,7 @@ async fn openbao_prefix() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn service_drift_is_repaired() -> anyhow::Result<()> {
-    let f = fixture("drift", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("drift").await?;
     let svc: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
     let patch =
         json!({"spec": {"selector": {"vault-active": "false"}, "publishNotReadyAddresses": true}});
@@ -544,9 +536,7 @@ async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<(
 
 #[tokio::test]
 async fn deletion_and_unselected_pods_lose_our_labels_only() -> anyhow::Result<()> {
-    let f = fixture("cleanup", &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
+    let f = converged_trio("cleanup").await?;
     // A pod that stops matching the selector loses our labels.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(f.client.clone(), &f.ns);
     let patch = json!({"metadata": {"labels": {"app.kubernetes.io/name": "retired"}}});
