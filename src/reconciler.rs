@@ -193,6 +193,7 @@ fn cluster_name(vc: &VaultCluster) -> String {
 
 /// Observe, decide, act for one VaultCluster.
 async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
+    let started = Instant::now();
     let ns = vc.namespace().unwrap_or_default();
     let names = LabelNames::new(&vc.spec.label_prefix);
     let probe_settings = match probe_settings(vc, ctx).await {
@@ -243,9 +244,22 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     };
     let status = build(&observation);
+    let wait = next_probe(interval(vc), started.elapsed(), status.active_pod.is_some());
     record_gauges(vc, ctx, &status);
     publish_status(vc, ctx, status).await?;
-    Ok(Action::requeue(interval(vc)))
+    Ok(Action::requeue(wait))
+}
+
+/// Time until the next probe round. Rounds start every interval, however long one took.
+/// While no pod is active the cluster is mid-failover, so the new active pod is looked
+/// for four times as often: that wait is what clients of the active Service feel.
+fn next_probe(interval: Duration, took: Duration, has_active: bool) -> Duration {
+    let period = if has_active {
+        interval
+    } else {
+        (interval / 4).max(Duration::from_millis(200))
+    };
+    period.saturating_sub(took).max(Duration::from_millis(50))
 }
 
 /// A spec that the schema let through but that cannot be acted on.
@@ -720,4 +734,48 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         .remove(&vc.uid().unwrap_or_default());
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_rounds_keep_their_period() {
+        let ms = Duration::from_millis;
+        let cases = [
+            ("steady", ms(2000), ms(30), true, ms(1970)),
+            (
+                "slow round still starts on time",
+                ms(2000),
+                ms(1500),
+                true,
+                ms(500),
+            ),
+            (
+                "round longer than interval",
+                ms(1000),
+                ms(1200),
+                true,
+                ms(50),
+            ),
+            (
+                "no active pod: four times as often",
+                ms(2000),
+                ms(0),
+                false,
+                ms(500),
+            ),
+            (
+                "no active pod, short interval: floor",
+                ms(400),
+                ms(0),
+                false,
+                ms(200),
+            ),
+        ];
+        for (name, interval, took, active, want) in cases {
+            assert_eq!(next_probe(interval, took, active), want, "{name}");
+        }
+    }
 }
