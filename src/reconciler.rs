@@ -116,8 +116,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile trigger failed");
+            // Reconciler failures are logged by error_policy; the rest (a watch the API
+            // server refuses, say) would otherwise go unseen.
+            match result {
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                Err(e) => warn!(error = %e, "controller error"),
             }
         })
         .await;

@@ -177,6 +177,8 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 f.sa_key.display()
             ))
+            .arg(format!("--audit-policy-file={}", f.audit_policy.display()))
+            .arg(format!("--audit-log-path={}", self.audit_log().display()))
             .arg("--profiling=false")
             .arg("--v=1");
         self.spawn("kube-apiserver", cmd)?;
@@ -220,6 +222,40 @@ impl ControlPlane {
     }
 
     /// The real kubectl, pointed at this plane.
+    /// A kubeconfig for a bearer token (a ServiceAccount's), next to the admin one.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir().join(format!("kubeconfig-{name}"));
+        let ca = self.dir().join("pki/serving-ca.crt");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context: {{cluster: local, user: {name}}}\ncurrent-context: local\n",
+            self.server,
+            ca.display()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Write requests in the audit log by `user`, as (verb, resource, name) triples.
+    pub fn writes_by(&self, user: &str) -> Vec<(String, String, String)> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+            .map(|e| {
+                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+                let resource = match field("subresource").as_str() {
+                    "" => field("resource"),
+                    sub => format!("{}/{sub}", field("resource")),
+                };
+                (
+                    e["verb"].as_str().unwrap_or_default().to_string(),
+                    resource,
+                    field("name"),
+                )
+            })
+            .collect()
+    }
+
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.bins.kubectl);
         cmd.env("KUBECONFIG", &self.kubeconfig);
@@ -255,6 +291,11 @@ impl ControlPlane {
         register_for_exit(child.id());
         self.procs.lock().unwrap().push(child);
         Ok(())
+    }
+
+    /// The API server's audit log: one JSON line per write request, naming the user.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir().join("audit.log")
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
@@ -330,6 +371,7 @@ struct PkiFiles {
     admin_key: PathBuf,
     sa_key: PathBuf,
     sa_pub: PathBuf,
+    audit_policy: PathBuf,
 }
 
 impl PkiFiles {
@@ -355,9 +397,13 @@ impl PkiFiles {
             admin_key: put("admin.key", &admin.key)?,
             sa_key: put("service-account.key", &sa_private)?,
             sa_pub: put("service-account.pub", &sa_public)?,
+            audit_policy: put("audit-policy.yaml", AUDIT_POLICY)?,
         })
     }
 }
+
+/// Records who wrote what, so tests can prove which process sent writes.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection]\n- level: None\n";
 
 fn write_kubeconfig(path: &Path, server: &str, f: &PkiFiles) -> anyhow::Result<()> {
     let text = format!(

@@ -1,0 +1,115 @@
+{{/*
+Chart name, shortened to a DNS label.
+*/}}
+{{- define "vault-registrar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's resources: "<release>-<chart>", or the release name alone when it
+already contains the chart name.
+*/}}
+{{- define "vault-registrar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Value of the helm.sh/chart label.
+*/}}
+{{- define "vault-registrar.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels the Deployment selects its pods by. Never change these on upgrade.
+*/}}
+{{- define "vault-registrar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vault-registrar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels on every resource of the release.
+*/}}
+{{- define "vault-registrar.labels" -}}
+helm.sh/chart: {{ include "vault-registrar.chart" . }}
+{{ include "vault-registrar.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vault-registrar
+{{- end }}
+
+{{/*
+Name of the ServiceAccount the operator runs as.
+*/}}
+{{- define "vault-registrar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vault-registrar.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the leader-election Lease, and of the Role that grants access to it.
+*/}}
+{{- define "vault-registrar.leaseName" -}}
+{{- include "vault-registrar.fullname" . }}
+{{- end }}
+
+{{/*
+The image reference; the tag defaults to the chart's appVersion.
+*/}}
+{{- define "vault-registrar.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The API access the operator needs to reconcile VaultClusters. The same rules go into the
+ClusterRole (all namespaces) or into one Role per watched namespace.
+*/}}
+{{- define "vault-registrar.rules" -}}
+- apiGroups: ["vault-registrar.dev"]
+  resources: ["vaultclusters"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["vault-registrar.dev"]
+  resources: ["vaultclusters/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# CA bundles referenced by spec.health.tls.caSecretRef.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+Refuses value combinations that would render a broken or unsafe release.
+*/}}
+{{- define "vault-registrar.validate" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) }}
+{{- fail "replicaCount > 1 needs leaderElection.enabled=true, otherwise every replica writes labels and Services" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "serviceMonitor.enabled=true needs metrics.service.enabled=true" }}
+{{- end }}
+{{- if ne (len .Values.watchNamespaces) (len (uniq .Values.watchNamespaces)) }}
+{{- fail "watchNamespaces lists a namespace more than once" }}
+{{- end }}
+{{- end }}
