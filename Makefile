@@ -42,6 +42,8 @@ bench: binaries
 ## Regenerate crds/ from the Rust types.
 crds:
 	$(CARGO) run -q --bin vault-registrar -- crd > crds/vaultclusters.vault-registrar.dev.yaml
+	cp crds/vaultclusters.vault-registrar.dev.yaml charts/vault-registrar/crds/
+	cp crds/vaultclusters.vault-registrar.dev.yaml config/crd/
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

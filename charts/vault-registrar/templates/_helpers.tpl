@@ -80,10 +80,10 @@ ClusterRole (all namespaces) or into one Role per watched namespace.
 {{- define "vault-registrar.rules" -}}
 - apiGroups: ["vault-registrar.dev"]
   resources: ["vaultclusters"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["vault-registrar.dev"]
   resources: ["vaultclusters/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch", "patch"]

@@ -1,0 +1,511 @@
+//! What users meet: the Helm chart on the real control plane, the operator under the
+//! chart's ServiceAccount, least privilege rule by rule, and leader election between two
+//! operator processes, proven from the API server's audit log.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use tokio::sync::OnceCell;
+use vault_registrar_testkit::certs::Authority;
+use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
+use vault_registrar_testkit::pods::{create_namespace, create_namespace_with_labels};
+use vault_registrar_testkit::stage::run;
+use vault_registrar_testkit::vault_sim::{Role, SimTls};
+use vault_registrar_testkit::{shared, wait};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
+}
+
+fn bin() -> &'static Path {
+    env!("CARGO_BIN_EXE_vault-registrar").as_ref()
+}
+
+/// Runs a command off the async runtime, whose simulators must keep answering.
+async fn sh(mut cmd: std::process::Command) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || run(&mut cmd)).await?
+}
+
+async fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().helm();
+    cmd.args(args);
+    sh(cmd).await
+}
+
+async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().kubectl();
+    cmd.args(args);
+    sh(cmd).await
+}
+
+async fn install_crd() -> anyhow::Result<()> {
+    static DONE: OnceCell<()> = OnceCell::const_new();
+    DONE.get_or_try_init(|| async {
+        let crd = chart().join("crds/vaultclusters.vault-registrar.dev.yaml");
+        kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]).await?;
+        kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/vaultclusters.vault-registrar.dev",
+        ])
+        .await?;
+        anyhow::Ok(())
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Installs the chart as `release` into `namespace` (CRD and RBAC; no kubelet runs the
+/// Deployment here).
+async fn install_release(release: &str, namespace: &str) -> anyhow::Result<()> {
+    install_crd().await?;
+    let client = shared().client().await?;
+    create_namespace(&client, namespace).await?;
+    helm(&[
+        "install",
+        release,
+        chart().to_str().unwrap(),
+        "-n",
+        namespace,
+        "--skip-crds",
+    ])
+    .await?;
+    Ok(())
+}
+
+/// A kubeconfig holding a token for the ServiceAccount.
+async fn token_kubeconfig(namespace: &str, account: &str) -> anyhow::Result<PathBuf> {
+    let token = kubectl(&["create", "token", account, "-n", namespace, "--duration=2h"]).await?;
+    shared().token_kubeconfig(&format!("{namespace}-{account}"), token.trim())
+}
+
+fn user(namespace: &str, account: &str) -> String {
+    format!("system:serviceaccount:{namespace}:{account}")
+}
+
+async fn create_vc(client: &kube::Client, ns: &str, health: &str) -> anyhow::Result<()> {
+    let yaml = format!(
+        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {health}\n"
+    );
+    let vc: vault_registrar::crd::VaultCluster = serde_yaml::from_str(&yaml)?;
+    Api::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &vc)
+        .await?;
+    Ok(())
+}
+
+/// Vault pods answering over TLS, the CA in a Secret, and a VaultCluster that uses both,
+/// so that every rule of the ClusterRole is exercised.
+async fn tls_vault(client: &kube::Client, ns: &str) -> anyhow::Result<SimCluster> {
+    create_namespace(client, ns).await?;
+    let ca = Authority::new("ship-ca")?;
+    let cert = ca.serving(&[
+        "vault-0.vault-internal",
+        "vault-1.vault-internal",
+        "vault-2.vault-internal",
+    ])?;
+    let vault = SimCluster::start(
+        client,
+        ns,
+        "vault",
+        &TRIO,
+        Some(SimTls {
+            cert_pem: cert.cert,
+            key_pem: cert.key,
+        }),
+    )
+    .await?;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
+    )?;
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    create_vc(client, ns, "{scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    Ok(vault)
+}
+
+#[tokio::test]
+async fn chart_lints_clean() -> anyhow::Result<()> {
+    for extra in [
+        vec![],
+        vec!["--set", "watchNamespaces={a,b}"],
+        vec![
+            "--set",
+            "networkPolicy.enabled=true,serviceMonitor.enabled=true",
+        ],
+    ] {
+        let mut args = vec![
+            "lint".to_string(),
+            "--strict".into(),
+            chart().to_str().unwrap().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = helm(&refs).await?;
+        assert!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "{extra:?}: {out}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn chart_installs_upgrades_and_uninstalls_under_restricted_pod_security() -> anyhow::Result<()>
+{
+    install_crd().await?;
+    let client = shared().client().await?;
+    let ns = "ship-restricted";
+    let labels = [(
+        "pod-security.kubernetes.io/enforce".to_string(),
+        "restricted".to_string(),
+    )]
+    .into();
+    create_namespace_with_labels(&client, ns, labels).await?;
+    helm(&[
+        "install",
+        "vr",
+        chart().to_str().unwrap(),
+        "-n",
+        ns,
+        "--skip-crds",
+    ])
+    .await?;
+    kubectl(&["get", "deployment/vr-vault-registrar", "-n", ns]).await?;
+    // No kubelet or ReplicaSet controller runs, so create the Deployment's pod ourselves:
+    // the API server enforces the restricted standard on pods, not on Deployments.
+    let template = kubectl(&[
+        "get",
+        "deployment/vr-vault-registrar",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.template}",
+    ])
+    .await?;
+    let mut pod: serde_json::Value = serde_json::from_str(&template)?;
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["name"] = json!("from-template");
+    let file = shared().dir().join("restricted-pod.json");
+    std::fs::write(&file, pod.to_string())?;
+    kubectl(&["create", "-n", ns, "-f", file.to_str().unwrap()]).await?;
+    pod["metadata"]["name"] = json!("escalating");
+    pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = json!(true);
+    std::fs::write(&file, pod.to_string())?;
+    let refused = kubectl(&["create", "-n", ns, "-f", file.to_str().unwrap()])
+        .await
+        .expect_err("PSA must refuse");
+    assert!(refused.to_string().contains("restricted"), "{refused}");
+
+    helm(&[
+        "upgrade",
+        "vr",
+        chart().to_str().unwrap(),
+        "-n",
+        ns,
+        "--set",
+        "replicaCount=3",
+    ])
+    .await?;
+    let replicas = kubectl(&[
+        "get",
+        "deployment/vr-vault-registrar",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ])
+    .await?;
+    assert_eq!(replicas, "3");
+    helm(&["uninstall", "vr", "-n", ns]).await?;
+    let left = kubectl(&[
+        "get",
+        "deployment,serviceaccount,role,rolebinding",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/instance=vr",
+        "-o",
+        "name",
+    ])
+    .await?;
+    assert!(left.trim().is_empty(), "left behind: {left}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_as_the_chart_service_account_does_the_core_scenario() -> anyhow::Result<()> {
+    install_release("core", "ship-ops").await?;
+    let client = shared().client().await?;
+    let ns = "ship-core";
+    let vault = tls_vault(&client, ns).await?;
+    let kubeconfig = token_kubeconfig("ship-ops", "core-vault-registrar").await?;
+    let log = shared().dir().join("operator-ship-core.log");
+    let args = [
+        "--leader-elect",
+        "--lease-namespace=ship-ops",
+        "--lease-name=core-vault-registrar",
+        "--identity=core",
+    ];
+    let operator = Operator::start(bin(), &kubeconfig, &args, &log)?;
+    vault
+        .wait_labels(
+            "vault-active",
+            &[Some("true"), Some("false"), Some("false")],
+            LIMIT,
+        )
+        .await?;
+    wait_endpoints(&client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "vc/vault",
+        "-n",
+        ns,
+        "--timeout=30s",
+    ])
+    .await?;
+    let events = kubectl(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ])
+    .await?;
+    assert!(events.contains("ActiveChanged"), "events: {events}");
+    Api::<vault_registrar::crd::VaultCluster>::namespaced(client.clone(), ns)
+        .delete("vault", &DeleteParams::default())
+        .await?;
+    vault
+        .wait_labels("vault-active", &[None, None, None], LIMIT)
+        .await?;
+    let text = operator.log_text();
+    assert!(
+        !text.contains("forbidden"),
+        "the chart's RBAC must be enough:\n{text}"
+    );
+    let writes = shared().writes_by(&user("ship-ops", "core-vault-registrar"));
+    assert!(
+        writes.iter().any(|(v, r, _)| v == "patch" && r == "pods"),
+        "{writes:?}"
+    );
+    Ok(())
+}
+
+/// Every rule of the chart's ClusterRole is needed: without it the operator is refused.
+#[tokio::test]
+async fn every_cluster_role_rule_is_needed() -> anyhow::Result<()> {
+    install_release("lp", "ship-lp").await?;
+    let client = shared().client().await?;
+    let role = kubectl(&["get", "clusterrole", "lp-vault-registrar", "-o", "json"]).await?;
+    let rules: Vec<serde_json::Value> =
+        serde_json::from_value(serde_json::from_str::<serde_json::Value>(&role)?["rules"].clone())?;
+    assert_eq!(rules.len(), 6, "{rules:?}");
+    let mut cases = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let resource = rule["resources"][0].as_str().unwrap().to_string();
+        let reduced: Vec<&serde_json::Value> = rules
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, r)| r)
+            .collect();
+        let name = format!("lp-without-{i}");
+        let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name}, "rules": reduced},
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "ship-lp"}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "ship-lp"}]}]});
+        let file = shared().dir().join(format!("{name}.json"));
+        std::fs::write(&file, manifest.to_string())?;
+        kubectl(&["apply", "-f", file.to_str().unwrap()]).await?;
+        let ns = format!("ship-lp-{i}");
+        let vault = tls_vault(&client, &ns).await?;
+        let kubeconfig = token_kubeconfig("ship-lp", &name).await?;
+        let log = shared().dir().join(format!("operator-{name}.log"));
+        let operator = Operator::start(bin(), &kubeconfig, &["--namespace", &ns], &log)?;
+        cases.push((resource, vault, operator));
+    }
+    for (resource, _vault, operator) in &cases {
+        let needle = format!("resource \\\"{resource}\\\"");
+        let plain = format!("resource \"{resource}\"");
+        wait::until(&format!("operator refused {resource}"), LIMIT, || async {
+            let text = operator.log_text();
+            Ok(
+                (text.contains("forbidden") && (text.contains(&needle) || text.contains(&plain)))
+                    .then_some(()),
+            )
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn lease_holder(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    let lease = Api::<Lease>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?;
+    Ok(lease
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty()))
+}
+
+#[tokio::test]
+async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> anyhow::Result<()> {
+    let ops = "ship-le";
+    install_release("le", ops).await?;
+    let client = shared().client().await?;
+    // A second identity with the same rights as the chart's ServiceAccount.
+    let second = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "le-second", "namespace": ops}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "le-second"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "le-vault-registrar"},
+         "subjects": [{"kind": "ServiceAccount", "name": "le-second", "namespace": ops}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "le-second", "namespace": ops},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "le-vault-registrar-leader-election"},
+         "subjects": [{"kind": "ServiceAccount", "name": "le-second", "namespace": ops}]}]});
+    let file = shared().dir().join("le-second.json");
+    std::fs::write(&file, second.to_string())?;
+    kubectl(&["apply", "-f", file.to_str().unwrap()]).await?;
+    let ns = "ship-le-vault";
+    let vault = tls_vault(&client, ns).await?;
+    let start = |account: &str, id: &str| -> anyhow::Result<Operator> {
+        let kubeconfig = shared().dir().join(format!("kubeconfig-{ops}-{account}"));
+        let args = [
+            "--leader-elect",
+            "--lease-namespace=ship-le",
+            "--lease-name=le-vault-registrar",
+            "--lease-duration=3s",
+            &format!("--identity={id}"),
+            "--namespace",
+            ns,
+        ];
+        Operator::start(
+            bin(),
+            &kubeconfig,
+            &args,
+            &shared().dir().join(format!("operator-le-{id}.log")),
+        )
+    };
+    token_kubeconfig(ops, "le-vault-registrar").await?;
+    token_kubeconfig(ops, "le-second").await?;
+    let mut first = start("le-vault-registrar", "first")?;
+    wait::until("first holds the lease", LIMIT, || async {
+        Ok((lease_holder(&client, ops, "le-vault-registrar")
+            .await?
+            .as_deref()
+            == Some("first"))
+        .then_some(()))
+    })
+    .await?;
+    let second_op = start("le-second", "second")?;
+    vault
+        .wait_labels(
+            "vault-active",
+            &[Some("true"), Some("false"), Some("false")],
+            LIMIT,
+        )
+        .await?;
+    // A failover while the follower watches: only the holder writes.
+    vault.sim(0).update(|s| s.role = Role::Standby).await;
+    vault.sim(1).update(|s| s.role = Role::Active).await;
+    vault
+        .wait_labels(
+            "vault-active",
+            &[Some("false"), Some("true"), Some("false")],
+            LIMIT,
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let follower = user(ops, "le-second");
+    assert_eq!(
+        shared().writes_by(&follower),
+        vec![],
+        "the follower sent write requests"
+    );
+    assert!(
+        !shared()
+            .writes_by(&user(ops, "le-vault-registrar"))
+            .is_empty()
+    );
+
+    // The holder dies; the follower takes over once the lease expires.
+    let killed = Instant::now();
+    first.kill();
+    wait::until("second takes the lease", LIMIT, || async {
+        Ok((lease_holder(&client, ops, "le-vault-registrar")
+            .await?
+            .as_deref()
+            == Some("second"))
+        .then_some(()))
+    })
+    .await?;
+    let takeover = killed.elapsed();
+    println!(
+        "takeover after the holder was killed: {takeover:?} (lease duration 3s, retry period 600ms)"
+    );
+    assert!(
+        takeover <= Duration::from_millis(3600 + 500),
+        "takeover took {takeover:?}"
+    );
+    vault.sim(1).update(|s| s.role = Role::Standby).await;
+    vault.sim(2).update(|s| s.role = Role::Active).await;
+    vault
+        .wait_labels(
+            "vault-active",
+            &[Some("false"), Some("false"), Some("true")],
+            LIMIT,
+        )
+        .await?;
+
+    // Someone else takes the lease: the holder stops writing at once.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ops);
+    let mut lease = leases.get("le-vault-registrar").await?;
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("intruder".into());
+    spec.lease_duration_seconds = Some(6);
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("le-vault-registrar", &PostParams::default(), &lease)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = shared().writes_by(&follower).len();
+    vault.sim(2).update(|s| s.role = Role::Standby).await;
+    vault.sim(0).update(|s| s.role = Role::Active).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        shared().writes_by(&follower).len(),
+        before,
+        "a holder that lost the lease kept writing"
+    );
+    assert_eq!(
+        vault
+            .labels(2)
+            .await?
+            .get("vault-active")
+            .map(String::as_str),
+        Some("true"),
+        "labels must not move without a leader"
+    );
+    drop(second_op);
+    Ok(())
+}
