@@ -2,6 +2,7 @@
 //! control plane, with simulated Vault pods answering from the simulated pod network.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -13,6 +14,7 @@ use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::certs::Authority;
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::pods::create_namespace;
+use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
 use vault_registrar_testkit::vault_sim::{Behavior, Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
 
@@ -28,38 +30,11 @@ struct Fixture {
 
 async fn install_crd() -> anyhow::Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    DONE.get_or_try_init(|| async {
-        let crd = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/crds/vaultclusters.vault-registrar.dev.yaml"
-        );
-        let out = shared()
-            .kubectl()
-            .args(["apply", "--server-side", "-f", crd])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "installing the CRD: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = shared()
-            .kubectl()
-            .args([
-                "wait",
-                "--for=condition=Established",
-                "crd/vaultclusters.vault-registrar.dev",
-                "--timeout=60s",
-            ])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "CRD not established: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    })
-    .await
-    .map(|_| ())
+    let crd =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/vaultclusters.vault-registrar.dev.yaml");
+    DONE.get_or_try_init(|| install_crd_file(shared(), &crd))
+        .await
+        .map(|_| ())
 }
 
 /// A namespace with the operator watching it and Vault pods `vault-N` answering as `roles`.
@@ -587,12 +562,7 @@ async fn kubectl_wait_for_ready() -> anyhow::Result<()> {
         &f.ns,
         "--timeout=60s",
     ]);
-    let out = tokio::task::spawn_blocking(move || wait_cmd.output()).await??;
-    assert!(
-        out.status.success(),
-        "kubectl wait: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_blocking(wait_cmd).await?;
     let out = shared()
         .kubectl()
         .args(["get", "vc", "-n", &f.ns])

@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 use vault_registrar_testkit::certs::Authority;
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::pods::{create_namespace, create_namespace_with_labels};
-use vault_registrar_testkit::stage::run;
+use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
 use vault_registrar_testkit::vault_sim::{Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
 
@@ -28,38 +28,24 @@ fn bin() -> &'static Path {
     env!("CARGO_BIN_EXE_vault-registrar").as_ref()
 }
 
-/// Runs a command off the async runtime, whose simulators must keep answering.
-async fn sh(mut cmd: std::process::Command) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || run(&mut cmd)).await?
-}
-
 async fn helm(args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = shared().helm();
     cmd.args(args);
-    sh(cmd).await
+    run_blocking(cmd).await
 }
 
 async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = shared().kubectl();
     cmd.args(args);
-    sh(cmd).await
+    run_blocking(cmd).await
 }
 
 async fn install_crd() -> anyhow::Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    DONE.get_or_try_init(|| async {
-        let crd = chart().join("crds/vaultclusters.vault-registrar.dev.yaml");
-        kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]).await?;
-        kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/vaultclusters.vault-registrar.dev",
-        ])
-        .await?;
-        anyhow::Ok(())
-    })
-    .await
-    .map(|_| ())
+    let crd = chart().join("crds/vaultclusters.vault-registrar.dev.yaml");
+    DONE.get_or_try_init(|| install_crd_file(shared(), &crd))
+        .await
+        .map(|_| ())
 }
 
 /// Installs the chart as `release` into `namespace` (CRD and RBAC; no kubelet runs the

@@ -348,6 +348,12 @@ impl Drop for ControlPlane {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if std::env::var_os("VAULT_REGISTRAR_KEEP_PLANE").is_some() {
+            let kept = self.dir().with_extension("kept");
+            if std::fs::rename(self.dir(), &kept).is_ok() {
+                eprintln!("control-plane files kept in {}", kept.display());
+            }
+        }
     }
 }
 

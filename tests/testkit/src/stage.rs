@@ -26,11 +26,14 @@ impl Stage {
     pub async fn start(namespace: &str, roles: &[Role], interval: &str) -> anyhow::Result<Self> {
         let plane = ControlPlane::start()?;
         let client = plane.client().await?;
-        let crd = repo_root().join("crds/vaultclusters.vault-registrar.dev.yaml");
+        // Installed as a user would: the chart brings the CRD, the ServiceAccount and RBAC.
+        create_namespace(&client, OPERATOR_NAMESPACE).await?;
+        let chart = repo_root().join("charts/vault-registrar");
         run(plane
-            .kubectl()
-            .args(["apply", "--server-side", "-f"])
-            .arg(crd))?;
+            .helm()
+            .args(["install", "vault-registrar"])
+            .arg(&chart)
+            .args(["-n", OPERATOR_NAMESPACE]))?;
         run(plane.kubectl().args([
             "wait",
             "--for=condition=Established",
@@ -38,15 +41,7 @@ impl Stage {
         ]))?;
         create_namespace(&client, namespace).await?;
         let vault = SimCluster::start(&client, namespace, "vault", roles, None).await?;
-        let bin = std::env::var_os("VAULT_REGISTRAR_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target/debug/vault-registrar"));
-        let operator = Operator::start(
-            &bin,
-            &plane.kubeconfig,
-            &["--namespace", namespace],
-            &plane.dir().join("operator.log"),
-        )?;
+        let operator = start_operator_as_chart_account(&plane, namespace)?;
         let timeout = if interval.ends_with("ms") {
             "100ms"
         } else {
@@ -90,6 +85,57 @@ impl Stage {
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
     }
+}
+
+/// Where the chart is installed; its ServiceAccount, Role and Lease live here.
+pub const OPERATOR_NAMESPACE: &str = "vault-registrar";
+
+/// The operator binary, run with a token of the chart's ServiceAccount and the chart's
+/// leader-election settings, as the chart's Deployment would run it.
+fn start_operator_as_chart_account(
+    plane: &ControlPlane,
+    namespace: &str,
+) -> anyhow::Result<Operator> {
+    let token = run(plane.kubectl().args([
+        "create",
+        "token",
+        "vault-registrar",
+        "-n",
+        OPERATOR_NAMESPACE,
+    ]))?;
+    let kubeconfig = plane.token_kubeconfig("vault-registrar", token.trim())?;
+    let bin = std::env::var_os("VAULT_REGISTRAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/vault-registrar"));
+    let lease_namespace = format!("--lease-namespace={OPERATOR_NAMESPACE}");
+    let args = [
+        "--leader-elect",
+        "--lease-name=vault-registrar",
+        &lease_namespace,
+        "--namespace",
+        namespace,
+    ];
+    Operator::start(&bin, &kubeconfig, &args, &plane.dir().join("operator.log"))
+}
+
+/// Runs a command off the async runtime, whose Vault simulators must keep answering.
+pub async fn run_blocking(mut cmd: std::process::Command) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || run(&mut cmd)).await?
+}
+
+/// Applies a CRD file and waits until the API server serves it.
+pub async fn install_crd(plane: &ControlPlane, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut apply = plane.kubectl();
+    apply.args(["apply", "--server-side", "-f"]).arg(path);
+    run_blocking(apply).await?;
+    let mut wait = plane.kubectl();
+    wait.args([
+        "wait",
+        "--for=condition=Established",
+        "crd/vaultclusters.vault-registrar.dev",
+        "--timeout=60s",
+    ]);
+    run_blocking(wait).await.map(|_| ())
 }
 
 pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<String> {
