@@ -21,6 +21,8 @@ pub struct Member {
 pub struct LabelPlan {
     pub pod: String,
     pub change: BTreeMap<String, Option<String>>,
+    /// Whether this write makes the pod active.
+    pub promotes: bool,
 }
 
 /// The outcome of deciding labels for a whole cluster.
@@ -42,7 +44,7 @@ pub fn decide(names: &LabelNames, members: &[Member]) -> Decision {
         .map(|m| m.name.clone())
         .collect();
     let sole = (claimants.len() == 1).then(|| claimants[0].as_str());
-    let mut plans: Vec<(bool, LabelPlan)> = Vec::new();
+    let mut plans: Vec<LabelPlan> = Vec::new();
     let mut labelled_active = Vec::new();
     for member in members {
         let want = wanted(names, member, sole, !claimants.is_empty());
@@ -58,20 +60,18 @@ pub fn decide(names: &LabelNames, members: &[Member]) -> Decision {
             labelled_active.push(member.name.clone());
         }
         if !change.is_empty() {
-            let promotion = flag(&member.labels, &names.active) != Some(true)
+            let promotes = flag(&member.labels, &names.active) != Some(true)
                 && change.get(&names.active).cloned().flatten().as_deref() == Some("true");
-            plans.push((
-                promotion,
-                LabelPlan {
-                    pod: member.name.clone(),
-                    change,
-                },
-            ));
+            plans.push(LabelPlan {
+                pod: member.name.clone(),
+                change,
+                promotes,
+            });
         }
     }
-    plans.sort_by_key(|(promotion, _)| *promotion);
+    plans.sort_by_key(|plan| plan.promotes);
     Decision {
-        plans: plans.into_iter().map(|(_, plan)| plan).collect(),
+        plans,
         active: (labelled_active.len() == 1).then(|| labelled_active.remove(0)),
         claimants,
     }

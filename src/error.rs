@@ -25,6 +25,12 @@ pub enum Error {
         service: String,
         source: kube::Error,
     },
+    #[error("reading EndpointSlices of Service {service} for VaultCluster {cluster}: {source}")]
+    ReadEndpoints {
+        cluster: String,
+        service: String,
+        source: kube::Error,
+    },
     #[error("updating status of VaultCluster {cluster}: {source}")]
     UpdateStatus {
         cluster: String,
@@ -50,6 +56,7 @@ impl Error {
             Self::PatchPod { .. } => "patch_pod",
             Self::WriteService { .. } => "write_service",
             Self::ReadService { .. } => "read_service",
+            Self::ReadEndpoints { .. } => "read_endpoints",
             Self::UpdateStatus { .. } => "update_status",
             Self::ReadSecret { .. } => "read_secret",
             Self::Finalizer { .. } => "finalizer",

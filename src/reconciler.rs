@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -230,6 +231,14 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let members = probe_all(vc, ctx, &probe_settings, &candidates).await;
     let decision = decide(&names, &members);
     for plan in &decision.plans {
+        if plan.promotes {
+            let ip = members
+                .iter()
+                .find(|m| m.name == plan.pod)
+                .map(|m| m.ip.as_str())
+                .unwrap_or_default();
+            await_active_endpoints_drained(vc, ctx, ip).await?;
+        }
         write_labels(vc, ctx, &ns, plan, &candidates).await?;
     }
     for pod in &strays {
@@ -463,6 +472,45 @@ async fn probe_pod(
 
 fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+/// Before promoting a pod, waits (bounded) until the active Service's EndpointSlices hold
+/// no other pod. The demotions were written just before; writing the promotion while the
+/// EndpointSlice controller still digests them makes its next sync hit its own stale cache
+/// and back off for a second. Waiting also means clients never see two active endpoints.
+async fn await_active_endpoints_drained(
+    vc: &VaultCluster,
+    ctx: &Context,
+    promoted_ip: &str,
+) -> Result<(), Error> {
+    if !vc.spec.services.active.enabled {
+        return Ok(());
+    }
+    let service = services::name(vc, Kind::Active);
+    let api: Api<EndpointSlice> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let deadline = Instant::now() + (interval(vc) / 2).min(Duration::from_millis(500));
+    loop {
+        let slices = api
+            .list(&params)
+            .await
+            .map_err(|source| Error::ReadEndpoints {
+                cluster: cluster_name(vc),
+                service: service.clone(),
+                source,
+            })?;
+        let others = slices
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .flat_map(|e| e.addresses.iter())
+            .any(|address| address != promoted_ip);
+        if !others || Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn write_labels(

@@ -97,6 +97,10 @@ ClusterRole (all namespaces) or into one Role per watched namespace.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Before a promotion: wait until the active Service no longer lists the demoted pod.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list"]
 {{- end }}
 
 {{/*
