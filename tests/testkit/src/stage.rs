@@ -64,11 +64,11 @@ impl Stage {
 
     /// Output of a kubectl command in the stage's namespace.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        run(self
-            .plane
-            .kubectl()
-            .args(args)
-            .args(["-n", &self.namespace]))
+        self.kubectl_in(&self.namespace, args)
+    }
+
+    pub fn kubectl_in(&self, namespace: &str, args: &[&str]) -> anyhow::Result<String> {
+        run(self.plane.kubectl().args(args).args(["-n", namespace]))
     }
 
     pub async fn wait_ready(&self) -> anyhow::Result<()> {

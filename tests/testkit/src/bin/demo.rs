@@ -12,12 +12,24 @@ const LIMIT: Duration = Duration::from_secs(60);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     println!(
-        "== starting etcd, kube-apiserver, kube-controller-manager, the operator and three Vault pods"
+        "== starting etcd, kube-apiserver and kube-controller-manager; helm install of the chart (CRD,"
     );
+    println!(
+        "   ServiceAccount, RBAC); the operator with that ServiceAccount's token and leader election;"
+    );
+    println!("   a VaultCluster over three simulated Vault pods");
     let stage = Stage::start("demo", &[Role::Active, Role::Standby, Role::Standby], "1s").await?;
     println!("kubeconfig: {}", stage.plane.kubeconfig.display());
     stage.wait_ready().await?;
     show(&stage, "converged")?;
+    let lease = [
+        "get",
+        "lease",
+        "vault-registrar",
+        "-o",
+        "custom-columns=LEASE:.metadata.name,HOLDER:.spec.holderIdentity",
+    ];
+    print!("{}", stage.kubectl_in("vault-registrar", &lease)?);
 
     println!("\n== failover: vault-0 steps down, vault-1 becomes active");
     stage.vault.sim(0).update(|s| s.role = Role::Standby).await;
