@@ -134,7 +134,7 @@ mod tests {
         assert!(claimed_by_older(&old, &all, &pod).is_none());
         let twin = cluster("a-twin", 10, "vault");
         assert!(
-            claimed_by_older(&old, &[twin.clone()], &pod).is_some(),
+            claimed_by_older(&old, std::slice::from_ref(&twin), &pod).is_some(),
             "same age: name decides"
         );
         assert!(claimed_by_older(&twin, &[old], &pod).is_none());
