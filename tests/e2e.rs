@@ -418,6 +418,62 @@ async fn https_with_ca_secret_and_server_name() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A certificate that does not name the pod, or no CA at all, must never yield a label:
+/// the probe fails verification and the pods end unreachable.
+#[tokio::test]
+async fn https_verification_failures_never_label_active() -> anyhow::Result<()> {
+    let ca = Authority::new("vault-test-ca")?;
+    let cert = ca.serving(&["vault.example"])?;
+    let tls = SimTls {
+        cert_pem: cert.cert,
+        key_pem: cert.key,
+    };
+    let f = fixture("https-wrong", &TRIO, Some(tls)).await?;
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
+    )?;
+    secrets.create(&PostParams::default(), &secret).await?;
+    f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    f.labels("vault-sealed", &[Some("true"), Some("true"), Some("true")])
+        .await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("false"), Some("false")],
+    )
+    .await?;
+    let status = f.clusters().get("vault").await?.status.unwrap();
+    assert!(
+        status
+            .members
+            .iter()
+            .all(|m| m.last_probe_error.starts_with("tls:")),
+        "{:?}",
+        status.members
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn https_insecure_skip_verify_accepts_any_certificate() -> anyhow::Result<()> {
+    let cert = Authority::new("unknown-ca")?.serving(&["vault.example"])?;
+    let f = fixture(
+        "https-insecure",
+        &TRIO,
+        Some(SimTls {
+            cert_pem: cert.cert,
+            key_pem: cert.key,
+        }),
+    )
+    .await?;
+    f.create(
+        "vault",
+        "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {insecureSkipVerify: true}}",
+    )
+    .await?;
+    f.converged().await
+}
+
 #[tokio::test]
 async fn openbao_prefix() -> anyhow::Result<()> {
     let f = fixture("openbao", &TRIO, None).await?;

@@ -162,9 +162,12 @@ impl Operator {
         let file = std::fs::File::create(log)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run")
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg("--metrics-addr=127.0.0.1:0")
-            .args(args)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()));
+        if !args.iter().any(|a| a.starts_with("--metrics-addr")) {
+            // Any free port: several operators run side by side in one test binary.
+            cmd.arg("--metrics-addr=127.0.0.1:0");
+        }
+        cmd.args(args)
             .env("RUST_LOG", "info,kube=warn")
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())

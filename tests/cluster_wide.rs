@@ -1,0 +1,133 @@
+//! The operator without `--namespace`: one process serving VaultClusters in every
+//! namespace, with JSON logs and its /metrics read over HTTP. Its own test binary, so its
+//! own control plane: no other operator may watch these namespaces.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vault_registrar::crd::VaultCluster;
+use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
+use vault_registrar_testkit::controlplane::free_port;
+use vault_registrar_testkit::pods::create_namespace;
+use vault_registrar_testkit::stage::install_crd;
+use vault_registrar_testkit::vault_sim::Role;
+use vault_registrar_testkit::{shared, wait};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+/// The value of a metric line that starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> anyhow::Result<()> {
+    let plane = shared();
+    let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crds/vaultclusters.vault-registrar.dev.yaml");
+    install_crd(plane, &crd).await?;
+    let client = plane.client().await?;
+    let mut clusters = Vec::new();
+    for ns in ["wide-a", "wide-b"] {
+        create_namespace(&client, ns).await?;
+        let vault =
+            SimCluster::start(&client, ns, "vault", &[Role::Standby, Role::Active], None).await?;
+        let vc: VaultCluster = serde_yaml::from_str(&format!(
+            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {{interval: 500ms, timeout: 300ms}}\n"
+        ))?;
+        kube::Api::<VaultCluster>::namespaced(client.clone(), ns)
+            .create(&Default::default(), &vc)
+            .await?;
+        clusters.push((ns, vault));
+    }
+    let port = free_port()?;
+    let log = plane.dir().join("operator-wide.log");
+    let args = [
+        format!("--metrics-addr=127.0.0.1:{port}"),
+        "--log-format=json".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &args,
+        &log,
+    )?;
+    for (ns, vault) in &clusters {
+        vault
+            .wait_labels("vault-active", &[Some("false"), Some("true")], LIMIT)
+            .await?;
+        wait_endpoints(&client, ns, "vault-active", &[vault.ip(1)], LIMIT).await?;
+    }
+
+    let health = get(port, "/healthz").await?;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let ready = get(port, "/readyz").await?;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let text = wait::until("metrics with both clusters ready", LIMIT, || async {
+        let text = get(port, "/metrics").await?;
+        let ready = |ns: &str| {
+            metric(
+                &text,
+                &format!("vault_registrar_cluster_ready{{cluster=\"vault\",namespace=\"{ns}\"}}"),
+            )
+        };
+        Ok((ready("wide-a") == Some(1.0) && ready("wide-b") == Some(1.0)).then_some(text))
+    })
+    .await?;
+    assert!(
+        metric(&text, "vault_registrar_pod_label_writes_total").unwrap_or(0.0) >= 4.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "vault_registrar_probes_total{outcome=\"active\"}").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "vault_registrar_probe_duration_seconds_count{result=\"ok\"}"
+        )
+        .unwrap_or(0.0)
+            >= 4.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "vault_registrar_leader"), Some(1.0));
+    assert_eq!(
+        metric(
+            &text,
+            "vault_registrar_cluster_pods{cluster=\"vault\",namespace=\"wide-a\",role=\"standby\"}"
+        ),
+        Some(1.0)
+    );
+
+    let logs = operator.log_text();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            parsed.get("level").is_some() && parsed.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
+    assert!(logs.contains("labels written"), "{logs}");
+    Ok(())
+}
