@@ -495,3 +495,84 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
     drop(second_op);
     Ok(())
 }
+
+/// With `watchNamespaces`, the chart grants Roles in those namespaces only, and the
+/// operator limited to them does its work with nothing cluster-wide.
+#[tokio::test]
+async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
+    install_crd().await?;
+    let client = shared().client().await?;
+    let (ops, watched) = ("ship-nsops", "ship-ns-a");
+    create_namespace(&client, ops).await?;
+    let vault = tls_vault(&client, watched).await?;
+    let set = format!("watchNamespaces={{{watched}}}");
+    helm(&[
+        "install",
+        "nsr",
+        chart().to_str().unwrap(),
+        "-n",
+        ops,
+        "--skip-crds",
+        "--set",
+        &set,
+    ])
+    .await?;
+    let cluster_roles = kubectl(&[
+        "get",
+        "clusterrole",
+        "-l",
+        "app.kubernetes.io/instance=nsr",
+        "-o",
+        "name",
+    ])
+    .await?;
+    assert!(
+        cluster_roles.trim().is_empty(),
+        "no ClusterRole expected: {cluster_roles}"
+    );
+    let account = user(ops, "nsr-vault-registrar");
+    assert_eq!(
+        can_i(&account, &["patch", "pods", "-n", watched]).await?,
+        "yes"
+    );
+    assert_eq!(
+        can_i(&account, &["patch", "pods", "-n", "default"]).await?,
+        "no"
+    );
+    assert_eq!(
+        can_i(&account, &["list", "pods", "--all-namespaces"]).await?,
+        "no"
+    );
+
+    let kubeconfig = token_kubeconfig(ops, "nsr-vault-registrar").await?;
+    let log = shared().dir().join("operator-nsr.log");
+    let operator = Operator::start(bin(), &kubeconfig, &["--namespace", watched], &log)?;
+    vault
+        .wait_labels(
+            "vault-active",
+            &[Some("true"), Some("false"), Some("false")],
+            LIMIT,
+        )
+        .await?;
+    wait_endpoints(&client, watched, "vault-active", &[vault.ip(0)], LIMIT).await?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "vc/vault",
+        "-n",
+        watched,
+        "--timeout=30s",
+    ])
+    .await?;
+    let text = operator.log_text();
+    assert!(!text.contains("forbidden"), "{text}");
+    Ok(())
+}
+
+/// `kubectl auth can-i` as another user: "yes" or "no".
+async fn can_i(user: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().kubectl();
+    cmd.args(["auth", "can-i"]).args(args).args(["--as", user]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
