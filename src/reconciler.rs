@@ -558,23 +558,24 @@ async fn patch_pod(
 ) -> Result<(), Error> {
     ctx.guard(&format!("pod {ns}/{pod}"))?;
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(
-        pod,
-        &PatchParams {
-            field_manager: Some(MANAGER.into()),
-            ..Default::default()
-        },
-        &Patch::Merge(patch),
-    )
-    .await
-    .map_err(|source| Error::PatchPod {
-        cluster: cluster_name(vc),
-        pod: pod.into(),
-        source,
-    })?;
+    api.patch(pod, &write_params(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::PatchPod {
+            cluster: cluster_name(vc),
+            pod: pod.into(),
+            source,
+        })?;
     ctx.metrics.label_writes.inc();
     info!(cluster = %cluster_name(vc), pod, "labels written");
     Ok(())
+}
+
+/// Every merge patch carries our field manager, so `managedFields` names us.
+fn write_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
 }
 
 /// Creates, repairs and deletes the generated Services; returns why any could not be put in
@@ -690,19 +691,12 @@ async fn publish_status(
     let api: Api<VaultCluster> =
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let patch = json!({"status": status});
-    api.patch_status(
-        &vc.name_any(),
-        &PatchParams {
-            field_manager: Some(MANAGER.into()),
-            ..Default::default()
-        },
-        &Patch::Merge(patch),
-    )
-    .await
-    .map_err(|source| Error::UpdateStatus {
-        cluster: cluster_name(vc),
-        source,
-    })?;
+    api.patch_status(&vc.name_any(), &write_params(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::UpdateStatus {
+            cluster: cluster_name(vc),
+            source,
+        })?;
     for notice in notices(vc.status.as_ref(), &status) {
         if notice.reason == "ActiveChanged" {
             let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];

@@ -123,6 +123,18 @@ impl Fixture {
         .await
     }
 
+    /// The last probe error the status reports for a pod.
+    async fn probe_error(&self, pod: &str) -> anyhow::Result<String> {
+        let status = self
+            .clusters()
+            .get("vault")
+            .await?
+            .status
+            .unwrap_or_default();
+        let member = status.members.into_iter().find(|m| m.name == pod);
+        Ok(member.map(|m| m.last_probe_error).unwrap_or_default())
+    }
+
     async fn converged(&self) -> anyhow::Result<()> {
         self.labels(
             "vault-active",
@@ -363,12 +375,8 @@ async fn garbage_answer_is_never_labelled_active() -> anyhow::Result<()> {
         &[Some("true"), Some("false"), Some("false")],
     )
     .await?;
-    let status = f.clusters().get("vault").await?.status.unwrap();
-    let member = status.members.iter().find(|m| m.name == "vault-0").unwrap();
-    assert!(
-        member.last_probe_error.contains("not Vault health JSON"),
-        "{member:?}"
-    );
+    let error = f.probe_error("vault-0").await?;
+    assert!(error.contains("not Vault health JSON"), "{error}");
     Ok(())
 }
 
@@ -381,12 +389,8 @@ async fn hanging_server_times_out() -> anyhow::Result<()> {
         &[Some("false"), Some("false"), Some("false")],
     )
     .await?;
-    let status = f.clusters().get("vault").await?.status.unwrap();
-    let member = status.members.iter().find(|m| m.name == "vault-0").unwrap();
-    assert!(
-        member.last_probe_error.contains("no answer within"),
-        "{member:?}"
-    );
+    let error = f.probe_error("vault-0").await?;
+    assert!(error.contains("no answer within"), "{error}");
     Ok(())
 }
 

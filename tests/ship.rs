@@ -243,23 +243,7 @@ async fn operator_as_the_chart_service_account_does_the_core_scenario() -> anyho
         "--identity=core",
     ];
     let operator = Operator::start(bin(), &kubeconfig, &args, &log)?;
-    vault
-        .wait_labels(
-            "vault-active",
-            &[Some("true"), Some("false"), Some("false")],
-            LIMIT,
-        )
-        .await?;
-    wait_endpoints(&client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "vc/vault",
-        "-n",
-        ns,
-        "--timeout=30s",
-    ])
-    .await?;
+    converged(&client, &vault, ns).await?;
     let events = kubectl(&[
         "get",
         "events",
@@ -547,23 +531,7 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
     let kubeconfig = token_kubeconfig(ops, "nsr-vault-registrar").await?;
     let log = shared().dir().join("operator-nsr.log");
     let operator = Operator::start(bin(), &kubeconfig, &["--namespace", watched], &log)?;
-    vault
-        .wait_labels(
-            "vault-active",
-            &[Some("true"), Some("false"), Some("false")],
-            LIMIT,
-        )
-        .await?;
-    wait_endpoints(&client, watched, "vault-active", &[vault.ip(0)], LIMIT).await?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "vc/vault",
-        "-n",
-        watched,
-        "--timeout=30s",
-    ])
-    .await?;
+    converged(&client, &vault, watched).await?;
     let text = operator.log_text();
     assert!(!text.contains("forbidden"), "{text}");
     Ok(())
@@ -575,4 +543,21 @@ async fn can_i(user: &str, args: &[&str]) -> anyhow::Result<String> {
     cmd.args(["auth", "can-i"]).args(args).args(["--as", user]);
     let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Labels, the active Service's endpoints and the Ready condition of a TLS cluster.
+async fn converged(client: &kube::Client, vault: &SimCluster, ns: &str) -> anyhow::Result<()> {
+    let want = [Some("true"), Some("false"), Some("false")];
+    vault.wait_labels("vault-active", &want, LIMIT).await?;
+    wait_endpoints(client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "vc/vault",
+        "-n",
+        ns,
+        "--timeout=30s",
+    ])
+    .await?;
+    Ok(())
 }
