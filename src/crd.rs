@@ -27,6 +27,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
     category = "vault",
     doc = "A Vault or OpenBao cluster whose pods vault-registrar probes and labels with their HA role, and for which it keeps active and standby Services.",
     status = "VaultClusterStatus",
+    validation = Rule::new("size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label of at most 50 characters starting with a letter: it names the generated Services (<name>-perf-standby is at most 63) and is the value of the vault-registrar.dev/cluster pod label"),
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activePod"}"#,
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.pods"}"#,
     printcolumn = r#"{"name":"Unsealed","type":"integer","jsonPath":".status.unsealed"}"#,
@@ -98,16 +99,19 @@ pub struct HealthSpec {
     #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[^\s?#]*$"))]
     pub path: String,
 
-    /// Time between probes of each pod, a Kubernetes duration of at least 200ms.
+    /// Time between probes of each pod, a Kubernetes duration from 200ms to 5m.
     #[serde(default = "default_interval")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('200ms')").message("interval must be at least 200ms"))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('5m')").message("interval must be at most 5m: a longer one leaves failovers unseen for too long"))]
     pub interval: String,
 
-    /// How long one probe may take, a Kubernetes duration less than interval.
+    /// How long one probe may take, a Kubernetes duration less than interval and at most
+    /// 30s. The wait for a free probe slot counts in it.
     #[serde(default = "default_timeout")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("timeout must be positive"))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('30s')").message("timeout must be at most 30s: a probe holds a slot shared with other clusters"))]
     pub timeout: String,
 
     /// Consecutive failed probes before a pod counts as unreachable and gets the
@@ -170,9 +174,11 @@ pub struct TlsSpec {
     pub ca_secret_ref: Option<SecretKeyRef>,
 
     /// Name to verify in the certificate instead of the pod IP, also sent as SNI. May use
-    /// {pod} and {namespace}, e.g. "{pod}.vault-internal".
+    /// {pod} and {namespace}, e.g. "{pod}.vault-internal"; with them filled in it must be a
+    /// lower-case DNS name.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.replace('{pod}', 'p').replace('{namespace}', 'n').matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("serverName must be a lower-case DNS name; the only placeholders are {pod} and {namespace}"))]
     pub server_name: String,
 
     /// Skip certificate verification. Only for tests: anyone on the path can then answer.

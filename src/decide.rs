@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::health::Role;
-use crate::labels::{AFTER_SHUTDOWN, LabelNames, desired, diff, flag, flags_for};
+use crate::labels::{AFTER_SHUTDOWN, LabelNames, OWNER_LABEL, desired, diff, flag, flags_for};
 use crate::tracker::Verdict;
 
 /// One selected pod as observed, with the verdict of its latest probe.
@@ -14,6 +14,21 @@ pub struct Member {
     pub ip: String,
     pub labels: BTreeMap<String, String>,
     pub verdict: Verdict,
+    /// What this round's probe learnt: whether Vault answered at all.
+    pub reach: Reach,
+    /// Kubernetes reports the pod Running, Ready and not terminating.
+    pub serving: bool,
+}
+
+/// Whether this round's probe of a pod got an answer from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Something answered, usable or not.
+    Answered,
+    /// No answer reached us (transport failure or our own shortage).
+    Unanswered,
+    /// Not probed: the pod is not Running, has no IP, or is terminating.
+    NotProbed,
 }
 
 /// Label writes for one pod: a value to set, or None to remove.
@@ -37,7 +52,8 @@ pub struct Decision {
     pub active: Option<String>,
 }
 
-pub fn decide(names: &LabelNames, members: &[Member]) -> Decision {
+/// The labels of every member, `owner` being the VaultCluster whose ownership label they get.
+pub fn decide(names: &LabelNames, owner: &str, members: &[Member]) -> Decision {
     let claimants: Vec<String> = members
         .iter()
         .filter(|m| matches!(&m.verdict, Verdict::Healthy(h) if h.role == Role::Active))
@@ -47,7 +63,8 @@ pub fn decide(names: &LabelNames, members: &[Member]) -> Decision {
     let mut plans: Vec<LabelPlan> = Vec::new();
     let mut labelled_active = Vec::new();
     for member in members {
-        let want = wanted(names, member, sole, !claimants.is_empty());
+        let mut want = wanted(names, member, sole, !claimants.is_empty());
+        want.insert(OWNER_LABEL.to_string(), Some(owner.to_string()));
         let change = diff(&member.labels, &want);
         let after = |name: &str| {
             change
@@ -123,6 +140,7 @@ mod tests {
     fn down() -> Verdict {
         Verdict::Down {
             reason: "connection refused".into(),
+            last: None,
         }
     }
 
@@ -136,6 +154,7 @@ mod tests {
                 _ => ("false", "false", "false", "true"),
             };
             for (k, v) in [
+                (OWNER_LABEL, "vault"),
                 ("vault-active", a),
                 ("vault-initialized", i),
                 ("vault-perf-standby", p),
@@ -150,6 +169,8 @@ mod tests {
             ip: String::new(),
             labels,
             verdict,
+            reach: Reach::Answered,
+            serving: true,
         }
     }
 
@@ -250,11 +271,11 @@ mod tests {
                 vec!["v0"],
             ),
             (
-                "unprobed pod is not written",
+                "unprobed pod only gets the ownership label",
                 vec![member("v0", None, failing())],
                 vec![],
                 0,
-                vec![],
+                vec!["v0"],
             ),
             (
                 "sealed active",
@@ -265,7 +286,7 @@ mod tests {
             ),
         ];
         for (name, members, active, claimants, written) in cases {
-            let decision = decide(&LabelNames::new("vault"), &members);
+            let decision = decide(&LabelNames::new("vault"), "vault", &members);
             assert_eq!(active_after(&decision, &members), active, "{name}: active");
             assert_eq!(decision.claimants.len(), claimants, "{name}: claimants");
             let mut pods: Vec<&str> = decision.plans.iter().map(|p| p.pod.as_str()).collect();
@@ -286,7 +307,7 @@ mod tests {
             member("b-old", Some("active"), health(Role::Standby)),
             member("c-stale", Some("active"), failing()),
         ];
-        let plans = decide(&LabelNames::new("vault"), &members).plans;
+        let plans = decide(&LabelNames::new("vault"), "vault", &members).plans;
         let order: Vec<&str> = plans.iter().map(|p| p.pod.as_str()).collect();
         assert_eq!(order.last(), Some(&"a-new"), "{order:?}");
         assert_eq!(
@@ -296,12 +317,25 @@ mod tests {
     }
 
     #[test]
+    fn pods_labelled_before_the_ownership_label_get_it_and_nothing_else() {
+        let mut old = member("v0", Some("active"), health(Role::Active));
+        old.labels.remove(OWNER_LABEL);
+        let decision = decide(&LabelNames::new("vault"), "vault", &[old]);
+        assert_eq!(decision.plans.len(), 1);
+        assert_eq!(
+            decision.plans[0].change,
+            BTreeMap::from([(OWNER_LABEL.to_string(), Some("vault".to_string()))])
+        );
+        assert!(!decision.plans[0].promotes);
+    }
+
+    #[test]
     fn demoting_a_failing_pod_touches_only_the_active_label() {
         let members = vec![
             member("v0", Some("active"), failing()),
             member("v1", Some("standby"), health(Role::Active)),
         ];
-        let decision = decide(&LabelNames::new("vault"), &members);
+        let decision = decide(&LabelNames::new("vault"), "vault", &members);
         let plan = decision.plans.iter().find(|p| p.pod == "v0").unwrap();
         assert_eq!(
             plan.change,

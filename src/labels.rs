@@ -5,9 +5,15 @@ use std::collections::BTreeMap;
 
 use crate::health::{Health, Role, sanitize_version};
 
-/// Annotation naming the VaultCluster that labelled a pod, so that a pod which stops
-/// matching the selector, or a VaultCluster being deleted, can find the labels to remove.
-pub const OWNER_ANNOTATION: &str = "vault-registrar.dev/cluster";
+/// Label naming the VaultCluster that owns a pod's role labels. Every generated Service
+/// selects on it, so a Service never reaches another cluster's pod even when two clusters'
+/// matchLabels are the same; it also finds the pods whose labels to remove when a pod stops
+/// matching or a VaultCluster goes.
+pub const OWNER_LABEL: &str = "vault-registrar.dev/cluster";
+
+/// What versions before the ownership label used instead: an annotation of the same name.
+/// Removed with the first label write on a pod.
+pub const LEGACY_OWNER_ANNOTATION: &str = "vault-registrar.dev/cluster";
 
 /// The label names for one prefix ("vault" gives vault-active, ...).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,9 +124,14 @@ pub fn desired(
     labels
 }
 
-/// Labels to remove: every label of the prefix.
+/// Labels to remove: every label of the prefix, and the ownership label.
 pub fn removal(names: &LabelNames) -> BTreeMap<String, Option<String>> {
-    names.all().iter().map(|n| (n.to_string(), None)).collect()
+    names
+        .all()
+        .iter()
+        .chain(&[OWNER_LABEL])
+        .map(|n| (n.to_string(), None))
+        .collect()
 }
 
 /// The entries of `want` that differ from `current`: a value to set, or None to remove a

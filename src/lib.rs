@@ -6,6 +6,7 @@ pub mod crd;
 pub mod decide;
 pub mod duration;
 pub mod error;
+pub mod fail_static;
 pub mod health;
 pub mod labels;
 pub mod leader;

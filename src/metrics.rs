@@ -14,6 +14,7 @@ pub struct Metrics {
     pub probes: IntCounterVec,
     pub probe_latency: HistogramVec,
     pub label_writes: IntCounter,
+    pub status_writes: IntCounter,
     pub service_writes: IntCounter,
     pub active_changes: IntCounterVec,
     pub cluster_pods: IntGaugeVec,
@@ -39,6 +40,7 @@ impl Metrics {
             probe_latency: HistogramVec::new(HistogramOpts::new("vault_registrar_probe_duration_seconds", "Health probe latency")
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]), &["result"]).unwrap(),
             label_writes: IntCounter::new("vault_registrar_pod_label_writes_total", "Pod label patches sent").unwrap(),
+            status_writes: IntCounter::new("vault_registrar_status_writes_total", "VaultCluster status patches sent").unwrap(),
             service_writes: IntCounter::new("vault_registrar_service_writes_total", "Service creates, applies and deletes sent").unwrap(),
             active_changes: IntCounterVec::new(Opts::new("vault_registrar_active_changes_total", "Changes of the active pod, by VaultCluster"), &["namespace", "cluster"]).unwrap(),
             cluster_pods: IntGaugeVec::new(Opts::new("vault_registrar_cluster_pods", "Selected pods per VaultCluster, by role"), &["namespace", "cluster", "role"]).unwrap(),
@@ -58,6 +60,7 @@ impl Metrics {
             Box::new(self.probes.clone()),
             Box::new(self.probe_latency.clone()),
             Box::new(self.label_writes.clone()),
+            Box::new(self.status_writes.clone()),
             Box::new(self.service_writes.clone()),
             Box::new(self.active_changes.clone()),
             Box::new(self.cluster_pods.clone()),

@@ -1,6 +1,7 @@
 //! Probing one pod's health endpoint over HTTP or HTTPS. Deliberately small: one request,
 //! no redirects followed, no credentials sent, a cap on the body, a deadline on the whole
-//! exchange, and a global bound on probes in flight.
+//! exchange, a global bound on probes in flight and a bounded share of it per cluster, so
+//! that one cluster's slow pods cannot starve the others.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::health::classify;
-use crate::tracker::Outcome;
+use crate::tracker::{Failure, FailureKind, Outcome};
 
 /// The largest body accepted; Vault's health answer is well under 2 KiB.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -31,63 +32,109 @@ pub struct Target {
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
-/// Runs probes with a bound on how many are in flight at once.
+/// Runs probes with a bound on how many are in flight at once, over all clusters.
 #[derive(Clone)]
 pub struct Prober {
     permits: Arc<Semaphore>,
+    share: usize,
 }
 
 impl Prober {
     pub fn new(concurrency: usize) -> Self {
+        let concurrency = concurrency.max(1);
         Self {
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            // A quarter of the pool: at least four clusters can always probe side by side.
+            share: (concurrency / 4).clamp(1, 16),
         }
     }
 
-    /// Probes once; the outcome and how long the exchange took.
-    pub async fn probe(&self, target: &Target) -> (Outcome, Duration) {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+    /// The bound on one cluster's probes in flight; one per probe round.
+    pub fn cluster_share(&self) -> Semaphore {
+        Semaphore::new(self.share)
+    }
+
+    /// Probes once; the outcome and how long it took. The deadline covers the wait for a
+    /// slot, so a probe never outlives its timeout; a slot that never came is our shortage,
+    /// not the pod's failure.
+    pub async fn probe(&self, target: &Target, share: &Semaphore) -> (Outcome, Duration) {
         let start = Instant::now();
-        let outcome = match tokio::time::timeout(target.timeout, exchange(target)).await {
-            Err(_) => Outcome::Failed(format!("no answer within {:?}", target.timeout)),
-            Ok(Err(error)) => Outcome::Failed(error),
+        let deadline = tokio::time::Instant::now() + target.timeout;
+        let slots = async {
+            let cluster = share.acquire().await.expect("semaphore never closed");
+            let global = self
+                .permits
+                .acquire()
+                .await
+                .expect("semaphore never closed");
+            (cluster, global)
+        };
+        let Ok(_slots) = tokio::time::timeout_at(deadline, slots).await else {
+            let message = format!("no probe slot free within {:?}", target.timeout);
+            return (
+                Outcome::Failed(Failure::new(FailureKind::Local, message)),
+                start.elapsed(),
+            );
+        };
+        let outcome = match tokio::time::timeout_at(deadline, exchange(target)).await {
+            Err(_) => Outcome::Failed(Failure::new(
+                FailureKind::Transport,
+                format!("no answer within {:?}", target.timeout),
+            )),
+            Ok(Err(failure)) => Outcome::Failed(failure),
             Ok(Ok((status, body))) => match classify(status, &body) {
                 Ok(health) => Outcome::Healthy(health),
-                Err(e) => Outcome::Failed(e.to_string()),
+                Err(e) => Outcome::Failed(Failure::new(FailureKind::Answer, e.to_string())),
             },
         };
         (outcome, start.elapsed())
     }
 }
 
-async fn exchange(target: &Target) -> Result<(u16, Bytes), String> {
+/// Errors of our own process: the pod is not to blame for them.
+fn is_local(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// A socket-level error: ours when the process ran short, the path's otherwise.
+fn io_failure(what: &str, error: std::io::Error) -> Failure {
+    let kind = if is_local(&error) {
+        FailureKind::Local
+    } else {
+        FailureKind::Transport
+    };
+    Failure::new(kind, format!("{what}: {error}"))
+}
+
+async fn exchange(target: &Target) -> Result<(u16, Bytes), Failure> {
     let tcp = TcpStream::connect((target.ip, target.port))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| io_failure("connect", e))?;
     let _ = tcp.set_nodelay(true);
     match &target.tls {
         None => request(tcp, target).await,
         Some((config, name)) => {
+            // A failed handshake, verification included, tells nothing of Vault's state.
             let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name.clone(), tcp)
                 .await
-                .map_err(|e| format!("tls: {e}"))?;
+                .map_err(|e| io_failure("tls", e))?;
             request(tls, target).await
         }
     }
 }
 
-async fn request<S>(stream: S, target: &Target) -> Result<(u16, Bytes), String>
+async fn request<S>(stream: S, target: &Target) -> Result<(u16, Bytes), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let transport = |e: hyper::Error| Failure::new(FailureKind::Transport, format!("http: {e}"));
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("http: {e}"))?;
+        .map_err(transport)?;
     let driver = tokio::spawn(connection);
     let host = match target.ip {
         IpAddr::V6(ip) => format!("[{ip}]:{}", target.port),
@@ -101,18 +148,18 @@ where
             concat!("vault-registrar/", env!("CARGO_PKG_VERSION")),
         )
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
+        .map_err(|e| Failure::new(FailureKind::Local, format!("request: {e}")))?;
     let result = async {
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("http: {e}"))?;
+        let response = sender.send_request(req).await.map_err(transport)?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| {
-                format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}")
+                let message = format!(
+                    "status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}"
+                );
+                Failure::new(FailureKind::Answer, message)
             })?
             .to_bytes();
         Ok((status, body))
@@ -213,6 +260,46 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
+/// The placeholders a `serverName` template may use.
+const PLACEHOLDERS: [&str; 2] = ["{pod}", "{namespace}"];
+
+/// Checks a `serverName` template before any pod is probed: only the documented
+/// placeholders, and what remains a lower-case DNS name. A typo here is a spec problem,
+/// never a reason to call the pods unreachable.
+pub fn check_server_name(template: &str) -> Result<(), String> {
+    if template.is_empty() {
+        return Ok(());
+    }
+    // Placeholders stand for a DNS label ("p"); pod names, being subdomains, stay valid.
+    let filled = PLACEHOLDERS
+        .iter()
+        .fold(template.to_string(), |t, p| t.replace(p, "p"));
+    if filled.contains(['{', '}']) {
+        return Err(format!(
+            "spec.health.tls.serverName: {template:?} uses a placeholder other than {{pod}} and {{namespace}}"
+        ));
+    }
+    if !is_dns_name(&filled) {
+        return Err(format!(
+            "spec.health.tls.serverName: {template:?} does not give a lower-case DNS name"
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 1123 subdomain, as Kubernetes validates names: lower case, at most 253 characters.
+fn is_dns_name(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
+}
+
 /// The name to verify: the template with {pod} and {namespace} filled in, or the pod IP.
 pub fn server_name(
     template: &str,
@@ -246,6 +333,36 @@ mod tests {
             ServerName::try_from("vault-0.vault-internal.ns.svc").unwrap()
         );
         assert!(server_name("bad name!", "vault-0", "ns", ip).is_err());
+    }
+
+    #[test]
+    fn server_name_templates_are_checked_before_probing() {
+        let cases = [
+            ("", true),
+            ("{pod}.vault-internal", true),
+            ("{pod}.vault-internal.{namespace}.svc", true),
+            ("vault.example.com", true),
+            ("{pod_name}.vault-internal", false),
+            ("{Pod}.vault-internal", false),
+            ("{pod}.vault-internal}", false),
+            ("{pod}..vault", false),
+            ("Vault.example", false),
+            ("-vault.example", false),
+            ("vault_internal", false),
+            ("bad name!", false),
+        ];
+        for (template, ok) in cases {
+            let got = check_server_name(template);
+            assert_eq!(got.is_ok(), ok, "{template:?}: {got:?}");
+            if let Err(message) = got {
+                assert!(
+                    message.starts_with("spec.health.tls.serverName"),
+                    "{message}"
+                );
+            }
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(check_server_name(&long).is_err(), "label over 63");
     }
 
     #[test]

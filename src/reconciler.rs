@@ -22,15 +22,15 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::crd::{FINALIZER, Scheme, VaultCluster, VaultClusterStatus};
-use crate::decide::{LabelPlan, Member, decide};
+use crate::decide::{LabelPlan, Member, Reach, decide};
 use crate::error::Error;
-use crate::labels::{LabelNames, OWNER_ANNOTATION, diff, removal};
+use crate::labels::{LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, diff, removal};
 use crate::metrics::Metrics;
-use crate::probe::{Prober, Target, server_name, tls_config};
+use crate::probe::{Prober, Target, check_server_name, server_name, tls_config};
 use crate::services::{self, Kind};
-use crate::status::{Notice, Observation, build, notices};
-use crate::tracker::{Outcome, Tracker};
-use crate::{duration, selector};
+use crate::status::{Notice, Observation, build, invalid_spec, merge_patch, notices};
+use crate::tracker::{Failure, FailureKind, Outcome, Tracker};
+use crate::{duration, fail_static, selector};
 
 /// Field manager for every write, so `managedFields` shows what we own.
 pub const MANAGER: &str = "vault-registrar";
@@ -42,6 +42,8 @@ pub struct Context {
     pub metrics: Metrics,
     recorder: Recorder,
     trackers: Mutex<HashMap<String, Tracker>>,
+    /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
     clusters: Mutex<Option<Store<VaultCluster>>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
     leading: Arc<AtomicBool>,
@@ -64,6 +66,7 @@ impl Context {
             prober,
             metrics,
             trackers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             clusters: Mutex::new(None),
             leading,
         })
@@ -130,7 +133,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
 /// The VaultClusters a pod change concerns: those selecting it and the one that labelled it.
 fn clusters_of(store: &Store<VaultCluster>, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
     let labels = pod.labels();
-    let labelled_by = pod.annotations().get(OWNER_ANNOTATION);
+    let labelled_by = owner_of(pod);
     store
         .state()
         .iter()
@@ -140,6 +143,14 @@ fn clusters_of(store: &Store<VaultCluster>, pod: &Pod) -> Vec<ObjectRef<VaultClu
         })
         .map(|vc| ObjectRef::from_obj(vc.as_ref()))
         .collect()
+}
+
+/// The VaultCluster that labelled a pod: the ownership label, or the annotation that
+/// versions before it wrote.
+fn owner_of(pod: &Pod) -> Option<&String> {
+    pod.labels()
+        .get(OWNER_LABEL)
+        .or_else(|| pod.annotations().get(LEGACY_OWNER_ANNOTATION))
 }
 
 fn error_policy(
@@ -157,7 +168,18 @@ fn error_policy(
         .reconcile_errors
         .with_label_values(&[kind])
         .inc();
-    Action::requeue(interval(&vc).min(Duration::from_secs(5)))
+    let mut failures = ctx.failures.lock().unwrap();
+    let count = failures.entry(vc.uid().unwrap_or_default()).or_default();
+    *count = count.saturating_add(1);
+    Action::requeue(retry_after(*count))
+}
+
+/// Exponential backoff for failed reconciles: 250ms doubling up to 10s. A watch event still
+/// triggers a reconcile at once, so recovery of the API server is not delayed by it.
+fn retry_after(failures: u32) -> Duration {
+    let base = Duration::from_millis(250);
+    base.saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(10))
 }
 
 async fn reconcile(
@@ -165,6 +187,7 @@ async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
     let start = Instant::now();
+    let uid = vc.uid().unwrap_or_default();
     let api: Api<VaultCluster> =
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     if ctx.guard("VaultCluster finalizer").is_err() {
@@ -184,6 +207,9 @@ async fn reconcile(
         .reconciles
         .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
         .inc();
+    if result.is_ok() {
+        ctx.failures.lock().unwrap().remove(&uid);
+    }
     result
 }
 
@@ -202,34 +228,81 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let names = LabelNames::new(&vc.spec.label_prefix);
     let probe_settings = match probe_settings(vc, ctx).await {
         Ok(settings) => settings,
-        Err(SpecProblem(problem)) => return report_invalid(vc, ctx, problem).await,
+        Err(Unusable::Spec(problem)) => return report_invalid(vc, ctx, problem).await,
+        Err(Unusable::Api(error)) => return Err(error),
     };
     if let Some(problem) = services::name_clash(vc) {
         return report_invalid(vc, ctx, problem).await;
     }
-    let pods = observe_pods(vc, ctx, &names).await?;
-    let others = ctx.other_clusters();
-    let mut candidates = Vec::new();
-    let mut overlaps = Vec::new();
-    let mut strays = Vec::new();
-    for pod in pods {
-        let selected = selector::matches(&vc.spec.selector, pod.labels());
-        match (
-            selected,
-            selector::claimed_by_older(vc, &others, pod.labels()),
-        ) {
-            (true, None) => candidates.push(pod),
-            (true, Some(older)) => {
-                overlaps.push(format!("{} ({})", pod.name_any(), older.name_any()))
-            }
-            (false, _) if pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any()) => {
-                strays.push(pod)
-            }
-            (false, _) => {}
-        }
+    let pods = observe_pods(vc, ctx).await?;
+    let Selection {
+        candidates,
+        overlaps,
+        strays,
+    } = select(vc, &ctx.other_clusters(), pods);
+    let pods_owned = candidates
+        .iter()
+        .all(|p| p.labels().get(OWNER_LABEL) == Some(&vc.name_any()));
+    let mut members = probe_all(vc, ctx, &probe_settings, &candidates).await;
+    let held = fail_static::hold(&mut members);
+    if let Some(why) = &held {
+        warn!(cluster = %cluster_name(vc), %why, "holding labels");
     }
-    let members = probe_all(vc, ctx, &probe_settings, &candidates).await;
-    let decision = decide(&names, &members);
+    let decision = decide(&names, &vc.name_any(), &members);
+    let (service_problems, failed) = match act(
+        vc,
+        ctx,
+        &ns,
+        &names,
+        &decision,
+        &members,
+        &candidates,
+        &strays,
+        pods_owned,
+    )
+    .await
+    {
+        Ok(problems) => (problems, None),
+        Err(error) => (Vec::new(), Some(error)),
+    };
+    let observation = Observation {
+        generation: vc.metadata.generation,
+        members: &members,
+        decision: &decision,
+        spec_problem: None,
+        service_problems,
+        overlaps,
+        held,
+        write_problem: failed.as_ref().map(|e| e.to_string()),
+        previous: vc.status.as_ref(),
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    let status = build(&observation);
+    let wait = next_probe(interval(vc), started.elapsed(), status.active_pod.is_some());
+    record_gauges(vc, ctx, &status);
+    // A failed write still gets its status published, so Ready never stays True over it.
+    let published = publish_status(vc, ctx, status).await;
+    match failed {
+        Some(error) => Err(error),
+        None => published.map(|_| Action::requeue(wait)),
+    }
+}
+
+/// Writes what the decision calls for: labels (every demotion before a promotion), strays,
+/// Services. Stops at the first failed write, so a promotion never follows a failed
+/// demotion. Returns why any Service could not be put in place.
+#[allow(clippy::too_many_arguments)]
+async fn act(
+    vc: &VaultCluster,
+    ctx: &Context,
+    ns: &str,
+    names: &LabelNames,
+    decision: &crate::decide::Decision,
+    members: &[Member],
+    candidates: &[Pod],
+    strays: &[Pod],
+    pods_owned: bool,
+) -> Result<Vec<String>, Error> {
     for plan in &decision.plans {
         if plan.promotes {
             let ip = members
@@ -239,27 +312,47 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
                 .unwrap_or_default();
             await_active_endpoints_drained(vc, ctx, ip).await?;
         }
-        write_labels(vc, ctx, &ns, plan, &candidates).await?;
+        write_labels(vc, ctx, ns, plan, candidates).await?;
     }
-    for pod in &strays {
-        strip_labels(vc, ctx, &names, pod).await?;
+    for pod in strays {
+        strip_labels(vc, ctx, names, pod).await?;
     }
-    let service_problems = converge_services(vc, ctx).await?;
-    let observation = Observation {
-        generation: vc.metadata.generation,
-        members: &members,
-        decision: &decision,
-        spec_problem: None,
-        service_problems,
-        overlaps,
-        previous: vc.status.as_ref(),
-        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    converge_services(vc, ctx, pods_owned).await
+}
+
+/// The pods a round works on, sorted by what the round does with them.
+struct Selection {
+    /// Selected by this VaultCluster and by no older one: probed and labelled.
+    candidates: Vec<Pod>,
+    /// Selected, but left to an older VaultCluster: "pod (cluster)".
+    overlaps: Vec<String>,
+    /// Labelled by this VaultCluster and no longer selected: their labels go.
+    strays: Vec<Pod>,
+}
+
+fn select(vc: &VaultCluster, others: &[VaultCluster], pods: Vec<Pod>) -> Selection {
+    let mut selection = Selection {
+        candidates: Vec::new(),
+        overlaps: Vec::new(),
+        strays: Vec::new(),
     };
-    let status = build(&observation);
-    let wait = next_probe(interval(vc), started.elapsed(), status.active_pod.is_some());
-    record_gauges(vc, ctx, &status);
-    publish_status(vc, ctx, status).await?;
-    Ok(Action::requeue(wait))
+    for pod in pods {
+        let selected = selector::matches(&vc.spec.selector, pod.labels());
+        match (
+            selected,
+            selector::claimed_by_older(vc, others, pod.labels()),
+        ) {
+            (true, None) => selection.candidates.push(pod),
+            (true, Some(older)) => {
+                selection
+                    .overlaps
+                    .push(format!("{} ({})", pod.name_any(), older.name_any()))
+            }
+            (false, _) if owner_of(&pod) == Some(&vc.name_any()) => selection.strays.push(pod),
+            (false, _) => {}
+        }
+    }
+    selection
 }
 
 /// Time until the next probe round. Rounds start every interval, however long one took.
@@ -274,8 +367,12 @@ fn next_probe(interval: Duration, took: Duration, has_active: bool) -> Duration 
     period.saturating_sub(took).max(Duration::from_millis(50))
 }
 
-/// A spec that the schema let through but that cannot be acted on.
-struct SpecProblem(String);
+/// Why a round cannot probe: the spec (reported in the status, labels held) or a transient
+/// API error (retried with backoff, status untouched).
+enum Unusable {
+    Spec(String),
+    Api(Error),
+}
 
 /// How to probe this cluster's pods: port, path, timeout, TLS.
 struct ProbeSettings {
@@ -286,14 +383,15 @@ struct ProbeSettings {
     tls: Option<(Arc<rustls::ClientConfig>, String)>,
 }
 
-async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, SpecProblem> {
+async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, Unusable> {
     let h = &vc.spec.health;
-    let timeout = duration::parse(&h.timeout)
-        .map_err(|e| SpecProblem(format!("spec.health.timeout: {e}")))?;
-    let interval = duration::parse(&h.interval)
-        .map_err(|e| SpecProblem(format!("spec.health.interval: {e}")))?;
+    let spec = |message: String| Unusable::Spec(message);
+    let timeout =
+        duration::parse(&h.timeout).map_err(|e| spec(format!("spec.health.timeout: {e}")))?;
+    let interval =
+        duration::parse(&h.interval).map_err(|e| spec(format!("spec.health.interval: {e}")))?;
     if timeout >= interval {
-        return Err(SpecProblem(
+        return Err(spec(
             "spec.health.timeout must be less than spec.health.interval".into(),
         ));
     }
@@ -301,12 +399,13 @@ async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSetting
         Scheme::Http => None,
         Scheme::Https => {
             let tls = h.tls.clone().unwrap_or_default();
+            check_server_name(&tls.server_name).map_err(spec)?;
             let ca = match &tls.ca_secret_ref {
                 Some(r) => Some(read_ca(vc, ctx, &r.name, &r.key).await?),
                 None => None,
             };
             let config = tls_config(ca.as_deref(), tls.insecure_skip_verify)
-                .map_err(|e| SpecProblem(format!("spec.health.tls: {e}")))?;
+                .map_err(|e| spec(format!("spec.health.tls: {e}")))?;
             Some((config, tls.server_name))
         }
     };
@@ -319,24 +418,28 @@ async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSetting
     })
 }
 
+/// The CA bundle. A missing Secret or key is the spec's problem; any other error reading it
+/// is transient and says nothing about the spec.
 async fn read_ca(
     vc: &VaultCluster,
     ctx: &Context,
     name: &str,
     key: &str,
-) -> Result<Vec<u8>, SpecProblem> {
+) -> Result<Vec<u8>, Unusable> {
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let secret = secrets
         .get_opt(name)
         .await
-        .map_err(|e| {
-            SpecProblem(format!(
-                "spec.health.tls.caSecretRef: reading Secret {name}: {e}"
-            ))
+        .map_err(|source| {
+            Unusable::Api(Error::ReadSecret {
+                cluster: cluster_name(vc),
+                secret: name.into(),
+                source,
+            })
         })?
         .ok_or_else(|| {
-            SpecProblem(format!(
+            Unusable::Spec(format!(
                 "spec.health.tls.caSecretRef: Secret {name} not found"
             ))
         })?;
@@ -344,18 +447,14 @@ async fn read_ca(
         .data
         .and_then(|d| d.get(key).map(|b| b.0.clone()))
         .ok_or_else(|| {
-            SpecProblem(format!(
+            Unusable::Spec(format!(
                 "spec.health.tls.caSecretRef: Secret {name} has no key {key}"
             ))
         })
 }
 
-/// The selected pods plus the pods still carrying labels we wrote.
-async fn observe_pods(
-    vc: &VaultCluster,
-    ctx: &Context,
-    names: &LabelNames,
-) -> Result<Vec<Pod>, Error> {
+/// The selected pods plus the pods carrying this VaultCluster's ownership label.
+async fn observe_pods(vc: &VaultCluster, ctx: &Context) -> Result<Vec<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let list = |selector: String| {
         let api = api.clone();
@@ -376,12 +475,13 @@ async fn observe_pods(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
+    let owned = format!("{OWNER_LABEL}={}", vc.name_any());
     let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
     for pod in list(match_labels)
         .await?
         .items
         .into_iter()
-        .chain(list(names.active.clone()).await?.items)
+        .chain(list(owned).await?.items)
     {
         pods.insert(pod.name_any(), pod);
     }
@@ -395,8 +495,12 @@ async fn probe_all(
     pods: &[Pod],
 ) -> Vec<Member> {
     let ns = vc.namespace().unwrap_or_default();
-    let outcomes =
-        futures::future::join_all(pods.iter().map(|pod| probe_pod(ctx, settings, &ns, pod))).await;
+    let share = ctx.prober.cluster_share();
+    let outcomes = futures::future::join_all(
+        pods.iter()
+            .map(|pod| probe_pod(ctx, settings, &share, &ns, pod)),
+    )
+    .await;
     let key = vc.uid().unwrap_or_default();
     let mut trackers = ctx.trackers.lock().unwrap();
     let tracker = trackers.entry(key).or_default();
@@ -406,6 +510,11 @@ async fn probe_all(
         .zip(outcomes)
         .zip(&uids)
         .map(|((pod, outcome), uid)| {
+            let reach = match &outcome {
+                Err(_) => Reach::NotProbed,
+                Ok(Outcome::Failed(f)) if f.unanswered() => Reach::Unanswered,
+                Ok(_) => Reach::Answered,
+            };
             let verdict = match outcome {
                 Err(reason) => tracker.down(uid, &reason),
                 Ok(outcome) => tracker.record(uid, outcome, settings.threshold),
@@ -415,15 +524,28 @@ async fn probe_all(
                 ip: pod_ip(pod).map(|ip| ip.to_string()).unwrap_or_default(),
                 labels: pod.labels().clone(),
                 verdict,
+                reach,
+                serving: serving(pod),
             }
         })
         .collect()
+}
+
+/// Kubernetes reports the pod Running, Ready and not terminating.
+fn serving(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    running && ready && pod.metadata.deletion_timestamp.is_none()
 }
 
 /// Probes a pod that can be probed; Err names why a pod cannot serve at all.
 async fn probe_pod(
     ctx: &Context,
     settings: &ProbeSettings,
+    share: &tokio::sync::Semaphore,
     ns: &str,
     pod: &Pod,
 ) -> Result<Outcome, String> {
@@ -444,10 +566,11 @@ async fn probe_pod(
     let ip = pod_ip(pod).ok_or("pod has no IP")?;
     let tls = match &settings.tls {
         None => None,
-        Some((config, template)) => Some((
-            config.clone(),
-            server_name(template, &pod.name_any(), ns, ip)?,
-        )),
+        Some((config, template)) => match server_name(template, &pod.name_any(), ns, ip) {
+            Ok(name) => Some((config.clone(), name)),
+            // The template was checked; a name it still cannot make is not the pod's fault.
+            Err(e) => return Ok(Outcome::Failed(Failure::new(FailureKind::Local, e))),
+        },
     };
     let target = Target {
         ip,
@@ -456,7 +579,7 @@ async fn probe_pod(
         timeout: settings.timeout,
         tls,
     };
-    let (outcome, took) = ctx.prober.probe(&target).await;
+    let (outcome, took) = ctx.prober.probe(&target, share).await;
     let label = match &outcome {
         Outcome::Healthy(h) => h.role.as_str(),
         Outcome::Failed(_) => "failed",
@@ -520,15 +643,14 @@ async fn write_labels(
     plan: &LabelPlan,
     pods: &[Pod],
 ) -> Result<(), Error> {
-    let owned = pods
-        .iter()
-        .find(|p| p.name_any() == plan.pod)
-        .is_some_and(|p| p.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any()));
+    let Some(pod) = pods.iter().find(|p| p.name_any() == plan.pod) else {
+        return Ok(());
+    };
     let mut meta = json!({"labels": plan.change});
-    if !owned {
-        meta["annotations"] = json!({OWNER_ANNOTATION: vc.name_any()});
+    if pod.annotations().contains_key(LEGACY_OWNER_ANNOTATION) {
+        meta["annotations"] = json!({LEGACY_OWNER_ANNOTATION: null});
     }
-    patch_pod(vc, ctx, ns, &plan.pod, json!({"metadata": meta})).await
+    patch_pod(vc, ctx, ns, pod, meta).await
 }
 
 async fn strip_labels(
@@ -538,36 +660,47 @@ async fn strip_labels(
     pod: &Pod,
 ) -> Result<(), Error> {
     let change = diff(pod.labels(), &removal(names));
-    let patch = json!({"metadata": {"labels": change, "annotations": {OWNER_ANNOTATION: null}}});
-    patch_pod(
-        vc,
-        ctx,
-        &pod.namespace().unwrap_or_default(),
-        &pod.name_any(),
-        patch,
-    )
-    .await
+    let meta = json!({"labels": change, "annotations": {LEGACY_OWNER_ANNOTATION: null}});
+    patch_pod(vc, ctx, &pod.namespace().unwrap_or_default(), pod, meta).await
 }
 
+/// Patches a pod's metadata, on condition that it is still the pod observed: the UID in the
+/// patch makes the API server refuse it if the pod was replaced under the same name. A pod
+/// gone or replaced ends the write quietly; the next round sees the new one.
 async fn patch_pod(
     vc: &VaultCluster,
     ctx: &Context,
     ns: &str,
-    pod: &str,
-    patch: serde_json::Value,
+    pod: &Pod,
+    mut meta: serde_json::Value,
 ) -> Result<(), Error> {
-    ctx.guard(&format!("pod {ns}/{pod}"))?;
+    let name = pod.name_any();
+    ctx.guard(&format!("pod {ns}/{name}"))?;
+    meta["uid"] = json!(pod.uid());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(pod, &write_params(), &Patch::Merge(patch))
+    match api
+        .patch(
+            &name,
+            &write_params(),
+            &Patch::Merge(json!({"metadata": meta})),
+        )
         .await
-        .map_err(|source| Error::PatchPod {
+    {
+        Ok(_) => {
+            ctx.metrics.label_writes.inc();
+            info!(cluster = %cluster_name(vc), pod = %name, "labels written");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+            info!(cluster = %cluster_name(vc), pod = %name, reason = %e.message, "pod gone or replaced; labels not written");
+            Ok(())
+        }
+        Err(source) => Err(Error::PatchPod {
             cluster: cluster_name(vc),
-            pod: pod.into(),
+            pod: name,
             source,
-        })?;
-    ctx.metrics.label_writes.inc();
-    info!(cluster = %cluster_name(vc), pod, "labels written");
-    Ok(())
+        }),
+    }
 }
 
 /// Every merge patch carries our field manager, so `managedFields` names us.
@@ -580,12 +713,17 @@ fn write_params() -> PatchParams {
 
 /// Creates, repairs and deletes the generated Services; returns why any could not be put in
 /// place (a foreign Service with the name).
-async fn converge_services(vc: &VaultCluster, ctx: &Context) -> Result<Vec<String>, Error> {
+async fn converge_services(
+    vc: &VaultCluster,
+    ctx: &Context,
+    pods_owned: bool,
+) -> Result<Vec<String>, Error> {
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let mut problems = Vec::new();
     let desired = services::desired(vc);
     for (_, want) in &desired {
+        let mut want = want.clone();
         let name = want.name_any();
         let existing = api
             .get_opt(&name)
@@ -595,27 +733,29 @@ async fn converge_services(vc: &VaultCluster, ctx: &Context) -> Result<Vec<Strin
                 service: name.clone(),
                 source,
             })?;
-        match existing {
-            Some(have) if !services::owned_by(&have, vc) => {
+        if let Some(have) = &existing {
+            if !services::owned_by(have, vc) {
                 problems.push(format!(
                     "Service {name} exists and is not owned by this VaultCluster; left alone"
                 ));
+                continue;
             }
-            Some(have) if !services::drifted(&have, want) => {}
-            _ => {
-                ctx.guard(&format!("Service {name}"))?;
-                let params = PatchParams::apply(MANAGER).force();
-                api.patch(&name, &params, &Patch::Apply(want))
-                    .await
-                    .map_err(|source| Error::WriteService {
-                        cluster: cluster_name(vc),
-                        service: name.clone(),
-                        source,
-                    })?;
-                ctx.metrics.service_writes.inc();
-                info!(cluster = %cluster_name(vc), service = %name, "Service applied");
+            services::defer_owner_selector(&mut want, have, pods_owned);
+            if !services::drifted(have, &want) {
+                continue;
             }
         }
+        ctx.guard(&format!("Service {name}"))?;
+        let params = PatchParams::apply(MANAGER).force();
+        api.patch(&name, &params, &Patch::Apply(&want))
+            .await
+            .map_err(|source| Error::WriteService {
+                cluster: cluster_name(vc),
+                service: name.clone(),
+                source,
+            })?;
+        ctx.metrics.service_writes.inc();
+        info!(cluster = %cluster_name(vc), service = %name, "Service applied");
     }
     remove_unwanted_services(vc, ctx, &api, &desired).await?;
     Ok(problems)
@@ -656,29 +796,22 @@ async fn remove_unwanted_services(
     Ok(())
 }
 
-/// Reports a spec the operator cannot act on, touching nothing else.
+/// Reports a spec the operator cannot act on, touching nothing else: the labels are held
+/// and the last observation stays in the status.
 async fn report_invalid(
     vc: &VaultCluster,
     ctx: &Context,
     problem: String,
 ) -> Result<Action, Error> {
     warn!(cluster = %cluster_name(vc), %problem, "VaultCluster spec cannot be acted on");
-    let decision = decide(&LabelNames::new(&vc.spec.label_prefix), &[]);
-    let status = build(&Observation {
-        generation: vc.metadata.generation,
-        members: &[],
-        decision: &decision,
-        spec_problem: Some(problem),
-        service_problems: vec![],
-        overlaps: vec![],
-        previous: vc.status.as_ref(),
-        now: Time(k8s_openapi::jiff::Timestamp::now()),
-    });
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = invalid_spec(vc.status.as_ref(), vc.metadata.generation, problem, now);
     publish_status(vc, ctx, status).await?;
     Ok(Action::requeue(interval(vc)))
 }
 
-/// Writes the status and its events, only if the status changed.
+/// Writes the status and its events, only if the status changed. The patch clears what the
+/// new status leaves out, so a stale field cannot keep every round writing.
 async fn publish_status(
     vc: &VaultCluster,
     ctx: &Context,
@@ -690,13 +823,14 @@ async fn publish_status(
     ctx.guard(&format!("VaultCluster {} status", cluster_name(vc)))?;
     let api: Api<VaultCluster> =
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
-    let patch = json!({"status": status});
+    let patch = merge_patch(vc.status.as_ref(), &status);
     api.patch_status(&vc.name_any(), &write_params(), &Patch::Merge(patch))
         .await
         .map_err(|source| Error::UpdateStatus {
             cluster: cluster_name(vc),
             source,
         })?;
+    ctx.metrics.status_writes.inc();
     for notice in notices(vc.status.as_ref(), &status) {
         if notice.reason == "ActiveChanged" {
             let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
@@ -763,10 +897,10 @@ fn record_gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
 /// Removes our labels from every pod this VaultCluster labelled, then lets it go.
 async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let names = LabelNames::new(&vc.spec.label_prefix);
-    let pods = observe_pods(vc, ctx, &names).await?;
+    let pods = observe_pods(vc, ctx).await?;
     let others = ctx.other_clusters();
     for pod in &pods {
-        let ours = pod.annotations().get(OWNER_ANNOTATION) == Some(&vc.name_any())
+        let ours = owner_of(pod) == Some(&vc.name_any())
             || (selector::matches(&vc.spec.selector, pod.labels())
                 && selector::claimed_by_older(vc, &others, pod.labels()).is_none());
         if ours && !diff(pod.labels(), &removal(&names)).is_empty() {

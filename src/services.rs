@@ -10,7 +10,7 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{ServiceSpec, VaultCluster};
-use crate::labels::LabelNames;
+use crate::labels::{LabelNames, OWNER_LABEL};
 
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "vault-registrar");
 /// Label naming the owning VaultCluster, to find its Services by selector.
@@ -46,10 +46,13 @@ impl Kind {
         }
     }
 
-    /// The Service's pod selector: the cluster's matchLabels plus our role labels.
+    /// The Service's pod selector: the cluster's matchLabels, our ownership label (a
+    /// Service selector cannot express matchExpressions, so only ownership keeps two
+    /// clusters with the same matchLabels apart) and our role labels.
     fn selector(self, vc: &VaultCluster) -> BTreeMap<String, String> {
         let names = LabelNames::new(&vc.spec.label_prefix);
         let mut selector = vc.spec.selector.match_labels.clone();
+        selector.insert(OWNER_LABEL.into(), vc.name_any());
         let extra: Vec<(&String, &str)> = match self {
             Kind::Active => vec![(&names.active, "true")],
             Kind::Standby => vec![(&names.active, "false"), (&names.sealed, "false")],
@@ -124,6 +127,23 @@ fn build(vc: &VaultCluster, kind: Kind) -> Service {
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// Upgrading from a version whose Services did not select on the ownership label: keeps it
+/// out of `want` until every selected pod carries it (`pods_owned`, as observed before this
+/// round's writes), so the Service is never empty for a moment. New Services get it at once.
+pub fn defer_owner_selector(want: &mut Service, existing: &Service, pods_owned: bool) {
+    let legacy = existing
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| !s.contains_key(OWNER_LABEL));
+    if legacy
+        && !pods_owned
+        && let Some(selector) = want.spec.as_mut().and_then(|s| s.selector.as_mut())
+    {
+        selector.remove(OWNER_LABEL);
     }
 }
 
@@ -209,7 +229,8 @@ mod tests {
                     "vault-active".into(),
                     vec![
                         pair("app.kubernetes.io/name", "vault"),
-                        pair("vault-active", "true")
+                        pair("vault-active", "true"),
+                        pair(OWNER_LABEL, "vault"),
                     ]
                 ),
                 (
@@ -218,7 +239,8 @@ mod tests {
                     vec![
                         pair("app.kubernetes.io/name", "vault"),
                         pair("vault-active", "false"),
-                        pair("vault-sealed", "false")
+                        pair(OWNER_LABEL, "vault"),
+                        pair("vault-sealed", "false"),
                     ]
                 ),
             ]
@@ -291,7 +313,8 @@ mod tests {
             .unwrap()
             .insert("added-by-someone".into(), "x".into());
         assert!(!drifted(&same, &want));
-        let edits: Vec<(&str, Box<dyn Fn(&mut Service)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Service)>;
+        let edits: Vec<(&str, Edit)> = vec![
             (
                 "selector",
                 Box::new(|s| {
@@ -341,6 +364,43 @@ mod tests {
             let mut changed = want.clone();
             edit(&mut changed);
             assert!(drifted(&changed, &want), "{name}");
+        }
+    }
+
+    #[test]
+    fn owner_selector_waits_for_the_pods_only_on_upgrade() {
+        let vc = cluster(BASIC);
+        let want = desired(&vc).remove(0).1;
+        let mut legacy = want.clone();
+        let selector = |s: &Service| s.spec.as_ref().unwrap().selector.clone().unwrap();
+        legacy
+            .spec
+            .as_mut()
+            .unwrap()
+            .selector
+            .as_mut()
+            .unwrap()
+            .remove(OWNER_LABEL);
+        // (existing Service, every pod owned, owner label in the selector afterwards)
+        let cases = [
+            (
+                "legacy Service, pods not yet owned: wait",
+                &legacy,
+                false,
+                false,
+            ),
+            ("legacy Service, pods owned: switch", &legacy, true, true),
+            ("current Service: keep it", &want, false, true),
+        ];
+        for (name, existing, owned, expect) in cases {
+            let mut got = want.clone();
+            defer_owner_selector(&mut got, existing, owned);
+            assert_eq!(selector(&got).contains_key(OWNER_LABEL), expect, "{name}");
+            assert_eq!(
+                drifted(existing, &got),
+                existing != &got && expect,
+                "{name}"
+            );
         }
     }
 

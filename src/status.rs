@@ -20,6 +20,10 @@ pub struct Observation<'a> {
     pub service_problems: Vec<String>,
     /// Pods left alone because an older VaultCluster selects them: "pod (cluster)".
     pub overlaps: Vec<String>,
+    /// Why labels are held although no pod answered (see `fail_static`), if they are.
+    pub held: Option<String>,
+    /// The write that failed this round, if one did: the status must not claim Ready.
+    pub write_problem: Option<String>,
     pub previous: Option<&'a VaultClusterStatus>,
     pub now: Time,
 }
@@ -72,7 +76,7 @@ fn member_status(m: &Member) -> MemberStatus {
             error,
         } => (h.role.as_str(), error.clone()),
         Verdict::Failing { last: None, error } => ("pending", error.clone()),
-        Verdict::Down { reason } => ("unreachable", reason.clone()),
+        Verdict::Down { reason, .. } => ("unreachable", reason.clone()),
     };
     let health = last_health(&m.verdict);
     MemberStatus {
@@ -89,6 +93,8 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
     let (available, available_reason, available_message) = availability(o);
     let ready = if let Some(problem) = &o.spec_problem {
         (false, "InvalidSpec", problem.clone())
+    } else if let Some(problem) = &o.write_problem {
+        (false, "WriteFailed", problem.clone())
     } else if !o.service_problems.is_empty() {
         (false, "ServiceConflict", o.service_problems.join("; "))
     } else if !available {
@@ -100,7 +106,14 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
             format!("Services in place; {available_message}"),
         )
     };
-    let degraded = degradation(s);
+    let degraded = match &o.held {
+        Some(held) => Some(("ProbesFailing", held.clone())),
+        None => degradation(s).map(|message| ("PodsUnhealthy", message)),
+    };
+    let (degraded_reason, degraded_message) = degraded.clone().unwrap_or((
+        "AllPodsHealthy",
+        "every selected pod answers and is unsealed".into(),
+    ));
     let mut wanted = vec![
         ("Ready", ready),
         (
@@ -109,15 +122,7 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
         ),
         (
             "Degraded",
-            (
-                degraded.is_some(),
-                if degraded.is_some() {
-                    "PodsUnhealthy"
-                } else {
-                    "AllPodsHealthy"
-                },
-                degraded.unwrap_or_else(|| "every selected pod answers and is unsealed".into()),
-            ),
+            (degraded.is_some(), degraded_reason, degraded_message),
         ),
     ];
     if !o.overlaps.is_empty() {
@@ -149,6 +154,11 @@ fn availability(o: &Observation) -> (bool, &'static str, String) {
         );
     }
     match &o.decision.active {
+        Some(pod) if o.held.is_some() => (
+            true,
+            "ActiveHeld",
+            format!("{pod} keeps the active label: no pod answers, Kubernetes reports it Ready"),
+        ),
         Some(pod) => (true, "ActivePod", format!("{pod} is active")),
         None if o.members.is_empty() => (false, "NoPods", "no pod matches the selector".into()),
         None => (false, "NoActivePod", "no pod answers as active".into()),
@@ -233,6 +243,9 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
     for (kind, reason) in [
         ("Available", "MultipleActive"),
         ("Ready", "ServiceConflict"),
+        ("Ready", "InvalidSpec"),
+        ("Ready", "WriteFailed"),
+        ("Degraded", "ProbesFailing"),
         ("SelectorOverlap", "SelectorOverlap"),
     ] {
         if let Some(message) = newly(old, new, kind, reason) {
@@ -243,6 +256,16 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
                 pod: None,
             });
         }
+    }
+    if reason_of(old, "Degraded") == Some("ProbesFailing")
+        && reason_of(new, "Degraded") != Some("ProbesFailing")
+    {
+        out.push(Notice {
+            warning: false,
+            reason: "ProbesAnswered",
+            message: "a selected pod answers its health probe again; labels follow Vault".into(),
+            pod: None,
+        });
     }
     let old_roles: BTreeMap<&str, &str> = old
         .members
@@ -260,6 +283,59 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
         }
     }
     out
+}
+
+fn reason_of<'a>(s: &'a VaultClusterStatus, kind: &str) -> Option<&'a str> {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.reason.as_str())
+}
+
+/// The status to publish when the spec cannot be acted on: the last observation stays as it
+/// was (the labels are held, so it is still what the pods carry), and Ready says why.
+pub fn invalid_spec(
+    previous: Option<&VaultClusterStatus>,
+    generation: Option<i64>,
+    problem: String,
+    now: Time,
+) -> VaultClusterStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    let old = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let last_transition_time = match old {
+        Some(c) if c.status == "False" => c.last_transition_time.clone(),
+        _ => now,
+    };
+    let ready = Condition {
+        type_: "Ready".into(),
+        status: "False".into(),
+        reason: "InvalidSpec".into(),
+        message: problem,
+        observed_generation: generation,
+        last_transition_time,
+    };
+    status.conditions.retain(|c| c.type_ != "Ready");
+    status.conditions.insert(0, ready);
+    status
+}
+
+/// A JSON merge patch that turns `old` into `new`: a field `new` leaves out is sent as null,
+/// so that it is cleared rather than left as it was.
+pub fn merge_patch(
+    old: Option<&VaultClusterStatus>,
+    new: &VaultClusterStatus,
+) -> serde_json::Value {
+    let mut patch = serde_json::to_value(new).expect("status serializes");
+    let old = old.map(|o| serde_json::to_value(o).expect("status serializes"));
+    if let (Some(serde_json::Value::Object(old)), serde_json::Value::Object(fields)) =
+        (old, &mut patch)
+    {
+        for key in old.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    serde_json::json!({ "status": patch })
 }
 
 /// The message of a condition that now has `reason` and did not have it with that message.
@@ -298,6 +374,8 @@ mod tests {
             ip: "127.0.0.1".into(),
             labels: BTreeMap::new(),
             verdict: Verdict::Healthy(h),
+            reach: crate::decide::Reach::Answered,
+            serving: true,
         }
     }
 
@@ -307,7 +385,7 @@ mod tests {
         services: Vec<String>,
         at: i64,
     ) -> VaultClusterStatus {
-        let decision = decide(&LabelNames::new("vault"), &members);
+        let decision = decide(&LabelNames::new("vault"), "vault", &members);
         build(&Observation {
             generation: Some(3),
             members: &members,
@@ -315,6 +393,8 @@ mod tests {
             spec_problem: None,
             service_problems: services,
             overlaps: vec![],
+            held: None,
+            write_problem: None,
             previous,
             now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
         })
@@ -329,6 +409,7 @@ mod tests {
         let down = Member {
             verdict: Verdict::Down {
                 reason: "connection refused".into(),
+                last: None,
             },
             ..healthy("v2", Role::Standby)
         };
@@ -412,6 +493,7 @@ mod tests {
         let down = Member {
             verdict: Verdict::Down {
                 reason: "connection refused".into(),
+                last: None,
             },
             ..healthy("vault-2", Role::Standby)
         };
@@ -513,6 +595,7 @@ mod tests {
         let down = Member {
             verdict: Verdict::Down {
                 reason: "timed out".into(),
+                last: None,
             },
             ..healthy("v1", Role::Standby)
         };
@@ -527,5 +610,124 @@ mod tests {
             .map(|n| n.reason)
             .collect();
         assert_eq!(got, vec!["PodUnreachable"]);
+    }
+
+    /// RFC 7386, enough for the test: objects merge, null removes, the rest replaces.
+    fn apply_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target, patch) {
+            (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        apply_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                    }
+                }
+            }
+            (t, p) => *t = p.clone(),
+        }
+    }
+
+    #[test]
+    fn merge_patch_clears_what_the_new_status_leaves_out() {
+        let active = status_of(
+            vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)],
+            None,
+            vec![],
+            1,
+        );
+        let sealed = status_of(
+            vec![healthy("v0", Role::Sealed), healthy("v1", Role::Sealed)],
+            Some(&active),
+            vec![],
+            2,
+        );
+        assert!(active.active_pod.is_some() && sealed.active_pod.is_none());
+        let none = VaultClusterStatus::default();
+        for (old, new) in [(&active, &sealed), (&sealed, &active), (&active, &none)] {
+            let patch = merge_patch(Some(old), new);
+            let mut stored = serde_json::json!({ "status": old });
+            apply_merge(&mut stored, &patch);
+            let got: VaultClusterStatus = serde_json::from_value(stored["status"].clone()).unwrap();
+            assert_eq!(&got, new);
+        }
+        assert!(merge_patch(Some(&active), &sealed)["status"]["activePod"].is_null());
+    }
+
+    #[test]
+    fn invalid_spec_keeps_the_observation_and_goes_quiet() {
+        let before = status_of(
+            vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)],
+            None,
+            vec![],
+            1,
+        );
+        let at = |t| Time(k8s_openapi::jiff::Timestamp::from_second(t).unwrap());
+        let problem = "spec.health.tls.caSecretRef: Secret vault-ca not found".to_string();
+        let first = invalid_spec(Some(&before), Some(4), problem.clone(), at(10));
+        let second = invalid_spec(Some(&first), Some(4), problem.clone(), at(20));
+        assert_eq!(first, second, "a second round writes nothing");
+        assert_eq!(first.active_pod.as_deref(), Some("v0"), "labels are held");
+        assert_eq!(first.members, before.members);
+        let ready = cond(&first, "Ready");
+        assert_eq!(
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.message.as_str()
+            ),
+            ("False", "InvalidSpec", problem.as_str())
+        );
+        let reasons: Vec<&str> = notices(Some(&before), &first)
+            .iter()
+            .map(|n| n.reason)
+            .collect();
+        assert_eq!(reasons, vec!["InvalidSpec"], "no ActiveChanged to none");
+        assert!(notices(Some(&first), &second).is_empty());
+    }
+
+    #[test]
+    fn held_labels_and_failed_writes_are_said() {
+        let members = vec![healthy("v0", Role::Active)];
+        let decision = decide(&LabelNames::new("vault"), "vault", &members);
+        let observe = |held: Option<&str>, write: Option<&str>, previous| {
+            build(&Observation {
+                generation: Some(1),
+                members: &members,
+                decision: &decision,
+                spec_problem: None,
+                service_problems: vec![],
+                overlaps: vec![],
+                held: held.map(String::from),
+                write_problem: write.map(String::from),
+                previous,
+                now: Time(k8s_openapi::jiff::Timestamp::from_second(5).unwrap()),
+            })
+        };
+        let normal = observe(None, None, None);
+        let held = observe(Some("no selected pod answered"), None, Some(&normal));
+        assert_eq!(cond(&held, "Degraded").reason, "ProbesFailing");
+        assert_eq!(cond(&held, "Degraded").status, "True");
+        assert_eq!(cond(&held, "Available").reason, "ActiveHeld");
+        let got: Vec<(&str, bool)> = notices(Some(&normal), &held)
+            .iter()
+            .map(|n| (n.reason, n.warning))
+            .collect();
+        assert_eq!(got, vec![("ProbesFailing", true)]);
+        let again = observe(Some("no selected pod answered"), None, Some(&held));
+        assert!(notices(Some(&held), &again).is_empty());
+        let recovered = observe(None, None, Some(&held));
+        let got: Vec<&str> = notices(Some(&held), &recovered)
+            .iter()
+            .map(|n| n.reason)
+            .collect();
+        assert_eq!(got, vec!["ProbesAnswered"]);
+        let failed = observe(
+            None,
+            Some("patching labels of pod v0: connection reset"),
+            None,
+        );
+        assert_eq!(cond(&failed, "Ready").status, "False");
+        assert_eq!(cond(&failed, "Ready").reason, "WriteFailed");
     }
 }

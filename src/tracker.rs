@@ -10,7 +10,41 @@ use crate::health::Health;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Healthy(Health),
-    Failed(String),
+    Failed(Failure),
+}
+
+/// A probe that gave no usable health report, and whose fault that was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// Tells "Vault answered" from "we could not ask": only the first is evidence about Vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Something answered, but not with a coherent Vault health report.
+    Answer,
+    /// No answer reached us: refused, reset, timed out, or the TLS handshake failed. The pod
+    /// may be down, or the path to it may be cut.
+    Transport,
+    /// Our own process could not send the probe (out of file descriptors, buffers, ports,
+    /// or probe slots). Never held against the pod.
+    Local,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the failure says nothing about Vault, only about the way to it.
+    pub fn unanswered(&self) -> bool {
+        matches!(self.kind, FailureKind::Transport | FailureKind::Local)
+    }
 }
 
 /// What the operator believes about a pod now.
@@ -25,6 +59,7 @@ pub enum Verdict {
     /// Cannot serve: unreachable after the threshold, not Running, no IP, or terminating.
     Down {
         reason: String,
+        last: Option<Health>,
     },
 }
 
@@ -50,14 +85,22 @@ impl Tracker {
                 record.last = Some(health.clone());
                 Verdict::Healthy(health)
             }
-            Outcome::Failed(error) => {
+            // Our own shortage is no evidence about the pod: it does not count.
+            Outcome::Failed(failure) if failure.kind == FailureKind::Local => Verdict::Failing {
+                last: record.last.clone(),
+                error: failure.message,
+            },
+            Outcome::Failed(failure) => {
                 record.failures = record.failures.saturating_add(1);
                 if record.failures >= threshold.max(1) {
-                    Verdict::Down { reason: error }
+                    Verdict::Down {
+                        reason: failure.message,
+                        last: record.last.clone(),
+                    }
                 } else {
                     Verdict::Failing {
                         last: record.last.clone(),
-                        error,
+                        error: failure.message,
                     }
                 }
             }
@@ -70,6 +113,7 @@ impl Tracker {
         self.pods.remove(pod_uid);
         Verdict::Down {
             reason: reason.to_string(),
+            last: None,
         }
     }
 
@@ -93,7 +137,13 @@ mod tests {
         })
     }
     fn failed() -> Outcome {
-        Outcome::Failed("connection refused".into())
+        Outcome::Failed(Failure::new(FailureKind::Transport, "connection refused"))
+    }
+    fn local() -> Outcome {
+        Outcome::Failed(Failure::new(
+            FailureKind::Local,
+            "connect: too many open files",
+        ))
     }
 
     #[test]
@@ -121,6 +171,18 @@ mod tests {
             (
                 "failure after success keeps last",
                 vec![healthy(), failed()],
+                3,
+                "failing-known",
+            ),
+            (
+                "our own shortage never counts",
+                vec![local(), local(), local()],
+                1,
+                "failing-unknown",
+            ),
+            (
+                "our own shortage between failures does not reset or add",
+                vec![healthy(), failed(), local(), failed()],
                 3,
                 "failing-known",
             ),
