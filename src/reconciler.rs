@@ -691,7 +691,7 @@ async fn patch_pod(
             info!(cluster = %cluster_name(vc), pod = %name, "labels written");
             Ok(())
         }
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+        Err(kube::Error::Api(e)) if e.code == 404 || replaced(&e) => {
             info!(cluster = %cluster_name(vc), pod = %name, reason = %e.message, "pod gone or replaced; labels not written");
             Ok(())
         }
@@ -701,6 +701,18 @@ async fn patch_pod(
             source,
         }),
     }
+}
+
+/// Whether a refused patch was refused because the pod's UID is not the one in the patch:
+/// the API server says the immutable `metadata.uid` would change.
+fn replaced(status: &kube::core::Status) -> bool {
+    status.code == 409
+        || (status.code == 422
+            && status
+                .details
+                .iter()
+                .flat_map(|d| d.causes.iter())
+                .any(|c| c.field == "metadata.uid"))
 }
 
 /// Every merge patch carries our field manager, so `managedFields` names us.

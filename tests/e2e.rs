@@ -1,168 +1,21 @@
 //! End-to-end tests of the reconciler: the real operator binary against the real local
 //! control plane, with simulated Vault pods answering from the simulated pod network.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
+use common::*;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::sync::OnceCell;
-use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::certs::Authority;
-use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::pods::create_namespace;
-use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
+use vault_registrar_testkit::stage::run_blocking;
 use vault_registrar_testkit::vault_sim::{Behavior, Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
-
-const LIMIT: Duration = Duration::from_secs(30);
-const FAST: &str = "health: {interval: 500ms, timeout: 300ms, failureThreshold: 2}";
-
-struct Fixture {
-    client: kube::Client,
-    ns: String,
-    vault: SimCluster,
-    _operator: Operator,
-}
-
-async fn install_crd() -> anyhow::Result<()> {
-    static DONE: OnceCell<()> = OnceCell::const_new();
-    let crd =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/vaultclusters.vault-registrar.dev.yaml");
-    DONE.get_or_try_init(|| install_crd_file(shared(), &crd))
-        .await
-        .map(|_| ())
-}
-
-/// A namespace with the operator watching it and Vault pods `vault-N` answering as `roles`.
-async fn fixture(name: &str, roles: &[Role], tls: Option<SimTls>) -> anyhow::Result<Fixture> {
-    install_crd().await?;
-    let plane = shared();
-    let client = plane.client().await?;
-    let ns = format!("e2e-{name}");
-    create_namespace(&client, &ns).await?;
-    let vault = SimCluster::start(&client, &ns, "vault", roles, tls).await?;
-    let log = plane.dir().join(format!("operator-{name}.log"));
-    let operator = Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
-        &plane.kubeconfig,
-        &["--namespace", &ns],
-        &log,
-    )?;
-    Ok(Fixture {
-        client,
-        ns,
-        vault,
-        _operator: operator,
-    })
-}
-
-impl Fixture {
-    fn clusters(&self) -> Api<VaultCluster> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    async fn create(&self, name: &str, extra_yaml: &str) -> anyhow::Result<VaultCluster> {
-        let yaml = format!(
-            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: {name}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  {}\n",
-            extra_yaml.replace('\n', "\n  ")
-        );
-        let vc: VaultCluster = serde_yaml::from_str(&yaml)?;
-        Ok(self.clusters().create(&PostParams::default(), &vc).await?)
-    }
-
-    async fn labels(&self, key: &str, want: &[Option<&str>]) -> anyhow::Result<()> {
-        self.vault.wait_labels(key, want, LIMIT).await
-    }
-
-    async fn endpoints(&self, service: &str, pods: &[usize]) -> anyhow::Result<()> {
-        let ips: Vec<String> = pods.iter().map(|i| self.vault.ip(*i)).collect();
-        wait_endpoints(&self.client, &self.ns, service, &ips, LIMIT).await
-    }
-
-    async fn condition(
-        &self,
-        vc: &str,
-        kind: &str,
-        status: &str,
-        reason: &str,
-    ) -> anyhow::Result<String> {
-        let api = self.clusters();
-        wait::until(
-            &format!("{vc} condition {kind}={status} ({reason})"),
-            LIMIT,
-            || async {
-                let vc = api.get(vc).await?;
-                let found = vc
-                    .status
-                    .unwrap_or_default()
-                    .conditions
-                    .into_iter()
-                    .find(|c| c.type_ == kind);
-                Ok(found
-                    .filter(|c| c.status == status && c.reason == reason)
-                    .map(|c| c.message))
-            },
-        )
-        .await
-    }
-
-    async fn event(&self, reason: &str) -> anyhow::Result<String> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        wait::until(&format!("event {reason}"), LIMIT, || async {
-            let list = events.list(&ListParams::default()).await?;
-            Ok(list
-                .items
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some(reason))
-                .and_then(|e| e.note))
-        })
-        .await
-    }
-
-    /// The last probe error the status reports for a pod.
-    async fn probe_error(&self, pod: &str) -> anyhow::Result<String> {
-        let status = self
-            .clusters()
-            .get("vault")
-            .await?
-            .status
-            .unwrap_or_default();
-        let member = status.members.into_iter().find(|m| m.name == pod);
-        Ok(member.map(|m| m.last_probe_error).unwrap_or_default())
-    }
-
-    async fn converged(&self) -> anyhow::Result<()> {
-        self.labels(
-            "vault-active",
-            &[Some("true"), Some("false"), Some("false")],
-        )
-        .await?;
-        self.endpoints("vault-active", &[0]).await?;
-        self.endpoints("vault-standby", &[1, 2]).await
-    }
-
-    async fn set(&self, i: usize, role: Role) {
-        self.vault.sim(i).update(|s| s.role = role).await;
-    }
-
-    async fn behave(&self, i: usize, behavior: Behavior) {
-        self.vault.sim(i).update(|s| s.behavior = behavior).await;
-    }
-}
-
-const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
-
-/// The common start: one active and two standbys under VaultCluster `vault`, converged.
-async fn converged_trio(name: &str) -> anyhow::Result<Fixture> {
-    let f = fixture(name, &TRIO, None).await?;
-    f.create("vault", FAST).await?;
-    f.converged().await?;
-    Ok(f)
-}
 
 #[tokio::test]
 async fn first_convergence_labels_pods_and_fills_services() -> anyhow::Result<()> {
@@ -422,8 +275,9 @@ async fn https_with_ca_secret_and_server_name() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A certificate that does not name the pod, or no CA at all, must never yield a label:
-/// the probe fails verification and the pods end unreachable.
+/// A certificate that does not name the pod must never yield an active label. A failed
+/// handshake tells nothing of Vault's state, and when it fails on every pod the operator
+/// cannot tell what Vault says: it holds the labels (none here) and says so.
 #[tokio::test]
 async fn https_verification_failures_never_label_active() -> anyhow::Result<()> {
     let ca = Authority::new("vault-test-ca")?;
@@ -439,13 +293,17 @@ async fn https_verification_failures_never_label_active() -> anyhow::Result<()> 
     )?;
     secrets.create(&PostParams::default(), &secret).await?;
     f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
-    f.labels("vault-sealed", &[Some("true"), Some("true"), Some("true")])
+    let message = f
+        .condition("vault", "Degraded", "True", "ProbesFailing")
         .await?;
-    f.labels(
-        "vault-active",
-        &[Some("false"), Some("false"), Some("false")],
-    )
-    .await?;
+    assert!(message.contains("tls:"), "{message}");
+    // Several intervals later still nobody is active, and every probe failed verification.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        let labels = f.vault.labels(i).await?;
+        assert_ne!(labels.get("vault-active").map(String::as_str), Some("true"));
+    }
+    f.endpoints("vault-active", &[]).await?;
     let status = f.clusters().get("vault").await?.status.unwrap();
     assert!(
         status
@@ -455,6 +313,8 @@ async fn https_verification_failures_never_label_active() -> anyhow::Result<()> 
         "{:?}",
         status.members
     );
+    f.condition("vault", "Available", "False", "NoActivePod")
+        .await?;
     Ok(())
 }
 

@@ -41,6 +41,18 @@ impl SimCluster {
         roles: &[Role],
         tls: Option<SimTls>,
     ) -> anyhow::Result<Self> {
+        Self::start_labelled(client, namespace, prefix, roles, tls, &[]).await
+    }
+
+    /// As `start`, with more labels on every pod besides the app label.
+    pub async fn start_labelled(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        roles: &[Role],
+        tls: Option<SimTls>,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         for (i, role) in roles.iter().enumerate() {
             let ip = next_pod_ip();
@@ -50,7 +62,8 @@ impl SimCluster {
                 SimState::new(*role),
             )
             .await?;
-            let labels = BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]);
+            let mut labels = BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]);
+            labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             let pod = SimPod {
                 name: format!("{prefix}-{i}"),
                 labels,

@@ -256,6 +256,35 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Write requests to objects in `namespace`, by anyone, in the order the audit log has
+    /// them, as (user, verb, resource, name, response code).
+    pub fn writes_in(&self, namespace: &str) -> Vec<(String, String, String, String, i64)> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| {
+                e["objectRef"]["namespace"] == namespace && e["stage"] == "ResponseComplete"
+            })
+            .map(|e| {
+                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+                let resource = match field("subresource").as_str() {
+                    "" => field("resource"),
+                    sub => format!("{}/{sub}", field("resource")),
+                };
+                (
+                    e["user"]["username"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    e["verb"].as_str().unwrap_or_default().to_string(),
+                    resource,
+                    field("name"),
+                    e["responseStatus"]["code"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.bins.kubectl);
         cmd.env("KUBECONFIG", &self.kubeconfig);

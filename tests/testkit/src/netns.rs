@@ -108,6 +108,67 @@ fn set_up() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A next hop on the host link that nobody answers for: packets routed to it are dropped
+/// silently, as a NetworkPolicy or a failed node network drops them.
+const DEAD_HOP: &str = "198.18.255.1";
+
+/// The host's path to some pod addresses, cut: routed to a next hop that never answers, so
+/// connections to them time out while the pods stay Running and Ready in the API. Only those
+/// addresses are affected, so tests running beside it keep their network. The routes are
+/// removed when this is dropped, also when a test panics.
+pub struct PathCut {
+    ips: Vec<Ipv4Addr>,
+}
+
+impl PathCut {
+    pub fn new(ips: &[Ipv4Addr]) -> anyhow::Result<Self> {
+        ensure()?;
+        let mut cut = Self { ips: Vec::new() };
+        for ip in ips {
+            ip_route(&[
+                "replace",
+                &format!("{ip}/32"),
+                "via",
+                DEAD_HOP,
+                "dev",
+                HOST_LINK,
+            ])?;
+            cut.ips.push(*ip);
+        }
+        Ok(cut)
+    }
+}
+
+impl Drop for PathCut {
+    fn drop(&mut self) {
+        for ip in &self.ips {
+            let _ = ip_route(&[
+                "del",
+                &format!("{ip}/32"),
+                "via",
+                DEAD_HOP,
+                "dev",
+                HOST_LINK,
+            ]);
+        }
+    }
+}
+
+fn ip_route(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .arg("route")
+        .args(args)
+        .output()
+        .context("running ip route")?;
+    if !out.status.success() {
+        bail!(
+            "ip route {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// A TCP socket for `addr`: made inside the pod namespace for pod addresses, here otherwise.
 /// A socket stays in the namespace it was made in, so only its creation needs the switch.
 pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {

@@ -1,0 +1,162 @@
+//! What the end-to-end test binaries share: a namespace with simulated Vault pods and the
+//! operator watching it, and waits on labels, endpoints, conditions and events.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
+use tokio::sync::OnceCell;
+use vault_registrar::crd::VaultCluster;
+use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
+use vault_registrar_testkit::pods::create_namespace;
+use vault_registrar_testkit::stage::install_crd as install_crd_file;
+use vault_registrar_testkit::vault_sim::{Behavior, Role, SimTls};
+use vault_registrar_testkit::{shared, wait};
+
+pub const LIMIT: Duration = Duration::from_secs(30);
+pub const FAST: &str = "health: {interval: 500ms, timeout: 300ms, failureThreshold: 2}";
+
+pub struct Fixture {
+    pub client: kube::Client,
+    pub ns: String,
+    pub vault: SimCluster,
+    pub operator: Operator,
+}
+
+pub async fn install_crd() -> anyhow::Result<()> {
+    static DONE: OnceCell<()> = OnceCell::const_new();
+    let crd =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/vaultclusters.vault-registrar.dev.yaml");
+    DONE.get_or_try_init(|| install_crd_file(shared(), &crd))
+        .await
+        .map(|_| ())
+}
+
+/// A namespace with the operator watching it and Vault pods `vault-N` answering as `roles`.
+pub async fn fixture(name: &str, roles: &[Role], tls: Option<SimTls>) -> anyhow::Result<Fixture> {
+    install_crd().await?;
+    let plane = shared();
+    let client = plane.client().await?;
+    let ns = format!("e2e-{name}");
+    create_namespace(&client, &ns).await?;
+    let vault = SimCluster::start(&client, &ns, "vault", roles, tls).await?;
+    let log = plane.dir().join(format!("operator-{name}.log"));
+    let operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &["--namespace", &ns],
+        &log,
+    )?;
+    Ok(Fixture {
+        client,
+        ns,
+        vault,
+        operator,
+    })
+}
+
+impl Fixture {
+    pub fn clusters(&self) -> Api<VaultCluster> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub async fn create(&self, name: &str, extra_yaml: &str) -> anyhow::Result<VaultCluster> {
+        let yaml = format!(
+            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: {name}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  {}\n",
+            extra_yaml.replace('\n', "\n  ")
+        );
+        let vc: VaultCluster = serde_yaml::from_str(&yaml)?;
+        Ok(self.clusters().create(&PostParams::default(), &vc).await?)
+    }
+
+    pub async fn labels(&self, key: &str, want: &[Option<&str>]) -> anyhow::Result<()> {
+        self.vault.wait_labels(key, want, LIMIT).await
+    }
+
+    pub async fn endpoints(&self, service: &str, pods: &[usize]) -> anyhow::Result<()> {
+        let ips: Vec<String> = pods.iter().map(|i| self.vault.ip(*i)).collect();
+        wait_endpoints(&self.client, &self.ns, service, &ips, LIMIT).await
+    }
+
+    pub async fn condition(
+        &self,
+        vc: &str,
+        kind: &str,
+        status: &str,
+        reason: &str,
+    ) -> anyhow::Result<String> {
+        let api = self.clusters();
+        wait::until(
+            &format!("{vc} condition {kind}={status} ({reason})"),
+            LIMIT,
+            || async {
+                let vc = api.get(vc).await?;
+                let found = vc
+                    .status
+                    .unwrap_or_default()
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == kind);
+                Ok(found
+                    .filter(|c| c.status == status && c.reason == reason)
+                    .map(|c| c.message))
+            },
+        )
+        .await
+    }
+
+    pub async fn event(&self, reason: &str) -> anyhow::Result<String> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        wait::until(&format!("event {reason}"), LIMIT, || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+                .and_then(|e| e.note))
+        })
+        .await
+    }
+
+    /// The last probe error the status reports for a pod.
+    pub async fn probe_error(&self, pod: &str) -> anyhow::Result<String> {
+        let status = self
+            .clusters()
+            .get("vault")
+            .await?
+            .status
+            .unwrap_or_default();
+        let member = status.members.into_iter().find(|m| m.name == pod);
+        Ok(member.map(|m| m.last_probe_error).unwrap_or_default())
+    }
+
+    pub async fn converged(&self) -> anyhow::Result<()> {
+        self.labels(
+            "vault-active",
+            &[Some("true"), Some("false"), Some("false")],
+        )
+        .await?;
+        self.endpoints("vault-active", &[0]).await?;
+        self.endpoints("vault-standby", &[1, 2]).await
+    }
+
+    pub async fn set(&self, i: usize, role: Role) {
+        self.vault.sim(i).update(|s| s.role = role).await;
+    }
+
+    pub async fn behave(&self, i: usize, behavior: Behavior) {
+        self.vault.sim(i).update(|s| s.behavior = behavior).await;
+    }
+}
+
+pub const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
+
+/// The common start: one active and two standbys under VaultCluster `vault`, converged.
+pub async fn converged_trio(name: &str) -> anyhow::Result<Fixture> {
+    let f = fixture(name, &TRIO, None).await?;
+    f.create("vault", FAST).await?;
+    f.converged().await?;
+    Ok(f)
+}

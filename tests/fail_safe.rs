@@ -1,0 +1,553 @@
+//! Fail safe, end to end: faults of the operator's surroundings injected on the real control
+//! plane (a cut network path, a refused write, a refused read, a replaced pod, a starving
+//! neighbour) must never empty or misroute the active Service, and the status must tell the
+//! truth and then go quiet. Writes are counted from the API server's audit log.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vault_registrar::crd::VaultCluster;
+use vault_registrar_testkit::certs::Authority;
+use vault_registrar_testkit::cluster::{Operator, SimCluster, endpoint_ips, wait_endpoints};
+use vault_registrar_testkit::netns::PathCut;
+use vault_registrar_testkit::pods::{create_namespace, set_running, start_pod};
+use vault_registrar_testkit::stage::run_blocking;
+use vault_registrar_testkit::vault_sim::{Behavior, Role, SimTls};
+use vault_registrar_testkit::{shared, wait};
+
+/// Write requests to the namespace's objects during `window`, from the audit log.
+async fn writes_during(ns: &str, window: Duration) -> Vec<(String, String, String, String, i64)> {
+    let before = shared().writes_in(ns).len();
+    tokio::time::sleep(window).await;
+    shared().writes_in(ns).split_off(before)
+}
+
+/// Checks every 50 ms for `window` that the active Service's only endpoint is `ip` and that
+/// pod `i` keeps `vault-active=true`.
+async fn active_holds(f: &Fixture, i: usize, window: Duration) -> anyhow::Result<()> {
+    let ip = f.vault.ip(i);
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let endpoints = endpoint_ips(&f.client, &f.ns, "vault-active").await?;
+        anyhow::ensure!(
+            endpoints == [ip.clone()],
+            "active Service endpoints {endpoints:?}"
+        );
+        let active = f.vault.labels(i).await?.get("vault-active").cloned();
+        anyhow::ensure!(
+            active.as_deref() == Some("true"),
+            "vault-{i} vault-active {active:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn events(f: &Fixture, reason: &str) -> anyhow::Result<Vec<Event>> {
+    let api: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    let list = api.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect())
+}
+
+async fn create_vc(client: &kube::Client, ns: &str, name: &str, spec: &str) -> anyhow::Result<()> {
+    let yaml = format!(
+        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: {name}}}\nspec:\n  {}\n",
+        spec.replace('\n', "\n  ")
+    );
+    let vc: VaultCluster = serde_yaml::from_str(&yaml)?;
+    let api: Api<VaultCluster> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &vc).await?;
+    Ok(())
+}
+
+/// Case 1: every pod sealed, as after a full restart. The active pod is cleared from the
+/// status, one event says so, and then the operator sends nothing at all.
+#[tokio::test]
+async fn all_sealed_clears_the_active_pod_and_goes_quiet() -> anyhow::Result<()> {
+    let f = converged_trio("fs-sealed").await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    for i in 0..3 {
+        f.set(i, Role::Sealed).await;
+    }
+    f.labels("vault-sealed", &[Some("true"); 3]).await?;
+    f.endpoints("vault-active", &[]).await?;
+    wait::until("status without an active pod", LIMIT, || async {
+        let status = f.clusters().get("vault").await?.status.unwrap_or_default();
+        Ok((status.active_pod.is_none() && status.sealed == 3).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes = writes_during(&f.ns, Duration::from_secs(10)).await;
+    assert!(
+        writes.is_empty(),
+        "writes with every pod sealed: {writes:?}"
+    );
+    let to_none: Vec<Event> = events(&f, "ActiveChanged")
+        .await?
+        .into_iter()
+        .filter(|e| e.note.as_deref() == Some("active pod changed from vault-0 to none"))
+        .collect();
+    assert_eq!(to_none.len(), 1, "{to_none:?}");
+    assert!(
+        to_none[0].series.as_ref().is_none_or(|s| s.count <= 1),
+        "repeated: {:?}",
+        to_none[0].series
+    );
+    Ok(())
+}
+
+/// Case 2: configuration errors are spec problems. The schema refuses a serverName typo; a
+/// CA bundle that is not PEM (which no schema can see) sets Ready=False/InvalidSpec naming
+/// the field, and no label moves while it lasts.
+#[tokio::test]
+async fn configuration_errors_hold_labels_and_say_invalid_spec() -> anyhow::Result<()> {
+    let ca = Authority::new("vault-test-ca")?;
+    let cert = ca.serving(&[
+        "vault-0.vault-internal",
+        "vault-1.vault-internal",
+        "vault-2.vault-internal",
+    ])?;
+    let tls = SimTls {
+        cert_pem: cert.cert,
+        key_pem: cert.key,
+    };
+    let f = fixture("fs-spec", &TRIO, Some(tls)).await?;
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
+    )?;
+    secrets.create(&PostParams::default(), &secret).await?;
+    f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, failureThreshold: 2, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    f.converged().await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+
+    let typo = json!({"spec": {"health": {"tls": {"serverName": "{pod_name}.vault-internal"}}}});
+    let refused = f
+        .clusters()
+        .patch("vault", &PatchParams::default(), &Patch::Merge(typo))
+        .await
+        .expect_err("the schema must refuse an unknown placeholder");
+    assert!(
+        refused
+            .to_string()
+            .contains("serverName must be a lower-case DNS name"),
+        "{refused}"
+    );
+
+    let broken = json!({"stringData": {"ca.crt": "not a certificate"}});
+    secrets
+        .patch("vault-ca", &PatchParams::default(), &Patch::Merge(broken))
+        .await?;
+    let message = f
+        .condition("vault", "Ready", "False", "InvalidSpec")
+        .await?;
+    assert!(message.starts_with("spec.health.tls"), "{message}");
+    active_holds(&f, 0, Duration::from_secs(3)).await?;
+    f.labels(
+        "vault-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
+    f.condition("vault", "Available", "True", "ActivePod")
+        .await?;
+    assert!(
+        events(&f, "ActiveChanged").await?.iter().all(|e| !e
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .ends_with("to none")),
+        "a spec problem is not a lost active pod"
+    );
+    let writes = writes_during(&f.ns, Duration::from_secs(3)).await;
+    assert!(
+        writes.is_empty(),
+        "writes while the spec is invalid: {writes:?}"
+    );
+
+    let fixed = json!({"stringData": {"ca.crt": ca.cert_pem()}});
+    secrets
+        .patch("vault-ca", &PatchParams::default(), &Patch::Merge(fixed))
+        .await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    Ok(())
+}
+
+/// Case 3: the operator loses its path to every pod while Kubernetes reports them Ready.
+/// It holds the labels and says so; a pod Kubernetes reports not Ready is still shut down.
+#[tokio::test]
+async fn cut_off_operator_holds_labels() -> anyhow::Result<()> {
+    let f = converged_trio("fs-cut").await?;
+    let ips: Vec<Ipv4Addr> = f.vault.members.iter().map(|m| m.pod.ip).collect();
+    let cut = PathCut::new(&ips)?;
+    // Three times failureThreshold × interval (2 × 500ms), and more.
+    active_holds(&f, 0, Duration::from_secs(4)).await?;
+    let message = f
+        .condition("vault", "Degraded", "True", "ProbesFailing")
+        .await?;
+    assert!(message.contains("no answer within"), "{message}");
+    f.event("ProbesFailing").await?;
+    f.condition("vault", "Available", "True", "ActiveHeld")
+        .await?;
+
+    set_running(&f.client, &f.ns, &f.vault.members[2].pod, false).await?;
+    f.labels(
+        "vault-sealed",
+        &[Some("false"), Some("false"), Some("true")],
+    )
+    .await?;
+    active_holds(&f, 0, Duration::from_secs(1)).await?;
+
+    drop(cut);
+    f.event("ProbesAnswered").await?;
+    f.condition("vault", "Available", "True", "ActivePod")
+        .await?;
+    f.labels(
+        "vault-sealed",
+        &[Some("false"), Some("false"), Some("false")],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Case 4: two clusters with the same matchLabels, split by matchExpressions. Each active
+/// Service reaches only its own cluster's active pod.
+#[tokio::test]
+async fn clusters_split_by_expressions_route_only_their_own_pods() -> anyhow::Result<()> {
+    install_crd().await?;
+    let plane = shared();
+    let client = plane.client().await?;
+    let ns = "fs-split";
+    create_namespace(&client, ns).await?;
+    let mut clusters = Vec::new();
+    for name in ["a", "b"] {
+        let vault =
+            SimCluster::start_labelled(&client, ns, name, &TRIO, None, &[("instance", name)])
+                .await?;
+        clusters.push(vault);
+    }
+    let _operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &["--namespace", ns],
+        &plane.dir().join("operator-fs-split.log"),
+    )?;
+    for name in ["a", "b"] {
+        let spec = format!(
+            "selector: {{matchLabels: {{app.kubernetes.io/name: vault}}, matchExpressions: [{{key: instance, operator: In, values: [{name}]}}]}}\n{FAST}"
+        );
+        create_vc(&client, ns, name, &spec).await?;
+    }
+    for (name, vault) in ["a", "b"].iter().zip(&clusters) {
+        let active = [vault.ip(0)];
+        let standby = [vault.ip(1), vault.ip(2)];
+        wait_endpoints(&client, ns, &format!("{name}-active"), &active, LIMIT).await?;
+        wait_endpoints(&client, ns, &format!("{name}-standby"), &standby, LIMIT).await?;
+        let labels = vault.labels(0).await?;
+        assert_eq!(
+            labels
+                .get("vault-registrar.dev/cluster")
+                .map(String::as_str),
+            Some(*name)
+        );
+    }
+    // Stable, not a moment's luck.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, vault) in ["a", "b"].iter().zip(&clusters) {
+        let got = endpoint_ips(&client, ns, &format!("{name}-active")).await?;
+        assert_eq!(got, [vault.ip(0)], "{name}-active");
+    }
+    Ok(())
+}
+
+/// Case 5: a round whose write is refused publishes a status that says so, never a stale
+/// Ready=True, and never promotes after a demotion that did not land.
+#[tokio::test]
+async fn refused_write_is_reported_and_nothing_is_promoted() -> anyhow::Result<()> {
+    let f = converged_trio("fs-refused").await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    let policy = format!("fs-refuse-labels-{}", f.ns);
+    let yaml = format!(
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata: {{name: {policy}}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n    resourceRules: [{{apiGroups: [''], apiVersions: [v1], operations: [UPDATE], resources: [pods]}}]\n  validations:\n  - expression: \"object.metadata.labels == oldObject.metadata.labels\"\n    message: label writes refused by the test\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata: {{name: {policy}}}\nspec: {{policyName: {policy}, validationActions: [Deny]}}\n",
+        ns = f.ns
+    );
+    let file = shared().dir().join(format!("{policy}.yaml"));
+    std::fs::write(&file, yaml)?;
+    let mut apply = shared().kubectl();
+    apply.args(["apply", "-f"]).arg(&file);
+    run_blocking(apply).await?;
+    // The policy takes effect once the API server has loaded it: probe with a test label.
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), &f.ns);
+    let attempt = std::sync::atomic::AtomicU32::new(0);
+    wait::until("label writes refused", LIMIT, || async {
+        // A new value each time: a write that changes nothing is not refused.
+        let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = json!({"metadata": {"labels": {"fs-probe": n.to_string()}}});
+        let refused = pods
+            .patch(
+                f.vault.pod_name(2),
+                &PatchParams::default(),
+                &Patch::Merge(probe),
+            )
+            .await
+            .is_err();
+        Ok(refused.then_some(()))
+    })
+    .await?;
+
+    f.set(0, Role::Standby).await;
+    f.set(1, Role::Active).await;
+    let message = f
+        .condition("vault", "Ready", "False", "WriteFailed")
+        .await?;
+    assert!(
+        message.contains("vault-0") && message.contains("refused by the test"),
+        "{message}"
+    );
+    // The demotion of vault-0 was refused, so vault-1 must not be promoted beside it.
+    f.labels(
+        "vault-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
+    f.endpoints("vault-active", &[0]).await?;
+
+    let mut delete = shared().kubectl();
+    delete.args(["delete", "-f"]).arg(&file);
+    run_blocking(delete).await?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    Ok(())
+}
+
+/// Case 6: a cluster whose every pod hangs cannot starve another cluster's probes.
+#[tokio::test]
+async fn a_hanging_cluster_cannot_starve_the_others() -> anyhow::Result<()> {
+    install_crd().await?;
+    let plane = shared();
+    let client = plane.client().await?;
+    let ns = "fs-fair";
+    create_namespace(&client, ns).await?;
+    let slow = SimCluster::start_labelled(
+        &client,
+        ns,
+        "slow",
+        &[Role::Standby; 12],
+        None,
+        &[("tier", "slow")],
+    )
+    .await?;
+    for i in 0..12 {
+        slow.sim(i).update(|s| s.behavior = Behavior::Hang).await;
+    }
+    let fast =
+        SimCluster::start_labelled(&client, ns, "fast", &TRIO, None, &[("tier", "fast")]).await?;
+    // A pool of 8: one cluster may hold at most 2 of them.
+    let _operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &["--namespace", ns, "--probe-concurrency", "8"],
+        &plane.dir().join("operator-fs-fair.log"),
+    )?;
+    create_vc(
+        &client,
+        ns,
+        "slow",
+        "selector: {matchLabels: {tier: slow}}\nhealth: {interval: 2s, timeout: 1500ms}",
+    )
+    .await?;
+    create_vc(
+        &client,
+        ns,
+        "fast",
+        &format!("selector: {{matchLabels: {{tier: fast}}}}\n{FAST}"),
+    )
+    .await?;
+    wait_endpoints(&client, ns, "fast-active", &[fast.ip(0)], LIMIT).await?;
+    let count = || (0..3).map(|i| fast.sim(i).health_requests()).sum::<u64>();
+    let before = count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let probes = count() - before;
+    // Interval 500ms over 4 s is 8 rounds of 3 probes; starved, it is a handful.
+    assert!(probes >= 15, "the fast cluster got {probes} probes in 4 s");
+    assert!(
+        slow.sim(0).health_requests() > 0,
+        "the slow cluster is probed too"
+    );
+    Ok(())
+}
+
+/// Case 7: a pod replaced under the same name between a round's observation and its write
+/// does not receive the labels meant for the pod it replaced.
+#[tokio::test]
+async fn replaced_pod_does_not_inherit_labels() -> anyhow::Result<()> {
+    let f = fixture("fs-uid", &TRIO, None).await?;
+    // vault-2 will hang for the whole timeout, holding the round between observe and act.
+    f.create(
+        "vault",
+        "health: {interval: 5s, timeout: 4s, failureThreshold: 2}",
+    )
+    .await?;
+    f.converged().await?;
+    f.set(1, Role::Sealed).await;
+    let before = f.vault.sim(2).health_requests();
+    f.behave(2, Behavior::Hang).await;
+    wait::until("a round probing the hanging pod", LIMIT, || async {
+        Ok((f.vault.sim(2).health_requests() > before).then_some(()))
+    })
+    .await?;
+    let started = Instant::now();
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), &f.ns);
+    let old_uid = f.vault.pod(1).await?.metadata.uid;
+    pods.delete(
+        f.vault.pod_name(1),
+        &DeleteParams::default().grace_period(0),
+    )
+    .await?;
+    wait::until("old vault-1 gone", LIMIT, || async {
+        Ok(pods
+            .get_opt(f.vault.pod_name(1))
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    start_pod(&f.client, &f.ns, &f.vault.members[1].pod).await?;
+    assert_ne!(f.vault.pod(1).await?.metadata.uid, old_uid);
+    // The round acts when the hang times out (4 s after it started); the next round acts 4 s
+    // after that. Until then the new pod must carry none of our labels.
+    while started.elapsed() < Duration::from_secs(6) {
+        let labels = f.vault.labels(1).await?;
+        assert!(
+            !labels.contains_key("vault-sealed"),
+            "the replacement got the old pod's labels: {labels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused: Vec<_> = shared()
+        .writes_in(&f.ns)
+        .into_iter()
+        // The API server refuses a patch whose UID differs: metadata.uid is immutable.
+        .filter(|w| w.2 == "pods" && w.3 == "vault-1" && w.1 == "patch" && w.4 == 422)
+        .collect();
+    assert!(!refused.is_empty(), "the stale write was sent and refused");
+    f.behave(2, Behavior::Serve).await;
+    f.labels(
+        "vault-sealed",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Case 8: an API error reading the CA Secret (here: the permission revoked for a while) is
+/// retried; it is not a spec problem and touches neither the status nor the labels.
+#[tokio::test]
+async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::Result<()> {
+    install_crd().await?;
+    let plane = shared();
+    let client = plane.client().await?;
+    let ns = "fs-secret";
+    create_namespace(&client, ns).await?;
+    let ca = Authority::new("vault-test-ca")?;
+    let cert = ca.serving(&["vault.example"])?;
+    let tls = SimTls {
+        cert_pem: cert.cert,
+        key_pem: cert.key,
+    };
+    let vault = SimCluster::start(&client, ns, "vault", &TRIO, Some(tls)).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
+    )?;
+    secrets.create(&PostParams::default(), &secret).await?;
+    let all = "[{apiGroups: ['*'], resources: ['*'], verbs: ['*']}]";
+    let no_secrets = "[{apiGroups: ['', events.k8s.io, discovery.k8s.io, vault-registrar.dev], resources: [pods, services, events, endpointslices, vaultclusters, vaultclusters/status, vaultclusters/finalizers], verbs: ['*']}]";
+    let role = |rules: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: operator, namespace: {ns}}}\nrules: {rules}\n"
+        )
+    };
+    let apply = |yaml: String, file: &str| {
+        let path = plane.dir().join(file);
+        let mut cmd = plane.kubectl();
+        cmd.args(["apply", "-f"]).arg(&path);
+        async move {
+            std::fs::write(&path, yaml)?;
+            run_blocking(cmd).await
+        }
+    };
+    apply(
+        format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: operator, namespace: {ns}}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: operator, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: operator}}\nsubjects: [{{kind: ServiceAccount, name: operator, namespace: {ns}}}]\n---\n{}",
+            role(all)
+        ),
+        "fs-secret-rbac.yaml",
+    )
+    .await?;
+    let mut token = plane.kubectl();
+    token.args(["create", "token", "operator", "-n", ns, "--duration=1h"]);
+    let kubeconfig =
+        plane.token_kubeconfig("fs-secret-operator", run_blocking(token).await?.trim())?;
+    let operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &kubeconfig,
+        &["--namespace", ns],
+        &plane.dir().join("operator-fs-secret.log"),
+    )?;
+    let f = Fixture {
+        client: client.clone(),
+        ns: ns.into(),
+        vault,
+        operator,
+    };
+    f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: vault.example}}").await?;
+    f.converged().await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    apply(role(no_secrets), "fs-secret-role.yaml").await?;
+    wait::until("the operator refused the Secret", LIMIT, || async {
+        Ok(f.operator
+            .log_text()
+            .contains("reading CA Secret vault-ca")
+            .then_some(()))
+    })
+    .await?;
+    let writes = writes_during(ns, Duration::from_secs(3)).await;
+    let ours: Vec<_> = writes
+        .iter()
+        .filter(|w| w.0 == "system:serviceaccount:fs-secret:operator")
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "writes while the Secret cannot be read: {ours:?}"
+    );
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    active_holds(&f, 0, Duration::from_millis(500)).await?;
+    assert!(events(&f, "InvalidSpec").await?.is_empty());
+
+    apply(role(all), "fs-secret-role.yaml").await?;
+    f.set(0, Role::Standby).await;
+    f.set(1, Role::Active).await;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    Ok(())
+}
