@@ -524,7 +524,7 @@ async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::R
     wait::until("the operator refused the Secret", LIMIT, || async {
         Ok(f.operator
             .log_text()
-            .contains("reading CA Secret vault-ca")
+            .contains(r#"secrets "vault-ca" is forbidden"#)
             .then_some(()))
     })
     .await?;
@@ -549,5 +549,108 @@ async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::R
         &[Some("false"), Some("true"), Some("false")],
     )
     .await?;
+    Ok(())
+}
+
+/// Upgrading from the version that marked ownership with an annotation: the pods get the
+/// ownership label first, the Service selectors only afterwards, so the active Service never
+/// stands empty for a moment.
+#[tokio::test]
+async fn upgrade_to_the_ownership_label_never_empties_the_active_service() -> anyhow::Result<()> {
+    install_crd().await?;
+    let plane = shared();
+    let client = plane.client().await?;
+    let ns = "fs-upgrade";
+    create_namespace(&client, ns).await?;
+    let vault = SimCluster::start(&client, ns, "vault", &TRIO, None).await?;
+    create_vc(
+        &client,
+        ns,
+        "vault",
+        &format!("selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n{FAST}"),
+    )
+    .await?;
+    let vcs: Api<VaultCluster> = Api::namespaced(client.clone(), ns);
+    let uid = vcs.get("vault").await?.metadata.uid.unwrap();
+    // What the previous version left: role labels, the ownership annotation, and Services
+    // selecting on matchLabels and roles only.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for i in 0..3 {
+        let active = if i == 0 { "true" } else { "false" };
+        let patch = json!({"metadata": {
+            "labels": {"vault-active": active, "vault-initialized": "true", "vault-perf-standby": "false", "vault-sealed": "false", "vault-version": "1.17.2"},
+            "annotations": {"vault-registrar.dev/cluster": "vault"},
+        }});
+        pods.patch(
+            vault.pod_name(i),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await?;
+    }
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
+    for (name, roles) in [
+        ("vault-active", json!({"vault-active": "true"})),
+        (
+            "vault-standby",
+            json!({"vault-active": "false", "vault-sealed": "false"}),
+        ),
+    ] {
+        let mut selector = roles;
+        selector["app.kubernetes.io/name"] = json!("vault");
+        let svc = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "vault-registrar", "vault-registrar.dev/cluster": "vault"},
+                "ownerReferences": [{"apiVersion": "vault-registrar.dev/v1alpha1", "kind": "VaultCluster", "name": "vault", "uid": uid, "controller": true}]},
+            "spec": {"selector": selector, "publishNotReadyAddresses": false,
+                "ports": [{"name": "http", "port": 8200, "targetPort": 8200}, {"name": "internal", "port": 8201, "targetPort": 8201}]},
+        }))?;
+        services.create(&PostParams::default(), &svc).await?;
+    }
+    wait_endpoints(&client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
+
+    let _operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &["--namespace", ns],
+        &plane.dir().join("operator-fs-upgrade.log"),
+    )?;
+    let owner = "vault-registrar.dev/cluster";
+    let mut migrated = None;
+    let start = Instant::now();
+    while migrated.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(1)) {
+        anyhow::ensure!(start.elapsed() < LIMIT, "no migration within {LIMIT:?}");
+        let endpoints = endpoint_ips(&client, ns, "vault-active").await?;
+        assert_eq!(
+            endpoints,
+            [vault.ip(0)],
+            "active Service during the upgrade"
+        );
+        if migrated.is_none() {
+            let selector = services
+                .get("vault-active")
+                .await?
+                .spec
+                .unwrap()
+                .selector
+                .unwrap();
+            let pod = pods.get(vault.pod_name(0)).await?;
+            let labelled = pod
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .get(owner)
+                .map(String::as_str)
+                == Some("vault");
+            let annotated = pod
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(owner);
+            if selector.contains_key(owner) && labelled && !annotated {
+                migrated = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
