@@ -366,6 +366,56 @@ mod tests {
     }
 
     #[test]
+    fn our_own_shortages_are_never_the_pods_failure() {
+        let cases = [
+            (libc::EMFILE, FailureKind::Local),
+            (libc::ENFILE, FailureKind::Local),
+            (libc::ENOBUFS, FailureKind::Local),
+            (libc::ENOMEM, FailureKind::Local),
+            (libc::EADDRNOTAVAIL, FailureKind::Local),
+            (libc::ECONNREFUSED, FailureKind::Transport),
+            (libc::ECONNRESET, FailureKind::Transport),
+            (libc::EHOSTUNREACH, FailureKind::Transport),
+            (libc::ETIMEDOUT, FailureKind::Transport),
+        ];
+        for (errno, kind) in cases {
+            let failure = io_failure("connect", std::io::Error::from_raw_os_error(errno));
+            assert_eq!(failure.kind, kind, "errno {errno}: {}", failure.message);
+            assert!(failure.unanswered());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_finds_no_slot_in_time_is_our_shortage() {
+        let prober = Prober::new(1);
+        let share = prober.cluster_share();
+        let _held = share.acquire().await.unwrap();
+        let target = Target {
+            ip: "127.0.0.1".parse().unwrap(),
+            port: 9,
+            path: "/v1/sys/health".into(),
+            timeout: Duration::from_millis(50),
+            tls: None,
+        };
+        let (outcome, took) = prober.probe(&target, &share).await;
+        match outcome {
+            Outcome::Failed(f) => assert_eq!(f.kind, FailureKind::Local, "{}", f.message),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            took < Duration::from_secs(1),
+            "the wait counts in the deadline: {took:?}"
+        );
+    }
+
+    #[test]
+    fn one_cluster_gets_a_quarter_of_the_pool() {
+        for (pool, share) in [(1, 1), (8, 2), (64, 16), (1000, 16)] {
+            assert_eq!(Prober::new(pool).share, share, "pool {pool}");
+        }
+    }
+
+    #[test]
     fn tls_config_needs_a_usable_ca() {
         assert!(tls_config(Some(b"not pem"), false).is_err());
         assert!(tls_config(None, false).is_err());

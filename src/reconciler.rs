@@ -969,4 +969,63 @@ mod tests {
             assert_eq!(next_probe(interval, took, active), want, "{name}");
         }
     }
+
+    #[test]
+    fn failed_reconciles_back_off() {
+        let got: Vec<u128> = (1..=9).map(|n| retry_after(n).as_millis()).collect();
+        assert_eq!(got, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000, 10000]);
+    }
+
+    #[test]
+    fn only_a_changed_uid_counts_as_replaced() {
+        let status = |code: u16, field: &str| -> kube::core::Status {
+            serde_json::from_value(json!({
+                "status": "Failure", "code": code, "message": "refused", "reason": "Invalid",
+                "details": {"name": "p", "group": "", "kind": "pods", "causes": [{"field": field}]},
+            }))
+            .unwrap()
+        };
+        assert!(replaced(&status(422, "metadata.uid")));
+        assert!(replaced(&status(409, "")));
+        assert!(
+            !replaced(&status(422, "metadata.labels")),
+            "a refused write is an error"
+        );
+        assert!(!replaced(&status(403, "metadata.uid")));
+    }
+
+    fn pod(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+        let map = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(format!("p{}", labels.len() * 10 + annotations.len()));
+        pod.metadata.labels = map(labels);
+        pod.metadata.annotations = map(annotations);
+        pod
+    }
+
+    #[test]
+    fn strays_are_found_by_label_or_legacy_annotation() {
+        let spec = serde_yaml::from_str("selector: {matchLabels: {app: vault}}").unwrap();
+        let vc = VaultCluster::new("vault", spec);
+        let pods = vec![
+            pod(&[("app", "vault")], &[]),
+            pod(&[("app", "retired"), (OWNER_LABEL, "vault")], &[]),
+            pod(&[], &[(LEGACY_OWNER_ANNOTATION, "vault")]),
+            pod(
+                &[("other", "x"), ("more", "y"), (OWNER_LABEL, "another")],
+                &[],
+            ),
+        ];
+        let selection = select(&vc, &[], pods);
+        let names = |p: &[Pod]| p.iter().map(|p| p.name_any()).collect::<Vec<_>>();
+        assert_eq!(names(&selection.candidates), ["p10"]);
+        assert_eq!(names(&selection.strays), ["p20", "p1"]);
+    }
 }

@@ -542,10 +542,45 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             "spec.health.scheme",
         ),
         ("missing selector", "labelPrefix: vault", "spec.selector"),
+        (
+            "interval too long",
+            "selector: {matchLabels: {a: b}}\nhealth: {interval: 6m}",
+            "interval must be at most 5m",
+        ),
+        (
+            "timeout too long",
+            "selector: {matchLabels: {a: b}}\nhealth: {interval: 2m, timeout: 31s}",
+            "timeout must be at most 30s",
+        ),
+        (
+            "unknown serverName placeholder",
+            "selector: {matchLabels: {a: b}}\nhealth: {scheme: https, tls: {serverName: '{pod_name}.vault-internal'}}",
+            "serverName must be a lower-case DNS name",
+        ),
+        (
+            "serverName not a DNS name",
+            "selector: {matchLabels: {a: b}}\nhealth: {scheme: https, tls: {serverName: 'Vault_0'}}",
+            "serverName must be a lower-case DNS name",
+        ),
+        (
+            "name with a dot",
+            "name=vault.prod\nselector: {matchLabels: {a: b}}",
+            "metadata.name must be a DNS label of at most 50 characters",
+        ),
+        (
+            "name too long for the Services",
+            "name=vault-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nselector: {matchLabels: {a: b}}",
+            "metadata.name must be a DNS label of at most 50 characters",
+        ),
     ];
     for (name, spec, expected) in cases {
+        // A first line "name=..." sets metadata.name; "bad" otherwise.
+        let (object, spec) = match spec.split_once('\n') {
+            Some((first, rest)) if first.starts_with("name=") => (&first[5..], rest),
+            _ => ("bad", spec),
+        };
         let yaml = format!(
-            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: bad, namespace: e2e-invalid}}\nspec:\n  {}\n",
+            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: {object}, namespace: e2e-invalid}}\nspec:\n  {}\n",
             spec.replace('\n', "\n  ")
         );
         let file = shared().dir().join("invalid.yaml");

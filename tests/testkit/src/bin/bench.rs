@@ -1,12 +1,15 @@
 //! `make bench`: failover convergence latency at interval 1s, from a simulated pod's change
 //! to the active Service's EndpointSlice change, over 20 flips; and the write requests the
-//! API server received during 60 s of steady state, from its own /metrics. Prints figures;
-//! asserts nothing about time.
+//! API server received during 60 s of steady state, from its own /metrics; and the writes
+//! over 10 s once every pod is sealed, and once every pod is unreachable while Kubernetes
+//! reports it Ready (the operator holds the labels). Prints figures; asserts nothing about
+//! time.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use vault_registrar_testkit::cluster::endpoint_ips;
+use vault_registrar_testkit::netns::PathCut;
 use vault_registrar_testkit::stage::Stage;
 use vault_registrar_testkit::vault_sim::Role;
 
@@ -83,8 +86,50 @@ async fn main() -> anyhow::Result<()> {
     let before = writes(&stage)?;
     tokio::time::sleep(Duration::from_secs(60)).await;
     let after = writes(&stage)?;
+    let total = ours(&before, &after);
+    println!(
+        "write requests to pods, services, vaultclusters and events during 60 s of steady state: {total} (target 0)"
+    );
+
+    for i in 0..3 {
+        stage.vault.sim(i).update(|s| s.role = Role::Sealed).await;
+    }
+    let sealed = quiet_writes(&stage).await?;
+    println!(
+        "write requests during 10 s with every pod sealed (after 5 s to settle): {sealed} (target 0)"
+    );
+    let roles = [Role::Active, Role::Standby, Role::Standby];
+    for (i, role) in roles.into_iter().enumerate() {
+        stage.vault.sim(i).update(|s| s.role = role).await;
+    }
+    let active = vec![stage.vault.ip(0)];
+    while endpoint_ips(&stage.client, "bench", "vault-active").await? != active {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ips: Vec<_> = stage.vault.members.iter().map(|m| m.pod.ip).collect();
+    let cut = PathCut::new(&ips)?;
+    let unreachable = quiet_writes(&stage).await?;
+    let held = endpoint_ips(&stage.client, "bench", "vault-active").await? == active;
+    drop(cut);
+    println!(
+        "write requests during 10 s with every pod unreachable but Ready (after 5 s to settle): {unreachable} (target 0); active Service kept its endpoint: {held}"
+    );
+    Ok(())
+}
+
+/// Waits 5 s for the operator to settle, then counts our write requests over 10 s.
+async fn quiet_writes(stage: &Stage) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = writes(stage)?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    Ok(ours(&before, &writes(stage)?))
+}
+
+/// Write requests to the objects the operator writes, between two readings; each resource
+/// with any is printed.
+fn ours(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> u64 {
     let mut total = 0;
-    for (resource, n) in &after {
+    for (resource, n) in after {
         let delta = n - before.get(resource).copied().unwrap_or(0.0);
         if delta > 0.0 {
             println!("  writes to {resource}: {delta}");
@@ -93,10 +138,7 @@ async fn main() -> anyhow::Result<()> {
             total += delta as u64;
         }
     }
-    println!(
-        "write requests to pods, services, vaultclusters and events during 60 s of steady state: {total} (target 0)"
-    );
-    Ok(())
+    total
 }
 
 /// apiserver_request_total for write verbs, summed by resource.
