@@ -761,13 +761,8 @@ async fn converge_services(
         let params = PatchParams::apply(MANAGER).force();
         api.patch(&name, &params, &Patch::Apply(&want))
             .await
-            .map_err(|source| Error::WriteService {
-                cluster: cluster_name(vc),
-                service: name.clone(),
-                source,
-            })?;
-        ctx.metrics.service_writes.inc();
-        info!(cluster = %cluster_name(vc), service = %name, "Service applied");
+            .map_err(service_write_failed(vc, &name))?;
+        service_written(vc, ctx, &name, "applied");
     }
     remove_unwanted_services(vc, ctx, &api, &desired).await?;
     Ok(problems)
@@ -797,15 +792,24 @@ async fn remove_unwanted_services(
         ctx.guard(&format!("Service {name}"))?;
         api.delete(&name, &DeleteParams::default())
             .await
-            .map_err(|source| Error::WriteService {
-                cluster: cluster_name(vc),
-                service: name.clone(),
-                source,
-            })?;
-        ctx.metrics.service_writes.inc();
-        info!(cluster = %cluster_name(vc), service = %name, "Service removed");
+            .map_err(service_write_failed(vc, &name))?;
+        service_written(vc, ctx, &name, "removed");
     }
     Ok(())
+}
+
+fn service_write_failed(vc: &VaultCluster, name: &str) -> impl FnOnce(kube::Error) -> Error {
+    let (cluster, service) = (cluster_name(vc), name.to_string());
+    move |source| Error::WriteService {
+        cluster,
+        service,
+        source,
+    }
+}
+
+fn service_written(vc: &VaultCluster, ctx: &Context, name: &str, what: &str) {
+    ctx.metrics.service_writes.inc();
+    info!(cluster = %cluster_name(vc), service = %name, "Service {what}");
 }
 
 /// Reports a spec the operator cannot act on, touching nothing else: the labels are held

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -89,13 +89,7 @@ async fn steady_state_sends_no_writes() -> anyhow::Result<()> {
 #[tokio::test]
 async fn failover_moves_the_active_label_and_service() -> anyhow::Result<()> {
     let f = converged_trio("failover").await?;
-    f.set(0, Role::Standby).await;
-    f.set(1, Role::Active).await;
-    f.labels(
-        "vault-active",
-        &[Some("false"), Some("true"), Some("false")],
-    )
-    .await?;
+    f.fail_over_to(1).await?;
     f.endpoints("vault-active", &[1]).await?;
     f.endpoints("vault-standby", &[0, 2]).await?;
     let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
@@ -249,27 +243,10 @@ async fn hanging_server_times_out() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn https_with_ca_secret_and_server_name() -> anyhow::Result<()> {
-    let ca = Authority::new("vault-test-ca")?;
-    let cert = ca.serving(&[
-        "vault-0.vault-internal",
-        "vault-1.vault-internal",
-        "vault-2.vault-internal",
-    ])?;
-    let f = fixture(
-        "https",
-        &TRIO,
-        Some(SimTls {
-            cert_pem: cert.cert,
-            key_pem: cert.key,
-        }),
-    )
-    .await?;
-    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
-    )?;
-    secrets.create(&PostParams::default(), &secret).await?;
-    f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    let (ca, tls) = tls_for(&TRIO_NAMES)?;
+    let f = fixture("https", &TRIO, Some(tls)).await?;
+    f.ca_secret(&ca).await?;
+    f.create("vault", HTTPS).await?;
     f.converged().await?;
     f.condition("vault", "Ready", "True", "Ready").await?;
     Ok(())
@@ -280,19 +257,10 @@ async fn https_with_ca_secret_and_server_name() -> anyhow::Result<()> {
 /// cannot tell what Vault says: it holds the labels (none here) and says so.
 #[tokio::test]
 async fn https_verification_failures_never_label_active() -> anyhow::Result<()> {
-    let ca = Authority::new("vault-test-ca")?;
-    let cert = ca.serving(&["vault.example"])?;
-    let tls = SimTls {
-        cert_pem: cert.cert,
-        key_pem: cert.key,
-    };
+    let (ca, tls) = tls_for(&["vault.example"])?;
     let f = fixture("https-wrong", &TRIO, Some(tls)).await?;
-    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
-    )?;
-    secrets.create(&PostParams::default(), &secret).await?;
-    f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    f.ca_secret(&ca).await?;
+    f.create("vault", HTTPS).await?;
     let message = f
         .condition("vault", "Degraded", "True", "ProbesFailing")
         .await?;

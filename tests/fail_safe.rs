@@ -9,17 +9,16 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vault_registrar::crd::VaultCluster;
-use vault_registrar_testkit::certs::Authority;
-use vault_registrar_testkit::cluster::{Operator, SimCluster, endpoint_ips, wait_endpoints};
+use vault_registrar_testkit::cluster::{SimCluster, endpoint_ips, wait_endpoints};
 use vault_registrar_testkit::netns::PathCut;
-use vault_registrar_testkit::pods::{create_namespace, set_running, start_pod};
+use vault_registrar_testkit::pods::{set_running, start_pod};
 use vault_registrar_testkit::stage::run_blocking;
-use vault_registrar_testkit::vault_sim::{Behavior, Role, SimTls};
+use vault_registrar_testkit::vault_sim::{Behavior, Role};
 use vault_registrar_testkit::{shared, wait};
 
 /// Write requests to the namespace's objects during `window`, from the audit log.
@@ -112,23 +111,10 @@ async fn all_sealed_clears_the_active_pod_and_goes_quiet() -> anyhow::Result<()>
 /// the field, and no label moves while it lasts.
 #[tokio::test]
 async fn configuration_errors_hold_labels_and_say_invalid_spec() -> anyhow::Result<()> {
-    let ca = Authority::new("vault-test-ca")?;
-    let cert = ca.serving(&[
-        "vault-0.vault-internal",
-        "vault-1.vault-internal",
-        "vault-2.vault-internal",
-    ])?;
-    let tls = SimTls {
-        cert_pem: cert.cert,
-        key_pem: cert.key,
-    };
+    let (ca, tls) = tls_for(&TRIO_NAMES)?;
     let f = fixture("fs-spec", &TRIO, Some(tls)).await?;
-    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
-    )?;
-    secrets.create(&PostParams::default(), &secret).await?;
-    f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, failureThreshold: 2, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    let secrets = f.ca_secret(&ca).await?;
+    f.create("vault", HTTPS).await?;
     f.converged().await?;
     f.condition("vault", "Ready", "True", "Ready").await?;
 
@@ -224,11 +210,8 @@ async fn cut_off_operator_holds_labels() -> anyhow::Result<()> {
 /// Service reaches only its own cluster's active pod.
 #[tokio::test]
 async fn clusters_split_by_expressions_route_only_their_own_pods() -> anyhow::Result<()> {
-    install_crd().await?;
-    let plane = shared();
-    let client = plane.client().await?;
     let ns = "fs-split";
-    create_namespace(&client, ns).await?;
+    let client = namespace(ns).await?;
     let mut clusters = Vec::new();
     for name in ["a", "b"] {
         let vault =
@@ -236,12 +219,7 @@ async fn clusters_split_by_expressions_route_only_their_own_pods() -> anyhow::Re
                 .await?;
         clusters.push(vault);
     }
-    let _operator = Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
-        &plane.kubeconfig,
-        &["--namespace", ns],
-        &plane.dir().join("operator-fs-split.log"),
-    )?;
+    let _operator = operator(ns, None, &[])?;
     for name in ["a", "b"] {
         let spec = format!(
             "selector: {{matchLabels: {{app.kubernetes.io/name: vault}}, matchExpressions: [{{key: instance, operator: In, values: [{name}]}}]}}\n{FAST}"
@@ -337,11 +315,8 @@ async fn refused_write_is_reported_and_nothing_is_promoted() -> anyhow::Result<(
 /// Case 6: a cluster whose every pod hangs cannot starve another cluster's probes.
 #[tokio::test]
 async fn a_hanging_cluster_cannot_starve_the_others() -> anyhow::Result<()> {
-    install_crd().await?;
-    let plane = shared();
-    let client = plane.client().await?;
     let ns = "fs-fair";
-    create_namespace(&client, ns).await?;
+    let client = namespace(ns).await?;
     let slow = SimCluster::start_labelled(
         &client,
         ns,
@@ -357,12 +332,7 @@ async fn a_hanging_cluster_cannot_starve_the_others() -> anyhow::Result<()> {
     let fast =
         SimCluster::start_labelled(&client, ns, "fast", &TRIO, None, &[("tier", "fast")]).await?;
     // A pool of 8: one cluster may hold at most 2 of them.
-    let _operator = Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
-        &plane.kubeconfig,
-        &["--namespace", ns, "--probe-concurrency", "8"],
-        &plane.dir().join("operator-fs-fair.log"),
-    )?;
+    let _operator = operator(ns, None, &["--probe-concurrency", "8"])?;
     create_vc(
         &client,
         ns,
@@ -458,23 +428,11 @@ async fn replaced_pod_does_not_inherit_labels() -> anyhow::Result<()> {
 /// retried; it is not a spec problem and touches neither the status nor the labels.
 #[tokio::test]
 async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::Result<()> {
-    install_crd().await?;
     let plane = shared();
-    let client = plane.client().await?;
     let ns = "fs-secret";
-    create_namespace(&client, ns).await?;
-    let ca = Authority::new("vault-test-ca")?;
-    let cert = ca.serving(&["vault.example"])?;
-    let tls = SimTls {
-        cert_pem: cert.cert,
-        key_pem: cert.key,
-    };
+    let client = namespace(ns).await?;
+    let (ca, tls) = tls_for(&["vault.example"])?;
     let vault = SimCluster::start(&client, ns, "vault", &TRIO, Some(tls)).await?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
-    )?;
-    secrets.create(&PostParams::default(), &secret).await?;
     let all = "[{apiGroups: ['*'], resources: ['*'], verbs: ['*']}]";
     let no_secrets = "[{apiGroups: ['', events.k8s.io, discovery.k8s.io, vault-registrar.dev], resources: [pods, services, events, endpointslices, vaultclusters, vaultclusters/status, vaultclusters/finalizers], verbs: ['*']}]";
     let role = |rules: &str| {
@@ -503,18 +461,14 @@ async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::R
     token.args(["create", "token", "operator", "-n", ns, "--duration=1h"]);
     let kubeconfig =
         plane.token_kubeconfig("fs-secret-operator", run_blocking(token).await?.trim())?;
-    let operator = Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
-        &kubeconfig,
-        &["--namespace", ns],
-        &plane.dir().join("operator-fs-secret.log"),
-    )?;
+    let operator = operator(ns, Some(&kubeconfig), &[])?;
     let f = Fixture {
         client: client.clone(),
         ns: ns.into(),
         vault,
         operator,
     };
+    f.ca_secret(&ca).await?;
     f.create("vault", "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: vault.example}}").await?;
     f.converged().await?;
     f.condition("vault", "Ready", "True", "Ready").await?;
@@ -542,14 +496,7 @@ async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::R
     assert!(events(&f, "InvalidSpec").await?.is_empty());
 
     apply(role(all), "fs-secret-role.yaml").await?;
-    f.set(0, Role::Standby).await;
-    f.set(1, Role::Active).await;
-    f.labels(
-        "vault-active",
-        &[Some("false"), Some("true"), Some("false")],
-    )
-    .await?;
-    Ok(())
+    f.fail_over_to(1).await
 }
 
 /// Upgrading from the version that marked ownership with an annotation: the pods get the
@@ -557,11 +504,8 @@ async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::R
 /// stands empty for a moment.
 #[tokio::test]
 async fn upgrade_to_the_ownership_label_never_empties_the_active_service() -> anyhow::Result<()> {
-    install_crd().await?;
-    let plane = shared();
-    let client = plane.client().await?;
     let ns = "fs-upgrade";
-    create_namespace(&client, ns).await?;
+    let client = namespace(ns).await?;
     let vault = SimCluster::start(&client, ns, "vault", &TRIO, None).await?;
     create_vc(
         &client,
@@ -608,12 +552,7 @@ async fn upgrade_to_the_ownership_label_never_empties_the_active_service() -> an
     }
     wait_endpoints(&client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
 
-    let _operator = Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
-        &plane.kubeconfig,
-        &["--namespace", ns],
-        &plane.dir().join("operator-fs-upgrade.log"),
-    )?;
+    let _operator = operator(ns, None, &[])?;
     let owner = "vault-registrar.dev/cluster";
     let mut migrated = None;
     let start = Instant::now();

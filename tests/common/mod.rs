@@ -5,10 +5,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
 use tokio::sync::OnceCell;
 use vault_registrar::crd::VaultCluster;
+use vault_registrar_testkit::certs::Authority;
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::pods::create_namespace;
 use vault_registrar_testkit::stage::install_crd as install_crd_file;
@@ -34,21 +36,34 @@ pub async fn install_crd() -> anyhow::Result<()> {
         .map(|_| ())
 }
 
+/// A new namespace on the shared plane, with the CRD installed; the admin client.
+pub async fn namespace(ns: &str) -> anyhow::Result<kube::Client> {
+    install_crd().await?;
+    let client = shared().client().await?;
+    create_namespace(&client, ns).await?;
+    Ok(client)
+}
+
+/// The operator binary watching `ns` with `kubeconfig` (the admin's when None), and more
+/// arguments; its log goes next to the plane's.
+pub fn operator(ns: &str, kubeconfig: Option<&Path>, extra: &[&str]) -> anyhow::Result<Operator> {
+    let plane = shared();
+    let mut args = vec!["--namespace", ns];
+    args.extend_from_slice(extra);
+    Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        kubeconfig.unwrap_or(&plane.kubeconfig),
+        &args,
+        &plane.dir().join(format!("operator-{ns}.log")),
+    )
+}
+
 /// A namespace with the operator watching it and Vault pods `vault-N` answering as `roles`.
 pub async fn fixture(name: &str, roles: &[Role], tls: Option<SimTls>) -> anyhow::Result<Fixture> {
-    install_crd().await?;
-    let plane = shared();
-    let client = plane.client().await?;
     let ns = format!("e2e-{name}");
-    create_namespace(&client, &ns).await?;
+    let client = namespace(&ns).await?;
     let vault = SimCluster::start(&client, &ns, "vault", roles, tls).await?;
-    let log = plane.dir().join(format!("operator-{name}.log"));
-    let operator = Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
-        &plane.kubeconfig,
-        &["--namespace", &ns],
-        &log,
-    )?;
+    let operator = operator(&ns, None, &[])?;
     Ok(Fixture {
         client,
         ns,
@@ -142,6 +157,19 @@ impl Fixture {
         self.endpoints("vault-standby", &[1, 2]).await
     }
 
+    /// Makes pod `to` the active one and every other a standby, and waits for the labels.
+    pub async fn fail_over_to(&self, to: usize) -> anyhow::Result<()> {
+        let n = self.vault.members.len();
+        for i in 0..n {
+            self.set(i, if i == to { Role::Active } else { Role::Standby })
+                .await;
+        }
+        let want: Vec<Option<&str>> = (0..n)
+            .map(|i| Some(if i == to { "true" } else { "false" }))
+            .collect();
+        self.labels("vault-active", &want).await
+    }
+
     pub async fn set(&self, i: usize, role: Role) {
         self.vault.sim(i).update(|s| s.role = role).await;
     }
@@ -159,4 +187,37 @@ pub async fn converged_trio(name: &str) -> anyhow::Result<Fixture> {
     f.create("vault", FAST).await?;
     f.converged().await?;
     Ok(f)
+}
+
+/// Probing over https with the CA in Secret `vault-ca`, verifying `<pod>.vault-internal`.
+pub const HTTPS: &str = "health: {scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}";
+
+/// A fresh CA and a serving certificate from it for `names`.
+pub fn tls_for(names: &[&str]) -> anyhow::Result<(Authority, SimTls)> {
+    let ca = Authority::new("vault-test-ca")?;
+    let cert = ca.serving(names)?;
+    let tls = SimTls {
+        cert_pem: cert.cert,
+        key_pem: cert.key,
+    };
+    Ok((ca, tls))
+}
+
+/// The names `HTTPS` verifies for the three pods of `TRIO`.
+pub const TRIO_NAMES: [&str; 3] = [
+    "vault-0.vault-internal",
+    "vault-1.vault-internal",
+    "vault-2.vault-internal",
+];
+
+impl Fixture {
+    /// Creates Secret `vault-ca` holding the CA bundle; the Secrets of the namespace.
+    pub async fn ca_secret(&self, ca: &Authority) -> anyhow::Result<Api<Secret>> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let secret: Secret = serde_json::from_value(serde_json::json!(
+            {"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}
+        ))?;
+        secrets.create(&PostParams::default(), &secret).await?;
+        Ok(secrets)
+    }
 }
