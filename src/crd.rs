@@ -397,7 +397,8 @@ pub struct MemberStatus {
     /// Version the pod reported.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
-    /// Why the last probe failed, if it did.
+    /// Why the probes of this pod are failing, if they are: the error that began the
+    /// current run of failures.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_probe_error: String,
 }

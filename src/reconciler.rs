@@ -245,9 +245,6 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         .all(|p| p.labels().get(OWNER_LABEL) == Some(&vc.name_any()));
     let mut members = probe_all(vc, ctx, &probe_settings, &candidates).await;
     let held = fail_static::hold(&mut members);
-    if let Some(why) = &held {
-        warn!(cluster = %cluster_name(vc), %why, "holding labels");
-    }
     let decision = decide(&names, &vc.name_any(), &members);
     let (service_problems, failed) = match act(
         vc,

@@ -20,8 +20,8 @@ pub struct Observation<'a> {
     pub service_problems: Vec<String>,
     /// Pods left alone because an older VaultCluster selects them: "pod (cluster)".
     pub overlaps: Vec<String>,
-    /// Why labels are held although no pod answered (see `fail_static`), if they are.
-    pub held: Option<String>,
+    /// Labels are held because no pod answered (see `fail_static`).
+    pub held: bool,
     /// The write that failed this round, if one did: the status must not claim Ready.
     pub write_problem: Option<String>,
     pub previous: Option<&'a VaultClusterStatus>,
@@ -29,7 +29,8 @@ pub struct Observation<'a> {
 }
 
 pub fn build(o: &Observation) -> VaultClusterStatus {
-    let members: Vec<MemberStatus> = o.members.iter().map(member_status).collect();
+    let mut members: Vec<MemberStatus> = o.members.iter().map(member_status).collect();
+    keep_first_errors(&mut members, o.previous);
     let count = |roles: &[&str]| {
         members
             .iter()
@@ -65,6 +66,22 @@ fn last_health(verdict: &Verdict) -> Option<&crate::health::Health> {
     match verdict {
         Verdict::Healthy(h) | Verdict::Failing { last: Some(h), .. } => Some(h),
         _ => None,
+    }
+}
+
+/// A pod failing the same way round after round keeps the error that began the streak, so
+/// that an error text that varies (a timeout, then "no route to host") does not rewrite the
+/// status every round.
+fn keep_first_errors(members: &mut [MemberStatus], previous: Option<&VaultClusterStatus>) {
+    let Some(previous) = previous else { return };
+    for m in members
+        .iter_mut()
+        .filter(|m| !m.last_probe_error.is_empty())
+    {
+        let before = previous.members.iter().find(|p| p.name == m.name);
+        if let Some(p) = before.filter(|p| p.role == m.role && !p.last_probe_error.is_empty()) {
+            m.last_probe_error.clone_from(&p.last_probe_error);
+        }
     }
 }
 
@@ -106,9 +123,10 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
             format!("Services in place; {available_message}"),
         )
     };
-    let degraded = match &o.held {
-        Some(held) => Some(("ProbesFailing", held.clone())),
-        None => degradation(s).map(|message| ("PodsUnhealthy", message)),
+    let degraded = if o.held {
+        Some(("ProbesFailing", held_message(s)))
+    } else {
+        degradation(s).map(|message| ("PodsUnhealthy", message))
     };
     let (degraded_reason, degraded_message) = degraded.clone().unwrap_or((
         "AllPodsHealthy",
@@ -154,7 +172,7 @@ fn availability(o: &Observation) -> (bool, &'static str, String) {
         );
     }
     match &o.decision.active {
-        Some(pod) if o.held.is_some() => (
+        Some(pod) if o.held => (
             true,
             "ActiveHeld",
             format!("{pod} keeps the active label: no pod answers, Kubernetes reports it Ready"),
@@ -163,6 +181,18 @@ fn availability(o: &Observation) -> (bool, &'static str, String) {
         None if o.members.is_empty() => (false, "NoPods", "no pod matches the selector".into()),
         None => (false, "NoActivePod", "no pod answers as active".into()),
     }
+}
+
+fn held_message(s: &VaultClusterStatus) -> String {
+    let example = s
+        .members
+        .iter()
+        .find(|m| !m.last_probe_error.is_empty())
+        .map(|m| format!(" ({}: {})", m.name, m.last_probe_error))
+        .unwrap_or_default();
+    format!(
+        "no selected pod answered its health probe{example}; labels of pods that Kubernetes reports Ready are held"
+    )
 }
 
 /// Names the pods that need attention, with why.
@@ -393,7 +423,7 @@ mod tests {
             spec_problem: None,
             service_problems: services,
             overlaps: vec![],
-            held: None,
+            held: false,
             write_problem: None,
             previous,
             now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
@@ -687,10 +717,41 @@ mod tests {
     }
 
     #[test]
+    fn a_streak_of_failures_keeps_its_first_error() {
+        let failing = |error: &str| Member {
+            verdict: Verdict::Failing {
+                last: None,
+                error: error.into(),
+            },
+            ..healthy("v1", Role::Standby)
+        };
+        let first = status_of(vec![failing("no answer within 300ms")], None, vec![], 1);
+        let second = status_of(
+            vec![failing("connect: No route to host (os error 113)")],
+            Some(&first),
+            vec![],
+            2,
+        );
+        assert_eq!(first, second, "a varying error text writes nothing");
+        assert_eq!(second.members[0].last_probe_error, "no answer within 300ms");
+        let answered = status_of(vec![healthy("v1", Role::Standby)], Some(&second), vec![], 3);
+        let again = status_of(
+            vec![failing("connect: refused")],
+            Some(&answered),
+            vec![],
+            4,
+        );
+        assert_eq!(
+            again.members[0].last_probe_error, "connect: refused",
+            "a new streak"
+        );
+    }
+
+    #[test]
     fn held_labels_and_failed_writes_are_said() {
         let members = vec![healthy("v0", Role::Active)];
         let decision = decide(&LabelNames::new("vault"), "vault", &members);
-        let observe = |held: Option<&str>, write: Option<&str>, previous| {
+        let observe = |held: bool, write: Option<&str>, previous| {
             build(&Observation {
                 generation: Some(1),
                 members: &members,
@@ -698,14 +759,14 @@ mod tests {
                 spec_problem: None,
                 service_problems: vec![],
                 overlaps: vec![],
-                held: held.map(String::from),
+                held,
                 write_problem: write.map(String::from),
                 previous,
                 now: Time(k8s_openapi::jiff::Timestamp::from_second(5).unwrap()),
             })
         };
-        let normal = observe(None, None, None);
-        let held = observe(Some("no selected pod answered"), None, Some(&normal));
+        let normal = observe(false, None, None);
+        let held = observe(true, None, Some(&normal));
         assert_eq!(cond(&held, "Degraded").reason, "ProbesFailing");
         assert_eq!(cond(&held, "Degraded").status, "True");
         assert_eq!(cond(&held, "Available").reason, "ActiveHeld");
@@ -714,16 +775,16 @@ mod tests {
             .map(|n| (n.reason, n.warning))
             .collect();
         assert_eq!(got, vec![("ProbesFailing", true)]);
-        let again = observe(Some("no selected pod answered"), None, Some(&held));
+        let again = observe(true, None, Some(&held));
         assert!(notices(Some(&held), &again).is_empty());
-        let recovered = observe(None, None, Some(&held));
+        let recovered = observe(false, None, Some(&held));
         let got: Vec<&str> = notices(Some(&held), &recovered)
             .iter()
             .map(|n| n.reason)
             .collect();
         assert_eq!(got, vec!["ProbesAnswered"]);
         let failed = observe(
-            None,
+            false,
             Some("patching labels of pod v0: connection reset"),
             None,
         );
