@@ -8,6 +8,7 @@ pub mod duration;
 pub mod error;
 pub mod fail_static;
 pub mod health;
+pub mod index;
 pub mod labels;
 pub mod leader;
 pub mod metrics;

@@ -1,0 +1,445 @@
+//! In-memory indexes over the watch caches, so that a round reads no API and costs what its
+//! own pods cost: pods by label (a selector's rarest `matchLabels` pair finds its pods) and
+//! VaultClusters by one required pair (a pod's labels find the clusters selecting it).
+//! Pure data structures, fed by the watchers in `cache`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use crate::crd::{PodSelector, VaultCluster};
+use crate::labels::{LEGACY_OWNER_ANNOTATION, OWNER_LABEL};
+use crate::selector;
+
+/// What a round needs of a pod, and nothing else: a full Pod is tens of kilobytes, and a
+/// namespace may hold thousands that are not Vault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlimPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    /// The ownership annotation of versions before the ownership label.
+    pub legacy_owner: Option<String>,
+    pub terminating: bool,
+    pub phase: String,
+    pub ip: Option<IpAddr>,
+    pub ready: bool,
+}
+
+impl From<&Pod> for SlimPod {
+    fn from(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Self {
+            name: pod.name_any(),
+            namespace: pod.namespace().unwrap_or_default(),
+            uid: pod.uid().unwrap_or_default(),
+            labels: pod.labels().clone(),
+            legacy_owner: pod.annotations().get(LEGACY_OWNER_ANNOTATION).cloned(),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
+            ip: status.and_then(|s| s.pod_ip.as_deref()?.parse().ok()),
+            ready,
+        }
+    }
+}
+
+impl SlimPod {
+    /// The VaultCluster that labelled the pod: the ownership label, or the legacy annotation.
+    pub fn owner(&self) -> Option<&String> {
+        self.labels.get(OWNER_LABEL).or(self.legacy_owner.as_ref())
+    }
+
+    /// Kubernetes reports the pod Running, Ready and not terminating.
+    pub fn serving(&self) -> bool {
+        self.phase == "Running" && self.ready && !self.terminating
+    }
+}
+
+/// A posting key: namespace, label key, label value.
+type Pair = (String, String, String);
+
+/// Objects by namespace and name, with postings from (namespace, key, value) to names.
+#[derive(Debug)]
+struct Postings<T> {
+    objects: HashMap<(String, String), Arc<T>>,
+    postings: HashMap<Pair, BTreeSet<String>>,
+    keys: fn(&T) -> Vec<(String, String)>,
+}
+
+impl<T> Postings<T> {
+    fn new(keys: fn(&T) -> Vec<(String, String)>) -> Self {
+        Self {
+            objects: HashMap::new(),
+            postings: HashMap::new(),
+            keys,
+        }
+    }
+
+    fn insert(&mut self, ns: &str, name: &str, object: T) {
+        self.remove(ns, name);
+        for (k, v) in (self.keys)(&object) {
+            let pair = (ns.to_string(), k, v);
+            self.postings
+                .entry(pair)
+                .or_default()
+                .insert(name.to_string());
+        }
+        self.objects
+            .insert((ns.to_string(), name.to_string()), Arc::new(object));
+    }
+
+    fn remove(&mut self, ns: &str, name: &str) {
+        let Some(old) = self.objects.remove(&(ns.to_string(), name.to_string())) else {
+            return;
+        };
+        for (k, v) in (self.keys)(&old) {
+            let pair = (ns.to_string(), k, v);
+            if let Some(names) = self.postings.get_mut(&pair) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.postings.remove(&pair);
+                }
+            }
+        }
+    }
+
+    /// Drops every object of a watch's scope (a namespace, or all), for a fresh list.
+    fn clear_scope(&mut self, scope: Option<&str>) {
+        let gone: Vec<(String, String)> = self
+            .objects
+            .keys()
+            .filter(|(ns, _)| scope.is_none_or(|s| s == ns))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.remove(&ns, &name);
+        }
+    }
+
+    fn posting(&self, ns: &str, k: &str, v: &str) -> Option<&BTreeSet<String>> {
+        self.postings
+            .get(&(ns.to_string(), k.to_string(), v.to_string()))
+    }
+
+    fn get(&self, ns: &str, name: &str) -> Option<Arc<T>> {
+        self.objects
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.objects.len()
+    }
+}
+
+/// Stands for the legacy annotation in the postings; ':' cannot occur in a label key.
+const LEGACY_KEY: &str = "annotation:vault-registrar.dev/cluster";
+
+fn pod_keys(pod: &SlimPod) -> Vec<(String, String)> {
+    let labels = pod.labels.iter().map(|(k, v)| (k.clone(), v.clone()));
+    let legacy = pod
+        .legacy_owner
+        .iter()
+        .map(|o| (LEGACY_KEY.to_string(), o.clone()));
+    labels.chain(legacy).collect()
+}
+
+/// Pods by namespace and label.
+#[derive(Debug)]
+pub struct PodIndex(Postings<SlimPod>);
+
+impl Default for PodIndex {
+    fn default() -> Self {
+        Self(Postings::new(pod_keys))
+    }
+}
+
+impl PodIndex {
+    pub fn apply(&mut self, pod: SlimPod) {
+        let (ns, name) = (pod.namespace.clone(), pod.name.clone());
+        self.0.insert(&ns, &name, pod);
+    }
+
+    pub fn delete(&mut self, ns: &str, name: &str) {
+        self.0.remove(ns, name);
+    }
+
+    pub fn clear_scope(&mut self, scope: Option<&str>) {
+        self.0.clear_scope(scope);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// The pods in `ns` that the selector selects, found from its rarest matchLabels pair.
+    pub fn selected(&self, ns: &str, selector: &PodSelector) -> Vec<Arc<SlimPod>> {
+        let rarest = selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| self.0.posting(ns, k, v))
+            .min_by_key(|p| p.map_or(0, |names| names.len()));
+        let Some(Some(names)) = rarest else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|name| self.0.get(ns, name))
+            .filter(|pod| selector::matches(selector, &pod.labels))
+            .collect()
+    }
+
+    /// The pods in `ns` that carry `owner`'s ownership label or legacy annotation.
+    pub fn owned_by(&self, ns: &str, owner: &str) -> Vec<Arc<SlimPod>> {
+        [OWNER_LABEL, LEGACY_KEY]
+            .iter()
+            .filter_map(|k| self.0.posting(ns, k, owner))
+            .flatten()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|name| self.0.get(ns, name))
+            .collect()
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<SlimPod>> {
+        self.0.get(ns, name)
+    }
+}
+
+/// One pair every pod a VaultCluster selects must carry: the matchLabels entry whose key
+/// sorts last. Keys like `app.kubernetes.io/name` sort early and are shared by every Vault,
+/// while per-instance keys tend to sort later, so this is usually the selective one.
+fn cluster_keys(vc: &VaultCluster) -> Vec<(String, String)> {
+    vc.spec
+        .selector
+        .match_labels
+        .iter()
+        .next_back()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .into_iter()
+        .collect()
+}
+
+/// VaultClusters by namespace and one required pair.
+#[derive(Debug)]
+pub struct ClusterIndex(Postings<VaultCluster>);
+
+impl Default for ClusterIndex {
+    fn default() -> Self {
+        Self(Postings::new(cluster_keys))
+    }
+}
+
+impl ClusterIndex {
+    pub fn apply(&mut self, vc: VaultCluster) {
+        let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+        self.0.insert(&ns, &name, vc);
+    }
+
+    pub fn delete(&mut self, ns: &str, name: &str) {
+        self.0.remove(ns, name);
+    }
+
+    pub fn clear_scope(&mut self, scope: Option<&str>) {
+        self.0.clear_scope(scope);
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<VaultCluster>> {
+        self.0.get(ns, name)
+    }
+
+    /// The VaultClusters in `ns` whose selector selects these labels.
+    pub fn selecting(&self, ns: &str, labels: &BTreeMap<String, String>) -> Vec<Arc<VaultCluster>> {
+        labels
+            .iter()
+            .filter_map(|(k, v)| self.0.posting(ns, k, v))
+            .flatten()
+            .filter_map(|name| self.0.get(ns, name))
+            .filter(|vc| selector::matches(&vc.spec.selector, labels))
+            .collect()
+    }
+
+    /// The VaultClusters a pod change concerns: those selecting it and the one owning it.
+    pub fn concerned(&self, pod: &SlimPod) -> Vec<Arc<VaultCluster>> {
+        let mut found = self.selecting(&pod.namespace, &pod.labels);
+        if let Some(owner) = pod.owner().and_then(|o| self.get(&pod.namespace, o))
+            && !found.iter().any(|vc| vc.name_any() == owner.name_any())
+        {
+            found.push(owner);
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::VaultClusterSpec;
+
+    fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> SlimPod {
+        SlimPod {
+            name: name.into(),
+            namespace: ns.into(),
+            uid: format!("uid-{name}"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            legacy_owner: None,
+            terminating: false,
+            phase: "Running".into(),
+            ip: None,
+            ready: true,
+        }
+    }
+
+    fn cluster(ns: &str, name: &str, selector: &str) -> VaultCluster {
+        let spec: VaultClusterSpec =
+            serde_yaml::from_str(&format!("selector: {selector}")).unwrap();
+        let mut vc = VaultCluster::new(name, spec);
+        vc.metadata.namespace = Some(ns.into());
+        vc
+    }
+
+    fn names<T>(found: &[Arc<T>], name: impl Fn(&T) -> String) -> Vec<String> {
+        let mut out: Vec<String> = found.iter().map(|o| name(o)).collect();
+        out.sort();
+        out
+    }
+
+    fn index() -> PodIndex {
+        let mut index = PodIndex::default();
+        for (ns, name, labels) in [
+            ("a", "v0", vec![("app", "vault"), ("instance", "x")]),
+            (
+                "a",
+                "v1",
+                vec![("app", "vault"), ("instance", "x"), ("tier", "1")],
+            ),
+            ("a", "w0", vec![("app", "vault"), ("instance", "y")]),
+            ("a", "web", vec![("app", "web")]),
+            ("b", "v0", vec![("app", "vault"), ("instance", "x")]),
+            ("a", "old", vec![("app", "retired"), (OWNER_LABEL, "x")]),
+        ] {
+            index.apply(pod(ns, name, &labels));
+        }
+        let mut legacy = pod("a", "older", &[("app", "retired")]);
+        legacy.legacy_owner = Some("x".into());
+        index.apply(legacy);
+        index
+    }
+
+    #[test]
+    fn selectors_find_their_pods_in_their_namespace() {
+        let index = index();
+        // (selector, namespace, pods)
+        let cases = [
+            (
+                "{matchLabels: {app: vault, instance: x}}",
+                "a",
+                vec!["v0", "v1"],
+            ),
+            ("{matchLabels: {app: vault}}", "a", vec!["v0", "v1", "w0"]),
+            ("{matchLabels: {app: vault, instance: x}}", "b", vec!["v0"]),
+            ("{matchLabels: {app: vault, instance: z}}", "a", vec![]),
+            (
+                "{matchLabels: {app: vault}, matchExpressions: [{key: tier, operator: Exists}]}",
+                "a",
+                vec!["v1"],
+            ),
+            ("{matchLabels: {app: vault}}", "c", vec![]),
+        ];
+        for (selector, ns, want) in cases {
+            let vc = cluster(ns, "c", selector);
+            let got = names(&index.selected(ns, &vc.spec.selector), |p| p.name.clone());
+            assert_eq!(got, want, "{selector} in {ns}");
+        }
+        assert_eq!(
+            names(&index.owned_by("a", "x"), |p| p.name.clone()),
+            ["old", "older"]
+        );
+    }
+
+    #[test]
+    fn updates_and_deletes_move_pods_between_postings() {
+        let mut index = index();
+        let vc = cluster("a", "c", "{matchLabels: {instance: x}}");
+        index.apply(pod("a", "v0", &[("app", "vault"), ("instance", "y")]));
+        index.delete("a", "v1");
+        assert!(index.selected("a", &vc.spec.selector).is_empty());
+        assert_eq!(index.len(), 6);
+        index.clear_scope(Some("a"));
+        assert_eq!(index.len(), 1, "only namespace b is left");
+        index.clear_scope(None);
+        assert!(index.is_empty());
+        assert!(index.0.postings.is_empty(), "no empty postings left behind");
+    }
+
+    #[test]
+    fn pods_find_the_clusters_that_select_or_own_them() {
+        let mut clusters = ClusterIndex::default();
+        for (name, selector) in [
+            ("x", "{matchLabels: {app: vault, instance: x}}"),
+            ("y", "{matchLabels: {app: vault, instance: y}}"),
+            ("all", "{matchLabels: {app: vault}}"),
+            (
+                "split",
+                "{matchLabels: {app: vault}, matchExpressions: [{key: instance, operator: In, values: [y]}]}",
+            ),
+        ] {
+            clusters.apply(cluster("a", name, selector));
+        }
+        clusters.apply(cluster("b", "x", "{matchLabels: {app: vault}}"));
+        let vc_names = |found: Vec<Arc<VaultCluster>>| names(&found, |vc| vc.name_any());
+        let cases = [
+            (
+                pod("a", "p", &[("app", "vault"), ("instance", "x")]),
+                vec!["all", "x"],
+            ),
+            (
+                pod("a", "p", &[("app", "vault"), ("instance", "y")]),
+                vec!["all", "split", "y"],
+            ),
+            (pod("a", "p", &[("app", "web")]), vec![]),
+            (
+                pod("a", "p", &[("app", "gone"), (OWNER_LABEL, "y")]),
+                vec!["y"],
+            ),
+        ];
+        for (pod, want) in cases {
+            assert_eq!(vc_names(clusters.concerned(&pod)), want, "{:?}", pod.labels);
+        }
+        clusters.delete("a", "all");
+        let got =
+            vc_names(clusters.concerned(&pod("a", "p", &[("app", "vault"), ("instance", "x")])));
+        assert_eq!(got, ["x"]);
+    }
+
+    #[test]
+    fn a_slim_pod_keeps_what_rounds_read() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "v0", "namespace": "a", "uid": "u", "labels": {"app": "vault"},
+                "annotations": {"vault-registrar.dev/cluster": "x", "big": "y"}},
+            "spec": {"containers": [{"name": "vault", "image": "vault"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7",
+                "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        let slim = SlimPod::from(&pod);
+        assert_eq!(slim.legacy_owner.as_deref(), Some("x"));
+        assert_eq!(slim.ip, Some("10.0.0.7".parse().unwrap()));
+        assert!(slim.serving());
+        assert_eq!(slim.owner().map(String::as_str), Some("x"));
+    }
+}
