@@ -163,9 +163,13 @@ impl Operator {
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg(format!("--kubeconfig={}", kubeconfig.display()));
-        if !args.iter().any(|a| a.starts_with("--metrics-addr")) {
-            // Any free port: several operators run side by side in one test binary.
-            cmd.arg("--metrics-addr=127.0.0.1:0");
+        // Any free port unless given: several operators run side by side in one test binary.
+        let given = |names: &[&str]| args.iter().any(|a| names.iter().any(|n| a.starts_with(n)));
+        if !given(&["--metrics-bind-address", "--metrics-addr"]) {
+            cmd.arg("--metrics-bind-address=127.0.0.1:0");
+        }
+        if !given(&["--health-probe-bind-address"]) {
+            cmd.arg("--health-probe-bind-address=127.0.0.1:0");
         }
         cmd.args(args)
             .env("RUST_LOG", "info,kube=warn")
