@@ -187,6 +187,28 @@ impl Operator {
         self.child.id()
     }
 
+    /// Sends SIGTERM, as the kubelet does when a pod is deleted.
+    pub fn terminate(&self) {
+        // SAFETY: signalling a child this kit started and has not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or None if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process at once, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
