@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, OnceCell};
 use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::cluster::{Operator, SimCluster};
-use vault_registrar_testkit::election::{Replica, http_get, wait_gauge, wait_holder};
+use vault_registrar_testkit::election::{Replica, http_get, lease_holder, wait_gauge, wait_holder};
 use vault_registrar_testkit::pods::create_namespace;
 use vault_registrar_testkit::relay::{Relay, server_addr};
 use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
@@ -308,6 +308,41 @@ async fn blackholed_leader_steps_down_and_never_writes_after_the_takeover() -> a
         p.writes_of_a_since(takeover),
         Vec::<String>::new(),
         "a wrote after b took over at {takeover}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_connections_do_not_cost_the_leader_its_lease() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let p = pair("lead-reset", "4s").await?;
+    let watcher = watch_pods(&p);
+    let connections = p.a.relay.accepted();
+    for _ in 0..6 {
+        p.a.relay.reset();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let holder = lease_holder(&p.client, &p.ns, LEASE_NAME).await?;
+        assert_eq!(
+            holder.as_deref(),
+            Some("a"),
+            "the lease moved after a reset"
+        );
+    }
+    assert!(
+        p.a.relay.accepted() >= connections + 6,
+        "the leader did not reconnect after each reset"
+    );
+    // The leader's watches and requests reconnected: it still does its work.
+    p.fail_over(0, 1).await;
+    p.wait_active(1, LIMIT).await?;
+    assert_eq!(p.a.leader_gauge().await, Some(1.0));
+    let (most_active, both_leading, _) = watcher.finish().await;
+    assert_eq!(most_active, 1, "two pods were labelled active at once");
+    assert_eq!(both_leading, 0, "both replicas reported leading at once");
+    assert_eq!(
+        shared().timed_writes_by(&user(&p.ns, "b")),
+        vec![],
+        "the follower wrote"
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pods;
 pub mod relay;
 pub mod stage;
+pub mod takeover;
 pub mod vault_sim;
 pub mod wait;
 

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ pub struct Relay {
     flowing: watch::Sender<bool>,
     resets: watch::Sender<u64>,
     tasks: Arc<Mutex<JoinSet<()>>>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -31,12 +33,14 @@ impl Relay {
         let (flowing, _) = watch::channel(true);
         let (resets, _) = watch::channel(0u64);
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let accept = accept_loop(
             listener,
             upstream,
             flowing.clone(),
             resets.clone(),
             tasks.clone(),
+            accepted.clone(),
         );
         tasks.lock().unwrap().spawn(accept);
         Ok(Self {
@@ -44,7 +48,13 @@ impl Relay {
             flowing,
             resets,
             tasks,
+            accepted,
         })
+    }
+
+    /// Connections accepted so far: a client that reconnects after a reset raises it.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -104,12 +114,14 @@ async fn accept_loop(
     flowing: watch::Sender<bool>,
     resets: watch::Sender<u64>,
     tasks: Arc<Mutex<JoinSet<()>>>,
+    accepted: Arc<AtomicUsize>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        accepted.fetch_add(1, Ordering::SeqCst);
         let connection = relay_one(client, upstream, flowing.subscribe(), resets.subscribe());
         tasks.lock().unwrap().spawn(connection);
     }
