@@ -380,10 +380,15 @@ async fn release(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool, kub
 async fn watch_lease(api: Api<Lease>, name: String, changed: Arc<Notify>) {
     let config = crate::apiclient::watch_config().fields(&format!("metadata.name={name}"));
     let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    let mut warned = false;
     while let Some(event) = events.next().await {
         match event {
             Ok(_) => changed.notify_one(),
-            Err(e) => debug!(error = %e, "watching the lease failed; polling meanwhile"),
+            Err(e) if !warned => {
+                warned = true;
+                warn!(error = %e, "watching the lease failed; followers poll meanwhile");
+            }
+            Err(e) => debug!(error = %e, "watching the lease failed"),
         }
     }
 }

@@ -241,6 +241,10 @@ async fn operator_as_the_chart_service_account_does_the_core_scenario() -> anyho
         "--lease-namespace=ship-ops",
         "--lease-name=core-vault-registrar",
         "--identity=core",
+        // Cluster-wide it would also reconcile the other tests' namespaces, e.g. relabel
+        // pods while the leader-election test proves that nobody writes there.
+        "--namespace",
+        ns,
     ];
     let operator = Operator::start(bin(), &kubeconfig, &args, &log)?;
     converged(&client, &vault, ns).await?;
