@@ -525,6 +525,57 @@ async fn health_answers_under_500_half_open_connections() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// CPU time (user + system, in clock ticks) a process has used so far.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_server_backs_off_and_recovers() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    vault_registrar::fdlimit::raise_nofile()?;
+    install_crd().await?;
+    let client = shared().client().await?;
+    create_namespace(&client, "lead-emfile").await?;
+    let health_port = vault_registrar_testkit::controlplane::free_port()?;
+    let health = format!("--health-probe-bind-address=127.0.0.1:{health_port}");
+    let log = shared().dir().join("operator-emfile.log");
+    let args = ["--namespace", "lead-emfile", health.as_str()];
+    let operator = Operator::start_limited(bin(), &shared().kubeconfig, &args, &log, Some(128))?;
+    let get = || http_get(health_port, "/healthz", Duration::from_secs(1));
+    wait::until("operator serving", LIMIT, || async { Ok(get().await.ok()) }).await?;
+    // More connections than the operator may hold descriptors: accepting fails.
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", health_port)).await?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\n").await?;
+        held.push(stream);
+    }
+    let before = cpu_ticks(operator.pid())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(operator.pid())? - before;
+    println!("operator CPU while out of descriptors: {used} ticks in 2 s");
+    assert!(
+        operator
+            .log_text()
+            .contains("accepting a connection failed"),
+        "accept never failed: the test did not exhaust descriptors"
+    );
+    // 100 ticks are one core for one second: a spinning accept loop would use ~200.
+    assert!(used < 60, "accept loop spun: {used} ticks in 2 s");
+    drop(held);
+    let status = wait::until("/healthz after the flood", LIMIT, || async {
+        Ok(get().await.ok().map(|(status, _)| status))
+    })
+    .await?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlap_is_detected_in_each_of_two_watched_namespaces() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;

@@ -159,6 +159,18 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(bin: &Path, kubeconfig: &Path, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::start_limited(bin, kubeconfig, args, log, None)
+    }
+
+    /// As `start`; with `nofile`, the process may open at most that many files (soft and
+    /// hard limit), to play descriptor exhaustion.
+    pub fn start_limited(
+        bin: &Path,
+        kubeconfig: &Path,
+        args: &[&str],
+        log: &Path,
+        nofile: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(log)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run")
@@ -177,6 +189,22 @@ impl Operator {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and changes only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         Ok(Self {
             child: spawn_tied_to_process(cmd)?,
             log: log.to_path_buf(),
