@@ -4,15 +4,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
-use crate::leader::{self, LeaseSettings};
+use crate::health_state::{self, HealthState, Limits};
+use crate::leader::{self, Clients, Leadership, LeaseSettings};
+use crate::lease::Timing;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::reconciler::{self, Context};
-use crate::{duration, server};
+use crate::server::{self, Endpoints};
+use crate::{apiclient, duration, fdlimit};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,9 +33,13 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the VaultCluster CustomResourceDefinition as YAML.
     Crd,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    duration::parse(text)
 }
 
 #[derive(clap::Args, Debug)]
@@ -41,9 +50,14 @@ pub struct RunArgs {
     /// Watch only these namespaces (repeatable); all namespaces when absent.
     #[arg(long = "namespace", env = "WATCH_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
+    /// Address of /metrics, e.g. ":8080" or "127.0.0.1:8080".
+    #[arg(long = "metrics-bind-address", alias = "metrics-addr", default_value = ":8080",
+          env = "METRICS_ADDR", value_parser = server::parse_bind_address)]
     pub metrics_addr: SocketAddr,
+    /// Address of /healthz (liveness) and /readyz (readiness), e.g. ":8081".
+    #[arg(long = "health-probe-bind-address", default_value = ":8081",
+          env = "HEALTH_PROBE_ADDR", value_parser = server::parse_bind_address)]
+    pub health_addr: SocketAddr,
     /// Most health probes in flight at once, over all clusters.
     #[arg(long, default_value_t = 64)]
     pub probe_concurrency: usize,
@@ -59,9 +73,22 @@ pub struct RunArgs {
     /// Namespace of the Lease; defaults to POD_NAMESPACE.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    /// How long the Lease holds without renewal (a Kubernetes duration).
-    #[arg(long, default_value = "15s")]
-    pub lease_duration: String,
+    /// How long followers wait after the last renewal they saw before taking the Lease.
+    #[arg(long = "leader-elect-lease-duration", alias = "lease-duration",
+          default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How long a leader keeps writing without a successful renewal; must be less than the
+    /// lease duration. Default: 2/3 of the lease duration (10s for 15s).
+    #[arg(long = "leader-elect-renew-deadline", value_parser = parse_duration)]
+    pub renew_deadline: Option<Duration>,
+    /// How often replicas try to acquire or renew; must be less than the renew deadline.
+    /// Default: 2/15 of the lease duration (2s for 15s).
+    #[arg(long = "leader-elect-retry-period", value_parser = parse_duration)]
+    pub retry_period: Option<Duration>,
+    /// How long the API server may stay silent at start-up before /healthz fails, so the
+    /// kubelet restarts a replica that cannot start.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub startup_timeout: Duration,
     /// This replica's identity in the Lease; defaults to POD_NAME, then the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -83,69 +110,147 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-async fn client(args: &RunArgs) -> anyhow::Result<kube::Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
+/// How long a non-elected replica waits for its controller to drain on shutdown.
+const DRAIN_BOUND: Duration = Duration::from_secs(5);
 
 /// Runs the operator until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = client(&args).await?;
+    match fdlimit::raise_nofile() {
+        Ok((soft, hard)) => info!(soft, hard, "open-file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
+    let timing = Timing::new(args.lease_duration, args.renew_deadline, args.retry_period)?;
+    let config = apiclient::load_config(args.kubeconfig.as_deref()).await?;
+    let client = apiclient::controller_client(&config)?;
+    // Lease rounds and pings: every request bounded well inside the renew deadline.
+    let quick = apiclient::client_with(
+        &config,
+        timing.retry_period.max(Duration::from_secs(1)),
+        timing.renew_deadline,
+    )?;
     let metrics = Metrics::new();
-    let ready = Arc::new(AtomicBool::new(false));
-    let listener = server::bind(args.metrics_addr).await?;
-    info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    tokio::spawn(server::serve(listener, metrics.clone(), ready.clone()));
-    client.apiserver_version().await?;
-    ready.store(true, Ordering::SeqCst);
-
-    let leading = Arc::new(AtomicBool::new(!args.leader_elect));
+    let leading = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(HealthState::new(
+        Limits {
+            api_fresh: timing.lease_duration,
+            stall: timing.lease_duration * 2,
+            startup: args.startup_timeout,
+        },
+        leading.clone(),
+    ));
+    start_servers(&args, &metrics, &health).await?;
+    tokio::spawn(health_state::ping_api(
+        quick.clone(),
+        health.clone(),
+        timing.retry_period,
+    ));
+    let stop = stop_on_signal();
+    if !await_api(&health, stop.clone()).await {
+        return Ok(());
+    }
+    let namespaces: Vec<Option<String>> = if args.namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.namespaces.iter().cloned().map(Some).collect()
+    };
     let ctx = Context::new(
         client.clone(),
         Prober::new(args.probe_concurrency),
         metrics.clone(),
         leading.clone(),
     );
-    let namespaces: Vec<Option<String>> = if args.namespaces.is_empty() {
-        vec![None]
-    } else {
-        args.namespaces.iter().cloned().map(Some).collect()
-    };
-    let work = move || {
-        let (ctx, namespaces) = (ctx.clone(), namespaces.clone());
-        async move {
-            futures::future::join_all(
-                namespaces
-                    .into_iter()
-                    .map(|ns| reconciler::run(ctx.clone(), ns)),
-            )
-            .await;
-        }
-    };
+    let work = work(ctx, namespaces, health.clone());
     if !args.leader_elect {
+        leading.store(true, Ordering::SeqCst);
         metrics.leader.set(1);
-        work().await;
-        return Ok(());
+        return run_unelected(work(), stop).await;
     }
     let settings = LeaseSettings {
         name: args.lease_name.clone(),
         namespace: args.lease_namespace.clone(),
         identity: args.identity.clone().unwrap_or_else(default_identity),
-        duration: duration::parse(&args.lease_duration)
-            .map_err(|e| anyhow::anyhow!("--lease-duration: {e}"))?,
+        timing,
     };
-    tokio::select! {
-        _ = leader::run(client.clone(), settings.clone(), leading.clone(), metrics.leader.clone(), work) => {}
-        _ = shutdown_signal() => {
-            leading.store(false, Ordering::SeqCst);
-            leader::release(client, &settings).await;
+    info!(identity = %settings.identity, ?timing, "campaigning for the lease");
+    let leadership = Leadership::new(leading, metrics.leader.clone(), timing.renew_deadline);
+    let clients = Clients {
+        lease: quick,
+        watch: client,
+    };
+    leader::run(clients, settings, leadership, health, work, stopped(stop)).await?;
+    Ok(())
+}
+
+async fn start_servers(
+    args: &RunArgs,
+    metrics: &Metrics,
+    health: &Arc<HealthState>,
+) -> anyhow::Result<()> {
+    let listener = server::bind(args.metrics_addr).await?;
+    info!(addr = %listener.local_addr()?, "serving /metrics");
+    tokio::spawn(server::serve(listener, Endpoints::Metrics(metrics.clone())));
+    let listener = server::bind(args.health_addr).await?;
+    info!(addr = %listener.local_addr()?, "serving /healthz and /readyz");
+    tokio::spawn(server::serve(listener, Endpoints::Health(health.clone())));
+    Ok(())
+}
+
+/// Waits for the API server's first answer; false when asked to stop first.
+async fn await_api(health: &HealthState, stop: watch::Receiver<bool>) -> bool {
+    let mut stop = std::pin::pin!(stopped(stop));
+    while !health.has_answered() {
+        tokio::select! {
+            _ = &mut stop => return false,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+    true
+}
+
+/// The leader's work: one controller per watched namespace, all sharing the Context's
+/// VaultCluster stores, and the readiness flag raised once every store is synced.
+fn work(
+    ctx: Arc<Context>,
+    namespaces: Vec<Option<String>>,
+    health: Arc<HealthState>,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    move || {
+        let (ctx, namespaces, health) = (ctx.clone(), namespaces.clone(), health.clone());
+        Box::pin(async move {
+            ctx.forget_clusters();
+            health.set_synced(false);
+            let runs = futures::future::join_all(
+                namespaces
+                    .iter()
+                    .cloned()
+                    .map(|ns| reconciler::run(ctx.clone(), ns)),
+            );
+            let synced = async {
+                ctx.clusters_synced(&namespaces).await;
+                health.set_synced(true);
+                info!("caches synced");
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = runs => {}
+                _ = synced => {}
+            }
+        })
+    }
+}
+
+async fn run_unelected(
+    work: impl Future<Output = ()>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut work = std::pin::pin!(work);
+    tokio::select! {
+        _ = &mut work => anyhow::bail!("the controller stopped unexpectedly"),
+        _ = stopped(stop) => {}
+    }
+    // The controller drains its reconciles on the same signal; give it a bound.
+    if tokio::time::timeout(DRAIN_BOUND, work).await.is_err() {
+        warn!(bound = ?DRAIN_BOUND, "reconciles still running at shutdown; dropped");
     }
     Ok(())
 }
@@ -155,11 +260,91 @@ fn default_identity() -> String {
     format!("{}-{}", host.trim(), std::process::id())
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// A flag that turns true on SIGINT or SIGTERM.
+fn stop_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, String> {
+        let mut argv = vec!["vault-registrar", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Command::Run(a),
+            }) => Ok(*a),
+            Ok(_) => Err("not run".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn flags_and_their_old_names() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(a.health_addr.to_string(), "0.0.0.0:8081");
+        assert_eq!(a.lease_duration, Duration::from_secs(15));
+        let a = parse(&["--metrics-addr=127.0.0.1:9", "--lease-duration=4s"]).unwrap();
+        assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:9");
+        assert_eq!(a.lease_duration, Duration::from_secs(4));
+        let a = parse(&[
+            "--metrics-bind-address=:7000",
+            "--health-probe-bind-address=127.0.0.1:7001",
+            "--leader-elect-lease-duration=6s",
+            "--leader-elect-renew-deadline=4s",
+            "--leader-elect-retry-period=500ms",
+        ])
+        .unwrap();
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:7000");
+        assert_eq!(a.health_addr.to_string(), "127.0.0.1:7001");
+        assert_eq!(a.renew_deadline, Some(Duration::from_secs(4)));
+        assert_eq!(a.retry_period, Some(Duration::from_millis(500)));
+        let e = parse(&["--health-probe-bind-address=8081"]).unwrap_err();
+        assert!(e.contains("--health-probe-bind-address"), "{e}");
+    }
+
+    #[test]
+    fn invalid_timing_names_the_flags() {
+        let a = parse(&[
+            "--leader-elect-lease-duration=5s",
+            "--leader-elect-renew-deadline=6s",
+        ])
+        .unwrap();
+        let e = Timing::new(a.lease_duration, a.renew_deadline, a.retry_period).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("--leader-elect-renew-deadline")
+                && text.contains("--leader-elect-lease-duration"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn old_names_stay_out_of_the_help() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").unwrap();
+        let help = run.render_long_help().to_string();
+        assert!(help.contains("--leader-elect-renew-deadline"), "{help}");
+        assert!(!help.contains("--metrics-addr"), "{help}");
+        assert!(!help.contains("--lease-duration "), "{help}");
     }
 }

@@ -1,16 +1,20 @@
 //! vault-registrar: labels Vault and OpenBao pods with their HA role from outside, and keeps
 //! the active and standby Services pointing at the right pods.
 
+pub mod apiclient;
 pub mod cli;
 pub mod crd;
 pub mod decide;
 pub mod duration;
 pub mod error;
 pub mod fail_static;
+pub mod fdlimit;
 pub mod health;
+pub mod health_state;
 pub mod index;
 pub mod labels;
 pub mod leader;
+pub mod lease;
 pub mod metrics;
 pub mod probe;
 pub mod reconciler;

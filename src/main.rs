@@ -10,7 +10,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             init_logging(args.log_format);
-            run(args).await
+            run(*args).await
         }
     }
 }

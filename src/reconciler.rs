@@ -16,7 +16,6 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -44,7 +43,9 @@ pub struct Context {
     trackers: Mutex<HashMap<String, Tracker>>,
     /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
-    clusters: Mutex<Option<Store<VaultCluster>>>,
+    /// One store per watched namespace (the key; None: all), each filled by that
+    /// namespace's controller and all consulted together, so no namespace hides another's.
+    clusters: Mutex<HashMap<Option<String>, Store<VaultCluster>>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
     leading: Arc<AtomicBool>,
 }
@@ -67,7 +68,7 @@ impl Context {
             metrics,
             trackers: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
-            clusters: Mutex::new(None),
+            clusters: Mutex::new(HashMap::new()),
             leading,
         })
     }
@@ -81,11 +82,37 @@ impl Context {
     }
 
     fn other_clusters(&self) -> Vec<VaultCluster> {
-        let store = self.clusters.lock().unwrap();
-        store
-            .as_ref()
-            .map(|s| s.state().iter().map(|c| (**c).clone()).collect())
-            .unwrap_or_default()
+        let stores = self.clusters.lock().unwrap();
+        stores
+            .values()
+            .flat_map(|s| s.state())
+            .map(|c| (*c).clone())
+            .collect()
+    }
+
+    /// Drops the stores of a previous term, so `clusters_synced` waits for fresh ones.
+    pub fn forget_clusters(&self) {
+        self.clusters.lock().unwrap().clear();
+    }
+
+    /// Resolves once every one of `namespaces` has a store that finished its first list.
+    pub async fn clusters_synced(&self, namespaces: &[Option<String>]) {
+        loop {
+            let stores: Vec<Store<VaultCluster>> = {
+                let map = self.clusters.lock().unwrap();
+                namespaces
+                    .iter()
+                    .filter_map(|ns| map.get(ns).cloned())
+                    .collect()
+            };
+            if stores.len() == namespaces.len() {
+                for store in stores {
+                    let _ = store.wait_until_ready().await;
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -104,17 +131,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             Api::all(client),
         ),
     };
-    let controller = Controller::new(clusters, watcher::Config::default());
+    let controller = Controller::new(clusters, crate::apiclient::watch_config());
     let store = controller.store();
-    *ctx.clusters.lock().unwrap() = Some(store.clone());
-    let owned = watcher::Config::default().labels(&format!(
+    ctx.clusters
+        .lock()
+        .unwrap()
+        .insert(namespace.clone(), store.clone());
+    let owned = crate::apiclient::watch_config().labels(&format!(
         "{}={}",
         services::MANAGED_BY.0,
         services::MANAGED_BY.1
     ));
     controller
         .owns(services, owned)
-        .watches(pods, watcher::Config::default(), move |pod: Pod| {
+        .watches(pods, crate::apiclient::watch_config(), move |pod: Pod| {
             clusters_of(&store, &pod)
         })
         .shutdown_on_signal()

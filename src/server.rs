@@ -1,54 +1,150 @@
-//! The operations endpoint: /metrics, /healthz and /readyz.
+//! The operations endpoints: /metrics on the metrics address, /healthz and /readyz on the
+//! health-probe address. Each server bounds what a client can hold: a request's headers must
+//! arrive within `HEADER_READ_TIMEOUT`, at most `MAX_CONNECTIONS` are served at once, and a
+//! failing accept (out of file descriptors) backs off instead of spinning.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::warn;
 
+use crate::health_state::HealthState;
 use crate::metrics::Metrics;
 
-/// Serves until the process ends. `ready` turns true once the API server has answered.
-pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBool>) {
+/// A client that has not sent its request headers by then is dropped.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// No connection lives longer, whatever the client does.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// What one server answers.
+#[derive(Clone)]
+pub enum Endpoints {
+    Metrics(Metrics),
+    Health(Arc<HealthState>),
+}
+
+/// Serves until the process ends.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut failures = 0u32;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
+            Err(e) => {
+                failures += 1;
+                let pause = accept_backoff(failures);
+                warn!(error = %e, ?pause, "accepting a connection failed");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let endpoints = endpoints.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = answer(req.uri().path(), &metrics, ready.load(Ordering::SeqCst));
+                let response = answer(req.uri().path(), &endpoints);
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(permit);
         });
     }
+}
+
+/// The pause after the n-th accept failure in a row: 10 ms doubling to 100 ms, so an
+/// exhausted descriptor table is retried soon but never in a busy loop.
+pub fn accept_backoff(failures: u32) -> Duration {
+    let ms = 10u64.saturating_mul(1 << failures.saturating_sub(1).min(4));
+    Duration::from_millis(ms.min(100))
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-fn answer(path: &str, metrics: &Metrics, ready: bool) -> Response<Full<Bytes>> {
-    let (status, body) = match path {
-        "/metrics" => (StatusCode::OK, metrics.render()),
-        "/healthz" | "/livez" => (StatusCode::OK, "ok\n".to_string()),
-        "/readyz" if ready => (StatusCode::OK, "ok\n".to_string()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: API server not reached yet\n".to_string(),
-        ),
+/// Reads a bind address in the form controller-runtime operators take: `:8081` (every
+/// interface), `127.0.0.1:8081`, `[::1]:8081` or `localhost:8081`.
+pub fn parse_bind_address(text: &str) -> Result<SocketAddr, String> {
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_string(),
+    };
+    full.to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not a host:port address: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+fn answer(path: &str, endpoints: &Endpoints) -> Response<Full<Bytes>> {
+    let verdict = |v: Result<(), String>| match v {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    };
+    let (status, body) = match (endpoints, path) {
+        (Endpoints::Metrics(m), "/metrics") => (StatusCode::OK, m.render()),
+        (Endpoints::Health(h), "/healthz" | "/livez") => verdict(h.live()),
+        (Endpoints::Health(h), "/readyz") => verdict(h.ready()),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
     Response::builder()
         .status(status)
         .body(Full::new(Bytes::from(body)))
         .expect("static response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_between_10_and_100_ms() {
+        let ms = Duration::from_millis;
+        for (n, want) in [
+            (1, ms(10)),
+            (2, ms(20)),
+            (3, ms(40)),
+            (4, ms(80)),
+            (5, ms(100)),
+            (50, ms(100)),
+        ] {
+            assert_eq!(accept_backoff(n), want, "failure {n}");
+        }
+    }
+
+    #[test]
+    fn bind_addresses_in_the_controller_runtime_form() {
+        let cases = [
+            (":8081", Some("0.0.0.0:8081")),
+            ("127.0.0.1:0", Some("127.0.0.1:0")),
+            ("[::1]:9000", Some("[::1]:9000")),
+            ("0.0.0.0:8080", Some("0.0.0.0:8080")),
+            ("8081", None),
+            (":http", None),
+        ];
+        for (text, want) in cases {
+            let got = parse_bind_address(text).ok().map(|a| a.to_string());
+            assert_eq!(got.as_deref(), want, "{text}");
+        }
+    }
 }

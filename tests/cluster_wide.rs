@@ -56,10 +56,11 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
             .await?;
         clusters.push((ns, vault));
     }
-    let port = free_port()?;
+    let (port, health_port) = (free_port()?, free_port()?);
     let log = plane.dir().join("operator-wide.log");
     let args = [
-        format!("--metrics-addr=127.0.0.1:{port}"),
+        format!("--metrics-bind-address=127.0.0.1:{port}"),
+        format!("--health-probe-bind-address=127.0.0.1:{health_port}"),
         "--log-format=json".to_string(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -76,10 +77,12 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
         wait_endpoints(&client, ns, "vault-active", &[vault.ip(1)], LIMIT).await?;
     }
 
-    let health = get(port, "/healthz").await?;
+    let health = get(health_port, "/healthz").await?;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    let ready = get(port, "/readyz").await?;
+    let ready = get(health_port, "/readyz").await?;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let elsewhere = get(port, "/healthz").await?;
+    assert!(elsewhere.starts_with("HTTP/1.1 404"), "{elsewhere}");
     let text = wait::until("metrics with both clusters ready", LIMIT, || async {
         let text = get(port, "/metrics").await?;
         let ready = |ns: &str| {

@@ -144,6 +144,96 @@ async fn chart_lints_clean() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The container of a rendered Deployment: its args, and the port numbers by name.
+fn container(deployment: &serde_json::Value) -> (Vec<String>, Vec<(String, u64)>, [String; 2]) {
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let ports = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let probe = |k: &str| {
+        c[k]["httpGet"]["port"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (
+        args,
+        ports,
+        [probe("livenessProbe"), probe("readinessProbe")],
+    )
+}
+
+/// The chart's and the kustomize Deployment's args are accepted by the real binary (flags
+/// and leader-election timing), and the kubelet probes the health port the operator serves.
+#[tokio::test]
+async fn deployments_run_the_operator_with_flags_it_accepts() -> anyhow::Result<()> {
+    let rendered = helm(&[
+        "template",
+        "t",
+        chart().to_str().unwrap(),
+        "--show-only",
+        "templates/deployment.yaml",
+    ])
+    .await?;
+    let kustomize = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/manager/deployment.yaml"),
+    )?;
+    for (source, yaml) in [("chart", rendered), ("config/manager", kustomize)] {
+        let deployment: serde_json::Value = serde_yaml::from_str(&yaml)?;
+        let (args, ports, probes) = container(&deployment);
+        let port_of = |name: &str| ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+        let health = port_of("health").expect("a health port");
+        assert!(
+            args.contains(&format!("--health-probe-bind-address=:{health}")),
+            "{source}: {args:?}"
+        );
+        assert!(
+            args.contains(&format!(
+                "--metrics-bind-address=:{}",
+                port_of("metrics").unwrap()
+            )),
+            "{source}: {args:?}"
+        );
+        assert_eq!(
+            probes,
+            ["health".to_string(), "health".to_string()],
+            "{source}"
+        );
+        assert!(
+            args.iter()
+                .any(|a| a.starts_with("--leader-elect-renew-deadline=")),
+            "{source}: {args:?}"
+        );
+        // Flags and timing pass; only then does the missing kubeconfig stop it.
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .arg("--kubeconfig=/nonexistent/kubeconfig")
+            .env_remove("KUBECONFIG")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("reading kubeconfig /nonexistent/kubeconfig"),
+            "{source}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn chart_installs_upgrades_and_uninstalls_under_restricted_pod_security() -> anyhow::Result<()>
 {
@@ -241,6 +331,10 @@ async fn operator_as_the_chart_service_account_does_the_core_scenario() -> anyho
         "--lease-namespace=ship-ops",
         "--lease-name=core-vault-registrar",
         "--identity=core",
+        // Cluster-wide it would also reconcile the other tests' namespaces, e.g. relabel
+        // pods while the leader-election test proves that nobody writes there.
+        "--namespace",
+        ns,
     ];
     let operator = Operator::start(bin(), &kubeconfig, &args, &log)?;
     converged(&client, &vault, ns).await?;

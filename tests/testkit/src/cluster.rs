@@ -172,13 +172,29 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(bin: &Path, kubeconfig: &Path, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::start_limited(bin, kubeconfig, args, log, None)
+    }
+
+    /// As `start`; with `nofile`, the process may open at most that many files (soft and
+    /// hard limit), to play descriptor exhaustion.
+    pub fn start_limited(
+        bin: &Path,
+        kubeconfig: &Path,
+        args: &[&str],
+        log: &Path,
+        nofile: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(log)?;
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg(format!("--kubeconfig={}", kubeconfig.display()));
-        if !args.iter().any(|a| a.starts_with("--metrics-addr")) {
-            // Any free port: several operators run side by side in one test binary.
-            cmd.arg("--metrics-addr=127.0.0.1:0");
+        // Any free port unless given: several operators run side by side in one test binary.
+        let given = |names: &[&str]| args.iter().any(|a| names.iter().any(|n| a.starts_with(n)));
+        if !given(&["--metrics-bind-address", "--metrics-addr"]) {
+            cmd.arg("--metrics-bind-address=127.0.0.1:0");
+        }
+        if !given(&["--health-probe-bind-address"]) {
+            cmd.arg("--health-probe-bind-address=127.0.0.1:0");
         }
         cmd.args(args)
             .env("RUST_LOG", "info,kube=warn")
@@ -186,6 +202,22 @@ impl Operator {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and changes only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         Ok(Self {
             child: spawn_tied_to_process(cmd)?,
             log: log.to_path_buf(),
@@ -194,6 +226,28 @@ impl Operator {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM, as the kubelet does when a pod is deleted.
+    pub fn terminate(&self) {
+        // SAFETY: signalling a child this kit started and has not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or None if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Kills the process at once, as a crash or an OOM kill would.

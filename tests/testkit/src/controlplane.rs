@@ -17,7 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use k8s_openapi::jiff::Timestamp;
+
 use crate::certs::{Authority, signing_key};
+
+/// Index of kube-apiserver among the plane's processes (etcd, kube-apiserver, kcm).
+const APISERVER: usize = 1;
 
 /// Where the binaries come from: `KUBEBUILDER_ASSETS` for etcd and kube-apiserver when set
 /// (the envtest convention), the build cache for the rest.
@@ -99,6 +104,8 @@ pub struct ControlPlane {
     pub server: String,
     pub etcd_url: String,
     procs: Mutex<Vec<Child>>,
+    /// The API server's arguments, to start it again after `kill_apiserver`.
+    apiserver_args: Vec<std::ffi::OsString>,
 }
 
 impl ControlPlane {
@@ -117,6 +124,7 @@ impl ControlPlane {
             dir,
             bins,
             procs: Mutex::new(Vec::new()),
+            apiserver_args: Vec::new(),
         };
         plane.start_etcd()?;
         plane.start_apiserver(&files)?;
@@ -181,6 +189,7 @@ impl ControlPlane {
             .arg(format!("--audit-log-path={}", self.audit_log().display()))
             .arg("--profiling=false")
             .arg("--v=1");
+        self.apiserver_args = cmd.get_args().map(|a| a.to_owned()).collect();
         self.spawn("kube-apiserver", cmd)?;
         write_kubeconfig(&self.kubeconfig, &self.server, f)?;
         self.wait_until("kube-apiserver", Duration::from_secs(90), |p| {
@@ -211,6 +220,34 @@ impl ControlPlane {
         })
     }
 
+    /// Kills kube-apiserver at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill_apiserver(&self) {
+        let mut procs = self.procs.lock().unwrap();
+        if let Some(child) = procs.get_mut(APISERVER) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts kube-apiserver again on the same port and state, and waits until it is ready.
+    /// Blocking: call it off the async runtime.
+    pub fn restart_apiserver(&self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.bins.kube_apiserver);
+        cmd.args(&self.apiserver_args);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log_path("kube-apiserver"))?;
+        cmd.stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null());
+        let child = spawn_tied_to_process(cmd).context("restarting kube-apiserver")?;
+        register_for_exit(child.id());
+        self.procs.lock().unwrap()[APISERVER] = child;
+        self.wait_until("kube-apiserver", Duration::from_secs(90), |p| {
+            Ok(p.alive("kube-apiserver") && p.kubectl_ok(&["get", "--raw", "/readyz"]))
+        })
+    }
+
     /// A kube client for the admin identity.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         let config = kube::Config::from_custom_kubeconfig(
@@ -233,6 +270,22 @@ impl ControlPlane {
         );
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// Write requests in the audit log by `user` with the time the API server received each,
+    /// in the order of the log.
+    pub fn timed_writes_by(&self, user: &str) -> Vec<(Timestamp, String, String, String)> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+            .filter_map(|e| {
+                let at: Timestamp = e["requestReceivedTimestamp"].as_str()?.parse().ok()?;
+                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+                let verb = e["verb"].as_str().unwrap_or_default().to_string();
+                Some((at, verb, field("resource"), field("name")))
+            })
+            .collect()
     }
 
     /// Write requests in the audit log by `user`, as (verb, resource, name) triples.

@@ -4,9 +4,12 @@
 pub mod certs;
 pub mod cluster;
 pub mod controlplane;
+pub mod election;
 pub mod netns;
 pub mod pods;
+pub mod relay;
 pub mod stage;
+pub mod takeover;
 pub mod vault_sim;
 pub mod wait;
 

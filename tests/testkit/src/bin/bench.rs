@@ -1,9 +1,10 @@
 //! `make bench`: failover convergence latency at interval 1s, from a simulated pod's change
 //! to the active Service's EndpointSlice change, over 20 flips; and the write requests the
-//! API server received during 60 s of steady state, from its own /metrics; and the writes
-//! over 10 s once every pod is sealed, and once every pod is unreachable while Kubernetes
-//! reports it Ready (the operator holds the labels). Prints figures; asserts nothing about
-//! time.
+//! API server received during 60 s of steady state, from its own /metrics; the writes over
+//! 10 s once every pod is sealed, and once every pod is unreachable while Kubernetes reports
+//! it Ready (the operator holds the labels); and the leader takeover time after SIGKILL,
+//! blackhole and SIGTERM of the leader, with leases of 15s and 4s. Prints figures; asserts
+//! nothing about time.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use vault_registrar_testkit::cluster::endpoint_ips;
 use vault_registrar_testkit::netns::PathCut;
 use vault_registrar_testkit::stage::Stage;
+use vault_registrar_testkit::takeover::{self, Fault};
 use vault_registrar_testkit::vault_sim::Role;
 
 const FLIPS: usize = 20;
@@ -114,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "write requests during 10 s with every pod unreachable but Ready (after 5 s to settle): {unreachable} (target 0); active Service kept its endpoint: {held}"
     );
-    Ok(())
+    takeovers(&stage).await
 }
 
 /// Waits 5 s for the operator to settle, then counts our write requests over 10 s.
@@ -139,6 +141,24 @@ fn ours(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> u64 {
         }
     }
     total
+}
+
+/// Leader takeover after each fault, with the default lease and a short one.
+async fn takeovers(stage: &Stage) -> anyhow::Result<()> {
+    let bin = std::env::var_os("VAULT_REGISTRAR_BIN")
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("VAULT_REGISTRAR_BIN is not set"))?;
+    for lease in ["15s", "4s"] {
+        for (n, fault) in [Fault::Kill, Fault::Blackhole, Fault::Terminate]
+            .into_iter()
+            .enumerate()
+        {
+            let ns = format!("takeover-{}-{n}", lease.trim_end_matches('s'));
+            let took = takeover::measure(&stage.plane, &bin, &ns, lease, fault).await?;
+            println!("takeover after {fault:?} of the leader, lease {lease}: {took:?}");
+        }
+    }
+    Ok(())
 }
 
 /// apiserver_request_total for write verbs, summed by resource.
