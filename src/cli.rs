@@ -10,12 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::controller::{self, Context};
 use crate::health_state::{self, HealthState, Limits};
 use crate::leader::{self, Clients, Leadership, LeaseSettings};
 use crate::lease::Timing;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
-use crate::reconciler::{self, Context};
 use crate::server::{self, Endpoints};
 use crate::{apiclient, duration, fdlimit};
 
@@ -223,7 +223,7 @@ fn work(
                 namespaces
                     .iter()
                     .cloned()
-                    .map(|ns| reconciler::run(ctx.clone(), ns)),
+                    .map(|ns| controller::run(ctx.clone(), ns)),
             );
             let synced = async {
                 ctx.clusters_synced(&namespaces).await;

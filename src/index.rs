@@ -217,6 +217,53 @@ impl PodIndex {
     }
 }
 
+fn labels_of<K: ResourceExt>(object: &K) -> Vec<(String, String)> {
+    object
+        .labels()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Objects of one kind (Services, EndpointSlices) by namespace, name and label.
+#[derive(Debug)]
+pub struct LabelledIndex<K>(Postings<K>);
+
+impl<K: ResourceExt> Default for LabelledIndex<K> {
+    fn default() -> Self {
+        Self(Postings::new(labels_of::<K>))
+    }
+}
+
+impl<K: ResourceExt> LabelledIndex<K> {
+    pub fn apply(&mut self, object: K) {
+        let (ns, name) = (object.namespace().unwrap_or_default(), object.name_any());
+        self.0.insert(&ns, &name, object);
+    }
+
+    pub fn delete(&mut self, ns: &str, name: &str) {
+        self.0.remove(ns, name);
+    }
+
+    pub fn clear_scope(&mut self, scope: Option<&str>) {
+        self.0.clear_scope(scope);
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<K>> {
+        self.0.get(ns, name)
+    }
+
+    /// The objects in `ns` labelled `key=value`.
+    pub fn labelled(&self, ns: &str, key: &str, value: &str) -> Vec<Arc<K>> {
+        self.0
+            .posting(ns, key, value)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.0.get(ns, name))
+            .collect()
+    }
+}
+
 /// One pair every pod a VaultCluster selects must carry: the matchLabels entry whose key
 /// sorts last. Keys like `app.kubernetes.io/name` sort early and are shared by every Vault,
 /// while per-instance keys tend to sort later, so this is usually the selective one.

@@ -3,6 +3,7 @@
 
 pub mod apiclient;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod decide;
 pub mod duration;
@@ -17,7 +18,6 @@ pub mod leader;
 pub mod lease;
 pub mod metrics;
 pub mod probe;
-pub mod reconciler;
 pub mod selector;
 pub mod server;
 pub mod services;

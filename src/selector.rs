@@ -35,13 +35,14 @@ fn seniority(vc: &VaultCluster) -> (Option<k8s_openapi::jiff::Timestamp>, String
 
 /// The oldest other VaultCluster in the same namespace that also selects these labels and is
 /// older than `vc`: it keeps the pod.
-pub fn claimed_by_older<'a>(
+pub fn claimed_by_older<'a, C: std::borrow::Borrow<VaultCluster>>(
     vc: &VaultCluster,
-    others: &'a [VaultCluster],
+    others: &'a [C],
     labels: &BTreeMap<String, String>,
 ) -> Option<&'a VaultCluster> {
     others
         .iter()
+        .map(|o| o.borrow())
         .filter(|o| o.namespace() == vc.namespace() && o.name_any() != vc.name_any())
         .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter(|o| seniority(o) < seniority(vc) && matches(&o.spec.selector, labels))

@@ -1,0 +1,304 @@
+//! Act: the few writes a decision calls for, pod labels (every demotion before a
+//! promotion) and the generated Services, each guarded by leadership and the pod's UID.
+//! What a write returns goes into the cache at once, so the next round does not repeat it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use tracing::info;
+
+use super::observe::Selection;
+use super::{Context, MANAGER, cache, cluster_name, interval};
+use crate::crd::VaultCluster;
+use crate::decide::{Decision, LabelPlan, Member};
+use crate::error::Error;
+use crate::index::SlimPod;
+use crate::labels::{LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, diff, removal};
+use crate::services::{self, Kind};
+
+/// Writes what the decision calls for: labels, strays, Services. Stops at the first failed
+/// write, so a promotion never follows a failed demotion. Returns why any Service could not
+/// be put in place.
+pub async fn act(
+    vc: &VaultCluster,
+    ctx: &Context,
+    names: &LabelNames,
+    decision: &Decision,
+    members: &[Member],
+    selection: &Selection,
+) -> Result<Vec<String>, Error> {
+    for plan in &decision.plans {
+        if plan.promotes {
+            let ip = members
+                .iter()
+                .find(|m| m.name == plan.pod)
+                .map(|m| m.ip.as_str())
+                .unwrap_or_default();
+            await_active_endpoints_drained(vc, ctx, ip).await;
+        }
+        write_labels(vc, ctx, plan, &selection.candidates).await?;
+    }
+    for pod in &selection.strays {
+        strip_labels(vc, ctx, names, pod).await?;
+    }
+    let pods_owned = selection
+        .candidates
+        .iter()
+        .all(|p| p.labels.get(OWNER_LABEL) == Some(&vc.name_any()));
+    converge_services(vc, ctx, pods_owned).await
+}
+
+/// Before promoting a pod, waits (bounded) until the active Service's EndpointSlices hold
+/// no other pod. The demotions were written just before; writing the promotion while the
+/// EndpointSlice controller still digests them makes its next sync hit its own stale cache
+/// and back off for a second. Waiting also means clients never see two active endpoints.
+/// Reads the EndpointSlice cache, never the API.
+async fn await_active_endpoints_drained(vc: &VaultCluster, ctx: &Context, promoted_ip: &str) {
+    if !vc.spec.services.active.enabled {
+        return;
+    }
+    let ns = vc.namespace().unwrap_or_default();
+    let service = services::name(vc, Kind::Active);
+    let deadline = Instant::now() + (interval(vc) / 2).min(Duration::from_millis(500));
+    loop {
+        let others = {
+            let slices = ctx.caches.slices.read().unwrap();
+            slices
+                .labelled(&ns, "kubernetes.io/service-name", &service)
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .flat_map(|e| e.addresses.iter())
+                .any(|address| address != promoted_ip)
+        };
+        if !others || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn write_labels(
+    vc: &VaultCluster,
+    ctx: &Context,
+    plan: &LabelPlan,
+    pods: &[Arc<SlimPod>],
+) -> Result<(), Error> {
+    let Some(pod) = pods.iter().find(|p| p.name == plan.pod) else {
+        return Ok(());
+    };
+    let mut meta = json!({"labels": plan.change});
+    if pod.legacy_owner.is_some() {
+        meta["annotations"] = json!({LEGACY_OWNER_ANNOTATION: null});
+    }
+    patch_pod(vc, ctx, pod, meta).await
+}
+
+pub async fn strip_labels(
+    vc: &VaultCluster,
+    ctx: &Context,
+    names: &LabelNames,
+    pod: &SlimPod,
+) -> Result<(), Error> {
+    let change = diff(&pod.labels, &removal(names));
+    let meta = json!({"labels": change, "annotations": {LEGACY_OWNER_ANNOTATION: null}});
+    patch_pod(vc, ctx, pod, meta).await
+}
+
+/// Patches a pod's metadata, on condition that it is still the pod observed: the UID in the
+/// patch makes the API server refuse it if the pod was replaced under the same name. A pod
+/// gone or replaced ends the write quietly; the next round sees the new one.
+async fn patch_pod(
+    vc: &VaultCluster,
+    ctx: &Context,
+    pod: &SlimPod,
+    mut meta: serde_json::Value,
+) -> Result<(), Error> {
+    let (ns, name) = (&pod.namespace, &pod.name);
+    ctx.guard(&format!("pod {ns}/{name}"))?;
+    meta["uid"] = json!(pod.uid);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match api
+        .patch(
+            name,
+            &write_params(),
+            &Patch::Merge(json!({"metadata": meta})),
+        )
+        .await
+    {
+        Ok(written) => {
+            ctx.caches
+                .pods
+                .write()
+                .unwrap()
+                .apply(SlimPod::from(&written));
+            ctx.metrics.label_writes.inc();
+            info!(cluster = %cluster_name(vc), pod = %name, "labels written");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || replaced(&e) => {
+            info!(cluster = %cluster_name(vc), pod = %name, reason = %e.message, "pod gone or replaced; labels not written");
+            Ok(())
+        }
+        Err(source) => Err(Error::PatchPod {
+            cluster: cluster_name(vc),
+            pod: name.clone(),
+            source,
+        }),
+    }
+}
+
+/// Whether a refused patch was refused because the pod's UID is not the one in the patch:
+/// the API server says the immutable `metadata.uid` would change.
+fn replaced(status: &kube::core::Status) -> bool {
+    status.code == 409
+        || (status.code == 422
+            && status
+                .details
+                .iter()
+                .flat_map(|d| d.causes.iter())
+                .any(|c| c.field == "metadata.uid"))
+}
+
+/// Every merge patch carries our field manager, so `managedFields` names us.
+pub fn write_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// Creates, repairs and deletes the generated Services, reading them from the cache;
+/// returns why any could not be put in place (a foreign Service with the name).
+async fn converge_services(
+    vc: &VaultCluster,
+    ctx: &Context,
+    pods_owned: bool,
+) -> Result<Vec<String>, Error> {
+    let ns = vc.namespace().unwrap_or_default();
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut problems = Vec::new();
+    let desired = services::desired(vc);
+    for (_, want) in &desired {
+        let mut want = want.clone();
+        let name = want.name_any();
+        let cached = ctx.caches.services.read().unwrap().get(&ns, &name);
+        let existing = match cached {
+            Some(ours) => Some(ours),
+            None => unlabelled_service(vc, &api, &name).await?,
+        };
+        if let Some(have) = &existing {
+            if !services::owned_by(have, vc) {
+                problems.push(format!(
+                    "Service {name} exists and is not owned by this VaultCluster; left alone"
+                ));
+                continue;
+            }
+            services::defer_owner_selector(&mut want, have, pods_owned);
+            if !services::drifted(have, &want) {
+                continue;
+            }
+        }
+        ctx.guard(&format!("Service {name}"))?;
+        let params = PatchParams::apply(MANAGER).force();
+        let written = api
+            .patch(&name, &params, &Patch::Apply(&want))
+            .await
+            .map_err(service_write_failed(vc, &name))?;
+        ctx.caches
+            .services
+            .write()
+            .unwrap()
+            .apply(cache::trimmed(&written));
+        service_written(vc, ctx, &name, "applied");
+    }
+    remove_unwanted_services(vc, ctx, &api, &desired).await?;
+    Ok(problems)
+}
+
+/// The cache holds only Services with our label: before creating one, make sure no one
+/// else's has the name. Read only while a wanted Service is missing from the cache.
+async fn unlabelled_service(
+    vc: &VaultCluster,
+    api: &Api<Service>,
+    name: &str,
+) -> Result<Option<Arc<Service>>, Error> {
+    let found = api
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::ReadService {
+            cluster: cluster_name(vc),
+            service: name.into(),
+            source,
+        })?;
+    Ok(found.map(Arc::new))
+}
+
+/// Deletes Services this VaultCluster owns that are no longer wanted (disabled or renamed).
+async fn remove_unwanted_services(
+    vc: &VaultCluster,
+    ctx: &Context,
+    api: &Api<Service>,
+    desired: &[(Kind, Service)],
+) -> Result<(), Error> {
+    let ns = vc.namespace().unwrap_or_default();
+    let owned =
+        ctx.caches
+            .services
+            .read()
+            .unwrap()
+            .labelled(&ns, services::CLUSTER_LABEL, &vc.name_any());
+    for svc in owned.iter().filter(|s| services::owned_by(s, vc)) {
+        let name = svc.name_any();
+        if desired.iter().any(|(_, want)| want.name_any() == name) {
+            continue;
+        }
+        ctx.guard(&format!("Service {name}"))?;
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .map_err(service_write_failed(vc, &name))?;
+        ctx.caches.services.write().unwrap().delete(&ns, &name);
+        service_written(vc, ctx, &name, "removed");
+    }
+    Ok(())
+}
+
+fn service_write_failed(vc: &VaultCluster, name: &str) -> impl FnOnce(kube::Error) -> Error {
+    let (cluster, service) = (cluster_name(vc), name.to_string());
+    move |source| Error::WriteService {
+        cluster,
+        service,
+        source,
+    }
+}
+
+fn service_written(vc: &VaultCluster, ctx: &Context, name: &str, what: &str) {
+    ctx.metrics.service_writes.inc();
+    info!(cluster = %cluster_name(vc), service = %name, "Service {what}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_changed_uid_counts_as_replaced() {
+        let status = |code: u16, field: &str| -> kube::core::Status {
+            serde_json::from_value(json!({
+                "status": "Failure", "code": code, "message": "refused", "reason": "Invalid",
+                "details": {"name": "p", "group": "", "kind": "pods", "causes": [{"field": field}]},
+            }))
+            .unwrap()
+        };
+        assert!(replaced(&status(422, "metadata.uid")));
+        assert!(replaced(&status(409, "")));
+        assert!(
+            !replaced(&status(422, "metadata.labels")),
+            "a refused write is an error"
+        );
+        assert!(!replaced(&status(403, "metadata.uid")));
+    }
+}

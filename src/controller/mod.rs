@@ -1,0 +1,429 @@
+//! The VaultCluster controller, along the pipeline of one round: `settings` (read the
+//! references, validate), `observe` (pods from the caches, probes), decide (pure, in
+//! `decide`, `fail_static`, `services`, `status`), `act` (pod labels, Services) and `report`
+//! (status, events, metrics). `cache` keeps what a round reads, so a round reads no API.
+
+mod act;
+pub mod cache;
+mod observe;
+mod report;
+mod settings;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalized, finalizer};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::crd::{FINALIZER, VaultCluster};
+use crate::decide::decide;
+use crate::error::Error;
+use crate::index::SlimPod;
+use crate::labels::{LabelNames, diff, removal};
+use crate::metrics::Metrics;
+use crate::probe::Prober;
+use crate::services;
+use crate::status::{Observation, build};
+use crate::tracker::Tracker;
+use crate::{duration, fail_static};
+
+use cache::{Caches, Kind};
+
+/// Field manager for every write, so `managedFields` shows what we own.
+pub const MANAGER: &str = "vault-registrar";
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub prober: Prober,
+    pub metrics: Metrics,
+    pub caches: Arc<Caches>,
+    recorder: Recorder,
+    trackers: Mutex<HashMap<String, Tracker>>,
+    /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Cleared the moment leadership is lost, before the controller is stopped.
+    leading: Arc<AtomicBool>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        prober: Prober,
+        metrics: Metrics,
+        leading: Arc<AtomicBool>,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            prober,
+            metrics,
+            caches: Arc::new(Caches::default()),
+            trackers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            leading,
+        })
+    }
+
+    fn guard(&self, what: &str) -> Result<(), Error> {
+        if self.leading.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::NotLeader(what.into()))
+        }
+    }
+
+    /// Forgets the caches of a previous term, so `clusters_synced` waits for fresh lists.
+    pub fn forget_clusters(&self) {
+        self.caches.reset();
+    }
+
+    /// Resolves once every cache has finished its first list in every one of `scopes`.
+    pub async fn clusters_synced(&self, scopes: &[Option<String>]) {
+        while !self.caches.synced(scopes) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller for one namespace, or all of them, until the stream ends. Every
+/// watch feeds a cache before it triggers anything.
+pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
+    let client = &ctx.client;
+    let config = crate::apiclient::watch_config();
+    let ours = config.clone().labels(&format!(
+        "{}={}",
+        services::MANAGED_BY.0,
+        services::MANAGED_BY.1
+    ));
+    let caches = ctx.caches.clone();
+    let (reader, writer) = reflector::store();
+    let clusters = reflector::reflector(writer, watcher(api(client, &scope), config.clone()));
+    let clusters = cache::feed(
+        clusters,
+        caches.clone(),
+        Kind::Clusters,
+        scope.clone(),
+        cache::clusters,
+        Clone::clone,
+    );
+    let pods = watcher(api::<Pod>(client, &scope), config);
+    let pods = cache::feed(
+        pods,
+        caches.clone(),
+        Kind::Pods,
+        scope.clone(),
+        cache::pods,
+        cache::slim_pod,
+    );
+    let owned = watcher(api::<Service>(client, &scope), ours.clone());
+    let owned = cache::feed(
+        owned,
+        caches.clone(),
+        Kind::Services,
+        scope.clone(),
+        cache::services,
+        cache::trimmed,
+    );
+    // EndpointSlices carry the labels of their Service, so ours are found by the same label.
+    let slices = watcher(api::<EndpointSlice>(client, &scope), ours);
+    let slices = cache::feed(
+        slices,
+        caches.clone(),
+        Kind::Slices,
+        scope,
+        cache::slices,
+        cache::trimmed,
+    );
+    Controller::for_stream(clusters.applied_objects(), reader)
+        .owns_stream(owned.touched_objects())
+        .watches_stream(pods.touched_objects(), move |pod: Pod| {
+            concerned(&caches, &pod)
+        })
+        .watches_stream(slices.touched_objects(), |_: EndpointSlice| None)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            // Reconciler failures are logged by error_policy; the rest (a watch the API
+            // server refuses, say) would otherwise go unseen.
+            match result {
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                Err(e) => warn!(error = %e, "controller error"),
+            }
+        })
+        .await;
+}
+
+/// The VaultClusters a pod change concerns: those selecting it and the one that labelled it.
+fn concerned(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
+    let index = caches.clusters.read().unwrap();
+    index
+        .concerned(&SlimPod::from(pod))
+        .iter()
+        .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+        .collect()
+}
+
+fn error_policy(
+    vc: Arc<VaultCluster>,
+    error: &kube::runtime::finalizer::Error<Error>,
+    ctx: Arc<Context>,
+) -> Action {
+    warn!(cluster = %vc.name_any(), namespace = ?vc.namespace(), %error, "reconcile failed");
+    let kind = match error {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
+        _ => "finalizer",
+    };
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[kind])
+        .inc();
+    let mut failures = ctx.failures.lock().unwrap();
+    let count = failures.entry(vc.uid().unwrap_or_default()).or_default();
+    *count = count.saturating_add(1);
+    Action::requeue(retry_after(*count))
+}
+
+/// Exponential backoff for failed reconciles: 250ms doubling up to 10s. A watch event still
+/// triggers a reconcile at once, so recovery of the API server is not delayed by it.
+fn retry_after(failures: u32) -> Duration {
+    let base = Duration::from_millis(250);
+    base.saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(10))
+}
+
+async fn reconcile(
+    vc: Arc<VaultCluster>,
+    ctx: Arc<Context>,
+) -> Result<Action, kube::runtime::finalizer::Error<Error>> {
+    let start = Instant::now();
+    let uid = vc.uid().unwrap_or_default();
+    let api: Api<VaultCluster> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    if ctx.guard("VaultCluster finalizer").is_err() {
+        return Ok(Action::requeue(interval(&vc)));
+    }
+    let result = finalizer(&api, FINALIZER, vc, |event| async {
+        match event {
+            Finalized::Apply(vc) => apply(&vc, &ctx).await,
+            Finalized::Cleanup(vc) => cleanup(&vc, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+        .inc();
+    if result.is_ok() {
+        ctx.failures.lock().unwrap().remove(&uid);
+    }
+    result
+}
+
+fn interval(vc: &VaultCluster) -> Duration {
+    duration::parse(&vc.spec.health.interval).unwrap_or(Duration::from_secs(2))
+}
+
+fn cluster_name(vc: &VaultCluster) -> String {
+    format!("{}/{}", vc.namespace().unwrap_or_default(), vc.name_any())
+}
+
+/// Observe, decide, act, report for one VaultCluster.
+async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
+    let started = Instant::now();
+    let names = LabelNames::new(&vc.spec.label_prefix);
+    let settings = match settings::probe_settings(vc, ctx).await {
+        Ok(settings) => settings,
+        Err(settings::Unusable::Spec(problem)) => {
+            return report::invalid(vc, ctx, problem).await;
+        }
+        Err(settings::Unusable::Api(error)) => return Err(error),
+    };
+    if let Some(problem) = services::name_clash(vc) {
+        return report::invalid(vc, ctx, problem).await;
+    }
+    let selection = observe::select(vc, ctx);
+    let first_round = !ctx
+        .trackers
+        .lock()
+        .unwrap()
+        .contains_key(&vc.uid().unwrap_or_default());
+    let mut members = observe::probe_all(vc, ctx, &settings, &selection.candidates).await;
+    let held = fail_static::hold(&mut members);
+    let decision = decide(&names, &vc.name_any(), &members);
+    let outcome = act::act(vc, ctx, &names, &decision, &members, &selection).await;
+    let (service_problems, failed) = match outcome {
+        Ok(problems) => (problems, None),
+        Err(error) => (Vec::new(), Some(error)),
+    };
+    let status = build(&Observation {
+        generation: vc.metadata.generation,
+        members: &members,
+        decision: &decision,
+        spec_problem: None,
+        service_problems,
+        overlaps: selection.overlaps,
+        held,
+        write_problem: failed.as_ref().map(|e| e.to_string()),
+        previous: vc.status.as_ref(),
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    });
+    let mut wait = next_probe(interval(vc), started.elapsed(), status.active_pod.is_some());
+    if first_round {
+        wait += spread(&vc.uid().unwrap_or_default(), interval(vc));
+    }
+    report::gauges(vc, ctx, &status);
+    // A failed write still gets its status published, so Ready never stays True over it.
+    let published = report::publish(vc, ctx, status).await;
+    match failed {
+        Some(error) => Err(error),
+        None => published.map(|_| Action::requeue(wait)),
+    }
+}
+
+/// Time until the next probe round. Rounds start every interval, however long one took.
+/// While no pod is active the cluster is mid-failover, so the new active pod is looked
+/// for four times as often: that wait is what clients of the active Service feel.
+fn next_probe(interval: Duration, took: Duration, has_active: bool) -> Duration {
+    let period = if has_active {
+        interval
+    } else {
+        (interval / 4).max(Duration::from_millis(200))
+    };
+    period.saturating_sub(took).max(Duration::from_millis(50))
+}
+
+/// A fixed offset within the interval for each cluster, added once after its first round:
+/// clusters created or resynced together then probe spread over the interval, not in
+/// bursts.
+fn spread(uid: &str, interval: Duration) -> Duration {
+    // FNV-1a: stable across processes, unlike the std hasher.
+    let hash = uid.bytes().fold(0xcbf29ce484222325_u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    interval.mul_f64((hash % 1000) as f64 / 1000.0)
+}
+
+/// Removes our labels from every pod this VaultCluster labelled, then lets it go.
+async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
+    let names = LabelNames::new(&vc.spec.label_prefix);
+    let ns = vc.namespace().unwrap_or_default();
+    for pod in observe::pods_of(vc, ctx) {
+        let others = ctx
+            .caches
+            .clusters
+            .read()
+            .unwrap()
+            .selecting(&ns, &pod.labels);
+        let ours = pod.owner() == Some(&vc.name_any())
+            || (crate::selector::matches(&vc.spec.selector, &pod.labels)
+                && crate::selector::claimed_by_older(vc, &others, &pod.labels).is_none());
+        if ours && !diff(&pod.labels, &removal(&names)).is_empty() {
+            act::strip_labels(vc, ctx, &names, &pod).await?;
+        }
+    }
+    ctx.trackers
+        .lock()
+        .unwrap()
+        .remove(&vc.uid().unwrap_or_default());
+    info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_rounds_keep_their_period() {
+        let ms = Duration::from_millis;
+        let cases = [
+            ("steady", ms(2000), ms(30), true, ms(1970)),
+            (
+                "slow round still starts on time",
+                ms(2000),
+                ms(1500),
+                true,
+                ms(500),
+            ),
+            (
+                "round longer than interval",
+                ms(1000),
+                ms(1200),
+                true,
+                ms(50),
+            ),
+            (
+                "no active pod: four times as often",
+                ms(2000),
+                ms(0),
+                false,
+                ms(500),
+            ),
+            (
+                "no active pod, short interval: floor",
+                ms(400),
+                ms(0),
+                false,
+                ms(200),
+            ),
+        ];
+        for (name, interval, took, active, want) in cases {
+            assert_eq!(next_probe(interval, took, active), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn clusters_are_spread_over_the_interval() {
+        let interval = Duration::from_secs(2);
+        let offsets: Vec<Duration> = (0..1000)
+            .map(|i| spread(&format!("uid-{i}"), interval))
+            .collect();
+        assert!(offsets.iter().all(|o| *o < interval));
+        // Each tenth of the interval gets some of them: no burst at one phase.
+        for tenth in 0..10 {
+            let n = offsets
+                .iter()
+                .filter(|o| (o.as_millis() / 200) as usize == tenth)
+                .count();
+            assert!((50..=150).contains(&n), "tenth {tenth}: {n}");
+        }
+        assert_eq!(spread("uid-1", interval), spread("uid-1", interval));
+    }
+
+    #[test]
+    fn failed_reconciles_back_off() {
+        let got: Vec<u128> = (1..=9).map(|n| retry_after(n).as_millis()).collect();
+        assert_eq!(got, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000, 10000]);
+    }
+}

@@ -1,0 +1,110 @@
+//! Report: the status (written only when it changed), the events its changes imply, and
+//! the per-cluster gauges.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::act::write_params;
+use super::{Context, cluster_name, interval};
+use crate::crd::{VaultCluster, VaultClusterStatus};
+use crate::error::Error;
+use crate::status::{Notice, invalid_spec, merge_patch, notices};
+
+/// Reports a spec the operator cannot act on, touching nothing else: the labels are held
+/// and the last observation stays in the status.
+pub async fn invalid(vc: &VaultCluster, ctx: &Context, problem: String) -> Result<Action, Error> {
+    warn!(cluster = %cluster_name(vc), %problem, "VaultCluster spec cannot be acted on");
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = invalid_spec(vc.status.as_ref(), vc.metadata.generation, problem, now);
+    publish(vc, ctx, status).await?;
+    Ok(Action::requeue(interval(vc)))
+}
+
+/// Writes the status and its events, only if the status changed. The patch clears what the
+/// new status leaves out, so a stale field cannot keep every round writing.
+pub async fn publish(
+    vc: &VaultCluster,
+    ctx: &Context,
+    status: VaultClusterStatus,
+) -> Result<(), Error> {
+    if vc.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    ctx.guard(&format!("VaultCluster {} status", cluster_name(vc)))?;
+    let api: Api<VaultCluster> =
+        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
+    let patch = merge_patch(vc.status.as_ref(), &status);
+    api.patch_status(&vc.name_any(), &write_params(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::UpdateStatus {
+            cluster: cluster_name(vc),
+            source,
+        })?;
+    ctx.metrics.status_writes.inc();
+    for notice in notices(vc.status.as_ref(), &status) {
+        if notice.reason == "ActiveChanged" {
+            let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
+            ctx.metrics
+                .active_changes
+                .with_label_values(&[labels[0].as_str(), labels[1].as_str()])
+                .inc();
+        }
+        event(vc, ctx, notice).await;
+    }
+    Ok(())
+}
+
+async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
+    info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
+    let event = KubeEvent {
+        type_: if notice.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: notice.reason.into(),
+        note: Some(notice.message),
+        action: "Reconcile".into(),
+        secondary: notice.pod.map(|pod| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod),
+            namespace: vc.namespace(),
+            ..Default::default()
+        }),
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &vc.object_ref(&())).await {
+        warn!(cluster = %cluster_name(vc), error = %e, "publishing event failed");
+    }
+}
+
+pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
+    let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+    for (role, n) in [
+        ("all", s.pods),
+        ("active", s.active),
+        ("standby", s.standby),
+        ("perf-standby", s.perf_standby),
+        ("sealed", s.sealed),
+        ("uninitialized", s.uninitialized),
+        ("unreachable", s.unreachable),
+    ] {
+        ctx.metrics
+            .cluster_pods
+            .with_label_values(&[ns.as_str(), name.as_str(), role])
+            .set(n as i64);
+    }
+    let ready = s
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ctx.metrics
+        .cluster_ready
+        .with_label_values(&[ns.as_str(), name.as_str()])
+        .set(ready as i64);
+}
