@@ -97,10 +97,11 @@ ClusterRole (all namespaces) or into one Role per watched namespace.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-# Before a promotion: wait until the active Service no longer lists the demoted pod.
+# Watched (ours only, by label): before a promotion, wait until the active Service no
+# longer lists the demoted pod.
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{/*
