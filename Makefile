@@ -4,7 +4,7 @@ CARGO ?= cargo
 BIN_DIR = $(shell tests/controlplane/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries test unit e2e demo bench crds lint check-tools
+.PHONY: all build binaries test unit e2e demo bench bench-scale crds lint check-tools
 
 all: build
 
@@ -38,6 +38,14 @@ bench: binaries
 	$(CARGO) build --release --bin vault-registrar
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
 		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench
+
+## N VaultClusters x 3 pods beside U other pods, one operator replica: figures printed.
+N ?= 1000
+U ?= 10000
+bench-scale: binaries
+	$(CARGO) build --release --bin vault-registrar
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U)
 
 ## Regenerate crds/ from the Rust types.
 crds:
