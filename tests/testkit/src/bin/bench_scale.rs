@@ -238,35 +238,53 @@ async fn converge(client: &kube::Client, n: usize) -> anyhow::Result<Duration> {
     }
 }
 
-/// apiserver_request_total by verb.
-fn requests(plane: &ControlPlane) -> anyhow::Result<BTreeMap<String, f64>> {
+/// apiserver_request_total by (verb, resource).
+fn requests(plane: &ControlPlane) -> anyhow::Result<BTreeMap<(String, String), f64>> {
     let text = run(plane.kubectl().args(["get", "--raw", "/metrics"]))?;
     let mut out = BTreeMap::new();
     for line in text
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
     {
-        let verb = line
-            .split("verb=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("");
+        let field = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
         let value: f64 = line
             .rsplit(' ')
             .next()
             .unwrap_or("0")
             .parse()
             .unwrap_or(0.0);
-        *out.entry(verb.to_string()).or_insert(0.0) += value;
+        *out.entry((field("verb"), field("resource"))).or_insert(0.0) += value;
     }
     Ok(out)
 }
 
-fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, verbs: &[&str]) -> u64 {
-    verbs
+/// Requests of these verbs between two readings; each resource with any is printed.
+fn delta(
+    before: &BTreeMap<(String, String), f64>,
+    after: &BTreeMap<(String, String), f64>,
+    verbs: &[&str],
+) -> u64 {
+    let mut total = 0.0;
+    for ((verb, resource), n) in after
         .iter()
-        .map(|v| after.get(*v).copied().unwrap_or(0.0) - before.get(*v).copied().unwrap_or(0.0))
-        .sum::<f64>() as u64
+        .filter(|((v, _), _)| verbs.contains(&v.as_str()))
+    {
+        let d = n - before
+            .get(&(verb.clone(), resource.clone()))
+            .copied()
+            .unwrap_or(0.0);
+        if d > 0.0 {
+            println!("    {verb} {resource}: {d}");
+            total += d;
+        }
+    }
+    total as u64
 }
 
 /// utime + stime of a process, in clock ticks.
