@@ -106,6 +106,14 @@ pub struct HealthSpec {
     #[x_kube(validation = Rule::new("duration(self) <= duration('5m')").message("interval must be at most 5m: a longer one leaves failovers unseen for too long"))]
     pub interval: String,
 
+    /// How often the active pod alone is probed between full rounds, so that a step-down
+    /// or seal is seen while it happens and the new active pod is labelled within a round
+    /// of answering. At least 100ms; an activeInterval longer than interval acts as interval.
+    #[serde(default = "default_active_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('100ms')").message("activeInterval must be at least 100ms"))]
+    pub active_interval: String,
+
     /// How long one probe may take, a Kubernetes duration less than interval and at most
     /// 30s. The wait for a free probe slot counts in it.
     #[serde(default = "default_timeout")]
@@ -132,6 +140,7 @@ impl Default for HealthSpec {
             port: default_port(),
             path: default_path(),
             interval: default_interval(),
+            active_interval: default_active_interval(),
             timeout: default_timeout(),
             failure_threshold: default_failure_threshold(),
             tls: None,
@@ -147,6 +156,9 @@ fn default_path() -> String {
 }
 fn default_interval() -> String {
     "2s".into()
+}
+fn default_active_interval() -> String {
+    "500ms".into()
 }
 fn default_timeout() -> String {
     "1s".into()

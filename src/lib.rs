@@ -18,6 +18,7 @@ pub mod leader;
 pub mod lease;
 pub mod metrics;
 pub mod probe;
+pub mod rhythm;
 pub mod selector;
 pub mod server;
 pub mod services;

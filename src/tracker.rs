@@ -117,6 +117,14 @@ impl Tracker {
         }
     }
 
+    /// The pod's last answer, while its probes are not failing.
+    pub fn healthy(&self, pod_uid: &str) -> Option<&Health> {
+        self.pods
+            .get(pod_uid)
+            .filter(|r| r.failures == 0)
+            .and_then(|r| r.last.as_ref())
+    }
+
     /// Forgets pods no longer present.
     pub fn retain(&mut self, live: &[&str]) {
         self.pods.retain(|uid, _| live.contains(&uid.as_str()));

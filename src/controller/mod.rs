@@ -34,6 +34,7 @@ use crate::index::SlimPod;
 use crate::labels::{LabelNames, diff, removal};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
+use crate::rhythm::{self, Rhythm, Round};
 use crate::services;
 use crate::status::{Observation, build};
 use crate::tracker::Tracker;
@@ -52,6 +53,8 @@ pub struct Context {
     pub caches: Arc<Caches>,
     recorder: Recorder,
     trackers: Mutex<HashMap<String, Tracker>>,
+    /// When each cluster (by UID) is probed next, and how much of it.
+    rhythms: Mutex<HashMap<String, Rhythm>>,
     /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
@@ -76,6 +79,7 @@ impl Context {
             metrics,
             caches: Arc::new(Caches::default()),
             trackers: Mutex::new(HashMap::new()),
+            rhythms: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             leading,
         })
@@ -258,7 +262,8 @@ fn cluster_name(vc: &VaultCluster) -> String {
     format!("{}/{}", vc.namespace().unwrap_or_default(), vc.name_any())
 }
 
-/// Observe, decide, act, report for one VaultCluster.
+/// Observe, decide, act, report for one VaultCluster; or, between full rounds of a settled
+/// cluster, only a probe of its active pod (see `rhythm`).
 async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let started = Instant::now();
     let names = LabelNames::new(&vc.spec.label_prefix);
@@ -272,12 +277,19 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if let Some(problem) = services::name_clash(vc) {
         return report::invalid(vc, ctx, problem).await;
     }
+    let uid = vc.uid().unwrap_or_default();
     let selection = observe::select(vc, ctx);
-    let first_round = !ctx
-        .trackers
-        .lock()
-        .unwrap()
-        .contains_key(&vc.uid().unwrap_or_default());
+    let pods = observe::signature(&selection.candidates);
+    let previous = ctx.rhythms.lock().unwrap().get(&uid).cloned();
+    let active = observe::settled_active(vc, ctx, &names, &selection.candidates);
+    let active_name = active.as_ref().map(|p| p.name.as_str());
+    let round = rhythm::round(previous.as_ref(), started, active_name, pods);
+    if let (Round::Sentinel(_), Some(pod), Some(r)) = (&round, &active, &previous)
+        && observe::sentinel(vc, ctx, &settings, pod).await
+    {
+        let wait = rhythm::after_sentinel(r, Instant::now(), settings.active_interval);
+        return Ok(Action::requeue(wait));
+    }
     let mut members = observe::probe_all(vc, ctx, &settings, &selection.candidates).await;
     let held = fail_static::hold(&mut members);
     let decision = decide(&names, &vc.name_any(), &members);
@@ -298,9 +310,18 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         previous: vc.status.as_ref(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
-    let mut wait = next_probe(interval(vc), started.elapsed(), status.active_pod.is_some());
-    if first_round {
-        wait += spread(&vc.uid().unwrap_or_default(), interval(vc));
+    let settled = crate::status::settled(vc.status.as_ref(), &status);
+    let (next, mut wait) = rhythm::after_full(
+        previous.as_ref(),
+        started,
+        settled,
+        pods,
+        interval(vc),
+        settings.active_interval,
+    );
+    ctx.rhythms.lock().unwrap().insert(uid.clone(), next);
+    if previous.is_none() {
+        wait += spread(&uid, interval(vc));
     }
     report::gauges(vc, ctx, &status);
     // A failed write still gets its status published, so Ready never stays True over it.
@@ -309,18 +330,6 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         Some(error) => Err(error),
         None => published.map(|_| Action::requeue(wait)),
     }
-}
-
-/// Time until the next probe round. Rounds start every interval, however long one took.
-/// While no pod is active the cluster is mid-failover, so the new active pod is looked
-/// for four times as often: that wait is what clients of the active Service feel.
-fn next_probe(interval: Duration, took: Duration, has_active: bool) -> Duration {
-    let period = if has_active {
-        interval
-    } else {
-        (interval / 4).max(Duration::from_millis(200))
-    };
-    period.saturating_sub(took).max(Duration::from_millis(50))
 }
 
 /// A fixed offset within the interval for each cluster, added once after its first round:
@@ -352,10 +361,9 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
             act::strip_labels(vc, ctx, &names, &pod).await?;
         }
     }
-    ctx.trackers
-        .lock()
-        .unwrap()
-        .remove(&vc.uid().unwrap_or_default());
+    let uid = vc.uid().unwrap_or_default();
+    ctx.trackers.lock().unwrap().remove(&uid);
+    ctx.rhythms.lock().unwrap().remove(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }
@@ -363,45 +371,6 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn probe_rounds_keep_their_period() {
-        let ms = Duration::from_millis;
-        let cases = [
-            ("steady", ms(2000), ms(30), true, ms(1970)),
-            (
-                "slow round still starts on time",
-                ms(2000),
-                ms(1500),
-                true,
-                ms(500),
-            ),
-            (
-                "round longer than interval",
-                ms(1000),
-                ms(1200),
-                true,
-                ms(50),
-            ),
-            (
-                "no active pod: four times as often",
-                ms(2000),
-                ms(0),
-                false,
-                ms(500),
-            ),
-            (
-                "no active pod, short interval: floor",
-                ms(400),
-                ms(0),
-                false,
-                ms(200),
-            ),
-        ];
-        for (name, interval, took, active, want) in cases {
-            assert_eq!(next_probe(interval, took, active), want, "{name}");
-        }
-    }
 
     #[test]
     fn clusters_are_spread_over_the_interval() {

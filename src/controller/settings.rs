@@ -27,6 +27,8 @@ pub struct ProbeSettings {
     pub port: u16,
     pub path: String,
     pub timeout: Duration,
+    /// How often the settled active pod alone is probed.
+    pub active_interval: Duration,
     pub threshold: u32,
     pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
 }
@@ -38,6 +40,8 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         duration::parse(&h.timeout).map_err(|e| spec(format!("spec.health.timeout: {e}")))?;
     let interval =
         duration::parse(&h.interval).map_err(|e| spec(format!("spec.health.interval: {e}")))?;
+    let active_interval = duration::parse(&h.active_interval)
+        .map_err(|e| spec(format!("spec.health.activeInterval: {e}")))?;
     if timeout >= interval {
         return Err(spec(
             "spec.health.timeout must be less than spec.health.interval".into(),
@@ -61,6 +65,7 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         port: h.port as u16,
         path: h.path.clone(),
         timeout,
+        active_interval,
         threshold: h.failure_threshold.max(1) as u32,
         tls,
     })
