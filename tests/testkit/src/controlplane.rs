@@ -176,7 +176,7 @@ impl ControlPlane {
             .arg(format!("--secure-port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--authorization-mode=RBAC")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--service-cluster-ip-range=10.0.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--endpoint-reconciler-type=none")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
