@@ -13,6 +13,7 @@ pub mod fdlimit;
 pub mod health;
 pub mod health_state;
 pub mod index;
+pub mod keepalive;
 pub mod labels;
 pub mod leader;
 pub mod lease;

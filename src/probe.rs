@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::health::classify;
+use crate::keepalive::{Key, Pool, Sender};
 use crate::tracker::{Failure, FailureKind, Outcome};
 
 /// The largest body accepted; Vault's health answer is well under 2 KiB.
@@ -28,8 +29,22 @@ pub struct Target {
     pub port: u16,
     pub path: String,
     pub timeout: Duration,
-    /// TLS settings and the name to verify; None for plain HTTP.
-    pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// TLS settings, their identity (for connection reuse) and the name to verify; None
+    /// for plain HTTP.
+    pub tls: Option<(Arc<rustls::ClientConfig>, u64, ServerName<'static>)>,
+}
+
+impl Target {
+    fn key(&self) -> Key {
+        Key {
+            ip: self.ip,
+            port: self.port,
+            tls: self
+                .tls
+                .as_ref()
+                .map(|(_, id, name)| (*id, name.to_str().into_owned())),
+        }
+    }
 }
 
 /// Runs probes with a bound on how many are in flight at once, over all clusters.
@@ -37,6 +52,7 @@ pub struct Target {
 pub struct Prober {
     permits: Arc<Semaphore>,
     share: usize,
+    pool: Pool,
 }
 
 impl Prober {
@@ -46,6 +62,7 @@ impl Prober {
             permits: Arc::new(Semaphore::new(concurrency)),
             // A quarter of the pool: at least four clusters can always probe side by side.
             share: (concurrency / 4).clamp(1, 16),
+            pool: Pool::default(),
         }
     }
 
@@ -76,7 +93,7 @@ impl Prober {
                 start.elapsed(),
             );
         };
-        let outcome = match tokio::time::timeout_at(deadline, exchange(target)).await {
+        let outcome = match tokio::time::timeout_at(deadline, self.exchange(target)).await {
             Err(_) => Outcome::Failed(Failure::new(
                 FailureKind::Transport,
                 format!("no answer within {:?}", target.timeout),
@@ -109,33 +126,84 @@ fn io_failure(what: &str, error: std::io::Error) -> Failure {
     Failure::new(kind, format!("{what}: {error}"))
 }
 
-async fn exchange(target: &Target) -> Result<(u16, Bytes), Failure> {
+impl Prober {
+    /// One request and its answer, on an idle connection to the pod if there is one, else
+    /// (or when the idle one turns out dead) on a new one.
+    async fn exchange(&self, target: &Target) -> Result<(u16, Bytes), Failure> {
+        let key = target.key();
+        if let Some(sender) = self.pool.take(&key) {
+            match request(sender, target).await {
+                Ok((answer, sender)) => {
+                    self.pool.put(key, sender);
+                    return Ok(answer);
+                }
+                // Closed by the pod while idle: not an answer, try a fresh connection.
+                Err(Attempt::Stale) => {}
+                Err(Attempt::Failed(failure)) => return Err(failure),
+            }
+        }
+        let sender = connect(target).await?;
+        match request(sender, target).await {
+            Ok((answer, sender)) => {
+                self.pool.put(key, sender);
+                Ok(answer)
+            }
+            Err(Attempt::Stale) => Err(Failure::new(
+                FailureKind::Transport,
+                "http: connection closed before an answer",
+            )),
+            Err(Attempt::Failed(failure)) => Err(failure),
+        }
+    }
+
+    /// Idle connections kept for reuse.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.len()
+    }
+}
+
+/// A new connection, TLS included, ready to send on. Its driver runs until it closes.
+async fn connect(target: &Target) -> Result<Sender, Failure> {
     let tcp = TcpStream::connect((target.ip, target.port))
         .await
         .map_err(|e| io_failure("connect", e))?;
     let _ = tcp.set_nodelay(true);
     match &target.tls {
-        None => request(tcp, target).await,
-        Some((config, name)) => {
+        None => handshake(tcp).await,
+        Some((config, _, name)) => {
             // A failed handshake, verification included, tells nothing of Vault's state.
             let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name.clone(), tcp)
                 .await
                 .map_err(|e| io_failure("tls", e))?;
-            request(tls, target).await
+            handshake(tls).await
         }
     }
 }
 
-async fn request<S>(stream: S, target: &Target) -> Result<(u16, Bytes), Failure>
+async fn handshake<S>(stream: S) -> Result<Sender, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let transport = |e: hyper::Error| Failure::new(FailureKind::Transport, format!("http: {e}"));
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(transport)?;
-    let driver = tokio::spawn(connection);
+        .map_err(|e| Failure::new(FailureKind::Transport, format!("http: {e}")))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// Why a request on a connection got no answer.
+enum Attempt {
+    /// The connection was closed before the request went out: no fault of anyone's.
+    Stale,
+    Failed(Failure),
+}
+
+/// Sends the probe and reads the whole answer; the connection comes back for reuse.
+async fn request(mut sender: Sender, target: &Target) -> Result<((u16, Bytes), Sender), Attempt> {
+    if sender.ready().await.is_err() {
+        return Err(Attempt::Stale);
+    }
     let host = match target.ip {
         IpAddr::V6(ip) => format!("[{ip}]:{}", target.port),
         IpAddr::V4(ip) => format!("{ip}:{}", target.port),
@@ -148,25 +216,26 @@ where
             concat!("vault-registrar/", env!("CARGO_PKG_VERSION")),
         )
         .body(Empty::<Bytes>::new())
-        .map_err(|e| Failure::new(FailureKind::Local, format!("request: {e}")))?;
-    let result = async {
-        let response = sender.send_request(req).await.map_err(transport)?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| {
-                let message = format!(
-                    "status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}"
-                );
-                Failure::new(FailureKind::Answer, message)
-            })?
-            .to_bytes();
-        Ok((status, body))
-    }
-    .await;
-    driver.abort();
-    result
+        .map_err(|e| Attempt::Failed(Failure::new(FailureKind::Local, format!("request: {e}"))))?;
+    let response = match sender.send_request(req).await {
+        Ok(response) => response,
+        Err(e) if e.is_canceled() || e.is_incomplete_message() => return Err(Attempt::Stale),
+        Err(e) => {
+            let failure = Failure::new(FailureKind::Transport, format!("http: {e}"));
+            return Err(Attempt::Failed(failure));
+        }
+    };
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            let message =
+                format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}");
+            Attempt::Failed(Failure::new(FailureKind::Answer, message))
+        })?
+        .to_bytes();
+    Ok(((status, body), sender))
 }
 
 /// TLS client settings for a cluster: its CA bundle, or the built-in trust roots, or no
@@ -420,5 +489,47 @@ mod tests {
         assert!(tls_config(Some(b"not pem"), false).is_err());
         assert!(tls_config(None, false).is_err());
         assert!(tls_config(None, true).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod reuse_tests {
+    use super::*;
+    use vault_registrar_testkit::vault_sim::{Behavior, Role, SimState, VaultSim};
+
+    fn target(addr: std::net::SocketAddr) -> Target {
+        Target {
+            ip: addr.ip(),
+            port: addr.port(),
+            path: "/v1/sys/health".into(),
+            timeout: Duration::from_secs(2),
+            tls: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn steady_probes_reuse_one_connection_and_survive_its_loss() {
+        let sim = VaultSim::start(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            SimState::new(Role::Active),
+        )
+        .await
+        .unwrap();
+        let prober = Prober::new(4);
+        let share = prober.cluster_share();
+        let target = target(sim.addr());
+        for _ in 0..3 {
+            let (outcome, _) = prober.probe(&target, &share).await;
+            assert!(matches!(outcome, Outcome::Healthy(_)), "{outcome:?}");
+        }
+        assert_eq!(sim.health_requests(), 3);
+        assert_eq!(prober.idle_connections(), 1, "one connection kept");
+        // The pod restarts: the kept connection dies; the next probe still gets an answer.
+        sim.update(|s| s.behavior = Behavior::Crash).await;
+        sim.update(|s| s.behavior = Behavior::Serve).await;
+        let (outcome, _) = prober.probe(&target, &share).await;
+        assert!(matches!(outcome, Outcome::Healthy(_)), "{outcome:?}");
+        assert_eq!(sim.health_requests(), 4);
     }
 }

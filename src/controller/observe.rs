@@ -203,11 +203,13 @@ async fn probe_pod(
     let ip = pod.ip.ok_or("pod has no IP")?;
     let tls = match &settings.tls {
         None => None,
-        Some((config, template)) => match server_name(template, &pod.name, &pod.namespace, ip) {
-            Ok(name) => Some((config.clone(), name)),
-            // The template was checked; a name it still cannot make is not the pod's fault.
-            Err(e) => return Ok(Outcome::Failed(Failure::new(FailureKind::Local, e))),
-        },
+        Some((config, id, template)) => {
+            match server_name(template, &pod.name, &pod.namespace, ip) {
+                Ok(name) => Some((config.clone(), *id, name)),
+                // The template was checked; a name it still cannot make is not the pod's fault.
+                Err(e) => return Ok(Outcome::Failed(Failure::new(FailureKind::Local, e))),
+            }
+        }
     };
     let target = Target {
         ip,

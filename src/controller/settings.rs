@@ -30,7 +30,8 @@ pub struct ProbeSettings {
     /// How often the settled active pod alone is probed.
     pub active_interval: Duration,
     pub threshold: u32,
-    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+    /// The TLS client settings, their identity (for connection reuse), the name template.
+    pub tls: Option<(Arc<rustls::ClientConfig>, u64, String)>,
 }
 
 pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, Unusable> {
@@ -58,7 +59,14 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
             };
             let config = tls_config(ca.as_deref(), tls.insecure_skip_verify)
                 .map_err(|e| spec(format!("spec.health.tls: {e}")))?;
-            Some((config, tls.server_name))
+            let pem = String::from_utf8_lossy(ca.as_deref().unwrap_or_default());
+            let insecure = if tls.insecure_skip_verify {
+                "insecure"
+            } else {
+                "verify"
+            };
+            let id = crate::rhythm::signature([pem.as_ref(), insecure].into_iter());
+            Some((config, id, tls.server_name))
         }
     };
     Ok(ProbeSettings {
