@@ -272,13 +272,41 @@ impl ControlPlane {
         Ok(path)
     }
 
-    /// Write requests in the audit log by `user` with the time the API server received each,
-    /// in the order of the log.
-    pub fn timed_writes_by(&self, user: &str) -> Vec<(Timestamp, String, String, String)> {
+    /// Completed write requests in the audit log (it holds reads too).
+    fn audited_writes(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+            .filter(|e| e["stage"] == "ResponseComplete")
+            .filter(|e| WRITE_VERBS.contains(&e["verb"].as_str().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Read requests (get, list; watches are not logged) by `user`, as (verb, resource).
+    pub fn reads_by(&self, user: &str) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
+            .filter(|e| matches!(e["verb"].as_str(), Some("get" | "list")))
+            .map(|e| {
+                let resource = e["objectRef"]["resource"]
+                    .as_str()
+                    .unwrap_or("(non-resource)");
+                (
+                    e["verb"].as_str().unwrap_or_default().to_string(),
+                    resource.to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Write requests in the audit log by `user` with the time the API server received each,
+    /// in the order of the log.
+    pub fn timed_writes_by(&self, user: &str) -> Vec<(Timestamp, String, String, String)> {
+        self.audited_writes()
+            .into_iter()
+            .filter(|e| e["user"]["username"] == user)
             .filter_map(|e| {
                 let at: Timestamp = e["requestReceivedTimestamp"].as_str()?.parse().ok()?;
                 let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
@@ -290,10 +318,9 @@ impl ControlPlane {
 
     /// Write requests in the audit log by `user`, as (verb, resource, name) triples.
     pub fn writes_by(&self, user: &str) -> Vec<(String, String, String)> {
-        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+        self.audited_writes()
+            .into_iter()
+            .filter(|e| e["user"]["username"] == user)
             .map(|e| {
                 let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
                 let resource = match field("subresource").as_str() {
@@ -312,12 +339,9 @@ impl ControlPlane {
     /// Write requests to objects in `namespace`, by anyone, in the order the audit log has
     /// them, as (user, verb, resource, name, response code).
     pub fn writes_in(&self, namespace: &str) -> Vec<(String, String, String, String, i64)> {
-        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| {
-                e["objectRef"]["namespace"] == namespace && e["stage"] == "ResponseComplete"
-            })
+        self.audited_writes()
+            .into_iter()
+            .filter(|e| e["objectRef"]["namespace"] == namespace)
             .map(|e| {
                 let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
                 let resource = match field("subresource").as_str() {
@@ -491,7 +515,10 @@ impl PkiFiles {
 }
 
 /// Records who wrote what, so tests can prove which process sent writes.
-const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection]\n- level: None\n";
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection, get, list]\n- level: None\n";
+
+/// The verbs of the audit log that change something.
+const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
 
 fn write_kubeconfig(path: &Path, server: &str, f: &PkiFiles) -> anyhow::Result<()> {
     let text = format!(
