@@ -1,10 +1,12 @@
 //! When a cluster is probed, and how much of it. A full round probes every pod once per
 //! interval. Between full rounds, a settled cluster has only its active pod probed, every
 //! `activeInterval`: a step-down or seal makes the active pod stop answering 200 about
-//! 0.6 s before another pod starts, so the change is seen while it happens. Once anything
-//! changes, full rounds follow each other quickly (a burst) until the cluster settles
-//! again, so the new active pod is labelled within a round of its first 200. A cluster
-//! that stays unsettled (all sealed, say) falls back to the slower pace after the burst.
+//! 0.6 s before another pod starts, so the change is seen while it happens. Once a round
+//! sees a change and the cluster is not settled, full rounds follow each other quickly (a
+//! burst) until it settles again, so the new active pod is labelled within a round of its
+//! first 200. A cluster that stays unsettled (all sealed, say) falls back to a quarter of
+//! the interval after the burst. A first round is no change: a thousand clusters starting
+//! together do not all burst.
 
 use std::time::{Duration, Instant};
 
@@ -18,10 +20,14 @@ pub const BURST_LENGTH: Duration = Duration::from_secs(10);
 pub struct Rhythm {
     /// When the next full round is due.
     pub full_due: Instant,
-    /// When the cluster last changed; None while it is settled.
+    /// When a round last saw a change.
     pub changed_at: Option<Instant>,
+    /// Exactly one pod answers active and is labelled so.
+    pub settled: bool,
     /// What the pods looked like in the cache at the last full round.
     pub pods: u64,
+    /// The roles the last full round found (a signature).
+    pub roles: u64,
 }
 
 /// What the next round is.
@@ -38,37 +44,52 @@ pub enum Round {
 /// active; `pods` the signature of the cluster's pods in the cache.
 pub fn round(rhythm: Option<&Rhythm>, now: Instant, active: Option<&str>, pods: u64) -> Round {
     match (rhythm, active) {
-        (Some(r), Some(pod)) if r.changed_at.is_none() && now < r.full_due && r.pods == pods => {
+        (Some(r), Some(pod)) if r.settled && now < r.full_due && r.pods == pods => {
             Round::Sentinel(pod.to_string())
         }
         _ => Round::Full,
     }
 }
 
-/// The rhythm after a full round, and how long until the next round. `settled`: exactly
-/// one pod is active and labelled so, and nothing changed since the previous round.
+/// What a full round found, for the rhythm.
+#[derive(Clone, Copy, Debug)]
+pub struct Found {
+    /// Exactly one pod answers active and is labelled so.
+    pub settled: bool,
+    /// A signature of every pod's role.
+    pub roles: u64,
+    /// A signature of the pods in the cache.
+    pub pods: u64,
+}
+
+/// The rhythm after a full round, and how long until the next round.
 pub fn after_full(
     previous: Option<&Rhythm>,
     now: Instant,
-    settled: bool,
-    pods: u64,
+    found: Found,
     interval: Duration,
     active_interval: Duration,
 ) -> (Rhythm, Duration) {
-    let changed_at = match (settled, previous.and_then(|r| r.changed_at)) {
-        (true, _) => None,
-        (false, Some(at)) => Some(at),
-        (false, None) => Some(now),
+    let changed = previous.is_some_and(|r| r.roles != found.roles);
+    let changed_at = if changed {
+        Some(now)
+    } else {
+        previous.and_then(|r| r.changed_at)
     };
-    let wait = match changed_at {
-        None => active_interval.min(interval),
-        Some(at) if now.duration_since(at) < BURST_LENGTH => BURST_PERIOD,
-        Some(_) => (interval / 4).max(Duration::from_millis(200)),
+    let bursting = changed_at.is_some_and(|at| now.duration_since(at) < BURST_LENGTH);
+    let wait = if found.settled {
+        active_interval.min(interval)
+    } else if bursting {
+        BURST_PERIOD
+    } else {
+        (interval / 4).max(Duration::from_millis(200))
     };
     let rhythm = Rhythm {
         full_due: now + interval,
         changed_at,
-        pods,
+        settled: found.settled,
+        pods: found.pods,
+        roles: found.roles,
     };
     (rhythm, wait)
 }
@@ -96,19 +117,22 @@ mod tests {
     const INTERVAL: Duration = Duration::from_secs(2);
     const ACTIVE: Duration = Duration::from_millis(500);
 
+    fn rhythm(full_due: Instant, settled: bool) -> Rhythm {
+        Rhythm {
+            full_due,
+            changed_at: None,
+            settled,
+            pods: 7,
+            roles: 1,
+        }
+    }
+
     #[test]
     fn rounds_between_full_rounds_probe_the_settled_active_pod() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let settled = Rhythm {
-            full_due: ms(2000),
-            changed_at: None,
-            pods: 7,
-        };
-        let changing = Rhythm {
-            changed_at: Some(t0),
-            ..settled.clone()
-        };
+        let settled = rhythm(ms(2000), true);
+        let unsettled = rhythm(ms(2000), false);
         let sentinel = Round::Sentinel("v0".into());
         // (case, rhythm, now, labelled active, pods signature, round)
         let cases = [
@@ -146,8 +170,8 @@ mod tests {
                 Round::Full,
             ),
             (
-                "a change under way",
-                Some(&changing),
+                "not settled",
+                Some(&unsettled),
                 ms(500),
                 Some("v0"),
                 7,
@@ -160,28 +184,44 @@ mod tests {
     }
 
     #[test]
-    fn a_change_brings_a_burst_that_ends() {
+    fn a_change_brings_a_burst_until_settled_or_too_long() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
-        let (r, wait) = after_full(None, t0, true, 1, INTERVAL, ACTIVE);
+        let found = |settled, roles| Found {
+            settled,
+            roles,
+            pods: 1,
+        };
+        let (r, wait) = after_full(None, t0, found(true, 1), INTERVAL, ACTIVE);
         assert_eq!((r.changed_at, wait), (None, ACTIVE), "settled: sentinels");
-        let (r, wait) = after_full(Some(&r), t0 + s(1), false, 1, INTERVAL, ACTIVE);
-        assert_eq!((r.changed_at, wait), (Some(t0 + s(1)), BURST_PERIOD));
-        let (r, wait) = after_full(Some(&r), t0 + s(5), false, 1, INTERVAL, ACTIVE);
+        let (first, wait) = after_full(None, t0, found(false, 1), INTERVAL, ACTIVE);
+        assert_eq!(
+            wait,
+            Duration::from_millis(500),
+            "a first round is no change"
+        );
+        assert_eq!(first.changed_at, None);
+        let (r, wait) = after_full(Some(&r), t0 + s(1), found(false, 2), INTERVAL, ACTIVE);
         assert_eq!(
             (r.changed_at, wait),
             (Some(t0 + s(1)), BURST_PERIOD),
-            "burst goes on"
+            "step-down seen"
         );
-        let (r, wait) = after_full(Some(&r), t0 + s(12), false, 1, INTERVAL, ACTIVE);
+        let (r, wait) = after_full(Some(&r), t0 + s(5), found(false, 2), INTERVAL, ACTIVE);
+        assert_eq!(wait, BURST_PERIOD, "the burst goes on while unsettled");
+        let (r2, wait) = after_full(Some(&r), t0 + s(12), found(false, 2), INTERVAL, ACTIVE);
         assert_eq!(
             wait,
             Duration::from_millis(500),
             "after the burst: interval / 4"
         );
-        let (r, wait) = after_full(Some(&r), t0 + s(13), true, 1, INTERVAL, ACTIVE);
-        assert_eq!((r.changed_at, wait, r.full_due), (None, ACTIVE, t0 + s(15)));
-        let (_, wait) = after_full(None, t0, true, 1, Duration::from_millis(300), ACTIVE);
+        let (r, wait) = after_full(Some(&r2), t0 + s(13), found(true, 3), INTERVAL, ACTIVE);
+        assert_eq!(
+            (r.settled, wait, r.full_due),
+            (true, ACTIVE, t0 + s(15)),
+            "settled again"
+        );
+        let (_, wait) = after_full(None, t0, found(true, 1), Duration::from_millis(300), ACTIVE);
         assert_eq!(
             wait,
             Duration::from_millis(300),
@@ -192,11 +232,7 @@ mod tests {
     #[test]
     fn sentinels_stop_at_the_full_round() {
         let t0 = Instant::now();
-        let r = Rhythm {
-            full_due: t0 + Duration::from_millis(1800),
-            changed_at: None,
-            pods: 1,
-        };
+        let r = rhythm(t0 + Duration::from_millis(1800), true);
         assert_eq!(after_sentinel(&r, t0, ACTIVE), ACTIVE);
         let late = t0 + Duration::from_millis(1600);
         assert_eq!(after_sentinel(&r, late, ACTIVE), Duration::from_millis(200));

@@ -322,20 +322,6 @@ fn reason_of<'a>(s: &'a VaultClusterStatus, kind: &str) -> Option<&'a str> {
         .map(|c| c.reason.as_str())
 }
 
-/// Whether a cluster is settled: exactly one pod answers active and is labelled so, and no
-/// pod's role changed since the previous status.
-pub fn settled(previous: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> bool {
-    let roles = |s: &VaultClusterStatus| {
-        s.members
-            .iter()
-            .map(|m| (m.name.clone(), m.role.clone()))
-            .collect::<Vec<_>>()
-    };
-    new.active == 1
-        && new.active_pod.is_some()
-        && previous.is_some_and(|p| p.active_pod == new.active_pod && roles(p) == roles(new))
-}
-
 /// The status to publish when the spec cannot be acted on: the last observation stays as it
 /// was (the labels are held, so it is still what the pods carry), and Ready says why.
 pub fn invalid_spec(
@@ -728,34 +714,6 @@ mod tests {
             .collect();
         assert_eq!(reasons, vec!["InvalidSpec"], "no ActiveChanged to none");
         assert!(notices(Some(&first), &second).is_empty());
-    }
-
-    #[test]
-    fn settled_means_one_active_and_no_change() {
-        let trio = || {
-            vec![
-                healthy("v0", Role::Active),
-                healthy("v1", Role::Standby),
-                healthy("v2", Role::Standby),
-            ]
-        };
-        let first = status_of(trio(), None, vec![], 1);
-        let same = status_of(trio(), Some(&first), vec![], 2);
-        assert!(!settled(None, &first), "nothing to compare with yet");
-        assert!(settled(Some(&first), &same));
-        let sealed = status_of(
-            vec![
-                healthy("v0", Role::Active),
-                healthy("v1", Role::Sealed),
-                healthy("v2", Role::Standby),
-            ],
-            Some(&same),
-            vec![],
-            3,
-        );
-        assert!(!settled(Some(&same), &sealed), "a role changed");
-        let none = status_of(vec![healthy("v1", Role::Standby)], Some(&first), vec![], 4);
-        assert!(!settled(Some(&none), &none), "no active pod");
     }
 
     #[test]

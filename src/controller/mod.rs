@@ -310,12 +310,15 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         previous: vc.status.as_ref(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
-    let settled = crate::status::settled(vc.status.as_ref(), &status);
+    let found = rhythm::Found {
+        settled: status.active == 1 && status.active_pod.is_some(),
+        roles: roles_signature(&status),
+        pods,
+    };
     let (next, mut wait) = rhythm::after_full(
         previous.as_ref(),
         started,
-        settled,
-        pods,
+        found,
         interval(vc),
         settings.active_interval,
     );
@@ -330,6 +333,15 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         Some(error) => Err(error),
         None => published.map(|_| Action::requeue(wait)),
     }
+}
+
+/// Every pod's role and the active pod, as a signature: what a change of the cluster is.
+fn roles_signature(status: &crate::crd::VaultClusterStatus) -> u64 {
+    let roles = status
+        .members
+        .iter()
+        .flat_map(|m| [m.name.as_str(), m.role.as_str()]);
+    rhythm::signature(roles.chain(status.active_pod.as_deref()))
 }
 
 /// A fixed offset within the interval for each cluster, added once after its first round:
