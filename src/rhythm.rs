@@ -22,10 +22,10 @@ pub struct Rhythm {
     pub full_due: Instant,
     /// When a round last saw a change.
     pub changed_at: Option<Instant>,
-    /// Exactly one pod answers active and is labelled so.
-    pub settled: bool,
-    /// What the pods looked like in the cache at the last full round.
-    pub pods: u64,
+    /// The pod that answers active and is labelled so, when it is the only one.
+    pub active: Option<String>,
+    /// The VaultCluster's generation at the last full round.
+    pub generation: Option<i64>,
     /// The roles the last full round found (a signature).
     pub roles: u64,
 }
@@ -40,26 +40,26 @@ pub enum Round {
     Sentinel(String),
 }
 
-/// The round to run now. `active` is the pod labelled active whose last answer was
-/// active; `pods` the signature of the cluster's pods in the cache.
-pub fn round(rhythm: Option<&Rhythm>, now: Instant, active: Option<&str>, pods: u64) -> Round {
-    match (rhythm, active) {
-        (Some(r), Some(pod)) if r.settled && now < r.full_due && r.pods == pods => {
-            Round::Sentinel(pod.to_string())
-        }
+/// The round to run now. `dirty`: a watch reported a change of the cluster's pods or
+/// Services since the last round.
+pub fn round(rhythm: Option<&Rhythm>, now: Instant, generation: Option<i64>, dirty: bool) -> Round {
+    match rhythm {
+        Some(r) if !dirty && now < r.full_due && r.generation == generation => match &r.active {
+            Some(pod) => Round::Sentinel(pod.clone()),
+            None => Round::Full,
+        },
         _ => Round::Full,
     }
 }
 
 /// What a full round found, for the rhythm.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Found {
-    /// Exactly one pod answers active and is labelled so.
-    pub settled: bool,
+    /// The pod that answers active and is labelled so, when it is the only one.
+    pub active: Option<String>,
     /// A signature of every pod's role.
     pub roles: u64,
-    /// A signature of the pods in the cache.
-    pub pods: u64,
+    pub generation: Option<i64>,
 }
 
 /// The rhythm after a full round, and how long until the next round.
@@ -77,7 +77,7 @@ pub fn after_full(
         previous.and_then(|r| r.changed_at)
     };
     let bursting = changed_at.is_some_and(|at| now.duration_since(at) < BURST_LENGTH);
-    let wait = if found.settled {
+    let wait = if found.active.is_some() {
         active_interval.min(interval)
     } else if bursting {
         BURST_PERIOD
@@ -87,8 +87,8 @@ pub fn after_full(
     let rhythm = Rhythm {
         full_due: now + interval,
         changed_at,
-        settled: found.settled,
-        pods: found.pods,
+        active: found.active,
+        generation: found.generation,
         roles: found.roles,
     };
     (rhythm, wait)
@@ -99,7 +99,7 @@ pub fn after_sentinel(rhythm: &Rhythm, now: Instant, active_interval: Duration) 
     active_interval.min(rhythm.full_due.saturating_duration_since(now))
 }
 
-/// A cheap signature of what a round reads of the pods: a change means a full round.
+/// A cheap, stable signature of a sequence of strings.
 pub fn signature<'a>(fields: impl Iterator<Item = &'a str>) -> u64 {
     // FNV-1a over the fields, each closed by a separator byte.
     fields.fold(0xcbf29ce484222325_u64, |h, field| {
@@ -121,8 +121,8 @@ mod tests {
         Rhythm {
             full_due,
             changed_at: None,
-            settled,
-            pods: 7,
+            active: settled.then(|| "v0".to_string()),
+            generation: Some(3),
             roles: 1,
         }
     }
@@ -134,52 +134,52 @@ mod tests {
         let settled = rhythm(ms(2000), true);
         let unsettled = rhythm(ms(2000), false);
         let sentinel = Round::Sentinel("v0".into());
-        // (case, rhythm, now, labelled active, pods signature, round)
+        // (case, rhythm, now, generation, dirty, round)
         let cases = [
-            ("first round", None, ms(0), Some("v0"), 7, Round::Full),
+            ("first round", None, ms(0), Some(3), false, Round::Full),
             (
                 "settled, full not due",
                 Some(&settled),
                 ms(500),
-                Some("v0"),
-                7,
-                sentinel.clone(),
+                Some(3),
+                false,
+                sentinel,
             ),
             (
                 "full round due",
                 Some(&settled),
                 ms(2000),
-                Some("v0"),
-                7,
+                Some(3),
+                false,
                 Round::Full,
             ),
             (
-                "no active pod",
+                "pods or Services changed",
                 Some(&settled),
                 ms(500),
-                None,
-                7,
+                Some(3),
+                true,
                 Round::Full,
             ),
             (
-                "pods changed in the cache",
+                "spec changed",
                 Some(&settled),
                 ms(500),
-                Some("v0"),
-                8,
+                Some(4),
+                false,
                 Round::Full,
             ),
             (
                 "not settled",
                 Some(&unsettled),
                 ms(500),
-                Some("v0"),
-                7,
+                Some(3),
+                false,
                 Round::Full,
             ),
         ];
-        for (case, rhythm, now, active, pods, want) in cases {
-            assert_eq!(round(rhythm, now, active, pods), want, "{case}");
+        for (case, rhythm, now, generation, dirty, want) in cases {
+            assert_eq!(round(rhythm, now, generation, dirty), want, "{case}");
         }
     }
 
@@ -187,10 +187,10 @@ mod tests {
     fn a_change_brings_a_burst_until_settled_or_too_long() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
-        let found = |settled, roles| Found {
-            settled,
+        let found = |settled: bool, roles| Found {
+            active: settled.then(|| "v0".to_string()),
             roles,
-            pods: 1,
+            generation: Some(1),
         };
         let (r, wait) = after_full(None, t0, found(true, 1), INTERVAL, ACTIVE);
         assert_eq!((r.changed_at, wait), (None, ACTIVE), "settled: sentinels");
@@ -217,7 +217,7 @@ mod tests {
         );
         let (r, wait) = after_full(Some(&r2), t0 + s(13), found(true, 3), INTERVAL, ACTIVE);
         assert_eq!(
-            (r.settled, wait, r.full_due),
+            (r.active.is_some(), wait, r.full_due),
             (true, ACTIVE, t0 + s(15)),
             "settled again"
         );

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -55,6 +55,9 @@ pub struct Context {
     trackers: Mutex<HashMap<String, Tracker>>,
     /// When each cluster (by UID) is probed next, and how much of it.
     rhythms: Mutex<HashMap<String, Rhythm>>,
+    /// Clusters (by UID) whose pods or Services a watch reported changed since their last
+    /// round: their next round is a full one.
+    dirty: Mutex<std::collections::HashSet<String>>,
     /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
@@ -80,6 +83,7 @@ impl Context {
             caches: Arc::new(Caches::default()),
             trackers: Mutex::new(HashMap::new()),
             rhythms: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(std::collections::HashSet::new()),
             failures: Mutex::new(HashMap::new()),
             leading,
         })
@@ -91,6 +95,10 @@ impl Context {
         } else {
             Err(Error::NotLeader(what.into()))
         }
+    }
+
+    fn mark_dirty(&self, uid: &str) {
+        self.dirty.lock().unwrap().insert(uid.to_string());
     }
 
     /// Forgets the caches of a previous term, so `clusters_synced` waits for fresh lists.
@@ -127,6 +135,7 @@ pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
         services::MANAGED_BY.1
     ));
     let caches = ctx.caches.clone();
+    let marks = ctx.clone();
     let (reader, writer) = reflector::store();
     let clusters = reflector::reflector(writer, watcher(api(client, &scope), config.clone()));
     let clusters = cache::feed(
@@ -165,10 +174,18 @@ pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
         cache::slices,
         cache::trimmed,
     );
+    let owned = owned.touched_objects().inspect_ok({
+        let ctx = ctx.clone();
+        move |svc: &Service| {
+            for owner in svc.owner_references() {
+                ctx.mark_dirty(&owner.uid);
+            }
+        }
+    });
     Controller::for_stream(clusters.applied_objects(), reader)
-        .owns_stream(owned.touched_objects())
+        .owns_stream(owned)
         .watches_stream(pods.touched_objects(), move |pod: Pod| {
-            concerned(&caches, &pod)
+            concerned(&caches, &marks, &pod)
         })
         .watches_stream(slices.touched_objects(), |_: EndpointSlice| None)
         .shutdown_on_signal()
@@ -184,11 +201,15 @@ pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
         .await;
 }
 
-/// The VaultClusters a pod change concerns: those selecting it and the one that labelled it.
-fn concerned(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
+/// The VaultClusters a pod change concerns: those selecting it and the one that labelled
+/// it. Their next round is a full one.
+fn concerned(caches: &Caches, ctx: &Context, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
     let index = caches.clusters.read().unwrap();
-    index
-        .concerned(&SlimPod::from(pod))
+    let clusters = index.concerned(&SlimPod::from(pod));
+    for vc in &clusters {
+        ctx.mark_dirty(&vc.uid().unwrap_or_default());
+    }
+    clusters
         .iter()
         .map(|vc| ObjectRef::from_obj(vc.as_ref()))
         .collect()
@@ -278,18 +299,22 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         return report::invalid(vc, ctx, problem).await;
     }
     let uid = vc.uid().unwrap_or_default();
-    let selection = observe::select(vc, ctx);
-    let pods = observe::signature(&selection.candidates);
+    let ns = vc.namespace().unwrap_or_default();
     let previous = ctx.rhythms.lock().unwrap().get(&uid).cloned();
-    let active = observe::settled_active(vc, ctx, &names, &selection.candidates);
-    let active_name = active.as_ref().map(|p| p.name.as_str());
-    let round = rhythm::round(previous.as_ref(), started, active_name, pods);
-    if let (Round::Sentinel(_), Some(pod), Some(r)) = (&round, &active, &previous)
-        && observe::sentinel(vc, ctx, &settings, pod).await
-    {
-        let wait = rhythm::after_sentinel(r, Instant::now(), settings.active_interval);
-        return Ok(Action::requeue(wait));
+    let dirty = ctx.dirty.lock().unwrap().remove(&uid);
+    if let (Some(r), Round::Sentinel(pod)) = (
+        &previous,
+        rhythm::round(previous.as_ref(), started, vc.metadata.generation, dirty),
+    ) {
+        let pod = ctx.caches.pods.read().unwrap().get(&ns, &pod);
+        if let Some(pod) = pod
+            && observe::sentinel(vc, ctx, &settings, &pod).await
+        {
+            let wait = rhythm::after_sentinel(r, Instant::now(), settings.active_interval);
+            return Ok(Action::requeue(wait));
+        }
     }
+    let selection = observe::select(vc, ctx);
     let mut members = observe::probe_all(vc, ctx, &settings, &selection.candidates).await;
     let held = fail_static::hold(&mut members);
     let decision = decide(&names, &vc.name_any(), &members);
@@ -311,9 +336,9 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
     let found = rhythm::Found {
-        settled: status.active == 1 && status.active_pod.is_some(),
+        active: status.active_pod.clone().filter(|_| status.active == 1),
         roles: roles_signature(&status),
-        pods,
+        generation: vc.metadata.generation,
     };
     let (next, mut wait) = rhythm::after_full(
         previous.as_ref(),
@@ -326,7 +351,9 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if previous.is_none() {
         wait += spread(&uid, interval(vc));
     }
-    report::gauges(vc, ctx, &status);
+    if previous.is_none() || vc.status.as_ref() != Some(&status) {
+        report::gauges(vc, ctx, &status);
+    }
     // A failed write still gets its status published, so Ready never stays True over it.
     let published = report::publish(vc, ctx, status).await;
     match failed {

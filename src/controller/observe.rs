@@ -85,45 +85,6 @@ fn sort(
     selection
 }
 
-/// What a round reads of its pods, as a signature: when it changes, a full round is due.
-pub fn signature(pods: &[Arc<SlimPod>]) -> u64 {
-    let ips: Vec<String> = pods.iter().map(|p| format!("{:?}", p.ip)).collect();
-    let fields = pods.iter().zip(&ips).flat_map(|(p, ip)| {
-        let ready = if p.ready { "ready" } else { "-" };
-        let going = if p.terminating { "going" } else { "-" };
-        let state = [
-            p.name.as_str(),
-            p.uid.as_str(),
-            p.phase.as_str(),
-            ready,
-            going,
-            ip,
-        ];
-        let labels = p.labels.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]);
-        state.into_iter().chain(labels)
-    });
-    crate::rhythm::signature(fields)
-}
-
-/// The pod labelled active whose last probe answered active, if there is exactly one.
-pub fn settled_active(
-    vc: &VaultCluster,
-    ctx: &Context,
-    names: &crate::labels::LabelNames,
-    pods: &[Arc<SlimPod>],
-) -> Option<Arc<SlimPod>> {
-    let trackers = ctx.trackers.lock().unwrap();
-    let tracker = trackers.get(&vc.uid().unwrap_or_default())?;
-    let mut labelled = pods
-        .iter()
-        .filter(|p| p.labels.get(&names.active).map(String::as_str) == Some("true"));
-    let pod = labelled.next()?;
-    let answered_active = tracker
-        .healthy(&pod.uid)
-        .is_some_and(|h| h.role == crate::health::Role::Active);
-    (labelled.next().is_none() && answered_active).then(|| pod.clone())
-}
-
 /// Probes the settled active pod alone: true when it answered exactly as before, so the
 /// round has nothing else to do.
 pub async fn sentinel(
