@@ -423,11 +423,23 @@ impl RaftCluster {
         }
     }
 
-    /// Sends the unseal key to node `i` once. Sending it again while a node is still
-    /// joining makes later step-downs silently do nothing, so callers wait, not resend.
+    /// Sends the unseal key to node `i` until it is accepted once. A joiner refuses it as
+    /// "not initialized" until its next retry_join (every 2 s) has fetched the leader's
+    /// challenge. Sending it again once accepted, while the node is still joining, makes
+    /// later step-downs silently do nothing, so an accepted key is never resent.
     pub async fn unseal(&self, i: usize) -> Result<()> {
         let key = self.keys().unseal.clone();
-        self.cli(i, &["operator", "unseal", &key]).await.map(|_| ())
+        let start = Instant::now();
+        loop {
+            match self.cli(i, &["operator", "unseal", &key]).await {
+                Err(RealVaultError::Cli { stderr, .. })
+                    if stderr.contains("not initialized") && start.elapsed() < START_LIMIT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other.map(|_| ()),
+            }
+        }
     }
 
     /// `vault operator step-down` on node `i` (the active node, for it to step down).
