@@ -51,17 +51,18 @@ patch_sdk() {
   replace_in "$sdk_dir/framework/backend.go" \
     'ActivationFunc func(context.Context, *logical.Request, string) error' \
     'ActivationFunc func(context.Context, *logical.Request) error'
-  newer="$(go mod download -json github.com/hashicorp/vault/sdk@v0.24.0 |
+  newer="$(cd "$work" && go mod download -json github.com/hashicorp/vault/sdk@v0.24.0 |
     awk -F'"' '$2 == "Dir" { print $4 }')"
   [[ -f "$newer/helper/keysutil/lock_manager.go" ]] || fail "sdk v0.24.0 was not downloaded"
   cp "$newer/helper/keysutil/lock_manager.go" "$sdk_dir/helper/keysutil/lock_manager.go"
 }
 
-echo "building Vault $VAULT (sdk $SDK, patched) in $work; about 10 minutes cold" >&2
-(cd "$here" && go mod download github.com/hashicorp/vault "github.com/hashicorp/vault/sdk@$SDK")
-sdk_src="$(cd "$here" && go mod download -json "github.com/hashicorp/vault/sdk@$SDK" |
-  awk -F'"' '$2 == "Dir" { print $4 }')"
+echo "building Vault $VAULT (sdk $SDK, patched) in $work; about 8 minutes cold on 2 cores" >&2
+# Everything runs in the scratch copy, so the go commands never touch the repository's files.
 cp "$here/go.mod" "$here/go.sum" "$here/tools.go" "$work/"
+sdk_src="$(cd "$work" && go mod download -json "github.com/hashicorp/vault/sdk@$SDK" |
+  awk -F'"' '$2 == "Dir" { print $4 }')"
+[[ -d "$sdk_src" ]] || fail "sdk $SDK was not downloaded"
 cp -r "$sdk_src" "$work/sdk"
 chmod -R u+w "$work/sdk"
 patch_sdk "$work/sdk"
