@@ -179,6 +179,20 @@ impl ActiveWatch {
     }
 }
 
+/// Prints what each node answered while `health` ran, for the test log.
+fn report(vault: &RaftCluster, health: &HealthLog, when: &str) {
+    for i in 0..vault.len() {
+        let node = health.node(i);
+        eprintln!(
+            "{} {when}: codes {:?}, no answer {}, slowest answer {:?}",
+            vault.pod_name(i),
+            node.codes,
+            node.failures,
+            node.slowest_answer
+        );
+    }
+}
+
 fn others(n: usize, except: &[usize]) -> Vec<usize> {
     (0..n).filter(|i| !except.contains(i)).collect()
 }
@@ -212,6 +226,8 @@ async fn real_vault_init_step_down_and_seal_move_the_active_label() -> anyhow::R
     );
 
     // Step-down: the old active holds its answer ~0.5 s, then answers 429 as a standby.
+    let ips: Vec<_> = rig.vault.nodes.iter().map(|n| n.ip()).collect();
+    let health = HealthLog::start(&ips, Duration::from_millis(10));
     let watch = rig.watch_active_labels();
     rig.vault.step_down(a).await?;
     let b = new_active(&rig.vault, a).await?;
@@ -219,6 +235,8 @@ async fn real_vault_init_step_down_and_seal_move_the_active_label() -> anyhow::R
     watch
         .finish(&[rig.vault.pod_name(a), rig.vault.pod_name(b)])
         .await?;
+    report(&rig.vault, &health, "around the step-down");
+    drop(health);
 
     // Seal of the active: it answers 503 at once and another node takes over.
     let watch = rig.watch_active_labels();
@@ -256,13 +274,7 @@ async fn real_vault_sigkill_of_active_then_restart_sealed_and_unseal() -> anyhow
     let mut allowed = answered_200.clone();
     allowed.push(rig.vault.pod_name(a));
     let seen = watch.finish(&allowed).await?;
-    for i in others(3, &[a]) {
-        eprintln!(
-            "{} answered during the election: {:?}",
-            rig.vault.pod_name(i),
-            health.node(i).codes
-        );
-    }
+    report(&rig.vault, &health, "during the election");
     eprintln!("pods labelled active, in order: {seen:?}");
     drop(health);
 

@@ -601,6 +601,9 @@ pub struct NodeLog {
     pub became_active: Option<Instant>,
     /// The last body seen for each status code.
     pub bodies: BTreeMap<u16, Value>,
+    /// The longest a poll waited for an answer: a probe with a shorter timeout would have
+    /// counted that moment as a failure.
+    pub slowest_answer: Duration,
 }
 
 /// Polls every node's `sys/health` from the test side, each node on its own task so that a
@@ -639,10 +642,12 @@ impl Drop for HealthLog {
 async fn poll_node(ip: Ipv4Addr, every: Duration, nodes: Arc<Vec<Mutex<NodeLog>>>, i: usize) {
     let mut was_active = false;
     loop {
+        let asked = Instant::now();
         let answer = health_at(ip, Duration::from_secs(2)).await;
         let now = Instant::now();
         {
             let mut log = nodes[i].lock().expect("health log lock");
+            log.slowest_answer = log.slowest_answer.max(now - asked);
             match answer {
                 Ok(answer) => {
                     *log.codes.entry(answer.code).or_default() += 1;
