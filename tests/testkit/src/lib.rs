@@ -1,5 +1,6 @@
 //! Test kit for vault-registrar: a real local control plane (etcd, kube-apiserver,
-//! kube-controller-manager), simulated pods without a kubelet, and a Vault health simulator.
+//! kube-controller-manager), simulated pods without a kubelet, a Vault health simulator, and
+//! real Vault raft clusters whose nodes are those pods.
 
 pub mod certs;
 pub mod cluster;
@@ -7,6 +8,7 @@ pub mod controlplane;
 pub mod election;
 pub mod netns;
 pub mod pods;
+pub mod real_vault;
 pub mod relay;
 pub mod stage;
 pub mod takeover;

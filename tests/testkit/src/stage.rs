@@ -71,6 +71,34 @@ impl Stage {
         run(self.plane.kubectl().args(args).args(["-n", namespace]))
     }
 
+    /// Another namespace on the stage's plane, watched by an operator of its own (admin
+    /// credentials, `--namespace`), with VaultCluster `vault` probing at `interval`. The pods
+    /// are the caller's to create.
+    pub async fn watched_namespace(
+        &self,
+        namespace: &str,
+        interval: &str,
+    ) -> anyhow::Result<Operator> {
+        create_namespace(&self.client, namespace).await?;
+        let log = self.plane.dir().join(format!("operator-{namespace}.log"));
+        let operator = Operator::start(
+            &operator_bin(),
+            &self.plane.kubeconfig,
+            &["--namespace", namespace],
+            &log,
+        )?;
+        let vc = format!(
+            "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {{interval: {interval}, timeout: 1s}}\n"
+        );
+        let file = self
+            .plane
+            .dir()
+            .join(format!("vaultcluster-{namespace}.yaml"));
+        std::fs::write(&file, vc)?;
+        run(self.plane.kubectl().args(["apply", "-f"]).arg(&file))?;
+        Ok(operator)
+    }
+
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let mut cmd = self.plane.kubectl();
         cmd.args([
@@ -104,9 +132,7 @@ fn start_operator_as_chart_account(
         OPERATOR_NAMESPACE,
     ]))?;
     let kubeconfig = plane.token_kubeconfig("vault-registrar", token.trim())?;
-    let bin = std::env::var_os("VAULT_REGISTRAR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/debug/vault-registrar"));
+    let bin = operator_bin();
     let lease_namespace = format!("--lease-namespace={OPERATOR_NAMESPACE}");
     let args = [
         "--leader-elect",
@@ -116,6 +142,13 @@ fn start_operator_as_chart_account(
         namespace,
     ];
     Operator::start(&bin, &kubeconfig, &args, &plane.dir().join("operator.log"))
+}
+
+/// The operator binary: `VAULT_REGISTRAR_BIN` (the Makefile sets it), else the debug build.
+fn operator_bin() -> PathBuf {
+    std::env::var_os("VAULT_REGISTRAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/vault-registrar"))
 }
 
 /// Runs a command off the async runtime, whose Vault simulators must keep answering.

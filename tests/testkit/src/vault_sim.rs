@@ -487,11 +487,14 @@ impl Facts {
                 ha_healthy: Some(false),
                 ..standby
             },
-            // A removed node is cut off from the active node, so its forwarding link is down.
+            // Real Vault seals a node that raft removed; its answer is the sealed one plus
+            // the removed flag, with no forwarding link to report.
             Role::Removed => Facts {
+                initialized: true,
+                sealed: true,
+                standby: true,
                 removed: true,
-                ha_healthy: Some(false),
-                ..standby
+                ..Facts::default()
             },
             Role::DrSecondary => Facts {
                 initialized: true,
@@ -672,12 +675,15 @@ impl HealthBody {
             sealed: f.sealed,
             standby: f.standby,
             performance_standby: Some(f.perf_standby),
-            replication_performance_mode: "disabled",
-            replication_dr_mode: if f.dr_secondary {
-                "secondary"
-            } else {
-                "disabled"
-            },
+            replication_performance_mode: replication_mode(f, "disabled"),
+            replication_dr_mode: replication_mode(
+                f,
+                if f.dr_secondary {
+                    "secondary"
+                } else {
+                    "disabled"
+                },
+            ),
             server_time_utc: now,
             version: state.version.clone(),
             enterprise: Some(false),
@@ -688,10 +694,11 @@ impl HealthBody {
             replication_primary_canary_age_ms: 0,
             removed_from_cluster: Some(f.removed),
             ha_connection_healthy: f.ha_healthy,
-            // A failing link shows as a heartbeat long overdue.
+            // Figures of the kind Vault 1.21 reports: a heartbeat about a second old while
+            // the link is fine; past its 10 s deadline when the link has failed.
             last_request_forwarding_heartbeat_ms: f
                 .ha_healthy
-                .map(|ok| if ok { 250 } else { 30_000 }),
+                .map(|ok| if ok { 1_172 } else { 10_034 }),
         };
         if state.openbao { body.openbao() } else { body }
     }
@@ -708,6 +715,16 @@ impl HealthBody {
             last_request_forwarding_heartbeat_ms: None,
             ..self
         }
+    }
+}
+
+/// A sealed (or never initialized) node has not loaded its replication state, and Vault 1.21
+/// says so with "unknown" whatever the mode will be once unsealed.
+fn replication_mode(f: &Facts, unsealed_mode: &'static str) -> &'static str {
+    if f.unsealed() {
+        unsealed_mode
+    } else {
+        "unknown"
     }
 }
 
@@ -968,27 +985,37 @@ mod tests {
 
     #[tokio::test]
     async fn body_flags_match_role() {
-        // (role, initialized, sealed, standby, performance_standby)
+        // (role, initialized, sealed, standby, performance_standby, replication modes)
         let expected = [
-            (Role::Active, true, false, false, false),
-            (Role::Standby, true, false, true, false),
-            (Role::PerfStandby, true, false, true, true),
-            (Role::Sealed, true, true, true, false),
-            (Role::Uninitialized, false, true, true, false),
+            (Role::Active, true, false, false, false, "disabled"),
+            (Role::Standby, true, false, true, false, "disabled"),
+            (Role::PerfStandby, true, false, true, true, "disabled"),
+            (
+                Role::HaUnhealthyStandby,
+                true,
+                false,
+                true,
+                false,
+                "disabled",
+            ),
+            (Role::Sealed, true, true, true, false, "unknown"),
+            (Role::Uninitialized, false, true, true, false, "unknown"),
+            (Role::Removed, true, true, true, false, "unknown"),
         ];
-        for (role, init, sealed, standby, perf) in expected {
+        for (role, init, sealed, standby, perf, mode) in expected {
             let body = health_of(SimState::new(role), "").await.json();
             assert_eq!(body["initialized"], init, "{role:?}");
             assert_eq!(body["sealed"], sealed, "{role:?}");
             assert_eq!(body["standby"], standby, "{role:?}");
             assert_eq!(body["performance_standby"], perf, "{role:?}");
-            assert_eq!(body["replication_dr_mode"], "disabled");
+            assert_eq!(body["replication_dr_mode"], mode, "{role:?}");
+            assert_eq!(body["replication_performance_mode"], mode, "{role:?}");
         }
     }
 
     #[tokio::test]
     async fn cluster_identity_only_while_unsealed() {
-        for role in [Role::Sealed, Role::Uninitialized] {
+        for role in [Role::Sealed, Role::Uninitialized, Role::Removed] {
             let body = health_of(SimState::new(role), "").await.json();
             assert!(body.get("cluster_name").is_none(), "{role:?}: {body}");
             assert!(body.get("cluster_id").is_none(), "{role:?}: {body}");
@@ -1015,6 +1042,16 @@ mod tests {
             .json();
         assert_eq!(unhealthy["ha_connection_healthy"], false);
         assert_eq!(unhealthy["standby"], true);
+        assert!(unhealthy["last_request_forwarding_heartbeat_ms"].as_u64() > Some(10_000));
+        // Neither a sealed node nor one that raft removed has a forwarding link to report.
+        for role in [Role::Sealed, Role::Removed, Role::Uninitialized] {
+            let body = health_of(SimState::new(role), "").await.json();
+            assert!(body.get("ha_connection_healthy").is_none(), "{role:?}");
+            assert!(
+                body.get("last_request_forwarding_heartbeat_ms").is_none(),
+                "{role:?}"
+            );
+        }
         let dr = health_of(SimState::new(Role::DrSecondary), "").await.json();
         assert_eq!(dr["replication_dr_mode"], "secondary");
     }

@@ -2,15 +2,19 @@
 //! to the active Service's EndpointSlice change, over 20 flips; and the write requests the
 //! API server received during 60 s of steady state, from its own /metrics; the writes over
 //! 10 s once every pod is sealed, and once every pod is unreachable while Kubernetes reports
-//! it Ready (the operator holds the labels); and the leader takeover time after SIGKILL,
-//! blackhole and SIGTERM of the leader, with leases of 15s and 4s. Prints figures; asserts
-//! nothing about time.
+//! it Ready (the operator holds the labels); the leader takeover time after SIGKILL,
+//! blackhole and SIGTERM of the leader, with leases of 15s and 4s; and failover at Vault's
+//! speed: real Vault and the simulator side by side at intervals 2s and 5s, from the moment
+//! the new active node first answers 200 to the moment its pod is labelled active and is the
+//! only endpoint of the active Service. Prints figures; asserts nothing about time.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use vault_registrar_testkit::cluster::endpoint_ips;
+use vault_registrar_testkit::cluster::{SimCluster, endpoint_ips};
 use vault_registrar_testkit::netns::PathCut;
+use vault_registrar_testkit::pods::pod_labels;
+use vault_registrar_testkit::real_vault::{HealthLog, RaftCluster, VAULT_VERSION};
 use vault_registrar_testkit::stage::Stage;
 use vault_registrar_testkit::takeover::{self, Fault};
 use vault_registrar_testkit::vault_sim::Role;
@@ -116,7 +120,161 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "write requests during 10 s with every pod unreachable but Ready (after 5 s to settle): {unreachable} (target 0); active Service kept its endpoint: {held}"
     );
-    takeovers(&stage).await
+    takeovers(&stage).await?;
+    vault_speed(&stage).await
+}
+
+/// Failovers measured per interval and kind of Vault.
+const SPEED_SAMPLES: usize = 5;
+
+/// Real Vault (step-downs) and the simulator (role switches), side by side.
+async fn vault_speed(stage: &Stage) -> anyhow::Result<()> {
+    println!(
+        "\nfailover at Vault's speed: ms from the new active node's first 200 (polled every 10 ms) to its pod labelled active and sole endpoint of the active Service, {SPEED_SAMPLES} failovers each (target <= 300 ms)"
+    );
+    for interval in ["2s", "5s"] {
+        let real = real_vault_speed(stage, interval).await?;
+        let sim = simulator_speed(stage, interval).await?;
+        println!(
+            "  interval {interval}: real Vault {VAULT_VERSION} {} | simulator {}",
+            summary(&real),
+            summary(&sim)
+        );
+    }
+    Ok(())
+}
+
+fn summary(samples: &[Duration]) -> String {
+    let mut ms: Vec<u128> = samples.iter().map(Duration::as_millis).collect();
+    let each = format!("{ms:?}");
+    ms.sort();
+    format!(
+        "p50 {} ms, max {} ms, each {each}",
+        ms[ms.len() / 2],
+        ms.last().copied().unwrap_or_default()
+    )
+}
+
+/// The three pods of one measured cluster.
+struct Pods {
+    ns: String,
+    names: Vec<String>,
+    ips: Vec<String>,
+}
+
+impl Pods {
+    fn new(ns: &str, names: Vec<String>, ips: &[std::net::Ipv4Addr]) -> Self {
+        let ips = ips.iter().map(ToString::to_string).collect();
+        Self {
+            ns: ns.to_owned(),
+            names,
+            ips,
+        }
+    }
+}
+
+async fn real_vault_speed(stage: &Stage, interval: &str) -> anyhow::Result<Vec<Duration>> {
+    let ns = format!("speed-real-{interval}");
+    let _operator = stage.watched_namespace(&ns, interval).await?;
+    let vault = RaftCluster::start(&stage.client, &ns, "vault", 3).await?;
+    let ips: Vec<_> = vault.nodes.iter().map(|n| n.ip()).collect();
+    let pods = Pods::new(
+        &ns,
+        (0..3).map(|i| vault.pod_name(i).to_owned()).collect(),
+        &ips,
+    );
+    let log = HealthLog::start(&ips, Duration::from_millis(10));
+    let mut samples = Vec::new();
+    for k in 0..SPEED_SAMPLES {
+        let from = vault.wait_active(Duration::from_secs(60)).await?;
+        settle(stage, &pods, from, k).await?;
+        let asked = Instant::now();
+        vault.step_down(from).await?;
+        samples.push(time_to_route(stage, &pods, &log, from, asked).await?);
+    }
+    Ok(samples)
+}
+
+async fn simulator_speed(stage: &Stage, interval: &str) -> anyhow::Result<Vec<Duration>> {
+    let ns = format!("speed-sim-{interval}");
+    let _operator = stage.watched_namespace(&ns, interval).await?;
+    let roles = [Role::Active, Role::Standby, Role::Standby];
+    let vault = SimCluster::start(&stage.client, &ns, "vault", &roles, None).await?;
+    let ips: Vec<_> = vault.members.iter().map(|m| m.pod.ip).collect();
+    let pods = Pods::new(
+        &ns,
+        (0..3).map(|i| vault.pod_name(i).to_owned()).collect(),
+        &ips,
+    );
+    let log = HealthLog::start(&ips, Duration::from_millis(10));
+    let mut samples = Vec::new();
+    for k in 0..SPEED_SAMPLES {
+        let (from, to) = (k % 3, (k + 1) % 3);
+        settle(stage, &pods, from, k).await?;
+        let asked = Instant::now();
+        vault.sim(from).update(|s| s.role = Role::Standby).await;
+        vault.sim(to).update(|s| s.role = Role::Active).await;
+        samples.push(time_to_route(stage, &pods, &log, from, asked).await?);
+    }
+    Ok(samples)
+}
+
+/// Waits until pod `i` is routed as the active one, then a while longer, varied per sample
+/// so that failovers fall at different points of the probe cycle.
+async fn settle(stage: &Stage, pods: &Pods, i: usize, k: usize) -> anyhow::Result<()> {
+    routed_to(stage, pods, i).await?;
+    tokio::time::sleep(Duration::from_millis(1_500 + (k as u64 * 1_130) % 3_000)).await;
+    Ok(())
+}
+
+/// From the first 200 of a node other than `from` after `asked`, to its pod being labelled
+/// active and the only endpoint of the active Service.
+async fn time_to_route(
+    stage: &Stage,
+    pods: &Pods,
+    log: &HealthLog,
+    from: usize,
+    asked: Instant,
+) -> anyhow::Result<Duration> {
+    let (to, answered) = loop {
+        let fresh = (0..pods.names.len()).filter(|i| *i != from).find_map(|i| {
+            let at = log.node(i).became_active?;
+            (at > asked).then_some((i, at))
+        });
+        if let Some(found) = fresh {
+            break found;
+        }
+        anyhow::ensure!(
+            asked.elapsed() < Duration::from_secs(60),
+            "no new active node in {}",
+            pods.ns
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    routed_to(stage, pods, to).await?;
+    Ok(answered.elapsed())
+}
+
+/// Polls every 10 ms until pod `i` carries vault-active=true and is the active Service's
+/// only endpoint.
+async fn routed_to(stage: &Stage, pods: &Pods, i: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let want = vec![pods.ips[i].clone()];
+    loop {
+        let labels = pod_labels(&stage.client, &pods.ns, &pods.names[i]).await?;
+        if labels.get("vault-active").map(String::as_str) == Some("true")
+            && endpoint_ips(&stage.client, &pods.ns, "vault-active").await? == want
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} never routed as active in {}",
+            pods.names[i],
+            pods.ns
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits 5 s for the operator to settle, then counts our write requests over 10 s.
