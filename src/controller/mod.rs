@@ -137,7 +137,11 @@ pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
     let caches = ctx.caches.clone();
     let marks = ctx.clone();
     let (reader, writer) = reflector::store();
-    let clusters = reflector::reflector(writer, watcher(api(client, &scope), config.clone()));
+    // Managed fields are most of a VaultCluster in memory (a JSON tree per writer) and
+    // never read: a thousand of them cost a hundred megabytes.
+    let clusters = watcher(api::<VaultCluster>(client, &scope), config.clone())
+        .modify(|vc| vc.managed_fields_mut().clear());
+    let clusters = reflector::reflector(writer, clusters);
     let clusters = cache::feed(
         clusters,
         caches.clone(),
