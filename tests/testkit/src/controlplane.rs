@@ -6,6 +6,7 @@
 //! the test binary, so no process outlives it, even when a test panics or the binary is
 //! killed; `Drop` stops them too, for owners such as the demo that do drop the plane.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -270,6 +271,40 @@ impl ControlPlane {
         );
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// The API server's own count of requests (`apiserver_request_total`), by verb and
+    /// resource.
+    pub fn requests(&self) -> anyhow::Result<BTreeMap<(String, String), f64>> {
+        let out = self.kubectl().args(["get", "--raw", "/metrics"]).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "reading the API server's metrics failed"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut counts = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_total{"))
+        {
+            let field = |name: &str| {
+                line.split(&format!("{name}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0.0);
+            *counts
+                .entry((field("verb"), field("resource")))
+                .or_insert(0.0) += value;
+        }
+        Ok(counts)
     }
 
     /// Completed write requests in the audit log (it holds reads too).

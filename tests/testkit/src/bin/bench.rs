@@ -321,30 +321,11 @@ async fn takeovers(stage: &Stage) -> anyhow::Result<()> {
 
 /// apiserver_request_total for write verbs, summed by resource.
 fn writes(stage: &Stage) -> anyhow::Result<BTreeMap<String, f64>> {
-    let text = vault_registrar_testkit::stage::run(
-        stage.plane.kubectl().args(["get", "--raw", "/metrics"]),
-    )?;
     let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let field = |name: &str| {
-            line.split(&format!("{name}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("")
-        };
-        if !["POST", "PUT", "PATCH", "DELETE", "APPLY"].contains(&field("verb")) {
-            continue;
+    for ((verb, resource), n) in stage.plane.requests()? {
+        if ["POST", "PUT", "PATCH", "DELETE", "APPLY"].contains(&verb.as_str()) {
+            *out.entry(resource).or_insert(0.0) += n;
         }
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .unwrap_or("0")
-            .parse()
-            .unwrap_or(0.0);
-        *out.entry(field("resource").to_string()).or_insert(0.0) += value;
     }
     Ok(out)
 }

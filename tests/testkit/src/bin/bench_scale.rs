@@ -75,10 +75,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let probes = || sims.iter().map(|s| s.health_requests()).sum::<u64>();
     let ours = || plane.reads_by(OPERATOR).len();
-    let (reads0, cpu0, probes0, ours0) = (requests(&plane)?, cpu_ticks(pid)?, probes(), ours());
+    let (reads0, cpu0, probes0, ours0) = (plane.requests()?, cpu_ticks(pid)?, probes(), ours());
     let window = Duration::from_secs(30);
     tokio::time::sleep(window).await;
-    let (reads1, cpu1, probes1, ours1) = (requests(&plane)?, cpu_ticks(pid)?, probes(), ours());
+    let (reads1, cpu1, probes1, ours1) = (plane.requests()?, cpu_ticks(pid)?, probes(), ours());
     let secs = window.as_secs_f64();
     let reads = delta(&reads0, &reads1, &["GET", "LIST"]);
     let writes = delta(
@@ -272,32 +272,6 @@ async fn converge(client: &kube::Client, n: usize) -> anyhow::Result<Duration> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// apiserver_request_total by (verb, resource).
-fn requests(plane: &ControlPlane) -> anyhow::Result<BTreeMap<(String, String), f64>> {
-    let text = run(plane.kubectl().args(["get", "--raw", "/metrics"]))?;
-    let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let field = |name: &str| {
-            line.split(&format!("{name}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("")
-                .to_string()
-        };
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .unwrap_or("0")
-            .parse()
-            .unwrap_or(0.0);
-        *out.entry((field("verb"), field("resource"))).or_insert(0.0) += value;
-    }
-    Ok(out)
 }
 
 /// Requests of these verbs between two readings; each resource with any is printed.
