@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real control-plane binaries (etcd, kube-apiserver, kube-controller-manager,
-# kubectl) and helm from the Go modules pinned beside this script, into a cache directory
+# kubectl), the node's (kubelet, kube-scheduler, kube-proxy) and helm from the Go modules pinned beside this script, into a cache directory
 # outside the repository keyed by their versions. Prints that directory on stdout.
 # Binaries already present are not rebuilt, so a fresh clone reuses them.
 set -euo pipefail
@@ -37,6 +37,9 @@ build etcd "$here" go.etcd.io/etcd/server/v3 ""
 build kube-apiserver "$here" k8s.io/kubernetes/cmd/kube-apiserver "$stamp"
 build kube-controller-manager "$here" k8s.io/kubernetes/cmd/kube-controller-manager "$stamp"
 build kubectl "$here" k8s.io/kubernetes/cmd/kubectl "$stamp"
+build kube-scheduler "$here" k8s.io/kubernetes/cmd/kube-scheduler "$stamp"
+build kubelet "$here" k8s.io/kubernetes/cmd/kubelet "$stamp"
+build kube-proxy "$here" k8s.io/kubernetes/cmd/kube-proxy "$stamp"
 build helm "$here/helm" helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/internal/version.version=$HELM -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 

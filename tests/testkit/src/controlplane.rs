@@ -34,6 +34,8 @@ pub struct Binaries {
     pub kube_controller_manager: PathBuf,
     pub kubectl: PathBuf,
     pub helm: PathBuf,
+    /// The build cache directory, which also holds the node's binaries.
+    pub dir: PathBuf,
 }
 
 impl Binaries {
@@ -54,6 +56,7 @@ impl Binaries {
             kube_controller_manager: dir.join("kube-controller-manager"),
             kubectl: dir.join("kubectl"),
             helm: dir.join("helm"),
+            dir: dir.clone(),
         };
         for path in [
             &bins.etcd,
@@ -109,15 +112,44 @@ pub struct ControlPlane {
     apiserver_args: Vec<std::ffi::OsString>,
 }
 
+/// Where the API server listens and what runs beside it: on loopback with no node (the
+/// default), or on a node's bridge address, reachable from pods.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    /// The API server's address on the node's bridge; loopback when absent.
+    pub bridge_ip: Option<std::net::Ipv4Addr>,
+}
+
+impl Layout {
+    fn address(&self) -> String {
+        self.bridge_ip
+            .map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string())
+    }
+}
+
+/// The `kubernetes` Service's address in the service range the API server is given.
+pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
+/// The service range.
+pub const SERVICE_RANGE: &str = "10.0.0.0/16";
+
+/// Controllers a plane with a node needs beside the default ones: Deployments, the
+/// PodDisruptionBudget's status, the CA bundle pods read, pod garbage collection, and the node's not-ready taint lifted.
+const NODE_CONTROLLERS: &str = ",deployment-controller,replicaset-controller,disruption-controller,root-ca-certificate-publisher-controller,pod-garbage-collector-controller,node-lifecycle-controller";
+
 impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API
     /// server is ready and the controller manager has created the `default` ServiceAccount.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&Layout::default())
+    }
+
+    /// As `start`, laid out as `layout` says.
+    pub fn start_with(layout: &Layout) -> anyhow::Result<Self> {
         let bins = Binaries::locate()?;
         let dir = tempfile::Builder::new()
             .prefix("vault-registrar-cp-")
             .tempdir()?;
-        let files = PkiFiles::write(dir.path())?;
+        let files = PkiFiles::write(dir.path(), layout)?;
         let mut plane = Self {
             kubeconfig: dir.path().join("kubeconfig"),
             server: String::new(),
@@ -128,8 +160,8 @@ impl ControlPlane {
             apiserver_args: Vec::new(),
         };
         plane.start_etcd()?;
-        plane.start_apiserver(&files)?;
-        plane.start_controller_manager(&files)?;
+        plane.start_apiserver(&files, layout)?;
+        plane.start_controller_manager(&files, layout)?;
         plane.wait_for_default_service_account()?;
         Ok(plane)
     }
@@ -159,9 +191,10 @@ impl ControlPlane {
         })
     }
 
-    fn start_apiserver(&mut self, f: &PkiFiles) -> anyhow::Result<()> {
+    fn start_apiserver(&mut self, f: &PkiFiles, layout: &Layout) -> anyhow::Result<()> {
         let port = free_port()?;
-        self.server = format!("https://127.0.0.1:{port}");
+        let address = layout.address();
+        self.server = format!("https://{address}:{port}");
         let mut cmd = Command::new(&self.bins.kube_apiserver);
         cmd.arg(format!("--etcd-servers={}", self.etcd_url))
             .arg(format!(
@@ -175,11 +208,10 @@ impl ControlPlane {
             ))
             .arg(format!("--client-ca-file={}", f.client_ca.display()))
             .arg(format!("--secure-port={port}"))
-            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--bind-address={address}"))
             .arg("--authorization-mode=RBAC")
-            .arg("--service-cluster-ip-range=10.0.0.0/16")
+            .arg(format!("--service-cluster-ip-range={SERVICE_RANGE}"))
             .arg("--allow-privileged=true")
-            .arg("--endpoint-reconciler-type=none")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-account-key-file={}", f.sa_pub.display()))
             .arg(format!(
@@ -190,6 +222,19 @@ impl ControlPlane {
             .arg(format!("--audit-log-path={}", self.audit_log().display()))
             .arg("--profiling=false")
             .arg("--v=1");
+        if layout.bridge_ip.is_some() {
+            // The `kubernetes` Service then points at this address, so pods' in-cluster
+            // configuration reaches it through kube-proxy; logs and exec reach the kubelet.
+            cmd.arg(format!("--advertise-address={address}"))
+                .arg("--endpoint-reconciler-type=lease")
+                .arg(format!(
+                    "--kubelet-client-certificate={}",
+                    f.admin_cert.display()
+                ))
+                .arg(format!("--kubelet-client-key={}", f.admin_key.display()));
+        } else {
+            cmd.arg("--endpoint-reconciler-type=none");
+        }
         self.apiserver_args = cmd.get_args().map(|a| a.to_owned()).collect();
         self.spawn("kube-apiserver", cmd)?;
         write_kubeconfig(&self.kubeconfig, &self.server, f)?;
@@ -198,14 +243,21 @@ impl ControlPlane {
         })
     }
 
-    fn start_controller_manager(&mut self, f: &PkiFiles) -> anyhow::Result<()> {
+    fn start_controller_manager(&mut self, f: &PkiFiles, layout: &Layout) -> anyhow::Result<()> {
         let port = free_port()?;
+        let mut controllers = "endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller".to_string();
+        if layout.bridge_ip.is_some() {
+            controllers.push_str(NODE_CONTROLLERS);
+        }
         let mut cmd = Command::new(&self.bins.kube_controller_manager);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg("--leader-elect=false")
-            .arg("--controllers=endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller")
+            .arg(format!("--controllers={controllers}"))
             .arg(format!("--root-ca-file={}", f.serving_ca.display()))
-            .arg(format!("--service-account-private-key-file={}", f.sa_key.display()))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                f.sa_key.display()
+            ))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={port}"))
             .arg("--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics")
@@ -522,12 +574,17 @@ struct PkiFiles {
 }
 
 impl PkiFiles {
-    fn write(dir: &Path) -> anyhow::Result<Self> {
+    fn write(dir: &Path, layout: &Layout) -> anyhow::Result<Self> {
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki)?;
         let serving_ca = Authority::new("vault-registrar-test-serving-ca")?;
         let client_ca = Authority::new("vault-registrar-test-client-ca")?;
-        let serving = serving_ca.serving(&["localhost", "127.0.0.1", "kubernetes.default.svc"])?;
+        let address = layout.address();
+        let mut names = vec!["localhost", "127.0.0.1", "kubernetes.default.svc"];
+        if layout.bridge_ip.is_some() {
+            names.extend([address.as_str(), KUBERNETES_SERVICE_IP]);
+        }
+        let serving = serving_ca.serving(&names)?;
         let admin = client_ca.client("admin", &["system:masters"])?;
         let (sa_private, sa_public) = signing_key()?;
         let put = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
@@ -612,12 +669,12 @@ pub fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
 static EXIT_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 static EXIT_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-fn register_for_exit(pid: u32) {
+pub(crate) fn register_for_exit(pid: u32) {
     EXIT_PIDS.lock().unwrap().push(pid);
     install_exit_hook();
 }
 
-fn register_dir_for_exit(dir: PathBuf) {
+pub(crate) fn register_dir_for_exit(dir: PathBuf) {
     EXIT_DIRS.lock().unwrap().push(dir);
     install_exit_hook();
 }

@@ -1,0 +1,432 @@
+//! What a node changes on the machine outside its own directory, and putting it back.
+//!
+//! The kubelet, containerd, the CNI plugins and kube-proxy write to fixed places whatever
+//! their settings say, set kernel parameters and create cgroups. `Machine` records how the
+//! machine looked before a node started and restores it; `MachineLock` keeps a second node
+//! off the machine while one runs, since the bridge and the cgroups are machine-wide.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Kernel parameters the kubelet sets at start (`vm.overcommit_memory=1`, `kernel.panic=10`,
+/// `kernel.panic_on_oops=1`, ...) and kube-proxy's conntrack tuning: all put back.
+pub const TOUCHED_SYSCTLS: [&str; 9] = [
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "kernel.keys.root_maxkeys",
+    "kernel.keys.root_maxbytes",
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+    "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+];
+
+/// Places outside the node's directory that its components create regardless of their
+/// settings: the kubelet's device-plugin directory and container log links, containerd's
+/// shim sockets, the CNI result cache and lock, buildah's storage defaults. (Pods' network
+/// namespaces, in /run/netns, are handled one by one: other tests keep one there.)
+pub const FIXED_PATHS: [&str; 7] = [
+    "/var/lib/kubelet",
+    "/var/log/containers",
+    "/var/log/pods",
+    "/run/containerd",
+    "/var/lib/cni",
+    "/var/lib/containers",
+    "/run/containers",
+];
+
+/// The cgroup the kubelet creates for pods, in each v1 hierarchy.
+pub const KUBEPODS: &str = "kubepods";
+
+/// A machine-wide exclusive lock: one node per machine. Released when dropped (or when the
+/// process dies, as flock locks are).
+pub struct MachineLock {
+    _file: std::fs::File,
+}
+
+impl MachineLock {
+    pub fn acquire() -> anyhow::Result<Self> {
+        let path = "/run/lock/vault-registrar-node.lock";
+        std::fs::create_dir_all("/run/lock")?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        // SAFETY: flock on a descriptor we own; blocks until the other node is gone.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the node lock");
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// How the machine looked: compared after teardown and used to restore it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub sysctls: BTreeMap<String, String>,
+    pub links: BTreeSet<String>,
+    pub mounts: BTreeSet<String>,
+    pub cgroups: BTreeSet<String>,
+    pub paths: BTreeSet<String>,
+    pub nft_tables: BTreeSet<String>,
+}
+
+impl Machine {
+    pub fn observe() -> anyhow::Result<Self> {
+        Ok(Self {
+            sysctls: sysctls()?,
+            links: links()?,
+            mounts: mounts()?,
+            cgroups: kubepods_cgroups(),
+            paths: FIXED_PATHS
+                .iter()
+                .filter(|p| Path::new(p).exists())
+                .map(|p| p.to_string())
+                .collect(),
+            nft_tables: nft_tables(),
+        })
+    }
+
+    /// Writes back every kernel parameter of `TOUCHED_SYSCTLS` that differs now.
+    pub fn restore_sysctls(&self) {
+        let now = sysctls().unwrap_or_default();
+        for key in TOUCHED_SYSCTLS {
+            if let Some(before) = self.sysctls.get(key)
+                && now.get(key) != Some(before)
+            {
+                let _ = std::fs::write(sysctl_path(key), before);
+            }
+        }
+    }
+
+    /// What differs from `before`, one line each; empty when the machine is as it was.
+    /// Kernel parameters that appeared (a module loaded) are not counted, nor parameters of
+    /// links that came and went.
+    pub fn differences(&self, before: &Machine) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, value) in &before.sysctls {
+            match self.sysctls.get(key) {
+                Some(now) if now != value => {
+                    out.push(format!("sysctl {key}: {value} before, {now} now"))
+                }
+                _ => {}
+            }
+        }
+        let sets = [
+            ("link", &before.links, &self.links),
+            ("mount", &before.mounts, &self.mounts),
+            ("cgroup", &before.cgroups, &self.cgroups),
+            ("path", &before.paths, &self.paths),
+            ("nft table", &before.nft_tables, &self.nft_tables),
+        ];
+        for (what, was, now) in sets {
+            for gone in was.difference(now) {
+                out.push(format!("{what} {gone} gone"));
+            }
+            for new in now.difference(was) {
+                out.push(format!("{what} {new} left behind"));
+            }
+        }
+        out
+    }
+}
+
+fn sysctl_path(key: &str) -> PathBuf {
+    Path::new("/proc/sys").join(key.replace('.', "/"))
+}
+
+/// Every readable kernel parameter except counters and per-link ones (links are compared
+/// as links), as `sysctl -a` shows them.
+fn sysctls() -> anyhow::Result<BTreeMap<String, String>> {
+    let out = Command::new("sysctl")
+        .arg("-a")
+        .output()
+        .context("running sysctl -a (procps)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .filter(|(k, _)| !volatile_sysctl(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// Parameters that change by themselves (counters, random values, per-link settings).
+fn volatile_sysctl(key: &str) -> bool {
+    const PREFIXES: [&str; 7] = [
+        "fs.",
+        "kernel.random.",
+        "net.ipv4.conf.",
+        "net.ipv6.conf.",
+        "net.ipv4.neigh.",
+        "net.ipv6.neigh.",
+        "dev.",
+    ];
+    const KEYS: [&str; 6] = [
+        "kernel.ns_last_pid",
+        "kernel.pty.nr",
+        "net.netfilter.nf_conntrack_count",
+        "kernel.tainted",
+        "net.ipv4.route.gc_timeout",
+        "kernel.sched_domain",
+    ];
+    PREFIXES.iter().any(|p| key.starts_with(p)) || KEYS.contains(&key)
+}
+
+fn links() -> anyhow::Result<BTreeSet<String>> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .context("running ip link")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .collect())
+}
+
+/// Mount points, from this process's mount table.
+pub fn mounts() -> anyhow::Result<BTreeSet<String>> {
+    Ok(mount_points()?.into_iter().collect())
+}
+
+fn mount_points() -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount)
+        .collect())
+}
+
+fn unescape_mount(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Unmounts everything mounted at or below `dir`, innermost first (lazily, so a busy mount
+/// does not stop the rest). Returns how many were unmounted.
+pub fn unmount_below(dir: &Path) -> usize {
+    let mut points: Vec<String> = mount_points()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.reverse();
+    let mut done = 0;
+    for point in points {
+        let Ok(c) = std::ffi::CString::new(point) else {
+            continue;
+        };
+        // SAFETY: umount2 with a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            done += 1;
+        }
+    }
+    done
+}
+
+/// `kubepods` cgroups present, as `hierarchy/kubepods`.
+fn kubepods_cgroups() -> BTreeSet<String> {
+    hierarchies()
+        .into_iter()
+        .filter(|h| h.join(KUBEPODS).is_dir())
+        .map(|h| h.join(KUBEPODS).display().to_string())
+        .collect()
+}
+
+/// The mounted cgroup hierarchies under /sys/fs/cgroup (v1: one per controller set).
+fn hierarchies() -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    if out.is_empty() || Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        out.push(PathBuf::from("/sys/fs/cgroup"));
+    }
+    out
+}
+
+/// Every process in the `kubepods` cgroups (the containers the kubelet started).
+pub fn kubepods_pids() -> BTreeSet<i32> {
+    let mut pids = BTreeSet::new();
+    for hierarchy in hierarchies() {
+        collect_pids(&hierarchy.join(KUBEPODS), &mut pids);
+    }
+    pids
+}
+
+fn collect_pids(dir: &Path, pids: &mut BTreeSet<i32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    for child in subdirs(dir) {
+        collect_pids(&child, pids);
+    }
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the `kubepods` cgroups, deepest first; they must be empty of processes.
+pub fn remove_kubepods_cgroups() -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for hierarchy in hierarchies() {
+        remove_cgroup_tree(&hierarchy.join(KUBEPODS), &mut failed);
+    }
+    if !failed.is_empty() {
+        bail!("could not remove cgroups: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn remove_cgroup_tree(dir: &Path, failed: &mut Vec<String>) {
+    if !dir.is_dir() {
+        return;
+    }
+    for child in subdirs(dir) {
+        remove_cgroup_tree(&child, failed);
+    }
+    // A cgroup is removed with rmdir, its control files with it; a few retries cover the
+    // moment the kernel takes to let go of exited processes.
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    failed.push(dir.display().to_string());
+}
+
+/// Processes whose command line contains `needle` (e.g. containerd's shims, which name
+/// their containerd's socket), except this one.
+pub fn pids_with_arg(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// SIGKILLs each pid and waits (up to a few seconds) until each is gone.
+pub fn kill_all(pids: impl IntoIterator<Item = i32>) {
+    let pids: Vec<i32> = pids.into_iter().collect();
+    for pid in &pids {
+        // SAFETY: sending a signal; a pid that already exited gets ESRCH.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Alive and not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn nft_tables() -> BTreeSet<String> {
+    Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the paths of `FIXED_PATHS` that were not there `before`, unmounting what is
+/// mounted below them first.
+pub fn remove_new_paths(before: &Machine) {
+    for path in FIXED_PATHS {
+        if before.paths.contains(path) {
+            continue;
+        }
+        let path = Path::new(path);
+        if path.exists() {
+            unmount_below(path);
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// Pods' network namespaces (containerd names them `cni-<uuid>` in /run/netns) that were
+/// not there before: unmounted and removed, which also deletes their ends of the veths.
+pub fn remove_new_netns(before: &BTreeSet<String>) {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry.file_name().to_string_lossy().starts_with("cni-");
+        if !ours || before.contains(&path.display().to_string()) {
+            continue;
+        }
+        unmount_below(&path);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// The entries of /run/netns now.
+pub fn netns_entries() -> BTreeSet<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Deletes an nftables table if it exists, e.g. `ip kube-proxy`.
+pub fn delete_nft_table(family: &str, name: &str) {
+    let _ = Command::new("nft")
+        .args(["delete", "table", family, name])
+        .output();
+}
+
+/// Deletes a link if it exists.
+pub fn delete_link(name: &str) {
+    let _ = Command::new("ip").args(["link", "del", name]).output();
+}
