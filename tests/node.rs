@@ -1,61 +1,416 @@
 //! The chart run for real: a node (kubelet, containerd, CNI, kube-proxy) beside the control
-//! plane runs the operator from its image, as users run it.
+//! plane runs the operator from the image built here, installed as README says, with Vault
+//! simulator pods as real pods beside it.
+//!
+//! One node per machine: the tests take turns (the machine lock), each with a node of its
+//! own that it tears down.
 
 use std::path::Path;
+
+use anyhow::Context;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, EvictParams};
+use vault_registrar_testkit::cluster::{endpoint_ips, wait_endpoints};
+use vault_registrar_testkit::election::http_get_at;
+use vault_registrar_testkit::image::{self, operator_image};
+use vault_registrar_testkit::machine::{Machine, MachineLock};
 use vault_registrar_testkit::node::NodePlane;
+use vault_registrar_testkit::release::{self, NAMESPACE, Replica, VAULT_PORT};
 use vault_registrar_testkit::stage::run;
+use vault_registrar_testkit::wait;
+
+const LIMIT: Duration = Duration::from_secs(60);
+/// The chart's default leaseDuration and retryPeriod.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const RETRY_PERIOD: Duration = Duration::from_secs(2);
 
 fn bin() -> &'static Path {
     env!("CARGO_BIN_EXE_vault-registrar").as_ref()
 }
 
-#[test]
-fn node_runs_a_pod_and_teardown_leaves_the_machine_as_it_was() -> anyhow::Result<()> {
+/// Tests of this binary take turns on the node (the machine lock does so across processes;
+/// this also keeps a test's before/after record of the machine free of another's node).
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn start_node() -> anyhow::Result<NodePlane> {
     let started = Instant::now();
     let node = NodePlane::start(bin())?;
     println!(
-        "node Ready {:?} after the kubelet started ({:?} in all)",
+        "node Ready {:?} after the kubelet started; {:?} in all (images built once per process in {:?})",
         node.ready_after,
-        started.elapsed()
+        started.elapsed(),
+        node.images.took
     );
-    run(node.plane.kubectl().args([
-        "run",
-        "sim",
-        "--image",
-        vault_registrar_testkit::image::SIM_IMAGE,
-        "--image-pull-policy=Never",
-        "--",
-        "--role",
-        "active",
-    ]))?;
-    let t = Instant::now();
-    let out = run(node.plane.kubectl().args([
-        "wait",
-        "--for=condition=Ready",
-        "pod/sim",
-        "--timeout=60s",
-    ]));
-    if out.is_err() {
-        println!(
-            "{}",
-            run(node.plane.kubectl().args(["describe", "pod", "sim"])).unwrap_or_default()
-        );
-        println!(
-            "kubelet:\n{}\ncontainerd:\n{}",
-            node.log_tail("kubelet"),
-            node.log_tail("containerd")
-        );
+    Ok(node)
+}
+
+#[test]
+fn the_image_has_the_dockerfile_layout_user_entrypoint_and_no_shell() -> anyhow::Result<()> {
+    let _turn = turn();
+    let images = {
+        let _lock = MachineLock::acquire()?;
+        image::built(bin())?
+    };
+    let dockerfile = std::fs::read_to_string(image::dockerfile())?;
+    let base = image::runtime_base(&dockerfile).expect("the Dockerfile has a FROM line");
+    image::check_debian_release(&base)?;
+    let stage = image::runtime_stage(&dockerfile).unwrap();
+    let directive = |name: &str| {
+        stage
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("the Dockerfile's runtime stage has no {name}"))
+            .to_string()
+    };
+    let config = &images.operator.config;
+    println!("{}: {config}", images.operator.name);
+    assert_eq!(config["User"], directive("USER"), "user");
+    assert_eq!(config["User"], "65532:65532");
+    let entrypoint: serde_json::Value = serde_json::from_str(&directive("ENTRYPOINT"))?;
+    assert_eq!(config["Entrypoint"], entrypoint, "entrypoint");
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/vault-registrar"])
+    );
+    let cmd: serde_json::Value = serde_json::from_str(&directive("CMD"))?;
+    assert_eq!(config["Cmd"], cmd, "cmd");
+    let port = format!("{}/tcp", directive("EXPOSE"));
+    assert!(
+        config["ExposedPorts"].get(&port).is_some(),
+        "port {port} not exposed"
+    );
+    let files = &images.operator.files;
+    assert!(files.contains("/vault-registrar"), "no binary in {files:?}");
+    for shell in ["/bin/sh", "/bin/bash", "/usr/bin/sh", "/bin/busybox"] {
+        assert!(!files.contains(shell), "the image holds a shell: {shell}");
     }
-    out?;
-    println!("pod Ready after {:?}", t.elapsed());
-    let diffs = node.stop();
+    assert!(
+        files.contains("/etc/passwd") && files.contains("/home/nonroot"),
+        "no nonroot user in {files:?}"
+    );
+    println!(
+        "{} files: {:?}",
+        files.len(),
+        files.iter().take(40).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_panicking_test_leaves_the_machine_as_it_found_it() -> anyhow::Result<()> {
+    let _turn = turn();
+    let before = {
+        let _lock = MachineLock::acquire()?;
+        // The images first, so that their build (which cleans up after itself) is not
+        // inside the comparison.
+        image::built(bin())?;
+        Machine::observe()?
+    };
+    let dir = std::sync::Mutex::new(None);
+    let outcome = std::panic::catch_unwind(|| {
+        let node = start_node().expect("node");
+        *dir.lock().unwrap() = Some(node.dir().to_path_buf());
+        run(node.plane.kubectl().args([
+            "run",
+            "sim",
+            "--image",
+            image::SIM_IMAGE,
+            "--image-pull-policy=Never",
+            "--",
+            "--role",
+            "active",
+        ]))
+        .expect("kubectl run");
+        let t = Instant::now();
+        run(node.plane.kubectl().args([
+            "wait",
+            "--for=condition=Ready",
+            "pod/sim",
+            "--timeout=60s",
+        ]))
+        .expect("pod Ready");
+        println!("a pod Ready {:?} after kubectl run", t.elapsed());
+        let during = Machine::observe().expect("observe");
+        let changed: Vec<String> = during.differences(&before);
+        assert!(
+            changed.iter().any(|d| d.contains("cni0")),
+            "the running node shows no bridge: {changed:?}"
+        );
+        assert!(
+            !changed.iter().any(|d| d.starts_with("sysctl")),
+            "kernel parameters not restored while the node runs: {changed:?}"
+        );
+        panic!("a failing test, with the node running");
+    });
+    assert!(outcome.is_err(), "the node's closure was meant to panic");
+    let after = Machine::observe()?;
+    let diffs = after.differences(&before);
     assert!(
         diffs.is_empty(),
-        "the machine differs after teardown:\n{}",
+        "the machine differs after the node's teardown:\n{}",
         diffs.join("\n")
     );
-    let _ = Duration::ZERO;
+    let dir = dir.into_inner().unwrap().expect("the node started");
+    assert!(!dir.exists(), "{} left behind", dir.display());
     Ok(())
+}
+
+/// Two replicas, both Ready, one leading; what each says; Vault simulator pods labelled
+/// and reachable through the generated Services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow::Result<()> {
+    let _turn = turn();
+    let node = tokio::task::block_in_place(start_node)?;
+    let client = node.plane.client().await?;
+    let t = Instant::now();
+    release::install_chart(&node).await?;
+    println!("helm install --wait: {:?}", t.elapsed());
+    let replicas = release::replicas(&client).await?;
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    assert!(
+        replicas.iter().all(|r| r.ready),
+        "not all Ready: {replicas:?}"
+    );
+
+    let leader = wait::until("a Lease holder", LIMIT, || async {
+        release::leader(&client).await
+    })
+    .await?;
+    let (lead, follow) = split(&replicas, &leader)?;
+    wait::until(
+        "leader gauge 1 on the leader, 0 on the follower",
+        LIMIT,
+        || async {
+            let gauges = (
+                release::leader_gauge(&lead.ip).await?,
+                release::leader_gauge(&follow.ip).await?,
+            );
+            Ok((gauges == (Some(1.0), Some(0.0))).then_some(()))
+        },
+    )
+    .await?;
+    let (status, body) = release::readiness(&follow.ip)
+        .await
+        .context("the follower's readiness")?;
+    assert_eq!(status, 200, "the follower is ready to take over: {body}");
+
+    // In-cluster configuration: no kubeconfig in the pod, so the Lease writes that name the
+    // chart's ServiceAccount came through the mounted token and the `kubernetes` Service.
+    let account = format!("system:serviceaccount:{NAMESPACE}:vault-registrar");
+    let lease_writes: Vec<_> = node
+        .plane
+        .writes_by(&account)
+        .into_iter()
+        .filter(|(_, resource, _)| resource == "leases")
+        .collect();
+    assert!(!lease_writes.is_empty(), "no Lease writes by {account}");
+    let env = run(node.plane.kubectl().args([
+        "get",
+        "deploy",
+        "vault-registrar",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[*].name} {.spec.template.spec.containers[0].image}",
+    ]))?;
+    assert!(!env.contains("KUBECONFIG"), "{env}");
+    assert!(env.contains(&operator_image()), "{env}");
+
+    // Vault simulator pods, labelled by the operator and routed through the Services.
+    let ns = "vault";
+    release::apply(
+        &node,
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
+    )
+    .await?;
+    release::apply(
+        &node,
+        &release::vault_pods_yaml(ns, &["active", "standby", "standby"]),
+    )
+    .await?;
+    release::apply(&node, &release::vault_cluster_yaml(ns, "1s")).await?;
+    let ips = wait::until("simulator pods with IPs", LIMIT, || async {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+        let mut ips = Vec::new();
+        for i in 0..3 {
+            let pod = pods.get(&format!("vault-{i}")).await?;
+            match pod.status.and_then(|s| s.pod_ip) {
+                Some(ip) => ips.push(ip),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(ips))
+    })
+    .await?;
+    wait_endpoints(&client, ns, "vault-active", &ips[..1], LIMIT).await?;
+    wait_endpoints(&client, ns, "vault-standby", &ips[1..], LIMIT).await?;
+    let labels = run(node.plane.kubectl().args([
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.metadata.labels.vault-active} {end}",
+    ]))?;
+    assert_eq!(labels.trim(), "vault-0=true vault-1=false vault-2=false");
+    // kube-proxy programs a Service's endpoints a moment after they change: each check
+    // waits for the wanted answer through the Service's cluster IP.
+    let via_service = |service: &'static str, want: u16| {
+        let client = client.clone();
+        async move {
+            let svc = Api::<Service>::namespaced(client, ns).get(service).await?;
+            let spec = svc.spec.unwrap_or_default();
+            let ip = spec.cluster_ip.unwrap_or_default();
+            let port = spec.ports.unwrap_or_default()[0].port;
+            let addr = format!("{ip}:{port}").parse()?;
+            wait::until(
+                &format!("{want} through {service} ({addr})"),
+                LIMIT,
+                || async {
+                    let (code, _) =
+                        http_get_at(addr, "/v1/sys/health", Duration::from_secs(2)).await?;
+                    Ok((code == want).then_some(()))
+                },
+            )
+            .await
+        }
+    };
+    // Vault answers 200 on the active node, 429 on a standby.
+    via_service("vault-active", 200).await?;
+    via_service("vault-standby", 429).await?;
+
+    // A failover inside the pods: the Services follow.
+    let t = Instant::now();
+    release::set_role(&ips[0], "standby").await?;
+    release::set_role(&ips[1], "active").await?;
+    wait_endpoints(&client, ns, "vault-active", &ips[1..2], LIMIT).await?;
+    println!(
+        "active Service moved {:?} after the roles switched",
+        t.elapsed()
+    );
+    via_service("vault-active", 200).await?;
+    let mut standby = vec![ips[0].clone(), ips[2].clone()];
+    standby.sort();
+    assert_eq!(endpoint_ips(&client, ns, "vault-standby").await?, standby);
+    let _ = VAULT_PORT;
+    let diffs = tokio::task::block_in_place(|| node.stop());
+    assert!(diffs.is_empty(), "after teardown:\n{}", diffs.join("\n"));
+    Ok(())
+}
+
+/// The leader's pod deleted, a follower frozen, both pods evicted at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow::Result<()> {
+    let _turn = turn();
+    let node = tokio::task::block_in_place(start_node)?;
+    let client = node.plane.client().await?;
+    release::install_chart(&node).await?;
+    let leader = wait::until("a Lease holder", LIMIT, || async {
+        release::leader(&client).await
+    })
+    .await?;
+
+    // Deleting the leader's pod: the other replica leads within lease duration + retry.
+    let t = Instant::now();
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NAMESPACE)
+        .delete(&leader, &DeleteParams::default())
+        .await?;
+    let next = wait::until("another Lease holder", LIMIT, || async {
+        Ok(release::leader(&client).await?.filter(|h| *h != leader))
+    })
+    .await?;
+    let handover = t.elapsed();
+    println!("leader pod {leader} deleted; {next} leads after {handover:?}");
+    assert!(
+        handover <= LEASE_DURATION + RETRY_PERIOD,
+        "handover took {handover:?}"
+    );
+
+    // Liveness: a replica whose process is frozen (every loop stuck) is restarted.
+    let all = wait::until("two Ready replicas", LIMIT, || async {
+        let r: Vec<Replica> = release::replicas(&client)
+            .await?
+            .into_iter()
+            .filter(|r| !r.deleting)
+            .collect();
+        Ok((r.len() == 2 && r.iter().all(|r| r.ready)).then_some(r))
+    })
+    .await?;
+    let frozen = all.iter().find(|r| r.name != next).unwrap().clone();
+    let pid = node.container_pid(&frozen.container_id)?;
+    // SAFETY: stopping the container's main process, which this node started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    wait::until(
+        "the frozen replica restarted and Ready",
+        Duration::from_secs(120),
+        || {
+            let client = client.clone();
+            let name = frozen.name.clone();
+            async move {
+                let r = release::replicas(&client).await?;
+                Ok(r.iter()
+                    .find(|r| r.name == name)
+                    .filter(|r| r.restarts > frozen.restarts && r.ready)
+                    .map(|_| ()))
+            }
+        },
+    )
+    .await?;
+    println!(
+        "frozen replica {} restarted and Ready after {:?}",
+        frozen.name,
+        t.elapsed()
+    );
+
+    // The PodDisruptionBudget (minAvailable 1): evicting both at once leaves one.
+    wait::until("the budget allowing one disruption", LIMIT, || async {
+        let allowed = run(node.plane.kubectl().args([
+            "get",
+            "pdb",
+            "vault-registrar",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.status.disruptionsAllowed}",
+        ]))?;
+        Ok((allowed.trim() == "1").then_some(()))
+    })
+    .await?;
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NAMESPACE);
+    let mut outcomes = Vec::new();
+    for r in &all {
+        outcomes.push(match pods.evict(&r.name, &EvictParams::default()).await {
+            Ok(_) => 201,
+            Err(kube::Error::Api(e)) => e.code,
+            Err(e) => return Err(e.into()),
+        });
+    }
+    println!("evictions: {outcomes:?}");
+    assert_eq!(
+        outcomes.iter().filter(|c| **c == 201).count(),
+        1,
+        "exactly one eviction allowed: {outcomes:?}"
+    );
+    assert!(outcomes.contains(&429), "the other blocked: {outcomes:?}");
+    let diffs = tokio::task::block_in_place(|| node.stop());
+    assert!(diffs.is_empty(), "after teardown:\n{}", diffs.join("\n"));
+    Ok(())
+}
+
+/// The leader and the follower among the replicas, by the Lease holder.
+fn split<'a>(replicas: &'a [Replica], leader: &str) -> anyhow::Result<(&'a Replica, &'a Replica)> {
+    let lead = replicas
+        .iter()
+        .find(|r| r.name == leader)
+        .ok_or_else(|| anyhow::anyhow!("Lease holder {leader} is none of {replicas:?}"))?;
+    let follow = replicas.iter().find(|r| r.name != leader).unwrap();
+    Ok((lead, follow))
 }

@@ -83,8 +83,17 @@ impl Replica {
 
 /// One GET over a fresh connection: the status code and the body.
 pub async fn http_get(port: u16, path: &str, limit: Duration) -> anyhow::Result<(u16, String)> {
+    http_get_at(([127, 0, 0, 1], port).into(), path, limit).await
+}
+
+/// As `http_get`, to any address (a pod's, a Service's).
+pub async fn http_get_at(
+    addr: std::net::SocketAddr,
+    path: &str,
+    limit: Duration,
+) -> anyhow::Result<(u16, String)> {
     tokio::time::timeout(limit, async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;

@@ -13,6 +13,7 @@ pub mod node;
 pub mod pods;
 pub mod real_vault;
 pub mod relay;
+pub mod release;
 pub mod stage;
 pub mod takeover;
 pub mod vault_sim;

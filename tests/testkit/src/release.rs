@@ -1,0 +1,153 @@
+//! The chart installed on a node plane as README says, with the image built here, and
+//! Vault simulator pods running as real pods beside it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use tokio::io::AsyncWriteExt;
+
+use crate::election::{http_get_at, lease_holder, metric};
+use crate::image::{OPERATOR_REPOSITORY, SIM_IMAGE, TAG};
+use crate::node::NodePlane;
+use crate::stage::run_blocking;
+
+/// README's release name and namespace; the chart names the Lease after the release.
+pub const RELEASE: &str = "vault-registrar";
+pub const NAMESPACE: &str = "vault-registrar";
+pub const METRICS_PORT: u16 = 8080;
+pub const HEALTH_PORT: u16 = 8081;
+pub const VAULT_PORT: u16 = 8200;
+/// The simulator's port for switching its role.
+pub const CONTROL_PORT: u16 = 8201;
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/vault-registrar")
+}
+
+/// `helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace`
+/// with the local image (`imagePullPolicy: Never`), waiting until the Deployment is ready.
+pub async fn install_chart(node: &NodePlane) -> anyhow::Result<String> {
+    let mut cmd = node.plane.helm();
+    cmd.args(["install", RELEASE])
+        .arg(chart())
+        .args(["-n", NAMESPACE, "--create-namespace"])
+        .args(["--set", &format!("image.repository={OPERATOR_REPOSITORY}")])
+        .args(["--set", &format!("image.tag={TAG}")])
+        .args(["--set", "image.pullPolicy=Never"])
+        .args(["--wait", "--timeout", "120s"]);
+    run_blocking(cmd).await
+}
+
+/// An operator replica as its pod shows it.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    pub name: String,
+    pub ip: String,
+    pub ready: bool,
+    pub restarts: i32,
+    /// `containerd://<id>` of the operator's container.
+    pub container_id: String,
+    pub deleting: bool,
+}
+
+/// The operator's pods, by name.
+pub async fn replicas(client: &kube::Client) -> anyhow::Result<Vec<Replica>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/name=vault-registrar,app.kubernetes.io/instance={RELEASE}"
+        )))
+        .await?;
+    let mut out: Vec<Replica> = pods.items.iter().map(replica).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn replica(pod: &Pod) -> Replica {
+    let status = pod.status.clone().unwrap_or_default();
+    let container = status
+        .container_statuses
+        .as_ref()
+        .and_then(|c| c.first().cloned());
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    Replica {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        ip: status.pod_ip.unwrap_or_default(),
+        ready,
+        restarts: container.as_ref().map_or(0, |c| c.restart_count),
+        container_id: container.and_then(|c| c.container_id).unwrap_or_default(),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// Who holds the release's Lease.
+pub async fn leader(client: &kube::Client) -> anyhow::Result<Option<String>> {
+    lease_holder(client, NAMESPACE, RELEASE).await
+}
+
+/// The replica's `vault_registrar_leader` gauge, read from its pod's metrics port.
+pub async fn leader_gauge(ip: &str) -> anyhow::Result<Option<f64>> {
+    let addr: SocketAddr = format!("{ip}:{METRICS_PORT}").parse()?;
+    let (_, body) = http_get_at(addr, "/metrics", Duration::from_secs(2)).await?;
+    Ok(metric(&body, "vault_registrar_leader"))
+}
+
+/// The answer of the replica's readiness endpoint.
+pub async fn readiness(ip: &str) -> anyhow::Result<(u16, String)> {
+    let addr: SocketAddr = format!("{ip}:{HEALTH_PORT}").parse()?;
+    http_get_at(addr, "/readyz", Duration::from_secs(2)).await
+}
+
+/// Pods `vault-0`, `vault-1`, ... in `namespace` running the simulator image with the
+/// official Vault chart's label, one per role (active, standby, ...).
+pub fn vault_pods_yaml(namespace: &str, roles: &[&str]) -> String {
+    roles
+        .iter()
+        .enumerate()
+        .map(|(i, role)| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: vault-{i}\n  namespace: {namespace}\n  labels: {{app.kubernetes.io/name: vault}}\nspec:\n  containers:\n  - name: vault\n    image: {SIM_IMAGE}\n    imagePullPolicy: Never\n    args: [--role, {role}, --port, '{VAULT_PORT}', --control-port, '{CONTROL_PORT}']\n    ports: [{{containerPort: {VAULT_PORT}, name: http}}]\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// A VaultCluster over the simulator pods, probing every `interval`.
+pub fn vault_cluster_yaml(namespace: &str, interval: &str) -> String {
+    format!(
+        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {{interval: {interval}, timeout: 500ms}}\n"
+    )
+}
+
+/// Switches a simulator pod's role through its control port.
+pub async fn set_role(ip: &str, role: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{ip}:{CONTROL_PORT}").parse()?;
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(format!("PUT /role/{role} HTTP/1.1\r\nHost: sim\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut answer).await?;
+    anyhow::ensure!(
+        answer.starts_with("HTTP/1.1 204"),
+        "setting role {role} on {ip}: {answer}"
+    );
+    Ok(())
+}
+
+/// `kubectl apply -f -` of `yaml` on the node plane.
+pub async fn apply(node: &NodePlane, yaml: &str) -> anyhow::Result<()> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let file = node.dir().join(format!("apply-{n}.yaml"));
+    std::fs::write(&file, yaml)?;
+    let mut cmd = node.plane.kubectl();
+    cmd.args(["apply", "-f"]).arg(&file);
+    run_blocking(cmd).await.map(|_| ())
+}
