@@ -5,12 +5,18 @@ BIN_DIR = $(shell tests/controlplane/build.sh)
 VAULT_BIN = $(shell tests/vault/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries vault test unit e2e demo bench bench-scale crds lint check-tools
+.PHONY: all build binaries vault testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools
 
 all: build
 
+# Debian packages the node plane (tests/node.rs, make demo) runs: the container runtime, the
+# CNI plugins, buildah for the images, nft for kube-proxy, strip for the images' binaries.
+NODE_PACKAGES = containerd runc containernetworking-plugins buildah nftables binutils procps
+
 check-tools:
 	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2)
+	@missing=$$(for p in $(NODE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	@command -v go >/dev/null || { echo "Go is required to build the control-plane binaries and Vault"; exit 1; }
 	@command -v perl >/dev/null || (apt-get update -qq && apt-get install -y -qq perl)
 
@@ -27,18 +33,33 @@ vault: check-tools
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests.
-test: binaries vault
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+## The test kit's programs that go into container images (the Vault simulator, pause).
+testkit-bins:
+	$(CARGO) build -p vault-registrar-testkit --bin vault-sim --bin pause
+
+TESTKIT_BIN_DIR = $(CURDIR)/target/debug
+
+## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
+## the chart on a real node (tests/node.rs).
+test: binaries vault testkit-bins
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" \
+		$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 unit:
 	$(CARGO) test --workspace --lib
 
-## The operator at work on a local control plane over a real three-node Vault raft cluster.
-demo: binaries vault
+## The chart installed for real on a local node (the operator's image built here) over
+## Vault simulator pods: labels, the active Service, a failover, the leader's pod deleted.
+demo: binaries testkit-bins
+	$(CARGO) build --bin vault-registrar
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
+		$(CARGO) run -q -p vault-registrar-testkit --bin demo
+
+## The operator (a process on the control plane) over a real three-node Vault raft cluster.
+demo-raft: binaries vault
 	$(CARGO) build --bin vault-registrar
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
-		$(CARGO) run -q -p vault-registrar-testkit --bin demo
+		$(CARGO) run -q -p vault-registrar-testkit --bin demo_raft
 
 ## Failover latency (simulator; real Vault beside it), steady-state writes, printed.
 bench: binaries vault

@@ -12,12 +12,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, EvictParams};
+use kube::api::{Api, DeleteParams};
 use vault_registrar_testkit::cluster::{endpoint_ips, wait_endpoints};
 use vault_registrar_testkit::election::http_get_at;
 use vault_registrar_testkit::image::{self, operator_image};
 use vault_registrar_testkit::machine::{Machine, MachineLock};
-use vault_registrar_testkit::node::NodePlane;
+use vault_registrar_testkit::node::{NODE_NAME, NodePlane};
 use vault_registrar_testkit::release::{self, NAMESPACE, Replica, VAULT_PORT};
 use vault_registrar_testkit::stage::run;
 use vault_registrar_testkit::wait;
@@ -236,19 +236,7 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
     )
     .await?;
     release::apply(&node, &release::vault_cluster_yaml(ns, "1s")).await?;
-    let ips = wait::until("simulator pods with IPs", LIMIT, || async {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
-        let mut ips = Vec::new();
-        for i in 0..3 {
-            let pod = pods.get(&format!("vault-{i}")).await?;
-            match pod.status.and_then(|s| s.pod_ip) {
-                Some(ip) => ips.push(ip),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(ips))
-    })
-    .await?;
+    let ips = release::vault_pod_ips(&client, ns, 3).await?;
     wait_endpoints(&client, ns, "vault-active", &ips[..1], LIMIT).await?;
     wait_endpoints(&client, ns, "vault-standby", &ips[1..], LIMIT).await?;
     let labels = run(node.plane.kubectl().args([
@@ -333,16 +321,83 @@ async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow
         "handover took {handover:?}"
     );
 
-    // Liveness: a replica whose process is frozen (every loop stuck) is restarted.
-    let all = wait::until("two Ready replicas", LIMIT, || async {
-        let r: Vec<Replica> = release::replicas(&client)
-            .await?
-            .into_iter()
-            .filter(|r| !r.deleting)
-            .collect();
-        Ok((r.len() == 2 && r.iter().all(|r| r.ready)).then_some(r))
+    let all = ready_pair(&client).await?;
+    // The PodDisruptionBudget (minAvailable 1): evicting both at once leaves one.
+    wait::until("the budget allowing one disruption", LIMIT, || async {
+        let allowed = run(node.plane.kubectl().args([
+            "get",
+            "pdb",
+            "vault-registrar",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.status.disruptionsAllowed}",
+        ]))?;
+        Ok((allowed.trim() == "1").then_some(()))
     })
     .await?;
+    // As `kubectl drain` does: cordon the node, then evict. Nowhere to schedule the first
+    // pod's replacement, the budget must refuse the second eviction.
+    run(node.plane.kubectl().args(["cordon", NODE_NAME]))?;
+    // kubectl, not the kube client: the client retries a 429 until the budget allows it.
+    let t = Instant::now();
+    let asks: Vec<_> = all
+        .iter()
+        .map(|r| {
+            let body = format!(
+                "{{\"apiVersion\":\"policy/v1\",\"kind\":\"Eviction\",\"metadata\":{{\"name\":\"{}\",\"namespace\":\"{NAMESPACE}\"}}}}",
+                r.name
+            );
+            let file = node.dir().join(format!("eviction-{}.json", r.name));
+            std::fs::write(&file, body)?;
+            let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{}/eviction", r.name);
+            Ok(node
+                .plane
+                .kubectl()
+                .args(["create", "--raw", &path, "-f"])
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let outcomes: Vec<u16> = asks
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            Ok(match out.status.success() {
+                true => 201,
+                false if err.contains("disruption budget") => 429,
+                false => anyhow::bail!("eviction failed otherwise: {err}"),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    println!("evictions answered after {:?}", t.elapsed());
+    println!(
+        "evictions of {:?}: {outcomes:?}",
+        all.iter().map(|r| &r.name).collect::<Vec<_>>()
+    );
+    if outcomes.iter().filter(|c| **c == 201).count() != 1 {
+        println!(
+            "{}",
+            run(node
+                .plane
+                .kubectl()
+                .args(["get", "pods,pdb", "-n", NAMESPACE, "-o", "yaml"]))?
+        );
+    }
+    assert_eq!(
+        outcomes.iter().filter(|c| **c == 201).count(),
+        1,
+        "exactly one eviction allowed: {outcomes:?}"
+    );
+    assert!(outcomes.contains(&429), "the other blocked: {outcomes:?}");
+    run(node.plane.kubectl().args(["uncordon", NODE_NAME]))?;
+    let all = ready_pair(&client).await?;
+    let next = release::leader(&client).await?.unwrap_or_default();
+
+    // Liveness: a replica whose process is frozen (every loop stuck) is restarted.
     let frozen = all.iter().find(|r| r.name != next).unwrap().clone();
     let pid = node.container_pid(&frozen.container_id)?;
     // SAFETY: stopping the container's main process, which this node started.
@@ -370,39 +425,24 @@ async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow
         t.elapsed()
     );
 
-    // The PodDisruptionBudget (minAvailable 1): evicting both at once leaves one.
-    wait::until("the budget allowing one disruption", LIMIT, || async {
-        let allowed = run(node.plane.kubectl().args([
-            "get",
-            "pdb",
-            "vault-registrar",
-            "-n",
-            NAMESPACE,
-            "-o",
-            "jsonpath={.status.disruptionsAllowed}",
-        ]))?;
-        Ok((allowed.trim() == "1").then_some(()))
-    })
-    .await?;
-    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NAMESPACE);
-    let mut outcomes = Vec::new();
-    for r in &all {
-        outcomes.push(match pods.evict(&r.name, &EvictParams::default()).await {
-            Ok(_) => 201,
-            Err(kube::Error::Api(e)) => e.code,
-            Err(e) => return Err(e.into()),
-        });
-    }
-    println!("evictions: {outcomes:?}");
-    assert_eq!(
-        outcomes.iter().filter(|c| **c == 201).count(),
-        1,
-        "exactly one eviction allowed: {outcomes:?}"
-    );
-    assert!(outcomes.contains(&429), "the other blocked: {outcomes:?}");
+    let t = Instant::now();
     let diffs = tokio::task::block_in_place(|| node.stop());
+    println!("teardown: {:?}", t.elapsed());
     assert!(diffs.is_empty(), "after teardown:\n{}", diffs.join("\n"));
     Ok(())
+}
+
+/// Two Ready replicas, not being deleted.
+async fn ready_pair(client: &kube::Client) -> anyhow::Result<Vec<Replica>> {
+    wait::until("two Ready replicas", LIMIT, || async {
+        let r: Vec<Replica> = release::replicas(client)
+            .await?
+            .into_iter()
+            .filter(|r| !r.deleting)
+            .collect();
+        Ok((r.len() == 2 && r.iter().all(|r| r.ready)).then_some(r))
+    })
+    .await
 }
 
 /// The leader and the follower among the replicas, by the Lease holder.

@@ -331,18 +331,32 @@ fn create_bridge() -> anyhow::Result<()> {
 /// left: mounts, cgroups, network namespaces, kube-proxy's tables, the bridge, files in
 /// fixed places; then puts the kernel parameters back.
 fn teardown(dir: &Path, procs: &mut Vec<(&'static str, Child)>, before: &Machine) {
-    for (_, child) in procs.iter_mut().rev() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    slow_step("stopping the node's processes", || {
+        for (_, child) in procs.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    });
     procs.clear();
     remove_node_state(
         &dir.join("containerd/containerd.sock").display().to_string(),
         dir,
     );
-    machine::remove_new_paths(before);
+    slow_step("removing files in fixed places", || {
+        machine::remove_new_paths(before)
+    });
     before.restore_sysctls();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs a teardown step, saying so when it took long (a stuck step shows in the log).
+fn slow_step<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    if start.elapsed() > Duration::from_secs(2) {
+        eprintln!("node teardown: {what} took {:?}", start.elapsed());
+    }
+    out
 }
 
 /// Everything but the node's own processes (already gone) and the files in fixed places:
@@ -350,17 +364,25 @@ fn teardown(dir: &Path, procs: &mut Vec<(&'static str, Child)>, before: &Machine
 /// names that run's containerd socket, or only the directory prefix).
 fn remove_node_state(shim_needle: &str, dir: &Path) {
     // Containers die first so that no shim restarts or reports them, then the shims.
-    for _ in 0..3 {
-        let pids = machine::kubepods_pids();
-        if pids.is_empty() {
-            break;
+    slow_step("killing the containers", || {
+        for _ in 0..3 {
+            let pids = machine::kubepods_pids();
+            if pids.is_empty() {
+                break;
+            }
+            machine::kill_all(pids);
         }
-        machine::kill_all(pids);
+    });
+    slow_step("killing the shims", || {
+        machine::kill_all(machine::pids_with_arg(shim_needle))
+    });
+    slow_step("removing network namespaces", || {
+        machine::remove_new_netns(&BTreeSet::new())
+    });
+    slow_step("unmounting", || machine::unmount_below(dir));
+    if let Err(e) = slow_step("removing cgroups", machine::remove_kubepods_cgroups) {
+        eprintln!("node teardown: {e:#}");
     }
-    machine::kill_all(machine::pids_with_arg(shim_needle));
-    machine::remove_new_netns(&BTreeSet::new());
-    machine::unmount_below(dir);
-    let _ = machine::remove_kubepods_cgroups();
     machine::delete_nft_table("ip", "kube-proxy");
     machine::delete_nft_table("ip6", "kube-proxy");
     machine::delete_link(BRIDGE);

@@ -151,3 +151,32 @@ pub async fn apply(node: &NodePlane, yaml: &str) -> anyhow::Result<()> {
     cmd.args(["apply", "-f"]).arg(&file);
     run_blocking(cmd).await.map(|_| ())
 }
+
+/// The addresses of simulator pods `vault-0` .. `vault-{n-1}`, once they all have one.
+pub async fn vault_pod_ips(
+    client: &kube::Client,
+    namespace: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    crate::wait::until(
+        "simulator pods with addresses",
+        Duration::from_secs(60),
+        || async {
+            let mut ips = Vec::new();
+            for i in 0..n {
+                match pods
+                    .get(&format!("vault-{i}"))
+                    .await?
+                    .status
+                    .and_then(|s| s.pod_ip)
+                {
+                    Some(ip) => ips.push(ip),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(ips))
+        },
+    )
+    .await
+}

@@ -1,143 +1,120 @@
-//! `make demo`: the operator at work on a local control plane over a real Vault raft cluster
-//! (three Vault 1.21.4 processes, one per pod): init, unseal, the labels, a step-down and a
-//! kill of the active node, then cleaning up.
+//! `make demo`: the chart installed for real on a local node — the operator's two replicas
+//! run from the image built here — labelling three Vault simulator pods and routing the
+//! active Service; a failover inside Vault, then the leading replica's pod deleted.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use kube::api::{Api, DeleteParams};
 use vault_registrar_testkit::cluster::wait_endpoints;
-use vault_registrar_testkit::real_vault::RaftCluster;
-use vault_registrar_testkit::stage::Stage;
+use vault_registrar_testkit::node::NodePlane;
+use vault_registrar_testkit::release::{self, NAMESPACE};
+use vault_registrar_testkit::stage::run;
+use vault_registrar_testkit::wait;
 
 const LIMIT: Duration = Duration::from_secs(60);
+const VAULT_NS: &str = "vault";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    println!(
-        "== starting etcd, kube-apiserver and kube-controller-manager; helm install of the chart (CRD,"
+    let bin = PathBuf::from(
+        std::env::var_os("VAULT_REGISTRAR_BIN")
+            .ok_or_else(|| anyhow::anyhow!("VAULT_REGISTRAR_BIN must name the operator binary"))?,
     );
     println!(
-        "   ServiceAccount, RBAC); the operator with that ServiceAccount's token and leader election;"
+        "== a node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd,"
     );
-    println!("   a VaultCluster probing every second");
-    let stage = Stage::start("demo", &[], "1s").await?;
-    println!("kubeconfig: {}", stage.plane.kubeconfig.display());
+    println!(
+        "   kubelet, bridge CNI, kube-proxy (nftables); the operator's image built with buildah"
+    );
+    let t = Instant::now();
+    let node = tokio::task::spawn_blocking(move || NodePlane::start(&bin)).await??;
+    println!(
+        "node Ready {:?} after the kubelet started ({:?} in all)",
+        node.ready_after,
+        t.elapsed()
+    );
+    println!("kubeconfig: {}", node.plane.kubeconfig.display());
+    let client = node.plane.client().await?;
+    let kubectl = |args: &[&str]| run(node.plane.kubectl().args(args));
 
     println!(
-        "\n== three real Vault servers (raft storage, retry_join), one per pod; not initialised"
+        "\n== helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace"
     );
-    let mut vault = RaftCluster::launch(&stage.client, "demo", "vault", 3).await?;
-    labelled(&vault, "vault-initialized", &["false"; 3]).await?;
-    show(&stage, "before init")?;
-
-    println!("\n== vault operator init -key-shares=1 -key-threshold=1 on vault-0; unseal vault-0");
-    vault.init().await?;
-    vault.unseal(0).await?;
-    vault.wait_code(0, 200, LIMIT).await?;
-    wait_active(&stage, &vault, 0).await?;
-    show(&stage, "vault-0 active, the others not yet joined")?;
-
-    println!("\n== unseal vault-1 and vault-2 (they join over raft and become standbys)");
-    for i in 1..3 {
-        vault.unseal(i).await?;
-    }
-    for i in 1..3 {
-        vault.wait_code(i, 429, LIMIT).await?;
-    }
-    vault.wait_voters(3, LIMIT).await?;
-    labelled(&vault, "vault-sealed", &["false"; 3]).await?;
-    show(&stage, "all unsealed")?;
-
-    println!("\n== vault operator step-down on vault-0");
-    vault.step_down(0).await?;
-    let b = next_active(&stage, &vault, 0).await?;
-    show(
-        &stage,
-        &format!("after the step-down: {} active", vault.pod_name(b)),
-    )?;
-
     println!(
-        "\n== SIGKILL of the active {} (as an OOM kill); raft elects another",
-        vault.pod_name(b)
+        "   --set image.repository=localhost/vault-registrar,image.tag=test,image.pullPolicy=Never --wait"
     );
-    vault.kill(b);
-    let c = next_active(&stage, &vault, b).await?;
-    let mut sealed = ["false"; 3];
-    sealed[b] = "true";
-    labelled(&vault, "vault-sealed", &sealed).await?;
-    show(
-        &stage,
-        &format!("after the kill: {} active", vault.pod_name(c)),
-    )?;
-    println!(
-        "\n{}",
-        stage.kubectl(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.kind=VaultCluster",
-            "-o",
-            "custom-columns=REASON:.reason,MESSAGE:.message"
-        ])?
+    release::install_chart(&node).await?;
+    let leader = wait::until("a Lease holder", LIMIT, || release::leader(&client)).await?;
+    print!(
+        "{}",
+        kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])?
     );
-    println!("== done; stopping everything");
+    println!("Lease {NAMESPACE}/vault-registrar held by {leader}");
+
+    println!("\n== three Vault simulator pods (one active) and a VaultCluster selecting them");
+    release::apply(
+        &node,
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {VAULT_NS}}}\n"),
+    )
+    .await?;
+    release::apply(
+        &node,
+        &release::vault_pods_yaml(VAULT_NS, &["active", "standby", "standby"]),
+    )
+    .await?;
+    release::apply(&node, &release::vault_cluster_yaml(VAULT_NS, "1s")).await?;
+    let ips = release::vault_pod_ips(&client, VAULT_NS, 3).await?;
+    wait_endpoints(&client, VAULT_NS, "vault-active", &ips[..1], LIMIT).await?;
+    show(&kubectl)?;
+
+    println!("\n== failover inside Vault: vault-0 steps down, vault-1 becomes active");
+    let t = Instant::now();
+    release::set_role(&ips[0], "standby").await?;
+    release::set_role(&ips[1], "active").await?;
+    wait_endpoints(&client, VAULT_NS, "vault-active", &ips[1..2], LIMIT).await?;
+    println!("the active Service moved after {:?}", t.elapsed());
+    show(&kubectl)?;
+
+    println!("\n== kubectl delete pod {leader} (the leading replica)");
+    let t = Instant::now();
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NAMESPACE)
+        .delete(&leader, &DeleteParams::default())
+        .await?;
+    let next = wait::until("another Lease holder", LIMIT, || async {
+        Ok(release::leader(&client).await?.filter(|h| *h != leader))
+    })
+    .await?;
+    println!("{next} leads after {:?}", t.elapsed());
+    print!(
+        "{}",
+        kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])?
+    );
+
+    println!("\n== done; tearing the node down");
+    let diffs = tokio::task::spawn_blocking(move || node.stop()).await?;
+    anyhow::ensure!(
+        diffs.is_empty(),
+        "the machine differs after teardown: {diffs:?}"
+    );
+    println!("machine restored (links, mounts, cgroups, kernel parameters)");
     Ok(())
 }
 
-/// Waits for the node Vault makes active after `old`, and for the operator to route to it.
-async fn next_active(stage: &Stage, vault: &RaftCluster, old: usize) -> anyhow::Result<usize> {
-    let start = std::time::Instant::now();
-    let now = loop {
-        match vault.wait_active(LIMIT).await? {
-            i if i != old => break i,
-            _ => anyhow::ensure!(start.elapsed() < LIMIT, "no new active node"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    wait_active(stage, vault, now).await?;
-    Ok(now)
-}
-
-async fn wait_active(stage: &Stage, vault: &RaftCluster, i: usize) -> anyhow::Result<()> {
-    wait_endpoints(&stage.client, "demo", "vault-active", &[vault.ip(i)], LIMIT).await
-}
-
-/// Waits until label `key` on pod `vault-i` is `want[i]`.
-async fn labelled(vault: &RaftCluster, key: &str, want: &[&str]) -> anyhow::Result<()> {
-    vault_registrar_testkit::wait::until(&format!("{key} = {want:?}"), LIMIT, || async {
-        for (i, w) in want.iter().enumerate() {
-            if vault.labels(i).await?.get(key).map(String::as_str) != Some(*w) {
-                return Ok(None);
-            }
-        }
-        Ok(Some(()))
-    })
-    .await
-}
-
-fn show(stage: &Stage, title: &str) -> anyhow::Result<()> {
-    println!("-- {title}");
-    print!("{}", stage.kubectl(&["get", "vc"])?);
+fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<()> {
     print!(
         "{}",
-        stage.kubectl(&[
+        kubectl(&[
             "get",
             "pods",
+            "-n",
+            VAULT_NS,
             "-o",
             "wide",
             "-L",
-            "vault-active,vault-sealed,vault-initialized,vault-version"
+            "vault-active,vault-sealed,vault-version"
         ])?
     );
-    for service in ["vault-active", "vault-standby"] {
-        let eps = stage.kubectl(&[
-            "get",
-            "endpointslices",
-            "-l",
-            &format!("kubernetes.io/service-name={service}"),
-            "-o",
-            "jsonpath={.items[*].endpoints[*].addresses[*]}",
-        ])?;
-        println!("{service} endpoints: {eps}");
-    }
+    print!("{}", kubectl(&["get", "endpointslices", "-n", VAULT_NS])?);
     Ok(())
 }
