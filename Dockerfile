@@ -4,8 +4,10 @@
 #
 #   docker build -t ghcr.io/vault-registrar/vault-registrar:0.1.0 .
 #
-# Not built on the development machines: no Docker engine runs there. Build it in CI or on a
-# machine with Docker/BuildKit.
+# The test kit (tests/testkit/src/image.rs) builds this file's runtime stage with buildah, as
+# written, on a base assembled from Debian 12's own files in place of distroless (no registry
+# is reachable there): keep the runtime stage to instructions that work on any base (COPY,
+# USER, EXPOSE, ENTRYPOINT, CMD) and the binary's libraries to what distroless/cc holds.
 
 # Build stage: the release binary, with the exact dependency versions of Cargo.lock. The whole
 # workspace is copied because Cargo needs every member (tests/testkit) to resolve it.

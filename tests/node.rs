@@ -8,7 +8,6 @@
 use std::path::Path;
 
 use anyhow::Context;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
@@ -33,10 +32,7 @@ fn bin() -> &'static Path {
 
 /// Tests of this binary take turns on the node (the machine lock does so across processes;
 /// this also keeps a test's before/after record of the machine free of another's node).
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn start_node() -> anyhow::Result<NodePlane> {
     let started = Instant::now();
@@ -52,7 +48,7 @@ fn start_node() -> anyhow::Result<NodePlane> {
 
 #[test]
 fn the_image_has_the_dockerfile_layout_user_entrypoint_and_no_shell() -> anyhow::Result<()> {
-    let _turn = turn();
+    let _turn = TURN.blocking_lock();
     let images = {
         let _lock = MachineLock::acquire()?;
         image::built(bin())?
@@ -105,7 +101,7 @@ fn the_image_has_the_dockerfile_layout_user_entrypoint_and_no_shell() -> anyhow:
 
 #[test]
 fn a_panicking_test_leaves_the_machine_as_it_found_it() -> anyhow::Result<()> {
-    let _turn = turn();
+    let _turn = TURN.blocking_lock();
     let before = {
         let _lock = MachineLock::acquire()?;
         // The images first, so that their build (which cleans up after itself) is not
@@ -166,7 +162,7 @@ fn a_panicking_test_leaves_the_machine_as_it_found_it() -> anyhow::Result<()> {
 /// and reachable through the generated Services.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow::Result<()> {
-    let _turn = turn();
+    let _turn = TURN.lock().await;
     let node = tokio::task::block_in_place(start_node)?;
     let client = node.plane.client().await?;
     let t = Instant::now();
@@ -296,7 +292,7 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
 /// The leader's pod deleted, a follower frozen, both pods evicted at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow::Result<()> {
-    let _turn = turn();
+    let _turn = TURN.lock().await;
     let node = tokio::task::block_in_place(start_node)?;
     let client = node.plane.client().await?;
     release::install_chart(&node).await?;
