@@ -11,7 +11,7 @@ use anyhow::Context;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use vault_registrar_testkit::cluster::{endpoint_ips, wait_endpoints};
 use vault_registrar_testkit::election::http_get_at;
 use vault_registrar_testkit::image::{self, operator_image};
@@ -221,18 +221,7 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
 
     // Vault simulator pods, labelled by the operator and routed through the Services.
     let ns = "vault";
-    release::apply(
-        &node,
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
-    )
-    .await?;
-    release::apply(
-        &node,
-        &release::vault_pods_yaml(ns, &["active", "standby", "standby"]),
-    )
-    .await?;
-    release::apply(&node, &release::vault_cluster_yaml(ns, "1s")).await?;
-    let ips = release::vault_pod_ips(&client, ns, 3).await?;
+    let ips = release::start_vault(&node, &client, ns, &["active", "standby", "standby"]).await?;
     wait_endpoints(&client, ns, "vault-active", &ips[..1], LIMIT).await?;
     wait_endpoints(&client, ns, "vault-standby", &ips[1..], LIMIT).await?;
     let labels = run(node.plane.kubectl().args([
@@ -302,15 +291,7 @@ async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow
     .await?;
 
     // Deleting the leader's pod: the other replica leads within lease duration + retry.
-    let t = Instant::now();
-    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NAMESPACE)
-        .delete(&leader, &DeleteParams::default())
-        .await?;
-    let next = wait::until("another Lease holder", LIMIT, || async {
-        Ok(release::leader(&client).await?.filter(|h| *h != leader))
-    })
-    .await?;
-    let handover = t.elapsed();
+    let (next, handover) = release::delete_leader(&client, &leader).await?;
     println!("leader pod {leader} deleted; {next} leads after {handover:?}");
     assert!(
         handover <= LEASE_DURATION + RETRY_PERIOD,

@@ -180,3 +180,38 @@ pub async fn vault_pod_ips(
     )
     .await
 }
+
+/// Namespace `namespace` with simulator pods in `roles` and a VaultCluster probing them every
+/// second; their addresses once they have them.
+pub async fn start_vault(
+    node: &NodePlane,
+    client: &kube::Client,
+    namespace: &str,
+    roles: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    apply(
+        node,
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"),
+    )
+    .await?;
+    apply(node, &vault_pods_yaml(namespace, roles)).await?;
+    apply(node, &vault_cluster_yaml(namespace, "1s")).await?;
+    vault_pod_ips(client, namespace, roles.len()).await
+}
+
+/// Deletes the leading replica's pod (`holder`) and waits for another to hold the Lease:
+/// who, and how long after the delete.
+pub async fn delete_leader(
+    client: &kube::Client,
+    holder: &str,
+) -> anyhow::Result<(String, std::time::Duration)> {
+    let t = std::time::Instant::now();
+    Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+        .delete(holder, &kube::api::DeleteParams::default())
+        .await?;
+    let next = crate::wait::until("another Lease holder", Duration::from_secs(60), || async {
+        Ok(leader(client).await?.filter(|h| h != holder))
+    })
+    .await?;
+    Ok((next, t.elapsed()))
+}

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams};
 use vault_registrar_testkit::cluster::wait_endpoints;
 use vault_registrar_testkit::node::NodePlane;
 use vault_registrar_testkit::release::{self, NAMESPACE};
@@ -53,18 +52,8 @@ async fn main() -> anyhow::Result<()> {
     println!("Lease {NAMESPACE}/vault-registrar held by {leader}");
 
     println!("\n== three Vault simulator pods (one active) and a VaultCluster selecting them");
-    release::apply(
-        &node,
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {VAULT_NS}}}\n"),
-    )
-    .await?;
-    release::apply(
-        &node,
-        &release::vault_pods_yaml(VAULT_NS, &["active", "standby", "standby"]),
-    )
-    .await?;
-    release::apply(&node, &release::vault_cluster_yaml(VAULT_NS, "1s")).await?;
-    let ips = release::vault_pod_ips(&client, VAULT_NS, 3).await?;
+    let ips =
+        release::start_vault(&node, &client, VAULT_NS, &["active", "standby", "standby"]).await?;
     wait_endpoints(&client, VAULT_NS, "vault-active", &ips[..1], LIMIT).await?;
     show(&kubectl)?;
 
@@ -77,15 +66,8 @@ async fn main() -> anyhow::Result<()> {
     show(&kubectl)?;
 
     println!("\n== kubectl delete pod {leader} (the leading replica)");
-    let t = Instant::now();
-    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NAMESPACE)
-        .delete(&leader, &DeleteParams::default())
-        .await?;
-    let next = wait::until("another Lease holder", LIMIT, || async {
-        Ok(release::leader(&client).await?.filter(|h| *h != leader))
-    })
-    .await?;
-    println!("{next} leads after {:?}", t.elapsed());
+    let (next, took) = release::delete_leader(&client, &leader).await?;
+    println!("{next} leads after {took:?}");
     print!(
         "{}",
         kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])?
