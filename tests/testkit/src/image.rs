@@ -311,3 +311,35 @@ pub fn check_debian_release(base_image: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libraries_are_read_from_ldd_output() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x1)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x2)\n\t/lib64/ld-linux-x86-64.so.2 (0x3)\n";
+        assert_eq!(
+            libraries(ldd),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_runtime_stage_is_the_last_from() {
+        let file = "FROM rust AS builder\nRUN cargo build\n\nfrom gcr.io/distroless/cc-debian12:nonroot\nUSER 65532:65532\nENTRYPOINT [\"/x\"]\n";
+        assert_eq!(
+            runtime_stage(file).unwrap(),
+            "USER 65532:65532\nENTRYPOINT [\"/x\"]\n"
+        );
+        assert_eq!(
+            runtime_base(file).unwrap(),
+            "gcr.io/distroless/cc-debian12:nonroot"
+        );
+        assert_eq!(runtime_stage("USER 1\n"), None);
+    }
+}

@@ -158,16 +158,14 @@ fn sysctls() -> anyhow::Result<BTreeMap<String, String>> {
         .collect())
 }
 
-/// Parameters that change by themselves (counters, random values, per-link settings).
+/// Parameters that change by themselves (counters, random values) or belong to one link
+/// (links are compared as links); `all` and `default` are kept.
 fn volatile_sysctl(key: &str) -> bool {
-    const PREFIXES: [&str; 7] = [
-        "fs.",
-        "kernel.random.",
+    const PER_LINK: [&str; 4] = [
         "net.ipv4.conf.",
         "net.ipv6.conf.",
         "net.ipv4.neigh.",
         "net.ipv6.neigh.",
-        "dev.",
     ];
     const KEYS: [&str; 6] = [
         "kernel.ns_last_pid",
@@ -177,7 +175,15 @@ fn volatile_sysctl(key: &str) -> bool {
         "net.ipv4.route.gc_timeout",
         "kernel.sched_domain",
     ];
-    PREFIXES.iter().any(|p| key.starts_with(p)) || KEYS.contains(&key)
+    let per_link = PER_LINK.iter().any(|p| {
+        key.strip_prefix(p)
+            .is_some_and(|rest| !rest.starts_with("all.") && !rest.starts_with("default."))
+    });
+    per_link
+        || key.starts_with("fs.")
+        || key.starts_with("kernel.random.")
+        || key.starts_with("dev.")
+        || KEYS.contains(&key)
 }
 
 fn links() -> anyhow::Result<BTreeSet<String>> {
@@ -429,4 +435,87 @@ pub fn delete_nft_table(family: &str, name: &str) {
 /// Deletes a link if it exists.
 pub fn delete_link(name: &str) {
     let _ = Command::new("ip").args(["link", "del", name]).output();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(sysctls: &[(&str, &str)], links: &[&str]) -> Machine {
+        Machine {
+            sysctls: sysctls
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            links: links.iter().map(|l| l.to_string()).collect(),
+            mounts: BTreeSet::new(),
+            cgroups: BTreeSet::new(),
+            paths: BTreeSet::new(),
+            nft_tables: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn differences_name_changed_parameters_and_leftover_links() {
+        let before = machine(
+            &[("kernel.panic", "1"), ("vm.overcommit_memory", "0")],
+            &["lo"],
+        );
+        let cases = [
+            (
+                "same",
+                machine(
+                    &[("kernel.panic", "1"), ("vm.overcommit_memory", "0")],
+                    &["lo"],
+                ),
+                vec![],
+            ),
+            (
+                "kubelet's values left",
+                machine(
+                    &[("kernel.panic", "10"), ("vm.overcommit_memory", "0")],
+                    &["lo"],
+                ),
+                vec!["sysctl kernel.panic: 1 before, 10 now"],
+            ),
+            (
+                "a parameter that appeared is not counted",
+                machine(
+                    &[
+                        ("kernel.panic", "1"),
+                        ("vm.overcommit_memory", "0"),
+                        ("net.netfilter.x", "1"),
+                    ],
+                    &["lo"],
+                ),
+                vec![],
+            ),
+            (
+                "bridge left",
+                machine(
+                    &[("kernel.panic", "1"), ("vm.overcommit_memory", "0")],
+                    &["lo", "cni0"],
+                ),
+                vec!["link cni0 left behind"],
+            ),
+        ];
+        for (name, now, want) in cases {
+            assert_eq!(now.differences(&before), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn per_link_and_counting_parameters_are_not_compared() {
+        for (key, volatile) in [
+            ("net.ipv4.conf.cni0.forwarding", true),
+            ("net.ipv4.conf.all.forwarding", false),
+            ("net.ipv6.conf.default.forwarding", false),
+            ("kernel.random.uuid", true),
+            ("fs.dentry-state", true),
+            ("kernel.panic_on_oops", false),
+            ("net.netfilter.nf_conntrack_count", true),
+        ] {
+            assert_eq!(volatile_sysctl(key), volatile, "{key}");
+        }
+    }
 }
