@@ -94,14 +94,18 @@ impl Machine {
         })
     }
 
-    /// Writes back every kernel parameter of `TOUCHED_SYSCTLS` that differs now.
+    /// Writes back every kernel parameter of `TOUCHED_SYSCTLS` that differs now. Reads only
+    /// those, so it is cheap enough to call while waiting for the kubelet.
     pub fn restore_sysctls(&self) {
-        let now = sysctls().unwrap_or_default();
         for key in TOUCHED_SYSCTLS {
-            if let Some(before) = self.sysctls.get(key)
-                && now.get(key) != Some(before)
-            {
-                let _ = std::fs::write(sysctl_path(key), before);
+            let Some(before) = self.sysctls.get(key) else {
+                continue;
+            };
+            let path = sysctl_path(key);
+            let now = std::fs::read_to_string(&path).unwrap_or_default();
+            // /proc/sys separates values with tabs where `sysctl -a` shows spaces.
+            if now.split_whitespace().ne(before.split_whitespace()) {
+                let _ = std::fs::write(&path, before);
             }
         }
     }

@@ -163,10 +163,15 @@ impl Ground {
         self.start_kubelet(&plane)?;
         self.start_scheduler(&plane)?;
         self.start_kube_proxy(&plane)?;
-        self.wait("node Ready", Duration::from_secs(60), || node_ready(&plane))?;
+        // The kubelet sets vm.overcommit_memory, kernel.panic and kernel.panic_on_oops while
+        // starting; a kernel oops must not reboot the machine, so they go back at once, on
+        // every poll until the node is Ready and once more after.
+        let before = self.before.clone();
+        self.wait("node Ready", Duration::from_secs(60), || {
+            before.restore_sysctls();
+            node_ready(&plane)
+        })?;
         let ready_after = kubelet_started.elapsed();
-        // The kubelet set vm.overcommit_memory, kernel.panic and kernel.panic_on_oops while
-        // starting; a kernel oops must not reboot the machine.
         self.before.restore_sysctls();
         self.wait(
             "kube-proxy's nftables table",
