@@ -27,6 +27,8 @@ pub struct ProbeSettings {
     pub port: u16,
     pub path: String,
     pub timeout: Duration,
+    /// How often every pod is probed.
+    pub interval: Duration,
     /// How often the settled active pod alone is probed.
     pub active_interval: Duration,
     pub threshold: u32,
@@ -73,6 +75,7 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         port: h.port as u16,
         path: h.path.clone(),
         timeout,
+        interval,
         active_interval,
         threshold: h.failure_threshold.max(1) as u32,
         tls,
