@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -87,9 +87,24 @@ async fn create_vc(client: &kube::Client, ns: &str, health: &str) -> anyhow::Res
     Ok(())
 }
 
-/// Vault pods answering over TLS, the CA in a Secret, and a VaultCluster that uses both,
+/// Where a test keeps the CA bundle its VaultCluster names.
+#[derive(Clone, Copy)]
+enum CaIn {
+    ConfigMap,
+    Secret,
+}
+
+/// Vault pods answering over TLS, the CA in a ConfigMap, and a VaultCluster that uses both,
 /// so that every rule of the ClusterRole is exercised.
 async fn tls_vault(client: &kube::Client, ns: &str) -> anyhow::Result<SimCluster> {
+    tls_vault_with(client, ns, CaIn::ConfigMap).await
+}
+
+async fn tls_vault_with(
+    client: &kube::Client,
+    ns: &str,
+    ca_in: CaIn,
+) -> anyhow::Result<SimCluster> {
     create_namespace(client, ns).await?;
     let ca = Authority::new("ship-ca")?;
     let cert = ca.serving(&[
@@ -108,13 +123,29 @@ async fn tls_vault(client: &kube::Client, ns: &str) -> anyhow::Result<SimCluster
         }),
     )
     .await?;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
-    )?;
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await?;
-    create_vc(client, ns, "{scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    let bundle = json!({"metadata": {"name": "vault-ca"}, "data": {"ca.crt": ca.cert_pem()}});
+    let reference = match ca_in {
+        CaIn::ConfigMap => {
+            let map: ConfigMap = serde_json::from_value(bundle)?;
+            Api::<ConfigMap>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &map)
+                .await?;
+            "caConfigMapRef"
+        }
+        CaIn::Secret => {
+            let mut bundle = bundle;
+            bundle["stringData"] = bundle["data"].take();
+            let secret: Secret = serde_json::from_value(bundle)?;
+            Api::<Secret>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &secret)
+                .await?;
+            "caSecretRef"
+        }
+    };
+    let health = format!(
+        "{{scheme: https, interval: 500ms, timeout: 300ms, tls: {{{reference}: {{name: vault-ca}}, serverName: '{{pod}}.vault-internal'}}}}"
+    );
+    create_vc(client, ns, &health).await?;
     Ok(vault)
 }
 
@@ -376,6 +407,12 @@ async fn every_cluster_role_rule_is_needed() -> anyhow::Result<()> {
     let rules: Vec<serde_json::Value> =
         serde_json::from_value(serde_json::from_str::<serde_json::Value>(&role)?["rules"].clone())?;
     assert_eq!(rules.len(), 7, "{rules:?}");
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r["resources"].to_string().contains("secrets")),
+        "no cluster-wide Secret access: {rules:?}"
+    );
     let mut cases = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let resource = rule["resources"][0].as_str().unwrap().to_string();
@@ -628,6 +665,74 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
     converged(&client, &vault, watched).await?;
     let text = operator.log_text();
     assert!(!text.contains("forbidden"), "{text}");
+    Ok(())
+}
+
+/// The CA in a Secret (caSecretRef) works only in a namespace the chart lists in
+/// `tls.secretNamespaces`; elsewhere the VaultCluster says why in its status, and nothing is
+/// labelled on a guess.
+#[tokio::test]
+async fn ca_secrets_are_readable_only_in_listed_namespaces() -> anyhow::Result<()> {
+    install_crd().await?;
+    let client = shared().client().await?;
+    let (ops, listed, other) = ("ship-csops", "ship-cs-listed", "ship-cs-other");
+    create_namespace(&client, ops).await?;
+    let listed_vault = tls_vault_with(&client, listed, CaIn::Secret).await?;
+    let other_vault = tls_vault_with(&client, other, CaIn::Secret).await?;
+    let set = format!("tls.secretNamespaces={{{listed}}}");
+    helm(&[
+        "install",
+        "csr",
+        chart().to_str().unwrap(),
+        "-n",
+        ops,
+        "--skip-crds",
+        "--set",
+        &set,
+    ])
+    .await?;
+    let account = user(ops, "csr-vault-registrar");
+    assert_eq!(
+        can_i(&account, &["get", "secrets", "-n", listed]).await?,
+        "yes"
+    );
+    assert_eq!(
+        can_i(&account, &["get", "secrets", "-n", other]).await?,
+        "no"
+    );
+    assert_eq!(can_i(&account, &["get", "secrets", "-n", ops]).await?, "no");
+    assert_eq!(
+        can_i(&account, &["get", "configmaps", "-n", other]).await?,
+        "yes"
+    );
+
+    let kubeconfig = token_kubeconfig(ops, "csr-vault-registrar").await?;
+    let log = shared().dir().join("operator-csr.log");
+    let _operator = Operator::start(
+        bin(),
+        &kubeconfig,
+        &["--namespace", listed, "--namespace", other],
+        &log,
+    )?;
+    converged(&client, &listed_vault, listed).await?;
+    let api = Api::<vault_registrar::crd::VaultCluster>::namespaced(client.clone(), other);
+    let message = wait::until("InvalidSpec naming the refused Secret", LIMIT, || async {
+        let status = api.get("vault").await?.status.unwrap_or_default();
+        Ok(status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "InvalidSpec")
+            .map(|c| c.message))
+    })
+    .await?;
+    assert!(
+        message.contains("spec.health.tls.caSecretRef")
+            && message.contains("forbidden")
+            && message.contains("tls.secretNamespaces"),
+        "{message}"
+    );
+    let labels = other_vault.labels(0).await?;
+    assert!(!labels.contains_key("vault-active"), "{labels:?}");
     Ok(())
 }
 
