@@ -5,7 +5,7 @@ BIN_DIR = $(shell tests/controlplane/build.sh)
 VAULT_BIN = $(shell tests/vault/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries vault test unit e2e demo bench bench-scale crds lint check-tools
+.PHONY: all build binaries vault test unit e2e demo bench bench-scale crds lint check-tools fuzz
 
 all: build
 
@@ -27,9 +27,18 @@ vault: check-tools
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests.
+## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
+## then a bounded fuzz run of each parser (replaying every saved regression first).
+FUZZ_TEST_SECONDS ?= 20
 test: binaries vault
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	fuzz/run.sh $(FUZZ_TEST_SECONDS)
+
+## Coverage-guided fuzzing (libFuzzer, stable toolchain) of the health parser, the duration
+## parser and selector matching, FUZZ_SECONDS each; the corpus is kept under ~/.cache.
+FUZZ_SECONDS ?= 600
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 unit:
 	$(CARGO) test --workspace --lib
