@@ -5,7 +5,7 @@ BIN_DIR = $(shell tests/controlplane/build.sh)
 VAULT_BIN = $(shell tests/vault/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries vault testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools
+.PHONY: all build binaries vault testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools fuzz
 
 all: build
 
@@ -40,10 +40,19 @@ testkit-bins:
 TESTKIT_BIN_DIR = $(CURDIR)/target/debug
 
 ## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
-## the chart on a real node (tests/node.rs).
+## the chart on a real node (tests/node.rs), then a bounded fuzz run of each parser
+## (replaying every saved regression first).
+FUZZ_TEST_SECONDS ?= 20
 test: binaries vault testkit-bins
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" \
 		$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	fuzz/run.sh $(FUZZ_TEST_SECONDS)
+
+## Coverage-guided fuzzing (libFuzzer, stable toolchain) of the health parser, the duration
+## parser and selector matching, FUZZ_SECONDS each; the corpus is kept under ~/.cache.
+FUZZ_SECONDS ?= 600
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 unit:
 	$(CARGO) test --workspace --lib

@@ -12,8 +12,68 @@ use serde::{Deserialize, Serialize};
 /// Finalizer that removes this operator's labels from the pods before a VaultCluster goes.
 pub const FINALIZER: &str = "vault-registrar.dev/cleanup";
 
-/// Kubernetes duration strings ("2s", "1m30s", "250ms").
+/// Kubernetes duration strings ("2s", "1m30s", "250ms"): unsigned, every number with a
+/// unit. kube's parser reads more (a sign, a bare "0", ".5s", "μs" with the Greek mu); the
+/// schema keeps to this subset, so every stored duration parses and none is negative.
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// The longest duration read, in seconds (some thirty million years): far beyond any use,
+/// far below what overflows kube's arithmetic.
+const MAX_SECONDS: f64 = 1e15;
+
+/// An upper bound of a duration's length in seconds, from its digits and units alone: each
+/// number counts as the next power of ten above it, an unknown unit as hours.
+fn upper_bound_seconds(text: &str) -> f64 {
+    let mut total = 0.0;
+    let mut rest = text.trim_start_matches(['+', '-']);
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let whole = rest[..number_end].split('.').next().unwrap_or_default();
+        let whole = whole.trim_start_matches('0');
+        rest = &rest[number_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            _ => 3600.0,
+        };
+        rest = &rest[unit_end..];
+        total += 10f64.powi(whole.len().min(400) as i32) * scale;
+    }
+    total
+}
+
+/// Reads a duration with kube's parser (Go's `time.ParseDuration` syntax), refusing what
+/// the schema refuses and kube would take: an empty string and a negative duration.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    // kube's parser panics on a sign after the first piece ("1h-8h") and on a number too
+    // big for a Duration ("0888…8s"); both found by fuzzing (fuzz/regressions/duration).
+    if text.get(1..).is_some_and(|rest| rest.contains(['+', '-'])) {
+        return Err(format!(
+            "{text:?} is not a duration: a sign may only lead it"
+        ));
+    }
+    if upper_bound_seconds(text) > MAX_SECONDS {
+        return Err(format!("{text:?} is too long a duration"));
+    }
+    let parsed: kube::core::Duration = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a duration: {e}"))?;
+    if parsed.is_negative() {
+        return Err(format!("{text:?} is negative"));
+    }
+    Ok(parsed.into())
+}
 
 /// Selects the Vault pods of one cluster and decides how the operator labels them, probes
 /// them and which Services it generates for them.
@@ -179,11 +239,20 @@ pub enum Scheme {
 /// How the probe verifies Vault's serving certificate.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.caConfigMapRef) && has(self.caSecretRef))").message("set caConfigMapRef or caSecretRef, not both"))]
 pub struct TlsSpec {
-    /// Secret in this namespace holding the CA bundle (PEM) that signed Vault's certificate.
-    /// Required for https unless insecureSkipVerify is set.
+    /// ConfigMap in this namespace holding the CA bundle (PEM) that signed Vault's
+    /// certificate, in data or binaryData: the usual home of public CA bundles (what
+    /// trust-manager distributes, say), and readable without access to Secrets. With
+    /// neither this nor caSecretRef, https needs insecureSkipVerify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_secret_ref: Option<SecretKeyRef>,
+    pub ca_config_map_ref: Option<KeyRef>,
+
+    /// Secret in this namespace holding the CA bundle (PEM). The operator may read Secrets
+    /// only in the namespaces its Helm chart lists in tls.secretNamespaces; prefer
+    /// caConfigMapRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<KeyRef>,
 
     /// Name to verify in the certificate instead of the pod IP, also sent as SNI. May use
     /// {pod} and {namespace}, e.g. "{pod}.vault-internal"; with them filled in it must be a
@@ -198,14 +267,14 @@ pub struct TlsSpec {
     pub insecure_skip_verify: bool,
 }
 
-/// A key of a Secret in the VaultCluster's namespace.
+/// A key of a ConfigMap or Secret in the VaultCluster's namespace.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct SecretKeyRef {
-    /// Name of the Secret.
+pub struct KeyRef {
+    /// Name of the ConfigMap or Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// Key in the Secret's data.
+    /// Key holding the PEM bundle.
     #[serde(default = "default_ca_key")]
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
@@ -413,4 +482,68 @@ pub struct MemberStatus {
     /// current run of failures.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_probe_error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_with_kube() {
+        for (text, millis) in [
+            ("2s", 2000),
+            ("200ms", 200),
+            ("1m30s", 90_000),
+            ("1.5s", 1500),
+            ("1h", 3_600_000),
+            ("500000us", 500),
+            ("0s", 0),
+            ("00ns0ns5000000000000ns", 5_000_000),
+        ] {
+            assert_eq!(
+                parse_duration(text).unwrap(),
+                Duration::from_millis(millis),
+                "{text}"
+            );
+        }
+        let huge = format!("0{}s", "8".repeat(29));
+        let many = "99999999999999h".repeat(3);
+        for text in [
+            "",
+            "2",
+            "s",
+            "2x",
+            "two seconds",
+            "1..5s",
+            "-1s",
+            "1h-8h",
+            "1s+1s",
+            &huge,
+            &many,
+        ] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
+
+    /// The schema's pattern admits only durations the parser reads; what the parser reads
+    /// beyond it (documented at DURATION_PATTERN) the API server refuses.
+    #[test]
+    fn schema_pattern_is_a_subset_of_the_parser() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+        for text in [
+            "2s", "1m30s", "1.5s", "250ms", "10us", "10µs", "3ns", "1h2m3s", "0s",
+        ] {
+            assert!(pattern.is_match(text), "{text}");
+            assert!(parse_duration(text).is_ok(), "{text}");
+        }
+        for text in ["+1s", "0", ".5s", "1.s", "10μs"] {
+            assert!(!pattern.is_match(text), "{text}: schema refuses");
+            assert!(parse_duration(text).is_ok(), "{text}: kube reads it");
+        }
+        for text in ["-1s", "", "1", "1d", "1 s", "s"] {
+            assert!(!pattern.is_match(text), "{text}");
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
 }

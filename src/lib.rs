@@ -6,7 +6,6 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod decide;
-pub mod duration;
 pub mod error;
 pub mod fail_static;
 pub mod fdlimit;
@@ -24,6 +23,7 @@ pub mod selector;
 pub mod server;
 pub mod services;
 pub mod status;
+pub mod text;
 pub mod tracker;
 
 /// The CRD as YAML, as `vault-registrar crd` prints it and `crds/` holds it.

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::crd::{FINALIZER, VaultCluster};
 use crate::decide::decide;
 use crate::error::Error;
+use crate::fail_static;
 use crate::index::SlimPod;
 use crate::labels::{LabelNames, diff, removal};
 use crate::metrics::Metrics;
@@ -38,7 +39,6 @@ use crate::rhythm::{self, Rhythm, Round};
 use crate::services;
 use crate::status::{Observation, build};
 use crate::tracker::Tracker;
-use crate::{duration, fail_static};
 
 use cache::{Caches, Kind};
 
@@ -58,6 +58,9 @@ pub struct Context {
     /// Clusters (by UID) whose pods or Services a watch reported changed since their last
     /// round: their next round is a full one.
     dirty: Mutex<std::collections::HashSet<String>>,
+    /// When each cluster's (by UID) status was last written: changes that can wait are
+    /// written at most once per interval.
+    status_written: Mutex<HashMap<String, Instant>>,
     /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
@@ -84,6 +87,7 @@ impl Context {
             trackers: Mutex::new(HashMap::new()),
             rhythms: Mutex::new(HashMap::new()),
             dirty: Mutex::new(std::collections::HashSet::new()),
+            status_written: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             leading,
         })
@@ -280,7 +284,7 @@ async fn reconcile(
 }
 
 fn interval(vc: &VaultCluster) -> Duration {
-    duration::parse(&vc.spec.health.interval).unwrap_or(Duration::from_secs(2))
+    crate::crd::parse_duration(&vc.spec.health.interval).unwrap_or(Duration::from_secs(2))
 }
 
 fn cluster_name(vc: &VaultCluster) -> String {
@@ -299,6 +303,9 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         }
         Err(settings::Unusable::Api(error)) => return Err(error),
     };
+    if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
+        return report::invalid(vc, ctx, problem).await;
+    }
     if let Some(problem) = services::name_clash(vc) {
         return report::invalid(vc, ctx, problem).await;
     }
@@ -407,6 +414,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let uid = vc.uid().unwrap_or_default();
     ctx.trackers.lock().unwrap().remove(&uid);
     ctx.rhythms.lock().unwrap().remove(&uid);
+    ctx.status_written.lock().unwrap().remove(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }

@@ -3,14 +3,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kube::ResourceExt;
+use kube::core::SelectorExt;
 use tokio::sync::Semaphore;
 
 use super::Context;
 use super::settings::ProbeSettings;
 use crate::crd::VaultCluster;
 use crate::decide::{Member, Reach};
+use crate::health::Health;
 use crate::index::SlimPod;
 use crate::probe::{Target, server_name};
 use crate::selector;
@@ -61,8 +64,9 @@ fn sort(
         overlaps: Vec::new(),
         strays: Vec::new(),
     };
+    let parsed = selector::parse(&vc.spec.selector);
     for pod in pods {
-        let selected = selector::matches(&vc.spec.selector, &pod.labels);
+        let selected = parsed.as_ref().is_ok_and(|s| s.matches(&pod.labels));
         let others = if selected {
             selecting(&pod.labels)
         } else {
@@ -98,10 +102,13 @@ pub async fn sentinel(
         return false;
     };
     let trackers = ctx.trackers.lock().unwrap();
+    // Only the role and the seal count here: a new version waits for the next full round,
+    // which holds it to one change per interval.
+    let seen = |h: &Health| (h.role, h.initialized, h.sealed);
     trackers
         .get(&vc.uid().unwrap_or_default())
         .and_then(|t| t.healthy(&pod.uid))
-        == Some(&health)
+        .is_some_and(|h| seen(h) == seen(&health))
 }
 
 pub async fn probe_all(
@@ -115,6 +122,7 @@ pub async fn probe_all(
         futures::future::join_all(pods.iter().map(|pod| probe_pod(ctx, settings, &share, pod)))
             .await;
     let key = vc.uid().unwrap_or_default();
+    let now = Instant::now();
     let mut trackers = ctx.trackers.lock().unwrap();
     let tracker = trackers.entry(key).or_default();
     let uids: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
@@ -129,7 +137,13 @@ pub async fn probe_all(
             };
             let verdict = match outcome {
                 Err(reason) => tracker.down(&pod.uid, &reason),
-                Ok(outcome) => tracker.record(&pod.uid, outcome, settings.threshold),
+                Ok(outcome) => tracker.record(
+                    &pod.uid,
+                    outcome,
+                    settings.threshold,
+                    now,
+                    settings.interval,
+                ),
             };
             Member {
                 name: pod.name.clone(),
