@@ -241,7 +241,13 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
             let svc = Api::<Service>::namespaced(client, ns).get(service).await?;
             let spec = svc.spec.unwrap_or_default();
             let ip = spec.cluster_ip.unwrap_or_default();
-            let port = spec.ports.unwrap_or_default()[0].port;
+            let port = spec
+                .ports
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.port)
+                .find(|p| *p == i32::from(VAULT_PORT))
+                .ok_or_else(|| anyhow::anyhow!("{service} has no port {VAULT_PORT}"))?;
             let addr = format!("{ip}:{port}").parse()?;
             wait::until(
                 &format!("{want} through {service} ({addr})"),
@@ -272,7 +278,6 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
     let mut standby = vec![ips[0].clone(), ips[2].clone()];
     standby.sort();
     assert_eq!(endpoint_ips(&client, ns, "vault-standby").await?, standby);
-    let _ = VAULT_PORT;
     let diffs = tokio::task::block_in_place(|| node.stop());
     assert!(diffs.is_empty(), "after teardown:\n{}", diffs.join("\n"));
     Ok(())
