@@ -33,9 +33,10 @@ vault: check-tools
 build:
 	$(CARGO) build --workspace --all-targets
 
-## The test kit's programs that go into container images (the Vault simulator, pause).
+## The test kit's programs that go into container images (the Vault simulator, pause), and
+## node-hold, which tests/node.rs kills outright.
 testkit-bins:
-	$(CARGO) build -p vault-registrar-testkit --bin vault-sim --bin pause
+	$(CARGO) build -p vault-registrar-testkit --bin vault-sim --bin pause --bin node-hold
 
 TESTKIT_BIN_DIR = $(CURDIR)/target/debug
 

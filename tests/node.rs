@@ -158,6 +158,61 @@ fn a_panicking_test_leaves_the_machine_as_it_found_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_run_killed_outright_is_cleaned_up_by_the_next_start() -> anyhow::Result<()> {
+    let _turn = TURN.blocking_lock();
+    let before = {
+        let _lock = MachineLock::acquire()?;
+        image::built(bin())?;
+        Machine::observe()?
+    };
+    let marker = std::env::temp_dir().join(format!("vault-registrar-held-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let hold = image::testkit_bins()?.join("node-hold");
+    let mut child = std::process::Command::new(&hold)
+        .arg(bin())
+        .arg(&marker)
+        .spawn()?;
+    let start = Instant::now();
+    while !marker.exists() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(180),
+            "node-hold did not start its node"
+        );
+        anyhow::ensure!(child.try_wait()?.is_none(), "node-hold exited");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let held_dir = std::fs::read_to_string(&marker)?;
+    let child_pid = child.id();
+    child.kill()?;
+    child.wait()?;
+    std::fs::remove_file(&marker)?;
+    let left = Machine::observe()?.differences(&before);
+    println!("left by the killed run: {left:?}");
+    assert!(
+        left.iter().any(|d| d.contains("cni0")),
+        "the killed run left no bridge: {left:?}"
+    );
+    let node = start_node()?;
+    let diffs = node.stop();
+    assert!(
+        diffs.is_empty(),
+        "after the next node's teardown:\n{}",
+        diffs.join("\n")
+    );
+    assert!(!Path::new(&held_dir).exists(), "{held_dir} left behind");
+    let files_left: Vec<String> = std::fs::read_dir(std::env::temp_dir())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("vault-registrar-") && n.contains(&format!("-{child_pid}-")))
+        .collect();
+    assert!(
+        files_left.is_empty(),
+        "the killed run's files: {files_left:?}"
+    );
+    Ok(())
+}
+
 /// Two replicas, both Ready, one leading; what each says; Vault simulator pods labelled
 /// and reachable through the generated Services.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,8 +146,9 @@ impl ControlPlane {
     /// As `start`, laid out as `layout` says.
     pub fn start_with(layout: &Layout) -> anyhow::Result<Self> {
         let bins = Binaries::locate()?;
+        // The PID in the name lets a later node start remove the files of a killed run.
         let dir = tempfile::Builder::new()
-            .prefix("vault-registrar-cp-")
+            .prefix(&format!("vault-registrar-cp-{}-", std::process::id()))
             .tempdir()?;
         let files = PkiFiles::write(dir.path(), layout)?;
         let mut plane = Self {

@@ -63,7 +63,7 @@ fn build_all(operator_bin: &Path) -> anyhow::Result<Images> {
     let before = machine::Machine::observe()?;
     let start = Instant::now();
     let dir = tempfile::Builder::new()
-        .prefix("vault-registrar-images-")
+        .prefix(&format!("vault-registrar-images-{}-", std::process::id()))
         .tempdir()?
         .keep();
     crate::controlplane::register_dir_for_exit(dir.clone());
@@ -137,9 +137,10 @@ const SIM_CONTAINERFILE: &str = "FROM scratch\nCOPY base/ /\nCOPY --chown=65532:
 const PAUSE_CONTAINERFILE: &str =
     "FROM scratch\nCOPY base/ /\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT [\"/pause\"]\n";
 
-/// The test kit's own programs (the simulator and pause): from VAULT_REGISTRAR_TESTKIT_BIN_DIR
-/// when set (as `make test` does), otherwise built now with cargo.
-fn testkit_bins() -> anyhow::Result<PathBuf> {
+/// The directory of the test kit's own programs (the simulator, pause, node-hold): from
+/// VAULT_REGISTRAR_TESTKIT_BIN_DIR when set (as `make test` does), otherwise built now with
+/// cargo.
+pub fn testkit_bins() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("VAULT_REGISTRAR_TESTKIT_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
@@ -154,6 +155,8 @@ fn testkit_bins() -> anyhow::Result<PathBuf> {
         "vault-sim",
         "--bin",
         "pause",
+        "--bin",
+        "node-hold",
     ]))
     .context("building the simulator and pause programs")?;
     let target = std::env::var_os("CARGO_TARGET_DIR")

@@ -411,6 +411,26 @@ fn clean_leftovers() {
         }
     }
     remove_node_state(DIR_PREFIX, &tmp.join(DIR_PREFIX));
+    remove_dead_processes_dirs(&tmp);
+}
+
+/// The control-plane and image directories of processes that are gone (their names hold
+/// the PID): a killed run never removed them.
+fn remove_dead_processes_dirs(tmp: &Path) {
+    for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid = ["vault-registrar-cp-", "vault-registrar-images-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            machine::unmount_below(&entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn cni_config(data_dir: &Path) -> String {
