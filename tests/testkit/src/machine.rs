@@ -331,20 +331,25 @@ fn remove_cgroup_tree(dir: &Path, failed: &mut Vec<String>) {
     failed.push(dir.display().to_string());
 }
 
-/// Processes whose command line contains `needle` (e.g. containerd's shims, which name
-/// their containerd's socket), except this one.
-pub fn pids_with_arg(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
+/// containerd's shims (`containerd-shim-runc-v2`) whose command line contains `needle` (the
+/// socket of the containerd that started them). Only shims: nothing else is matched by name.
+pub fn shim_pids(needle: &str) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let program = args.first().map(|a| a.rsplit('/').next().unwrap_or(a));
+                program.is_some_and(|p| p.starts_with("containerd-shim"))
+                    && args.iter().any(|a| a.contains(needle))
+            })
         })
         .collect()
 }

@@ -379,7 +379,7 @@ fn remove_node_state(shim_needle: &str, dir: &Path) {
         }
     });
     slow_step("killing the shims", || {
-        machine::kill_all(machine::pids_with_arg(shim_needle))
+        machine::kill_all(machine::shim_pids(shim_needle))
     });
     slow_step("removing network namespaces", || {
         machine::remove_new_netns(&BTreeSet::new())
@@ -398,7 +398,7 @@ fn remove_node_state(shim_needle: &str, dir: &Path) {
 /// belongs to a dead run.
 fn clean_leftovers() {
     let bridge_left = Path::new("/sys/class/net").join(BRIDGE).exists();
-    let shims = machine::pids_with_arg(DIR_PREFIX);
+    let shims = machine::shim_pids(DIR_PREFIX);
     if !bridge_left && shims.is_empty() && machine::kubepods_pids().is_empty() {
         return;
     }
