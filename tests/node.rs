@@ -38,10 +38,12 @@ fn start_node() -> anyhow::Result<NodePlane> {
     let started = Instant::now();
     let node = NodePlane::start(bin())?;
     println!(
-        "node Ready {:?} after the kubelet started; {:?} in all (images built once per process in {:?})",
+        "node Ready {:?} after the kubelet started; {:?} in all (images built once per process in {:?}); RSS MiB: kubelet {:?}, containerd {:?}",
         node.ready_after,
         started.elapsed(),
-        node.images.took
+        node.images.took,
+        node.rss_mib("kubelet"),
+        node.rss_mib("containerd"),
     );
     Ok(node)
 }
@@ -333,6 +335,12 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
     let mut standby = vec![ips[0].clone(), ips[2].clone()];
     standby.sort();
     assert_eq!(endpoint_ips(&client, ns, "vault-standby").await?, standby);
+    println!(
+        "with 5 pods: RSS MiB kubelet {:?}, containerd {:?}, kube-proxy {:?}",
+        node.rss_mib("kubelet"),
+        node.rss_mib("containerd"),
+        node.rss_mib("kube-proxy")
+    );
     let diffs = tokio::task::block_in_place(|| node.stop());
     assert!(diffs.is_empty(), "after teardown:\n{}", diffs.join("\n"));
     Ok(())

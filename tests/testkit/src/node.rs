@@ -117,6 +117,21 @@ impl NodePlane {
             .with_context(|| format!("no task for container {id} in:\n{out}"))
     }
 
+    /// Resident memory of a node process (kubelet, containerd, kube-proxy, kube-scheduler)
+    /// in MiB, from /proc.
+    pub fn rss_mib(&self, name: &str) -> Option<u64> {
+        let (_, child) = self.procs.iter().find(|(n, _)| *n == name)?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kb / 1024)
+    }
+
     /// The last lines of a node component's log (kubelet, containerd, kube-proxy,
     /// kube-scheduler).
     pub fn log_tail(&self, name: &str) -> String {
