@@ -34,9 +34,10 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## The test kit's programs that go into container images (the Vault simulator, pause), and
-## node-hold, which tests/node.rs kills outright.
+## node-hold, which tests/node.rs kills outright. Built with the whole workspace's features,
+## as `cargo test --workspace` resolves them, so neither build undoes the other's.
 testkit-bins:
-	$(CARGO) build -p vault-registrar-testkit --bin vault-sim --bin pause --bin node-hold
+	$(CARGO) build --workspace --bin vault-sim --bin pause --bin node-hold
 
 TESTKIT_BIN_DIR = $(CURDIR)/target/debug
 
@@ -60,10 +61,10 @@ unit:
 
 ## The chart installed for real on a local node (the operator's image built here) over
 ## Vault simulator pods: labels, the active Service, a failover, the leader's pod deleted.
-demo: binaries testkit-bins
-	$(CARGO) build --bin vault-registrar
+demo: binaries
+	$(CARGO) build --workspace --bin vault-registrar --bin demo --bin vault-sim --bin pause
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
-		$(CARGO) run -q -p vault-registrar-testkit --bin demo
+		$(TESTKIT_BIN_DIR)/demo
 
 ## The operator (a process on the control plane) over a real three-node Vault raft cluster.
 demo-raft: binaries vault

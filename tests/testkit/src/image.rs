@@ -149,8 +149,7 @@ pub fn testkit_bins() -> anyhow::Result<PathBuf> {
     run(Command::new(cargo).current_dir(&root).args([
         "build",
         "-q",
-        "-p",
-        "vault-registrar-testkit",
+        "--workspace",
         "--bin",
         "vault-sim",
         "--bin",
