@@ -93,7 +93,7 @@ fn build_all(operator_bin: &Path) -> anyhow::Result<Images> {
         })
     })();
     machine::unmount_below(&dir);
-    machine::remove_new_paths(&before);
+    machine::remove_new_paths(&before.paths);
     let _ = std::fs::remove_dir_all(dir.join("storage"));
     result
 }

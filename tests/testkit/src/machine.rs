@@ -74,6 +74,8 @@ pub struct Machine {
     pub links: BTreeSet<String>,
     pub mounts: BTreeSet<String>,
     pub cgroups: BTreeSet<String>,
+    /// `FIXED_PATHS` that exist and everything below them (shim sockets, CNI results, log
+    /// links accumulate in directories that may have been there before).
     pub paths: BTreeSet<String>,
     pub nft_tables: BTreeSet<String>,
 }
@@ -85,11 +87,7 @@ impl Machine {
             links: links()?,
             mounts: mounts()?,
             cgroups: kubepods_cgroups(),
-            paths: FIXED_PATHS
-                .iter()
-                .filter(|p| Path::new(p).exists())
-                .map(|p| p.to_string())
-                .collect(),
+            paths: fixed_path_entries(),
             nft_tables: nft_tables(),
         })
     }
@@ -390,19 +388,67 @@ fn nft_tables() -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Removes the paths of `FIXED_PATHS` that were not there `before`, unmounting what is
-/// mounted below them first.
-pub fn remove_new_paths(before: &Machine) {
+/// Every existing path at or below `FIXED_PATHS`, symlinks not followed.
+fn fixed_path_entries() -> BTreeSet<String> {
+    let mounts = mounts().unwrap_or_default();
+    let mut out = BTreeSet::new();
     for path in FIXED_PATHS {
-        if before.paths.contains(path) {
-            continue;
-        }
-        let path = Path::new(path);
-        if path.exists() {
-            unmount_below(path);
-            let _ = std::fs::remove_dir_all(path);
+        walk(Path::new(path), &mounts, &mut out);
+    }
+    out
+}
+
+fn walk(path: &Path, mounts: &BTreeSet<String>, out: &mut BTreeSet<String>) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    let name = path.display().to_string();
+    // Mount points (a container's rootfs, say) are not descended.
+    let descend = meta.is_dir() && !mounts.contains(&name);
+    out.insert(name);
+    if descend {
+        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+            walk(&entry.path(), mounts, out);
         }
     }
+}
+
+/// Removes what is at or below `FIXED_PATHS` and was not in `before` (unmounting first what
+/// is mounted there), outermost first.
+pub fn remove_new_paths(before: &BTreeSet<String>) {
+    for path in fixed_path_entries() {
+        if before.contains(&path) {
+            continue;
+        }
+        let path = Path::new(&path);
+        unmount_below(path);
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => {
+                let _ = std::fs::remove_dir_all(path);
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Where a node keeps, while it runs, the record of the fixed paths before it started: a
+/// run killed outright leaves it for the next start to clean up against.
+const PATHS_RECORD: &str = "/run/lock/vault-registrar-node.paths";
+
+/// Saves `paths` as the running node's record.
+pub fn save_paths_record(paths: &BTreeSet<String>) -> anyhow::Result<()> {
+    let text: String = paths.iter().map(|p| format!("{p}\n")).collect();
+    std::fs::write(PATHS_RECORD, text).with_context(|| format!("writing {PATHS_RECORD}"))
+}
+
+/// The record a node that was not torn down left, removed; None when every node was.
+pub fn take_paths_record() -> Option<BTreeSet<String>> {
+    let text = std::fs::read_to_string(PATHS_RECORD).ok()?;
+    let _ = std::fs::remove_file(PATHS_RECORD);
+    Some(text.lines().map(str::to_string).collect())
 }
 
 /// Pods' network namespaces (containerd names them `cni-<uuid>` in /run/netns) that were

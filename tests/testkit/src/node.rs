@@ -64,6 +64,7 @@ impl NodePlane {
         clean_leftovers();
         let images = image::built(operator_bin)?;
         let before = Machine::observe()?;
+        machine::save_paths_record(&before.paths)?;
         let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let mut ground = Ground {
             dir,
@@ -363,8 +364,9 @@ fn teardown(dir: &Path, procs: &mut Vec<(&'static str, Child)>, before: &Machine
         dir,
     );
     slow_step("removing files in fixed places", || {
-        machine::remove_new_paths(before)
+        machine::remove_new_paths(&before.paths)
     });
+    let _ = machine::take_paths_record();
     before.restore_sysctls();
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -414,7 +416,8 @@ fn remove_node_state(shim_needle: &str, dir: &Path) {
 fn clean_leftovers() {
     let bridge_left = Path::new("/sys/class/net").join(BRIDGE).exists();
     let shims = machine::shim_pids(DIR_PREFIX);
-    if !bridge_left && shims.is_empty() && machine::kubepods_pids().is_empty() {
+    let record = machine::take_paths_record();
+    if !bridge_left && shims.is_empty() && machine::kubepods_pids().is_empty() && record.is_none() {
         return;
     }
     eprintln!("removing the leftovers of a node that was not torn down");
@@ -426,6 +429,9 @@ fn clean_leftovers() {
         }
     }
     remove_node_state(DIR_PREFIX, &tmp.join(DIR_PREFIX));
+    if let Some(paths) = record {
+        machine::remove_new_paths(&paths);
+    }
     remove_dead_processes_dirs(&tmp);
 }
 
