@@ -11,13 +11,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::controller::{self, Context};
+use crate::crd::parse_duration;
 use crate::health_state::{self, HealthState, Limits};
 use crate::leader::{self, Clients, Leadership, LeaseSettings};
 use crate::lease::Timing;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::server::{self, Endpoints};
-use crate::{apiclient, duration, fdlimit};
+use crate::{apiclient, fdlimit};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,10 +37,6 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the VaultCluster CustomResourceDefinition as YAML.
     Crd,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    duration::parse(text)
 }
 
 #[derive(clap::Args, Debug)]

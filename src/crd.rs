@@ -12,8 +12,25 @@ use serde::{Deserialize, Serialize};
 /// Finalizer that removes this operator's labels from the pods before a VaultCluster goes.
 pub const FINALIZER: &str = "vault-registrar.dev/cleanup";
 
-/// Kubernetes duration strings ("2s", "1m30s", "250ms").
+/// Kubernetes duration strings ("2s", "1m30s", "250ms"): unsigned, every number with a
+/// unit. kube's parser reads more (a sign, a bare "0", ".5s", "μs" with the Greek mu); the
+/// schema keeps to this subset, so every stored duration parses and none is negative.
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// Reads a duration with kube's parser (Go's `time.ParseDuration` syntax), refusing what
+/// the schema refuses and kube would take: an empty string and a negative duration.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    let parsed: kube::core::Duration = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a duration: {e}"))?;
+    if parsed.is_negative() {
+        return Err(format!("{text:?} is negative"));
+    }
+    Ok(parsed.into())
+}
 
 /// Selects the Vault pods of one cluster and decides how the operator labels them, probes
 /// them and which Services it generates for them.
@@ -413,4 +430,53 @@ pub struct MemberStatus {
     /// current run of failures.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_probe_error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_with_kube() {
+        for (text, millis) in [
+            ("2s", 2000),
+            ("200ms", 200),
+            ("1m30s", 90_000),
+            ("1.5s", 1500),
+            ("1h", 3_600_000),
+            ("500000us", 500),
+            ("0s", 0),
+        ] {
+            assert_eq!(
+                parse_duration(text).unwrap(),
+                Duration::from_millis(millis),
+                "{text}"
+            );
+        }
+        for text in ["", "2", "s", "2x", "two seconds", "1..5s", "-1s"] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
+
+    /// The schema's pattern admits only durations the parser reads; what the parser reads
+    /// beyond it (documented at DURATION_PATTERN) the API server refuses.
+    #[test]
+    fn schema_pattern_is_a_subset_of_the_parser() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+        for text in [
+            "2s", "1m30s", "1.5s", "250ms", "10us", "10µs", "3ns", "1h2m3s", "0s",
+        ] {
+            assert!(pattern.is_match(text), "{text}");
+            assert!(parse_duration(text).is_ok(), "{text}");
+        }
+        for text in ["+1s", "0", ".5s", "1.s", "10μs"] {
+            assert!(!pattern.is_match(text), "{text}: schema refuses");
+            assert!(parse_duration(text).is_ok(), "{text}: kube reads it");
+        }
+        for text in ["-1s", "", "1", "1d", "1 s", "s"] {
+            assert!(!pattern.is_match(text), "{text}");
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
 }

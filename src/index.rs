@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+use kube::core::SelectorExt;
 
 use crate::crd::{PodSelector, VaultCluster};
 use crate::labels::{LEGACY_OWNER_ANNOTATION, OWNER_LABEL};
@@ -190,13 +191,13 @@ impl PodIndex {
             .iter()
             .map(|(k, v)| self.0.posting(ns, k, v))
             .min_by_key(|p| p.map_or(0, |names| names.len()));
-        let Some(Some(names)) = rarest else {
+        let (Some(Some(names)), Ok(parsed)) = (rarest, selector::parse(selector)) else {
             return Vec::new();
         };
         names
             .iter()
             .filter_map(|name| self.0.get(ns, name))
-            .filter(|pod| selector::matches(selector, &pod.labels))
+            .filter(|pod| parsed.matches(&pod.labels))
             .collect()
     }
 

@@ -6,7 +6,6 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod decide;
-pub mod duration;
 pub mod error;
 pub mod fail_static;
 pub mod fdlimit;

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -257,7 +258,7 @@ pub fn tls_config(
         let mut roots = rustls::RootCertStore::empty();
         match ca_pem {
             Some(pem) => {
-                let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+                let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
                     .collect::<Result<_, _>>()
                     .map_err(|e| format!("CA bundle is not PEM: {e}"))?;
                 if certs.is_empty() {

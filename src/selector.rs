@@ -1,28 +1,44 @@
 //! Which pods a VaultCluster selects, and which VaultCluster wins a pod that several select.
+//! Matching is kube's `Selector`; this module reads the spec into one and names the field
+//! of a requirement it cannot read.
 
 use std::collections::BTreeMap;
 
 use kube::ResourceExt;
+use kube::core::{Expression, Selector, SelectorExt};
 
 use crate::crd::{PodSelector, VaultCluster};
 
-/// Whether labels satisfy the selector: every matchLabels entry and every expression.
-pub fn matches(selector: &PodSelector, labels: &BTreeMap<String, String>) -> bool {
-    selector
+const OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
+
+/// The spec's selector as kube's `Selector`, or the problem with it, naming the field.
+pub fn parse(selector: &PodSelector) -> Result<Selector, String> {
+    let mut parsed: Selector = selector
         .match_labels
         .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
-        && selector.match_expressions.iter().all(|e| {
-            let value = labels.get(&e.key);
-            let listed = |v: &String| e.values.iter().flatten().any(|x| x == v);
-            match e.operator.as_str() {
-                "In" => value.is_some_and(listed),
-                "NotIn" => !value.is_some_and(listed),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => false,
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (i, requirement) in selector.match_expressions.iter().enumerate() {
+        let expression = Expression::try_from(requirement.clone()).map_err(|e| {
+            let operator = &requirement.operator;
+            if OPERATORS.contains(&operator.as_str()) {
+                format!("spec.selector.matchExpressions[{i}].values: {operator} needs values ({e})")
+            } else {
+                format!(
+                    "spec.selector.matchExpressions[{i}].operator: {operator:?} is not one of {}",
+                    OPERATORS.join(", ")
+                )
             }
-        })
+        })?;
+        parsed.extend(expression);
+    }
+    Ok(parsed)
+}
+
+/// Whether labels satisfy the selector. A selector that cannot be read selects nothing;
+/// the round reports it as a spec problem.
+pub fn matches(selector: &PodSelector, labels: &BTreeMap<String, String>) -> bool {
+    parse(selector).is_ok_and(|s| s.matches(labels))
 }
 
 /// Orders VaultClusters by age, oldest first; the name breaks ties so the order is total.
@@ -70,9 +86,15 @@ mod tests {
         }
     }
 
+    fn selector(expressions: Vec<LabelSelectorRequirement>) -> PodSelector {
+        PodSelector {
+            match_labels: labels(&[("app", "vault")]),
+            match_expressions: expressions,
+        }
+    }
+
     #[test]
     fn selector_table() {
-        let base = labels(&[("app", "vault")]);
         let pod = labels(&[("app", "vault"), ("tier", "a")]);
         let other = labels(&[("app", "other")]);
         let cases = vec![
@@ -95,19 +117,42 @@ mod tests {
                 false,
             ),
             (
-                "unknown operator",
+                "unknown operator selects nothing",
                 vec![req("tier", "Gt", &["1"])],
                 &pod,
                 false,
             ),
         ];
         for (name, expressions, pod_labels, expected) in cases {
-            let selector = PodSelector {
-                match_labels: base.clone(),
-                match_expressions: expressions,
-            };
-            assert_eq!(matches(&selector, pod_labels), expected, "{name}");
+            assert_eq!(
+                matches(&selector(expressions), pod_labels),
+                expected,
+                "{name}"
+            );
         }
+    }
+
+    #[test]
+    fn unreadable_requirements_name_their_field() {
+        let cases = [
+            (
+                vec![req("tier", "Exists", &[]), req("tier", "Gt", &["1"])],
+                "spec.selector.matchExpressions[1].operator: \"Gt\" is not one of In, NotIn, Exists, DoesNotExist",
+            ),
+            (
+                vec![req("tier", "in", &["a"])],
+                "spec.selector.matchExpressions[0].operator: \"in\" is not one of",
+            ),
+            (
+                vec![req("tier", "NotIn", &[])],
+                "spec.selector.matchExpressions[0].values: NotIn needs values",
+            ),
+        ];
+        for (expressions, want) in cases {
+            let got = parse(&selector(expressions)).unwrap_err();
+            assert!(got.starts_with(want), "{got}");
+        }
+        assert!(parse(&selector(vec![req("tier", "In", &["a"])])).is_ok());
     }
 
     fn cluster(name: &str, created: i64, app: &str) -> VaultCluster {

@@ -176,6 +176,40 @@ async fn configuration_errors_hold_labels_and_say_invalid_spec() -> anyhow::Resu
     Ok(())
 }
 
+/// A selector requirement with an operator kube's Selector cannot read (the schema of
+/// LabelSelectorRequirement leaves it a free string) is a spec problem naming the field:
+/// the labels are held, not dropped as if the selector selected nothing.
+#[tokio::test]
+async fn unknown_selector_operator_is_a_spec_problem() -> anyhow::Result<()> {
+    let f = converged_trio("fs-operator").await?;
+    let expressions = |operator: &str| {
+        Patch::Merge(json!({"spec": {"selector": {"matchExpressions": [
+            {"key": "app.kubernetes.io/name", "operator": operator, "values": ["vault"]}
+        ]}}}))
+    };
+    f.clusters()
+        .patch("vault", &PatchParams::default(), &expressions("Gt"))
+        .await?;
+    let message = f
+        .condition("vault", "Ready", "False", "InvalidSpec")
+        .await?;
+    assert!(
+        message.starts_with("spec.selector.matchExpressions[0].operator: \"Gt\""),
+        "{message}"
+    );
+    active_holds(&f, 0, Duration::from_secs(2)).await?;
+    f.labels(
+        "vault-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
+    f.clusters()
+        .patch("vault", &PatchParams::default(), &expressions("In"))
+        .await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    Ok(())
+}
+
 /// Case 3: the operator loses its path to every pod while Kubernetes reports them Ready.
 /// It holds the labels and says so; a pod Kubernetes reports not Ready is still shut down.
 #[tokio::test]

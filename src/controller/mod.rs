@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::crd::{FINALIZER, VaultCluster};
 use crate::decide::decide;
 use crate::error::Error;
+use crate::fail_static;
 use crate::index::SlimPod;
 use crate::labels::{LabelNames, diff, removal};
 use crate::metrics::Metrics;
@@ -38,7 +39,6 @@ use crate::rhythm::{self, Rhythm, Round};
 use crate::services;
 use crate::status::{Observation, build};
 use crate::tracker::Tracker;
-use crate::{duration, fail_static};
 
 use cache::{Caches, Kind};
 
@@ -280,7 +280,7 @@ async fn reconcile(
 }
 
 fn interval(vc: &VaultCluster) -> Duration {
-    duration::parse(&vc.spec.health.interval).unwrap_or(Duration::from_secs(2))
+    crate::crd::parse_duration(&vc.spec.health.interval).unwrap_or(Duration::from_secs(2))
 }
 
 fn cluster_name(vc: &VaultCluster) -> String {
@@ -299,6 +299,9 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         }
         Err(settings::Unusable::Api(error)) => return Err(error),
     };
+    if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
+        return report::invalid(vc, ctx, problem).await;
+    }
     if let Some(problem) = services::name_clash(vc) {
         return report::invalid(vc, ctx, problem).await;
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kube::ResourceExt;
+use kube::core::SelectorExt;
 use tokio::sync::Semaphore;
 
 use super::Context;
@@ -61,8 +62,9 @@ fn sort(
         overlaps: Vec::new(),
         strays: Vec::new(),
     };
+    let parsed = selector::parse(&vc.spec.selector);
     for pod in pods {
-        let selected = selector::matches(&vc.spec.selector, &pod.labels);
+        let selected = parsed.as_ref().is_ok_and(|s| s.matches(&pod.labels));
         let others = if selected {
             selecting(&pod.labels)
         } else {

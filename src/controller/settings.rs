@@ -10,8 +10,7 @@ use kube::api::Api;
 use tracing::warn;
 
 use super::{Context, cluster_name};
-use crate::crd::{Scheme, VaultCluster};
-use crate::duration;
+use crate::crd::{Scheme, VaultCluster, parse_duration};
 use crate::error::Error;
 use crate::probe::{check_server_name, tls_config};
 
@@ -37,12 +36,12 @@ pub struct ProbeSettings {
 pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, Unusable> {
     let h = &vc.spec.health;
     let spec = |message: String| Unusable::Spec(message);
-    let timeout =
-        duration::parse(&h.timeout).map_err(|e| spec(format!("spec.health.timeout: {e}")))?;
-    let interval =
-        duration::parse(&h.interval).map_err(|e| spec(format!("spec.health.interval: {e}")))?;
-    let active_interval = duration::parse(&h.active_interval)
-        .map_err(|e| spec(format!("spec.health.activeInterval: {e}")))?;
+    let duration = |field: &str, text: &str| {
+        parse_duration(text).map_err(|e| spec(format!("spec.health.{field}: {e}")))
+    };
+    let timeout = duration("timeout", &h.timeout)?;
+    let interval = duration("interval", &h.interval)?;
+    let active_interval = duration("activeInterval", &h.active_interval)?;
     if timeout >= interval {
         return Err(spec(
             "spec.health.timeout must be less than spec.health.interval".into(),
