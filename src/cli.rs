@@ -169,7 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         timing,
     };
     info!(identity = %settings.identity, ?timing, "campaigning for the lease");
-    let leadership = Leadership::new(leading, metrics.leader.clone(), timing.renew_deadline);
+    let leadership = Leadership::new(leading, metrics.clone(), timing.renew_deadline);
     let clients = Clients {
         lease: quick,
         watch: client,

@@ -9,6 +9,11 @@ use crate::crd::{MemberStatus, VaultClusterStatus};
 use crate::decide::{Decision, Member};
 use crate::tracker::Verdict;
 
+/// The conditions every built status carries, in this order. A condition that stops
+/// applying turns False rather than going, so `kubectl wait --for=condition=X=false` and
+/// alerts on it see the change.
+pub const CONDITIONS: [&str; 4] = ["Ready", "Available", "Degraded", "SelectorOverlap"];
+
 /// Everything the status is built from.
 pub struct Observation<'a> {
     pub generation: Option<i64>,
@@ -132,7 +137,20 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
         "AllPodsHealthy",
         "every selected pod answers and is unsealed".into(),
     ));
-    let mut wanted = vec![
+    let overlap = if o.overlaps.is_empty() {
+        (
+            false,
+            "NoOverlap",
+            "no selected pod is left to an older VaultCluster".into(),
+        )
+    } else {
+        (
+            true,
+            "SelectorOverlap",
+            format!("left to older VaultClusters: {}", o.overlaps.join(", ")),
+        )
+    };
+    let wanted = [
         ("Ready", ready),
         (
             "Available",
@@ -142,17 +160,9 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
             "Degraded",
             (degraded.is_some(), degraded_reason, degraded_message),
         ),
+        ("SelectorOverlap", overlap),
     ];
-    if !o.overlaps.is_empty() {
-        wanted.push((
-            "SelectorOverlap",
-            (
-                true,
-                "SelectorOverlap",
-                format!("left to older VaultClusters: {}", o.overlaps.join(", ")),
-            ),
-        ));
-    }
+    debug_assert!(wanted.iter().map(|w| w.0).eq(CONDITIONS));
     wanted
         .into_iter()
         .map(|(kind, (status, reason, message))| condition(o, kind, status, reason, message))
@@ -745,6 +755,55 @@ mod tests {
             again.members[0].last_probe_error, "connect: refused",
             "a new streak"
         );
+    }
+
+    #[test]
+    fn selector_overlap_turns_false_rather_than_going() {
+        let members = vec![healthy("v0", Role::Active)];
+        let decision = decide(&LabelNames::new("vault"), "vault", &members);
+        let observe = |overlaps: Vec<String>, previous, at| {
+            build(&Observation {
+                generation: Some(1),
+                members: &members,
+                decision: &decision,
+                spec_problem: None,
+                service_problems: vec![],
+                overlaps,
+                held: false,
+                write_problem: None,
+                previous,
+                now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
+            })
+        };
+        let clear = observe(vec![], None, 1);
+        let kinds: Vec<&str> = clear.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(kinds, CONDITIONS);
+        assert_eq!(
+            (
+                cond(&clear, "SelectorOverlap").status.as_str(),
+                cond(&clear, "SelectorOverlap").reason.as_str()
+            ),
+            ("False", "NoOverlap")
+        );
+        let overlapping = observe(vec!["v0 (older)".into()], Some(&clear), 2);
+        let c = cond(&overlapping, "SelectorOverlap");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "SelectorOverlap")
+        );
+        assert_eq!(c.last_transition_time.0.as_second(), 2);
+        let reasons: Vec<&str> = notices(Some(&clear), &overlapping)
+            .iter()
+            .map(|n| n.reason)
+            .collect();
+        assert_eq!(reasons, ["SelectorOverlap"]);
+        let resolved = observe(vec![], Some(&overlapping), 3);
+        let c = cond(&resolved, "SelectorOverlap");
+        assert_eq!(
+            (c.status.as_str(), c.last_transition_time.0.as_second()),
+            ("False", 3)
+        );
+        assert!(notices(Some(&overlapping), &resolved).is_empty());
     }
 
     #[test]

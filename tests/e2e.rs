@@ -460,6 +460,28 @@ async fn kubectl_wait_for_ready() -> anyhow::Result<()> {
         table.contains("ACTIVE") && table.contains("vault-0") && table.contains("True"),
         "{table}"
     );
+    assert!(!table.contains("REASON"), "Reason is for -o wide: {table}");
+    let out = shared()
+        .kubectl()
+        .args(["get", "vc", "-n", &f.ns, "-o", "wide"])
+        .output()?;
+    let wide = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(
+        header
+            .windows(3)
+            .any(|w| w == ["READY", "REASON", "MESSAGE"]),
+        "{wide}"
+    );
+    assert!(
+        wide.contains("Ready") && wide.contains("Services in place; vault-0 is active"),
+        "{wide}"
+    );
     Ok(())
 }
 

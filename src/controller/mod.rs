@@ -410,6 +410,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let uid = vc.uid().unwrap_or_default();
     ctx.trackers.lock().unwrap().remove(&uid);
     ctx.rhythms.lock().unwrap().remove(&uid);
+    ctx.metrics.forget_cluster(&ns, &vc.name_any());
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }

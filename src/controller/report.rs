@@ -13,7 +13,7 @@ use super::act::write_params;
 use super::{Context, cluster_name, interval};
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
-use crate::status::{Notice, invalid_spec, merge_patch, notices};
+use crate::status::{CONDITIONS, Notice, invalid_spec, merge_patch, notices};
 
 /// Reports a spec the operator cannot act on, touching nothing else: the labels are held
 /// and the last observation stays in the status.
@@ -83,7 +83,12 @@ async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     }
 }
 
+/// The cluster's gauges from its status. A follower sets none: losing leadership deleted
+/// them, and they must not come back from a round that was still running.
 pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
+    if ctx.guard("gauges").is_err() {
+        return;
+    }
     let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
     for (role, n) in [
         ("all", s.pods),
@@ -99,12 +104,16 @@ pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
             .with_label_values(&[ns.as_str(), name.as_str(), role])
             .set(n as i64);
     }
-    let ready = s
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    ctx.metrics
-        .cluster_ready
-        .with_label_values(&[ns.as_str(), name.as_str()])
-        .set(ready as i64);
+    for condition in CONDITIONS {
+        let on = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == condition && c.status == "True");
+        ctx.metrics
+            .cluster_condition
+            .with_label_values(&[ns.as_str(), name.as_str(), condition])
+            .set(on as i64);
+    }
+    let active = s.active_pod.as_deref().filter(|_| s.active == 1);
+    ctx.metrics.set_active_pod(&ns, &name, active);
 }
