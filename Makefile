@@ -54,10 +54,10 @@ bench-scale: binaries
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
 		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U)
 
-## Regenerate crds/ from the Rust types.
+## Regenerate crds/, the chart's CRD template and kustomize's copy from the Rust types.
 crds:
 	$(CARGO) run -q --bin vault-registrar -- crd > crds/vaultclusters.vault-registrar.dev.yaml
-	cp crds/vaultclusters.vault-registrar.dev.yaml charts/vault-registrar/crds/
+	$(CARGO) run -q --bin vault-registrar -- crd --chart-template > charts/vault-registrar/templates/crd.yaml
 	cp crds/vaultclusters.vault-registrar.dev.yaml config/crd/
 
 lint:
