@@ -8,7 +8,7 @@
 //! chart's ServiceMonitor default) it stays `namespace`; otherwise Prometheus renames it to
 //! `exported_namespace` and sets `namespace` to the operator's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
@@ -179,15 +179,19 @@ impl Metrics {
         }
     }
 
-    /// The name of every metric this process can export, whether it has a series yet or not.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .collectors()
+    /// Every metric this process can export, whether it has a series yet or not, with its
+    /// label names.
+    pub fn exported(&self) -> BTreeMap<String, Vec<String>> {
+        self.collectors()
             .iter()
-            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
-            .collect();
-        names.sort();
-        names
+            .flat_map(|c| {
+                c.desc().into_iter().map(|d| {
+                    let constant = d.const_label_pairs.iter().map(|l| l.name().to_string());
+                    let labels = d.variable_labels.iter().cloned().chain(constant);
+                    (d.fq_name.clone(), labels.collect())
+                })
+            })
+            .collect()
     }
 
     /// Points the cluster's active_pod series at `pod`, removing the one for the pod before.
@@ -359,15 +363,15 @@ mod tests {
         );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("process_start_time_seconds"), "{text}");
-        for name in m.names() {
+        for name in m.exported().keys() {
             assert!(
                 text.contains(&format!("# HELP {name} ")) || !text.contains(&format!("\n{name}")),
                 "{name} has no HELP"
             );
         }
-        assert!(
-            m.names()
-                .contains(&"vault_registrar_reconcile_errors_total".to_string())
+        assert_eq!(
+            m.exported()["vault_registrar_probes_total"],
+            ["namespace", "cluster", "outcome"]
         );
     }
 }

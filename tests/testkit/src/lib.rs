@@ -12,6 +12,7 @@ pub mod real_vault;
 pub mod relay;
 pub mod stage;
 pub mod takeover;
+pub mod tools;
 pub mod vault_sim;
 pub mod wait;
 
