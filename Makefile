@@ -3,9 +3,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN_DIR = $(shell tests/controlplane/build.sh)
 VAULT_BIN = $(shell tests/vault/build.sh)
+PROMTOOL = $(shell tests/promtool/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries vault test unit e2e demo bench bench-scale crds lint check-tools
+.PHONY: all build binaries vault promtool test unit e2e demo bench bench-scale crds lint check-tools
 
 all: build
 
@@ -24,12 +25,18 @@ binaries: check-tools
 vault: check-tools
 	@tests/vault/build.sh >/dev/null
 
+## Build the real promtool (tests/promtool/) into the same cache, keyed by the Prometheus
+## module's version; a no-op when it is there. Cold: about 6 minutes, peak memory 3.4 GB.
+promtool: check-tools
+	@tests/promtool/build.sh >/dev/null
+
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests.
-test: binaries vault
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
+## the chart and its alerts (promtool).
+test: binaries vault promtool
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_PROMTOOL="$(PROMTOOL)" $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 unit:
 	$(CARGO) test --workspace --lib

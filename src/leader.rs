@@ -102,14 +102,15 @@ impl Leadership {
     /// Stops writing first, then aborts the work.
     pub fn step_down(&self, why: &str) {
         let was = self.leading.swap(false, Ordering::SeqCst);
-        self.metrics.leader.set(0);
         let mut term = self.term.lock().unwrap();
         term.renewed = None;
         if let Some(work) = term.work.take() {
             work.abort();
         }
-        // What this term saw of the clusters is no longer watched: a follower shows none.
+        // What this term saw of the clusters is no longer watched: a follower shows none,
+        // by the time its gauge says it follows.
         self.metrics.forget_clusters();
+        self.metrics.leader.set(0);
         if was {
             warn!(why, "stopped leading");
         }

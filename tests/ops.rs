@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use chart::{VALUE_SETS, chart, values};
+use chart::{KUBE_VERSION, VALUE_SETS, chart, values};
 use serde_json::Value;
 use vault_registrar_testkit::controlplane::Binaries;
 use vault_registrar_testkit::tools::promtool;
@@ -45,7 +45,14 @@ fn helm(args: &[&str]) -> anyhow::Result<String> {
 /// document.
 fn render(set: &str) -> anyhow::Result<Vec<Value>> {
     let chart = chart();
-    let mut args = vec!["template", "vr", chart.to_str().unwrap(), "-n", "ops"];
+    let mut args = vec![
+        "template",
+        "vr",
+        chart.to_str().unwrap(),
+        "-n",
+        "ops",
+        KUBE_VERSION,
+    ];
     args.extend(values(set));
     let text = helm(&args)?;
     let mut objects = Vec::new();

@@ -17,12 +17,12 @@ use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocki
 use vault_registrar_testkit::vault_sim::{Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
 
+mod chart;
+
+use chart::{chart, values};
+
 const LIMIT: Duration = Duration::from_secs(30);
 const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
-
-fn chart() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
-}
 
 fn bin() -> &'static Path {
     env!("CARGO_BIN_EXE_vault-registrar").as_ref()
@@ -42,7 +42,8 @@ async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
 
 async fn install_crd() -> anyhow::Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    let crd = chart().join("crds/vaultclusters.vault-registrar.dev.yaml");
+    let crd =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/vaultclusters.vault-registrar.dev.yaml");
     DONE.get_or_try_init(|| install_crd_file(shared(), &crd))
         .await
         .map(|_| ())
@@ -54,15 +55,10 @@ async fn install_release(release: &str, namespace: &str) -> anyhow::Result<()> {
     install_crd().await?;
     let client = shared().client().await?;
     create_namespace(&client, namespace).await?;
-    helm(&[
-        "install",
-        release,
-        chart().to_str().unwrap(),
-        "-n",
-        namespace,
-        "--skip-crds",
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", release, chart.to_str().unwrap(), "-n", namespace];
+    args.extend(values("shared-crd"));
+    helm(&args).await?;
     Ok(())
 }
 
@@ -118,32 +114,6 @@ async fn tls_vault(client: &kube::Client, ns: &str) -> anyhow::Result<SimCluster
     Ok(vault)
 }
 
-#[tokio::test]
-async fn chart_lints_clean() -> anyhow::Result<()> {
-    for extra in [
-        vec![],
-        vec!["--set", "watchNamespaces={a,b}"],
-        vec![
-            "--set",
-            "networkPolicy.enabled=true,serviceMonitor.enabled=true",
-        ],
-    ] {
-        let mut args = vec![
-            "lint".to_string(),
-            "--strict".into(),
-            chart().to_str().unwrap().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = helm(&refs).await?;
-        assert!(
-            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
-            "{extra:?}: {out}"
-        );
-    }
-    Ok(())
-}
-
 /// The container of a rendered Deployment: its args, and the port numbers by name.
 fn container(deployment: &serde_json::Value) -> (Vec<String>, Vec<(String, u64)>, [String; 2]) {
     let c = &deployment["spec"]["template"]["spec"]["containers"][0];
@@ -185,6 +155,7 @@ async fn deployments_run_the_operator_with_flags_it_accepts() -> anyhow::Result<
         "template",
         "t",
         chart().to_str().unwrap(),
+        chart::KUBE_VERSION,
         "--show-only",
         "templates/deployment.yaml",
     ])
@@ -246,15 +217,10 @@ async fn chart_installs_upgrades_and_uninstalls_under_restricted_pod_security() 
     )]
     .into();
     create_namespace_with_labels(&client, ns, labels).await?;
-    helm(&[
-        "install",
-        "vr",
-        chart().to_str().unwrap(),
-        "-n",
-        ns,
-        "--skip-crds",
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", "vr", chart.to_str().unwrap(), "-n", ns];
+    args.extend(values("shared-crd"));
+    helm(&args).await?;
     kubectl(&["get", "deployment/vr-vault-registrar", "-n", ns]).await?;
     // No kubelet or ReplicaSet controller runs, so create the Deployment's pod ourselves:
     // the API server enforces the restricted standard on pods, not on Deployments.
@@ -282,16 +248,9 @@ async fn chart_installs_upgrades_and_uninstalls_under_restricted_pod_security() 
         .expect_err("PSA must refuse");
     assert!(refused.to_string().contains("restricted"), "{refused}");
 
-    helm(&[
-        "upgrade",
-        "vr",
-        chart().to_str().unwrap(),
-        "-n",
-        ns,
-        "--set",
-        "replicaCount=3",
-    ])
-    .await?;
+    let mut args = vec!["upgrade", "vr", chart.to_str().unwrap(), "-n", ns];
+    args.extend(values("shared-crd-three-replicas"));
+    helm(&args).await?;
     let replicas = kubectl(&[
         "get",
         "deployment/vr-vault-registrar",
@@ -583,18 +542,12 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
     let (ops, watched) = ("ship-nsops", "ship-ns-a");
     create_namespace(&client, ops).await?;
     let vault = tls_vault(&client, watched).await?;
-    let set = format!("watchNamespaces={{{watched}}}");
-    helm(&[
-        "install",
-        "nsr",
-        chart().to_str().unwrap(),
-        "-n",
-        ops,
-        "--skip-crds",
-        "--set",
-        &set,
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", "nsr", chart.to_str().unwrap(), "-n", ops];
+    // The value set names this namespace.
+    assert_eq!(watched, "ship-ns-a");
+    args.extend(values("shared-crd-namespaced"));
+    helm(&args).await?;
     let cluster_roles = kubectl(&[
         "get",
         "clusterrole",

@@ -9,6 +9,9 @@ pub fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
 }
 
+/// `helm template` renders offline for Kubernetes 1.20 unless told; the chart needs 1.30.
+pub const KUBE_VERSION: &str = "--kube-version=1.35.0";
+
 pub const VALUE_SETS: &[(&str, &[&str])] = &[
     ("defaults", &[]),
     // Beside a CRD installed with kubectl, as every test on a shared control plane does.
