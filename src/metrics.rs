@@ -351,6 +351,33 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_each_metric_with_its_type_and_labels() {
+        let readme = include_str!("../README.md");
+        let m = Metrics::new();
+        let exported = m.exported();
+        for family in m.collectors().iter().flat_map(|c| c.collect()) {
+            let name = family.name();
+            if name.starts_with("process_") {
+                continue;
+            }
+            let kind = match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => "counter",
+                prometheus::proto::MetricType::GAUGE => "gauge",
+                prometheus::proto::MetricType::HISTOGRAM => "histogram",
+                other => panic!("{name}: {other:?}"),
+            };
+            let labels: Vec<String> = exported[name].iter().map(|l| format!("`{l}`")).collect();
+            let labels = match labels.is_empty() {
+                true => " ".to_string(),
+                false => format!(" {} ", labels.join(", ")),
+            };
+            let row = format!("| `{name}` | {kind} |{labels}|");
+            assert!(readme.contains(&row), "README lacks the row {row}");
+        }
+        assert!(readme.contains("| `process_*` |"));
+    }
+
+    #[test]
     fn build_info_process_metrics_and_help_are_exported() {
         let m = Metrics::new();
         let text = m.render();
