@@ -757,24 +757,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn selector_overlap_turns_false_rather_than_going() {
+    /// The status of one active pod, with overlaps, held labels or a failed write.
+    fn one_active(
+        overlaps: Vec<String>,
+        held: bool,
+        write: Option<&str>,
+        previous: Option<&VaultClusterStatus>,
+        at: i64,
+    ) -> VaultClusterStatus {
         let members = vec![healthy("v0", Role::Active)];
         let decision = decide(&LabelNames::new("vault"), "vault", &members);
-        let observe = |overlaps: Vec<String>, previous, at| {
-            build(&Observation {
-                generation: Some(1),
-                members: &members,
-                decision: &decision,
-                spec_problem: None,
-                service_problems: vec![],
-                overlaps,
-                held: false,
-                write_problem: None,
-                previous,
-                now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
-            })
-        };
+        build(&Observation {
+            generation: Some(1),
+            members: &members,
+            decision: &decision,
+            spec_problem: None,
+            service_problems: vec![],
+            overlaps,
+            held,
+            write_problem: write.map(String::from),
+            previous,
+            now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
+        })
+    }
+
+    #[test]
+    fn selector_overlap_turns_false_rather_than_going() {
+        let observe = |overlaps, previous, at| one_active(overlaps, false, None, previous, at);
         let clear = observe(vec![], None, 1);
         let kinds: Vec<&str> = clear.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(kinds, CONDITIONS);
@@ -808,22 +817,7 @@ mod tests {
 
     #[test]
     fn held_labels_and_failed_writes_are_said() {
-        let members = vec![healthy("v0", Role::Active)];
-        let decision = decide(&LabelNames::new("vault"), "vault", &members);
-        let observe = |held: bool, write: Option<&str>, previous| {
-            build(&Observation {
-                generation: Some(1),
-                members: &members,
-                decision: &decision,
-                spec_problem: None,
-                service_problems: vec![],
-                overlaps: vec![],
-                held,
-                write_problem: write.map(String::from),
-                previous,
-                now: Time(k8s_openapi::jiff::Timestamp::from_second(5).unwrap()),
-            })
-        };
+        let observe = |held, write, previous| one_active(vec![], held, write, previous, 5);
         let normal = observe(false, None, None);
         let held = observe(true, None, Some(&normal));
         assert_eq!(cond(&held, "Degraded").reason, "ProbesFailing");

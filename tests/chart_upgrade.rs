@@ -6,25 +6,12 @@
 mod chart;
 
 use std::path::Path;
-
-use chart::{chart, values};
-use serde_yaml::Value;
 use std::time::Duration;
 
-use vault_registrar_testkit::stage::run_blocking;
+use chart::{chart, helm, kubectl, values};
+use serde_yaml::Value;
+
 use vault_registrar_testkit::{shared, wait};
-
-async fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = shared().helm();
-    cmd.args(args);
-    run_blocking(cmd).await
-}
-
-async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = shared().kubectl();
-    cmd.args(args);
-    run_blocking(cmd).await
-}
 
 /// Copies a directory tree.
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {

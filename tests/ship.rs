@@ -13,31 +13,19 @@ use tokio::sync::OnceCell;
 use vault_registrar_testkit::certs::Authority;
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::pods::{create_namespace, create_namespace_with_labels};
-use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
+use vault_registrar_testkit::stage::install_crd as install_crd_file;
 use vault_registrar_testkit::vault_sim::{Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
 
 mod chart;
 
-use chart::{chart, values};
+use chart::{chart, helm, kubectl, values};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
 
 fn bin() -> &'static Path {
     env!("CARGO_BIN_EXE_vault-registrar").as_ref()
-}
-
-async fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = shared().helm();
-    cmd.args(args);
-    run_blocking(cmd).await
-}
-
-async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = shared().kubectl();
-    cmd.args(args);
-    run_blocking(cmd).await
 }
 
 async fn install_crd() -> anyhow::Result<()> {

@@ -5,6 +5,23 @@
 
 use std::path::{Path, PathBuf};
 
+use vault_registrar_testkit::shared;
+use vault_registrar_testkit::stage::run_blocking;
+
+/// The real helm against the shared control plane.
+pub async fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().helm();
+    cmd.args(args);
+    run_blocking(cmd).await
+}
+
+/// The real kubectl against the shared control plane.
+pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().kubectl();
+    cmd.args(args);
+    run_blocking(cmd).await
+}
+
 pub fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
 }
