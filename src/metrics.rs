@@ -37,8 +37,9 @@ pub struct Metrics {
     active_pod: IntGaugeVec,
     pub leader: IntGauge,
     build_info: IntGaugeVec,
-    /// The pod each cluster's active_pod series names, so a change removes the old series.
-    active_pods: Arc<Mutex<HashMap<(String, String), String>>>,
+    /// The clusters whose gauges are set, and the pod each one's active_pod series names (so
+    /// a change removes the old series).
+    shown: Arc<Mutex<HashMap<(String, String), Option<String>>>>,
 }
 
 impl Default for Metrics {
@@ -144,7 +145,7 @@ impl Metrics {
                 "Always 1; the labels tell the operator's version.",
                 &["version"],
             ),
-            active_pods: Arc::default(),
+            shown: Arc::default(),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -194,27 +195,41 @@ impl Metrics {
             .collect()
     }
 
-    /// Points the cluster's active_pod series at `pod`, removing the one for the pod before.
+    /// Points the cluster's active_pod series at `pod`, removing the one for the pod before,
+    /// and records that the cluster's gauges are shown.
     pub fn set_active_pod(&self, ns: &str, cluster: &str, pod: Option<&str>) {
-        let mut pods = self.active_pods.lock().unwrap();
         let key = (ns.to_string(), cluster.to_string());
-        if pods.get(&key).map(String::as_str) == pod {
+        let before = self
+            .shown
+            .lock()
+            .unwrap()
+            .insert(key, pod.map(String::from));
+        if before.as_ref().is_some_and(|b| b.as_deref() == pod) {
             return;
         }
-        if let Some(old) = pods.remove(&key) {
+        if let Some(Some(old)) = before {
             let _ = self.active_pod.remove_label_values(&[ns, cluster, &old]);
         }
         if let Some(pod) = pod {
             self.active_pod
                 .with_label_values(&[ns, cluster, pod])
                 .set(1);
-            pods.insert(key, pod.to_string());
         }
+    }
+
+    /// Whether the cluster's gauges are set: after losing and regaining the lead they are
+    /// not, however unchanged its status.
+    pub fn shows(&self, ns: &str, cluster: &str) -> bool {
+        let key = (ns.to_string(), cluster.to_string());
+        self.shown.lock().unwrap().contains_key(&key)
     }
 
     /// Deletes every series of one VaultCluster: it is gone.
     pub fn forget_cluster(&self, ns: &str, cluster: &str) {
-        self.set_active_pod(ns, cluster, None);
+        let key = (ns.to_string(), cluster.to_string());
+        if let Some(Some(pod)) = self.shown.lock().unwrap().remove(&key) {
+            let _ = self.active_pod.remove_label_values(&[ns, cluster, &pod]);
+        }
         remove_cluster(&self.probes, ns, cluster);
         remove_cluster(&self.active_changes, ns, cluster);
         remove_cluster(&self.cluster_pods, ns, cluster);
@@ -224,7 +239,7 @@ impl Metrics {
     /// Deletes the series of every VaultCluster: this process no longer leads, so what it
     /// last saw is no longer watched.
     pub fn forget_clusters(&self) {
-        self.active_pods.lock().unwrap().clear();
+        self.shown.lock().unwrap().clear();
         self.active_pod.reset();
         self.probes.reset();
         self.active_changes.reset();
@@ -331,7 +346,12 @@ mod tests {
         observe(&m, "b", "vault");
         m.forget_clusters();
         assert!(series(&m, "cluster=").is_empty(), "{}", m.render());
+        assert!(
+            !m.shows("a", "vault"),
+            "the next term sets the gauges again"
+        );
         observe(&m, "a", "vault");
+        assert!(m.shows("a", "vault"));
         assert_eq!(series(&m, "cluster=").len(), 6, "series come back");
     }
 

@@ -394,6 +394,19 @@ async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<(
         !f.vault.labels(0).await?.contains_key("other-active"),
         "newer cluster leaves the pod alone"
     );
+    // The older cluster goes: the overlap ends, and the condition says so rather than going.
+    f.clusters()
+        .delete("first", &DeleteParams::default())
+        .await?;
+    let message = f
+        .condition("second", "SelectorOverlap", "False", "NoOverlap")
+        .await?;
+    assert!(message.contains("no selected pod"), "{message}");
+    f.labels(
+        "other-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
     Ok(())
 }
 

@@ -358,7 +358,10 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if previous.is_none() {
         wait += spread(&uid, interval(vc));
     }
-    if previous.is_none() || vc.status.as_ref() != Some(&status) {
+    if previous.is_none()
+        || vc.status.as_ref() != Some(&status)
+        || !ctx.metrics.shows(&ns, &vc.name_any())
+    {
         report::gauges(vc, ctx, &status);
     }
     // A failed write still gets its status published, so Ready never stays True over it.

@@ -114,6 +114,7 @@ pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
             .with_label_values(&[ns.as_str(), name.as_str(), condition])
             .set(on as i64);
     }
-    let active = s.active_pod.as_deref().filter(|_| s.active == 1);
-    ctx.metrics.set_active_pod(&ns, &name, active);
+    // Last: it marks the cluster's gauges as set.
+    ctx.metrics
+        .set_active_pod(&ns, &name, s.active_pod.as_deref());
 }
