@@ -198,11 +198,20 @@ pub enum Scheme {
 /// How the probe verifies Vault's serving certificate.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.caConfigMapRef) && has(self.caSecretRef))").message("set caConfigMapRef or caSecretRef, not both"))]
 pub struct TlsSpec {
-    /// Secret in this namespace holding the CA bundle (PEM) that signed Vault's certificate.
-    /// Required for https unless insecureSkipVerify is set.
+    /// ConfigMap in this namespace holding the CA bundle (PEM) that signed Vault's
+    /// certificate, in data or binaryData: the usual home of public CA bundles (what
+    /// trust-manager distributes, say), and readable without access to Secrets. With
+    /// neither this nor caSecretRef, https needs insecureSkipVerify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_secret_ref: Option<SecretKeyRef>,
+    pub ca_config_map_ref: Option<KeyRef>,
+
+    /// Secret in this namespace holding the CA bundle (PEM). The operator may read Secrets
+    /// only in the namespaces its Helm chart lists in tls.secretNamespaces; prefer
+    /// caConfigMapRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<KeyRef>,
 
     /// Name to verify in the certificate instead of the pod IP, also sent as SNI. May use
     /// {pod} and {namespace}, e.g. "{pod}.vault-internal"; with them filled in it must be a
@@ -217,14 +226,14 @@ pub struct TlsSpec {
     pub insecure_skip_verify: bool,
 }
 
-/// A key of a Secret in the VaultCluster's namespace.
+/// A key of a ConfigMap or Secret in the VaultCluster's namespace.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct SecretKeyRef {
-    /// Name of the Secret.
+pub struct KeyRef {
+    /// Name of the ConfigMap or Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// Key in the Secret's data.
+    /// Key holding the PEM bundle.
     #[serde(default = "default_ca_key")]
     #[schemars(length(min = 1, max = 253))]
     pub key: String,

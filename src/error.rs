@@ -36,10 +36,11 @@ pub enum Error {
         cluster: String,
         source: kube::Error,
     },
-    #[error("reading CA Secret {secret} for VaultCluster {cluster}: {source}")]
-    ReadSecret {
+    /// `object`: "ConfigMap <name>" or "Secret <name>".
+    #[error("reading the CA bundle in {object} for VaultCluster {cluster}: {source}")]
+    ReadCa {
         cluster: String,
-        secret: String,
+        object: String,
         source: kube::Error,
     },
     #[error("finalizer of VaultCluster {cluster}: {message}")]
@@ -58,7 +59,7 @@ impl Error {
             Self::ReadService { .. } => "read_service",
             Self::ReadEndpoints { .. } => "read_endpoints",
             Self::UpdateStatus { .. } => "update_status",
-            Self::ReadSecret { .. } => "read_secret",
+            Self::ReadCa { .. } => "read_ca",
             Self::Finalizer { .. } => "finalizer",
             Self::NotLeader(_) => "not_leader",
         }

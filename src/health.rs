@@ -5,6 +5,8 @@
 
 use serde::Deserialize;
 
+use crate::text::{EXCERPT, excerpt, label_version};
+
 /// A pod's HA role as its health endpoint reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -30,7 +32,7 @@ impl Role {
     }
 }
 
-/// What one successful probe says about a pod.
+/// What one successful probe says about a pod. Its version is already a label value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
     pub role: Role,
@@ -69,9 +71,10 @@ struct Body {
 /// Classifies an answer. Only Vault's default status codes are accepted, since the prober
 /// sends no override parameters.
 pub fn classify(status: u16, body: &[u8]) -> Result<Health, HealthError> {
+    // serde's error quotes the offending value, which the pod chose: only an excerpt stays.
     let parsed: Body = serde_json::from_slice(body).map_err(|e| HealthError::Body {
         status,
-        reason: e.to_string(),
+        reason: excerpt(&e.to_string(), EXCERPT),
     })?;
     let role = role_of(&parsed);
     if !status_matches(role, status) {
@@ -84,7 +87,7 @@ pub fn classify(status: u16, body: &[u8]) -> Result<Health, HealthError> {
         role,
         initialized: parsed.initialized,
         sealed: parsed.sealed,
-        version: parsed.version,
+        version: label_version(&parsed.version),
     })
 }
 
@@ -119,21 +122,6 @@ fn status_matches(role: Role, status: u16) -> bool {
         Role::Standby => matches!(status, 429 | 474 | 472),
         Role::Active => status == 200,
     }
-}
-
-/// Vault's own sanitising of the version label: anything but letters, digits, '-', '_' and
-/// '.' becomes '-'.
-pub fn sanitize_version(version: &str) -> String {
-    version
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -288,22 +276,38 @@ mod tests {
                 role: Role::Standby,
                 initialized: true,
                 sealed: false,
-                version: "1.15.2+ent".into()
+                version: "1.15.2-ent".into()
             }
         );
     }
 
     #[test]
-    fn version_is_sanitized_like_vault() {
+    fn version_becomes_a_bounded_label_value_like_vaults() {
+        let huge = "v".repeat(60_000);
         for (raw, label) in [
             ("1.15.2+ent", "1.15.2-ent"),
             ("1.17.2", "1.17.2"),
             ("1.16.0-rc1", "1.16.0-rc1"),
-            ("1.15.2+ent.hsm", "1.15.2-ent.hsm"),
             ("v1 beta/2", "v1-beta-2"),
             ("", ""),
+            (huge.as_str(), &huge[..63]),
         ] {
-            assert_eq!(sanitize_version(raw), label, "{raw}");
+            let mut answer = vault(true, false, false, false);
+            answer["version"] = json!(raw);
+            assert_eq!(classify(200, &body(answer)).unwrap().version, label);
         }
+    }
+
+    #[test]
+    fn errors_quote_only_a_short_escaped_excerpt_of_the_answer() {
+        let bad = format!(r#"{{"initialized": "\n\u001b[2J{}"}}"#, "A".repeat(60_000));
+        let Err(HealthError::Body { reason, .. }) = classify(200, bad.as_bytes()) else {
+            panic!("a string is not a boolean");
+        };
+        assert!(reason.len() <= crate::text::EXCERPT, "{reason}");
+        assert!(
+            !reason.contains('\u{1b}') && !reason.contains('\n'),
+            "{reason}"
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::health::{Health, Role, sanitize_version};
+use crate::health::{Health, Role};
 
 /// Label naming the VaultCluster that owns a pod's role labels. Every generated Service
 /// selects on it, so a Service never reaches another cluster's pod even when two clusters'
@@ -104,7 +104,8 @@ pub fn flags_for(health: &Health) -> Flags {
 }
 
 /// The labels to hold: the flags, and the version when one is known and valid as a label
-/// value. An empty (redacted) version keeps whatever label the pod had.
+/// value (`health::classify` makes it one). An empty (redacted) version keeps whatever
+/// label the pod had.
 pub fn desired(
     names: &LabelNames,
     flags: Flags,
@@ -117,9 +118,8 @@ pub fn desired(
         (names.perf_standby.clone(), text(flags.perf_standby)),
         (names.sealed.clone(), text(flags.sealed)),
     ]);
-    let version = sanitize_version(version);
-    if is_label_value(&version) && !version.is_empty() {
-        labels.insert(names.version.clone(), Some(version));
+    if is_label_value(version) && !version.is_empty() {
+        labels.insert(names.version.clone(), Some(version.to_string()));
     }
     labels
 }
@@ -247,7 +247,7 @@ mod tests {
             let mut want = strs(&expected);
             want.insert("vault-version".into(), Some("1.15.2-ent".into()));
             assert_eq!(
-                desired(&names, flags_for(&health(role, "1.15.2+ent")), "1.15.2+ent"),
+                desired(&names, flags_for(&health(role, "1.15.2-ent")), "1.15.2-ent"),
                 want,
                 "{role:?}"
             );

@@ -23,6 +23,7 @@ pub mod selector;
 pub mod server;
 pub mod services;
 pub mod status;
+pub mod text;
 pub mod tracker;
 
 /// The CRD as YAML, as `vault-registrar crd` prints it and `crds/` holds it.

@@ -7,12 +7,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{MemberStatus, VaultClusterStatus};
 use crate::decide::{Decision, Member};
+use crate::text::{self, shorten};
 use crate::tracker::Verdict;
 
 /// The conditions every built status carries, in this order. A condition that stops
 /// applying turns False rather than going, so `kubectl wait --for=condition=X=false` and
 /// alerts on it see the change.
 pub const CONDITIONS: [&str; 4] = ["Ready", "Available", "Degraded", "SelectorOverlap"];
+
+/// Longest `status.version`: the distinct versions of the pods, joined.
+const VERSIONS: usize = 256;
 
 /// Everything the status is built from.
 pub struct Observation<'a> {
@@ -60,7 +64,7 @@ pub fn build(o: &Observation) -> VaultClusterStatus {
         sealed: count(&["sealed"]),
         uninitialized: count(&["uninitialized"]),
         unreachable: count(&["unreachable"]),
-        version: versions.into_iter().collect::<Vec<_>>().join(","),
+        version: shorten(versions.into_iter().collect::<Vec<_>>().join(","), VERSIONS),
         members,
     };
     status.conditions = conditions(o, &status);
@@ -244,7 +248,7 @@ fn condition(
         type_: kind.into(),
         status,
         reason: reason.into(),
-        message,
+        message: shorten(message, text::CONDITION),
         observed_generation: o.generation,
         last_transition_time,
     }
@@ -351,13 +355,58 @@ pub fn invalid_spec(
         type_: "Ready".into(),
         status: "False".into(),
         reason: "InvalidSpec".into(),
-        message: problem,
+        message: shorten(problem, text::CONDITION),
         observed_generation: generation,
         last_transition_time,
     };
     status.conditions.retain(|c| c.type_ != "Ready");
     status.conditions.insert(0, ready);
     status
+}
+
+/// Whether `new` differs from `old` only in what can wait: probe errors, versions, the
+/// Degraded condition, messages. Such a change is written at most once per interval, so a
+/// pod whose answer changes every probe cannot make every round write; anything that says
+/// where traffic goes is written at once.
+pub fn can_wait(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> bool {
+    old.is_some_and(|old| old != new && routing(old) == routing(new))
+}
+
+type RoutingView<'a> = (
+    Option<i64>,
+    &'a Option<String>,
+    [i32; 8],
+    Vec<(&'a str, &'a str, &'a str, bool)>,
+    Vec<(&'a str, &'a str, &'a str)>,
+);
+
+fn routing(s: &VaultClusterStatus) -> RoutingView<'_> {
+    let counts = [
+        s.pods,
+        s.active,
+        s.standby,
+        s.perf_standby,
+        s.unsealed,
+        s.sealed,
+        s.uninitialized,
+        s.unreachable,
+    ];
+    let members = s
+        .members
+        .iter()
+        .map(|m| (m.name.as_str(), m.ip.as_str(), m.role.as_str(), m.sealed));
+    let conditions = s
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != "Degraded")
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()));
+    (
+        s.observed_generation,
+        &s.active_pod,
+        counts,
+        members.collect(),
+        conditions.collect(),
+    )
 }
 
 /// A JSON merge patch that turns `old` into `new`: a field `new` leaves out is sent as null,
@@ -754,6 +803,70 @@ mod tests {
         assert_eq!(
             again.members[0].last_probe_error, "connect: refused",
             "a new streak"
+        );
+    }
+
+    #[test]
+    fn only_changes_of_routing_are_written_at_once() {
+        let with_version = |name: &str, role: Role, version: &str| {
+            let mut m = healthy(name, role);
+            if let Verdict::Healthy(h) = &mut m.verdict {
+                h.version = version.into();
+            }
+            m
+        };
+        let failing = |name: &str, role: Role, error: &str| Member {
+            verdict: Verdict::Failing {
+                last: Some(Health {
+                    role,
+                    initialized: true,
+                    sealed: false,
+                    version: "1.17.2".into(),
+                }),
+                error: error.into(),
+            },
+            ..healthy(name, role)
+        };
+        let base = || vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)];
+        // (change, members after it, may wait)
+        let cases: Vec<(&str, Vec<Member>, bool)> = vec![
+            ("nothing", base(), false),
+            (
+                "a version",
+                vec![
+                    with_version("v0", Role::Active, "x1"),
+                    healthy("v1", Role::Standby),
+                ],
+                true,
+            ),
+            (
+                "a probe error below the threshold (Degraded flips)",
+                vec![
+                    healthy("v0", Role::Active),
+                    failing("v1", Role::Standby, "status 200: garbage"),
+                ],
+                true,
+            ),
+            (
+                "a role",
+                vec![healthy("v0", Role::Active), healthy("v1", Role::Sealed)],
+                false,
+            ),
+            (
+                "the active pod",
+                vec![healthy("v0", Role::Standby), healthy("v1", Role::Active)],
+                false,
+            ),
+            ("a pod gone", vec![healthy("v0", Role::Active)], false),
+        ];
+        let before = status_of(base(), None, vec![], 1);
+        for (change, members, wait) in cases {
+            let after = status_of(members, Some(&before), vec![], 2);
+            assert_eq!(can_wait(Some(&before), &after), wait, "{change}");
+        }
+        assert!(
+            !can_wait(None, &before),
+            "a first status is written at once"
         );
     }
 

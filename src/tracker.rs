@@ -3,8 +3,10 @@
 //! pod has a result nothing is written for it, so labels do not flap.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use crate::health::Health;
+use crate::text::{PROBE_ERROR, excerpt};
 
 /// What one probe gave.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,10 +36,12 @@ pub enum FailureKind {
 }
 
 impl Failure {
+    /// The message is bounded and escaped: TLS and parser errors can quote what the pod
+    /// sent.
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
             kind,
-            message: message.into(),
+            message: excerpt(&message.into(), PROBE_ERROR),
         }
     }
 
@@ -67,6 +71,9 @@ pub enum Verdict {
 struct Record {
     failures: u32,
     last: Option<Health>,
+    /// When the version last changed: a pod answering a new version every probe must not
+    /// make every round write.
+    version_since: Option<Instant>,
 }
 
 /// Probe histories keyed by pod UID.
@@ -76,11 +83,20 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Records a probe outcome and returns the verdict it leads to.
-    pub fn record(&mut self, pod_uid: &str, outcome: Outcome, threshold: u32) -> Verdict {
+    /// Records a probe outcome at `now` and returns the verdict it leads to. A version
+    /// changes at most once per `hold`; the role always follows the answer at once.
+    pub fn record(
+        &mut self,
+        pod_uid: &str,
+        outcome: Outcome,
+        threshold: u32,
+        now: Instant,
+        hold: Duration,
+    ) -> Verdict {
         let record = self.pods.entry(pod_uid.to_string()).or_default();
         match outcome {
-            Outcome::Healthy(health) => {
+            Outcome::Healthy(mut health) => {
+                hold_version(record, &mut health, now, hold);
                 record.failures = 0;
                 record.last = Some(health.clone());
                 Verdict::Healthy(health)
@@ -131,17 +147,40 @@ impl Tracker {
     }
 }
 
+/// Keeps the version of the last answer when the one before changed it less than `hold`
+/// ago.
+fn hold_version(record: &mut Record, health: &mut Health, now: Instant, hold: Duration) {
+    let Some(last) = &record.last else {
+        record.version_since = Some(now);
+        return;
+    };
+    if last.version == health.version {
+        return;
+    }
+    match record.version_since {
+        Some(since) if now.saturating_duration_since(since) < hold => {
+            health.version.clone_from(&last.version);
+        }
+        _ => record.version_since = Some(now),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::health::Role;
 
+    const HOLD: Duration = Duration::from_secs(2);
+
     fn healthy() -> Outcome {
+        answer(Role::Active, "1.17.2")
+    }
+    fn answer(role: Role, version: &str) -> Outcome {
         Outcome::Healthy(Health {
-            role: Role::Active,
+            role,
             initialized: true,
-            sealed: false,
-            version: "1.17.2".into(),
+            sealed: role == Role::Sealed,
+            version: version.into(),
         })
     }
     fn failed() -> Outcome {
@@ -205,7 +244,7 @@ mod tests {
             let mut tracker = Tracker::default();
             let verdict = outcomes
                 .into_iter()
-                .map(|o| tracker.record("uid", o, threshold))
+                .map(|o| tracker.record("uid", o, threshold, Instant::now(), HOLD))
                 .last()
                 .unwrap();
             let kind = match verdict {
@@ -221,15 +260,47 @@ mod tests {
     #[test]
     fn pods_are_independent_and_forgotten() {
         let mut tracker = Tracker::default();
-        tracker.record("a", failed(), 2);
+        tracker.record("a", failed(), 2, Instant::now(), HOLD);
         assert!(matches!(
-            tracker.record("b", failed(), 2),
+            tracker.record("b", failed(), 2, Instant::now(), HOLD),
             Verdict::Failing { .. }
         ));
         tracker.retain(&["b"]);
         assert!(
-            matches!(tracker.record("a", failed(), 2), Verdict::Failing { .. }),
+            matches!(
+                tracker.record("a", failed(), 2, Instant::now(), HOLD),
+                Verdict::Failing { .. }
+            ),
             "a starts over"
         );
+    }
+
+    #[test]
+    fn a_version_changes_at_most_once_per_hold_and_the_role_at_once() {
+        // (ms after the first answer, answered role and version, expected role and version)
+        let cases = [
+            (0, Role::Active, "1.17.2", Role::Active, "1.17.2"),
+            (100, Role::Active, "garbage-1", Role::Active, "1.17.2"),
+            (300, Role::Sealed, "garbage-2", Role::Sealed, "1.17.2"),
+            (1999, Role::Active, "garbage-3", Role::Active, "1.17.2"),
+            (2000, Role::Active, "garbage-4", Role::Active, "garbage-4"),
+            (2100, Role::Standby, "garbage-5", Role::Standby, "garbage-4"),
+            (4000, Role::Standby, "1.17.2", Role::Standby, "1.17.2"),
+            (4100, Role::Standby, "1.17.2", Role::Standby, "1.17.2"),
+        ];
+        let start = Instant::now();
+        let mut tracker = Tracker::default();
+        for (ms, role, version, want_role, want_version) in cases {
+            let now = start + Duration::from_millis(ms);
+            let verdict = tracker.record("uid", answer(role, version), 2, now, HOLD);
+            let Verdict::Healthy(h) = verdict else {
+                panic!("{ms}: {verdict:?}")
+            };
+            assert_eq!(
+                (h.role, h.version.as_str()),
+                (want_role, want_version),
+                "{ms} ms"
+            );
+        }
     }
 }

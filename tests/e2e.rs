@@ -561,6 +561,11 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             "serverName must be a lower-case DNS name",
         ),
         (
+            "CA bundle named twice",
+            "selector: {matchLabels: {a: b}}\nhealth: {scheme: https, tls: {caConfigMapRef: {name: ca}, caSecretRef: {name: ca}}}",
+            "set caConfigMapRef or caSecretRef, not both",
+        ),
+        (
             "serverName not a DNS name",
             "selector: {matchLabels: {a: b}}\nhealth: {scheme: https, tls: {serverName: 'Vault_0'}}",
             "serverName must be a lower-case DNS name",

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
 use vault_registrar_testkit::certs::Authority;
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::pods::{create_namespace, create_namespace_with_labels};
-use vault_registrar_testkit::stage::install_crd as install_crd_file;
+use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
 use vault_registrar_testkit::vault_sim::{Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
 
@@ -71,9 +71,24 @@ async fn create_vc(client: &kube::Client, ns: &str, health: &str) -> anyhow::Res
     Ok(())
 }
 
-/// Vault pods answering over TLS, the CA in a Secret, and a VaultCluster that uses both,
+/// Where a test keeps the CA bundle its VaultCluster names.
+#[derive(Clone, Copy)]
+enum CaIn {
+    ConfigMap,
+    Secret,
+}
+
+/// Vault pods answering over TLS, the CA in a ConfigMap, and a VaultCluster that uses both,
 /// so that every rule of the ClusterRole is exercised.
 async fn tls_vault(client: &kube::Client, ns: &str) -> anyhow::Result<SimCluster> {
+    tls_vault_with(client, ns, CaIn::ConfigMap).await
+}
+
+async fn tls_vault_with(
+    client: &kube::Client,
+    ns: &str,
+    ca_in: CaIn,
+) -> anyhow::Result<SimCluster> {
     create_namespace(client, ns).await?;
     let ca = Authority::new("ship-ca")?;
     let cert = ca.serving(&[
@@ -92,13 +107,29 @@ async fn tls_vault(client: &kube::Client, ns: &str) -> anyhow::Result<SimCluster
         }),
     )
     .await?;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "vault-ca"}, "stringData": {"ca.crt": ca.cert_pem()}}),
-    )?;
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await?;
-    create_vc(client, ns, "{scheme: https, interval: 500ms, timeout: 300ms, tls: {caSecretRef: {name: vault-ca}, serverName: '{pod}.vault-internal'}}").await?;
+    let bundle = json!({"metadata": {"name": "vault-ca"}, "data": {"ca.crt": ca.cert_pem()}});
+    let reference = match ca_in {
+        CaIn::ConfigMap => {
+            let map: ConfigMap = serde_json::from_value(bundle)?;
+            Api::<ConfigMap>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &map)
+                .await?;
+            "caConfigMapRef"
+        }
+        CaIn::Secret => {
+            let mut bundle = bundle;
+            bundle["stringData"] = bundle["data"].take();
+            let secret: Secret = serde_json::from_value(bundle)?;
+            Api::<Secret>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &secret)
+                .await?;
+            "caSecretRef"
+        }
+    };
+    let health = format!(
+        "{{scheme: https, interval: 500ms, timeout: 300ms, tls: {{{reference}: {{name: vault-ca}}, serverName: '{{pod}}.vault-internal'}}}}"
+    );
+    create_vc(client, ns, &health).await?;
     Ok(vault)
 }
 
@@ -323,6 +354,12 @@ async fn every_cluster_role_rule_is_needed() -> anyhow::Result<()> {
     let rules: Vec<serde_json::Value> =
         serde_json::from_value(serde_json::from_str::<serde_json::Value>(&role)?["rules"].clone())?;
     assert_eq!(rules.len(), 7, "{rules:?}");
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r["resources"].to_string().contains("secrets")),
+        "no cluster-wide Secret access: {rules:?}"
+    );
     let mut cases = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let resource = rule["resources"][0].as_str().unwrap().to_string();
@@ -569,6 +606,198 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
     converged(&client, &vault, watched).await?;
     let text = operator.log_text();
     assert!(!text.contains("forbidden"), "{text}");
+    Ok(())
+}
+
+/// The CA in a Secret (caSecretRef) works only in a namespace the chart lists in
+/// `tls.secretNamespaces`; elsewhere the VaultCluster says why in its status, and nothing is
+/// labelled on a guess.
+#[tokio::test]
+async fn ca_secrets_are_readable_only_in_listed_namespaces() -> anyhow::Result<()> {
+    install_crd().await?;
+    let client = shared().client().await?;
+    let (ops, listed, other) = ("ship-csops", "ship-cs-listed", "ship-cs-other");
+    create_namespace(&client, ops).await?;
+    let listed_vault = tls_vault_with(&client, listed, CaIn::Secret).await?;
+    let other_vault = tls_vault_with(&client, other, CaIn::Secret).await?;
+    let chart = chart();
+    let mut args = vec!["install", "csr", chart.to_str().unwrap(), "-n", ops];
+    // The value set names this namespace.
+    assert_eq!(listed, "ship-cs-listed");
+    args.extend(values("shared-crd-secret-namespace"));
+    helm(&args).await?;
+    let account = user(ops, "csr-vault-registrar");
+    assert_eq!(
+        can_i(&account, &["get", "secrets", "-n", listed]).await?,
+        "yes"
+    );
+    assert_eq!(
+        can_i(&account, &["get", "secrets", "-n", other]).await?,
+        "no"
+    );
+    assert_eq!(can_i(&account, &["get", "secrets", "-n", ops]).await?, "no");
+    assert_eq!(
+        can_i(&account, &["get", "configmaps", "-n", other]).await?,
+        "yes"
+    );
+
+    let kubeconfig = token_kubeconfig(ops, "csr-vault-registrar").await?;
+    let log = shared().dir().join("operator-csr.log");
+    let _operator = Operator::start(
+        bin(),
+        &kubeconfig,
+        &["--namespace", listed, "--namespace", other],
+        &log,
+    )?;
+    converged(&client, &listed_vault, listed).await?;
+    let api = Api::<vault_registrar::crd::VaultCluster>::namespaced(client.clone(), other);
+    let message = wait::until("InvalidSpec naming the refused Secret", LIMIT, || async {
+        let status = api.get("vault").await?.status.unwrap_or_default();
+        Ok(status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "InvalidSpec")
+            .map(|c| c.message))
+    })
+    .await?;
+    assert!(
+        message.contains("spec.health.tls.caSecretRef")
+            && message.contains("forbidden")
+            && message.contains("tls.secretNamespaces"),
+        "{message}"
+    );
+    let labels = other_vault.labels(0).await?;
+    assert!(!labels.contains_key("vault-active"), "{labels:?}");
+    Ok(())
+}
+
+/// The chart's ValidatingAdmissionPolicy: the operator does its work under it with the
+/// chart's ServiceAccount, and the same token is refused, by the policy and not by RBAC
+/// (which allows all of these), everything the operator should never do.
+#[tokio::test]
+async fn admission_policy_limits_the_operators_token() -> anyhow::Result<()> {
+    install_release("ap", "ship-ap").await?;
+    let client = shared().client().await?;
+    let ns = "ship-ap-vault";
+    let vault = tls_vault(&client, ns).await?;
+    kubectl(&[
+        "create",
+        "service",
+        "clusterip",
+        "foreign",
+        "--tcp=80:80",
+        "-n",
+        ns,
+    ])
+    .await?;
+    let kubeconfig = token_kubeconfig("ship-ap", "ap-vault-registrar").await?;
+    let log = shared().dir().join("operator-ship-ap.log");
+    let operator = Operator::start(bin(), &kubeconfig, &["--namespace", ns], &log)?;
+    converged(&client, &vault, ns).await?;
+    drop(operator);
+
+    let as_operator = |args: &[&str]| {
+        let mut cmd = shared().kubectl();
+        cmd.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["-n", ns])
+            .args(args);
+        run_blocking(cmd)
+    };
+    // kubectl reads a pod before patching it, which RBAC does not grant: the token's own
+    // client sends the patches, as the operator does.
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig)?,
+        &Default::default(),
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(kube::Client::try_from(config)?, ns);
+    let patch_pod = |pod: &'static str, json: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(pod, &PatchParams::default(), &Patch::Merge(json))
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        }
+    };
+    let pod_refusals = [
+        (
+            "another label",
+            json!({"metadata": {"labels": {"team": "blue"}}}),
+        ),
+        (
+            "the selector's label",
+            json!({"metadata": {"labels": {"app.kubernetes.io/name": "other"}}}),
+        ),
+        (
+            "an annotation",
+            json!({"metadata": {"annotations": {"note": "x"}}}),
+        ),
+        (
+            "the pod's spec",
+            json!({"spec": {"activeDeadlineSeconds": 100000}}),
+        ),
+    ];
+    let mut refused = Vec::new();
+    for (what, json) in pod_refusals {
+        refused.push((what, patch_pod("vault-0", json).await));
+    }
+    let service_refusals: [(&str, &[&str]); 4] = [
+        (
+            "a foreign Service",
+            &["label", "service", "foreign", "vault-active=true"],
+        ),
+        (
+            "deleting a foreign Service",
+            &["delete", "service", "foreign"],
+        ),
+        (
+            "creating an unlabelled Service",
+            &["create", "service", "clusterip", "evil", "--tcp=80:80"],
+        ),
+        (
+            "unlabelling its own Service",
+            &[
+                "label",
+                "service",
+                "vault-active",
+                "app.kubernetes.io/managed-by-",
+            ],
+        ),
+    ];
+    for (what, args) in service_refusals {
+        refused.push((what, as_operator(args).await.map(|_| ())));
+    }
+    for (what, result) in refused {
+        let error = match result {
+            Ok(()) => panic!("{what}: allowed"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            error.contains("ap-vault-registrar-limits") && error.contains("denied"),
+            "{what}: not refused by the policy: {error}"
+        );
+    }
+    let checked = kubectl(&[
+        "get",
+        "validatingadmissionpolicy",
+        "ap-vault-registrar-limits",
+        "-o",
+        "jsonpath={.status.typeChecking}",
+    ])
+    .await?;
+    assert!(
+        !checked.contains("expressionWarnings"),
+        "the policy's expressions type-check: {checked}"
+    );
+    // Our own labels are still the operator's to write, and the policy binds no one else.
+    patch_pod(
+        "vault-2",
+        json!({"metadata": {"labels": {"vault-sealed": "true"}}}),
+    )
+    .await?;
+    kubectl(&["label", "pod", "vault-0", "-n", ns, "team=blue"]).await?;
     Ok(())
 }
 

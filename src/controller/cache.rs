@@ -14,6 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::watcher;
 
+use super::settings::CaSource;
 use crate::crd::VaultCluster;
 use crate::index::{ClusterIndex, LabelledIndex, PodIndex, SlimPod};
 
@@ -37,8 +38,8 @@ pub struct Caches {
     ca: Mutex<HashMap<CaKey, CaEntry>>,
 }
 
-/// (namespace, Secret, key)
-type CaKey = (String, String, String);
+/// (namespace, where the bundle is)
+type CaKey = (String, CaSource);
 
 struct CaEntry {
     pem: Vec<u8>,
@@ -203,12 +204,18 @@ pub fn trimmed<K: ResourceExt + Clone>(object: &K) -> K {
 
 #[cfg(test)]
 mod tests {
+    use super::super::settings::CaKind;
     use super::*;
 
     #[test]
     fn the_ca_is_read_again_on_a_new_generation_or_a_failing_handshake() {
         let caches = Caches::default();
-        let key = ("ns".to_string(), "ca".to_string(), "ca.crt".to_string());
+        let source = CaSource {
+            kind: CaKind::ConfigMap,
+            name: "ca".into(),
+            key: "ca.crt".into(),
+        };
+        let key = ("ns".to_string(), source);
         assert_eq!(caches.ca(&key, Some(1), false), None, "never read");
         caches.remember_ca(key.clone(), Some(1), b"pem".to_vec());
         assert_eq!(

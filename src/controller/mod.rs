@@ -58,6 +58,9 @@ pub struct Context {
     /// Clusters (by UID) whose pods or Services a watch reported changed since their last
     /// round: their next round is a full one.
     dirty: Mutex<std::collections::HashSet<String>>,
+    /// When each cluster's (by UID) status was last written: changes that can wait are
+    /// written at most once per interval.
+    status_written: Mutex<HashMap<String, Instant>>,
     /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
@@ -84,6 +87,7 @@ impl Context {
             trackers: Mutex::new(HashMap::new()),
             rhythms: Mutex::new(HashMap::new()),
             dirty: Mutex::new(std::collections::HashSet::new()),
+            status_written: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             leading,
         })
@@ -414,6 +418,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     ctx.trackers.lock().unwrap().remove(&uid);
     ctx.rhythms.lock().unwrap().remove(&uid);
     ctx.metrics.forget_cluster(&ns, &vc.name_any());
+    ctx.status_written.lock().unwrap().remove(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }

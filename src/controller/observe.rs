@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kube::ResourceExt;
 use kube::core::SelectorExt;
@@ -12,6 +13,7 @@ use super::Context;
 use super::settings::ProbeSettings;
 use crate::crd::VaultCluster;
 use crate::decide::{Member, Reach};
+use crate::health::Health;
 use crate::index::SlimPod;
 use crate::probe::{Target, server_name};
 use crate::selector;
@@ -101,10 +103,13 @@ pub async fn sentinel(
         return false;
     };
     let trackers = ctx.trackers.lock().unwrap();
+    // Only the role and the seal count here: a new version waits for the next full round,
+    // which holds it to one change per interval.
+    let seen = |h: &Health| (h.role, h.initialized, h.sealed);
     trackers
         .get(&vc.uid().unwrap_or_default())
         .and_then(|t| t.healthy(&pod.uid))
-        == Some(&health)
+        .is_some_and(|h| seen(h) == seen(&health))
 }
 
 pub async fn probe_all(
@@ -121,6 +126,7 @@ pub async fn probe_all(
     )
     .await;
     let key = vc.uid().unwrap_or_default();
+    let now = Instant::now();
     let mut trackers = ctx.trackers.lock().unwrap();
     let tracker = trackers.entry(key).or_default();
     let uids: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
@@ -135,7 +141,13 @@ pub async fn probe_all(
             };
             let verdict = match outcome {
                 Err(reason) => tracker.down(&pod.uid, &reason),
-                Ok(outcome) => tracker.record(&pod.uid, outcome, settings.threshold),
+                Ok(outcome) => tracker.record(
+                    &pod.uid,
+                    outcome,
+                    settings.threshold,
+                    now,
+                    settings.interval,
+                ),
             };
             Member {
                 name: pod.name.clone(),

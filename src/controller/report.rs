@@ -1,6 +1,8 @@
 //! Report: the status (written only when it changed), the events its changes imply, and
 //! the per-cluster gauges.
 
+use std::time::Instant;
+
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch};
@@ -13,7 +15,8 @@ use super::act::write_params;
 use super::{Context, cluster_name, interval};
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
-use crate::status::{CONDITIONS, Notice, invalid_spec, merge_patch, notices};
+use crate::status::{CONDITIONS, Notice, can_wait, invalid_spec, merge_patch, notices};
+use crate::text::{EVENT_NOTE, shorten};
 
 /// Reports a spec the operator cannot act on, touching nothing else: the labels are held
 /// and the last observation stays in the status.
@@ -32,7 +35,7 @@ pub async fn publish(
     ctx: &Context,
     status: VaultClusterStatus,
 ) -> Result<(), Error> {
-    if vc.status.as_ref() == Some(&status) {
+    if vc.status.as_ref() == Some(&status) || waits(vc, ctx, &status) {
         return Ok(());
     }
     ctx.guard(&format!("VaultCluster {} status", cluster_name(vc)))?;
@@ -46,6 +49,10 @@ pub async fn publish(
             source,
         })?;
     ctx.metrics.status_writes.inc();
+    ctx.status_written
+        .lock()
+        .unwrap()
+        .insert(vc.uid().unwrap_or_default(), Instant::now());
     for notice in notices(vc.status.as_ref(), &status) {
         if notice.reason == "ActiveChanged" {
             let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
@@ -59,6 +66,15 @@ pub async fn publish(
     Ok(())
 }
 
+/// Whether this change can wait because the status was written less than an interval ago.
+fn waits(vc: &VaultCluster, ctx: &Context, status: &VaultClusterStatus) -> bool {
+    let written = ctx.status_written.lock().unwrap();
+    can_wait(vc.status.as_ref(), status)
+        && written
+            .get(&vc.uid().unwrap_or_default())
+            .is_some_and(|at| at.elapsed() < interval(vc))
+}
+
 async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
     let event = KubeEvent {
@@ -68,7 +84,7 @@ async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
             EventType::Normal
         },
         reason: notice.reason.into(),
-        note: Some(notice.message),
+        note: Some(shorten(notice.message, EVENT_NOTE)),
         action: "Reconcile".into(),
         secondary: notice.pod.map(|pod| ObjectReference {
             api_version: Some("v1".into()),

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::Api;
 use tracing::warn;
 
 use super::{Context, cluster_name};
-use crate::crd::{Scheme, VaultCluster, parse_duration};
+use crate::crd::{Scheme, TlsSpec, VaultCluster, parse_duration};
 use crate::error::Error;
 use crate::probe::{check_server_name, tls_config};
 
@@ -26,6 +26,8 @@ pub struct ProbeSettings {
     pub port: u16,
     pub path: String,
     pub timeout: Duration,
+    /// How often every pod is probed.
+    pub interval: Duration,
     /// How often the settled active pod alone is probed.
     pub active_interval: Duration,
     pub threshold: u32,
@@ -52,8 +54,8 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         Scheme::Https => {
             let tls = h.tls.clone().unwrap_or_default();
             check_server_name(&tls.server_name).map_err(spec)?;
-            let ca = match &tls.ca_secret_ref {
-                Some(r) => Some(ca(vc, ctx, &r.name, &r.key).await?),
+            let ca = match CaSource::of(&tls) {
+                Some(source) => Some(ca(vc, ctx, &source).await?),
                 None => None,
             };
             let config = tls_config(ca.as_deref(), tls.insecure_skip_verify)
@@ -72,17 +74,64 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         port: h.port as u16,
         path: h.path.clone(),
         timeout,
+        interval,
         active_interval,
         threshold: h.failure_threshold.max(1) as u32,
         tls,
     })
 }
 
+/// Where a cluster's CA bundle lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CaSource {
+    pub kind: CaKind,
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CaKind {
+    ConfigMap,
+    Secret,
+}
+
+impl CaSource {
+    fn of(tls: &TlsSpec) -> Option<Self> {
+        let (kind, r) = match (&tls.ca_config_map_ref, &tls.ca_secret_ref) {
+            (Some(r), _) => (CaKind::ConfigMap, r),
+            (None, Some(r)) => (CaKind::Secret, r),
+            (None, None) => return None,
+        };
+        Some(Self {
+            kind,
+            name: r.name.clone(),
+            key: r.key.clone(),
+        })
+    }
+
+    /// The spec field that names it, for messages.
+    fn field(&self) -> &'static str {
+        match self.kind {
+            CaKind::ConfigMap => "spec.health.tls.caConfigMapRef",
+            CaKind::Secret => "spec.health.tls.caSecretRef",
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            CaKind::ConfigMap => "ConfigMap",
+            CaKind::Secret => "Secret",
+        }
+    }
+}
+
 /// The CA bundle, from the cache when it is still good. When reading it again fails for a
-/// reason that is not the spec's, the bundle read before keeps the probes going.
-async fn ca(vc: &VaultCluster, ctx: &Context, name: &str, key: &str) -> Result<Vec<u8>, Unusable> {
+/// reason that is not the spec's, the bundle read before keeps the probes going; with none
+/// read before, a refusal (403) is reported as the spec's problem, since it lasts until
+/// someone grants access or changes the reference.
+async fn ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<Vec<u8>, Unusable> {
     let ns = vc.namespace().unwrap_or_default();
-    let cache_key = (ns, name.to_string(), key.to_string());
+    let cache_key = (ns.clone(), source.clone());
     let generation = vc.metadata.generation;
     if let Some(pem) = ctx
         .caches
@@ -90,7 +139,7 @@ async fn ca(vc: &VaultCluster, ctx: &Context, name: &str, key: &str) -> Result<V
     {
         return Ok(pem);
     }
-    match read_ca(vc, ctx, name, key).await {
+    match read_ca(vc, ctx, source).await {
         Ok(pem) => {
             ctx.caches.remember_ca(cache_key, generation, pem.clone());
             Ok(pem)
@@ -100,10 +149,24 @@ async fn ca(vc: &VaultCluster, ctx: &Context, name: &str, key: &str) -> Result<V
                 warn!(cluster = %cluster_name(vc), %error, "using the CA bundle read before");
                 Ok(pem)
             }
+            None if forbidden(&error) => Err(Unusable::Spec(format!(
+                "{}: {error}; {}",
+                source.field(),
+                match source.kind {
+                    CaKind::Secret => {
+                        "use caConfigMapRef, or list the namespace in the chart's tls.secretNamespaces"
+                    }
+                    CaKind::ConfigMap => "the operator needs get on configmaps",
+                }
+            ))),
             None => Err(Unusable::Api(error)),
         },
         Err(spec) => Err(spec),
     }
+}
+
+fn forbidden(error: &Error) -> bool {
+    matches!(error, Error::ReadCa { source: kube::Error::Api(s), .. } if s.code == 403)
 }
 
 /// Whether every pod's last probe failed its TLS handshake: the CA may have been rotated.
@@ -119,37 +182,56 @@ fn handshakes_failing(vc: &VaultCluster) -> bool {
             .all(|m| m.last_probe_error.starts_with("tls:"))
 }
 
-/// Reads the CA bundle. A missing Secret or key is the spec's problem; any other error
+/// Reads the CA bundle. A missing object or key is the spec's problem; any other error
 /// reading it is transient and says nothing about the spec.
-async fn read_ca(
-    vc: &VaultCluster,
-    ctx: &Context,
-    name: &str,
-    key: &str,
-) -> Result<Vec<u8>, Unusable> {
-    let secrets: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|source| {
-            Unusable::Api(Error::ReadSecret {
-                cluster: cluster_name(vc),
-                secret: name.into(),
-                source,
-            })
-        })?
-        .ok_or_else(|| {
-            Unusable::Spec(format!(
-                "spec.health.tls.caSecretRef: Secret {name} not found"
-            ))
-        })?;
-    secret
-        .data
-        .and_then(|d| d.get(key).map(|b| b.0.clone()))
-        .ok_or_else(|| {
-            Unusable::Spec(format!(
-                "spec.health.tls.caSecretRef: Secret {name} has no key {key}"
-            ))
+async fn read_ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<Vec<u8>, Unusable> {
+    let ns = vc.namespace().unwrap_or_default();
+    let api_error = |source_error| {
+        Unusable::Api(Error::ReadCa {
+            cluster: cluster_name(vc),
+            object: format!("{} {}", source.kind_name(), source.name),
+            source: source_error,
         })
+    };
+    let data = match source.kind {
+        CaKind::ConfigMap => {
+            let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+            api.get_opt(&source.name)
+                .await
+                .map_err(api_error)?
+                .map(|cm| {
+                    let text = cm
+                        .data
+                        .and_then(|d| d.get(&source.key).map(|t| t.clone().into_bytes()));
+                    text.or_else(|| {
+                        cm.binary_data
+                            .and_then(|d| d.get(&source.key).map(|b| b.0.clone()))
+                    })
+                })
+        }
+        CaKind::Secret => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            api.get_opt(&source.name)
+                .await
+                .map_err(api_error)?
+                .map(|secret| {
+                    secret
+                        .data
+                        .and_then(|d| d.get(&source.key).map(|b| b.0.clone()))
+                })
+        }
+    };
+    let (field, kind, name, key) = (
+        source.field(),
+        source.kind_name(),
+        &source.name,
+        &source.key,
+    );
+    match data {
+        None => Err(Unusable::Spec(format!("{field}: {kind} {name} not found"))),
+        Some(None) => Err(Unusable::Spec(format!(
+            "{field}: {kind} {name} has no key {key}"
+        ))),
+        Some(Some(pem)) => Ok(pem),
+    }
 }

@@ -41,7 +41,18 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         "shared-crd-namespaced",
         &["--set", "crds.enabled=false,watchNamespaces={ship-ns-a}"],
     ),
+    (
+        "shared-crd-secret-namespace",
+        &[
+            "--set",
+            "crds.enabled=false,tls.secretNamespaces={ship-cs-listed}",
+        ],
+    ),
     ("namespaces", &["--set", "watchNamespaces={a,b}"]),
+    (
+        "secret-namespaces",
+        &["--set", "tls.secretNamespaces={a,b}"],
+    ),
     ("crd-not-kept", &["--set", "crds.keep=false"]),
     (
         "monitoring",

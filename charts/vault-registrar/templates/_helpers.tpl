@@ -90,9 +90,10 @@ ClusterRole (all namespaces) or into one Role per watched namespace.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# CA bundles referenced by spec.health.tls.caSecretRef.
+# CA bundles referenced by spec.health.tls.caConfigMapRef. Secrets (caSecretRef) are
+# readable only in the namespaces listed in tls.secretNamespaces (ca-secret-roles.yaml).
 - apiGroups: [""]
-  resources: ["secrets"]
+  resources: ["configmaps"]
   verbs: ["get"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

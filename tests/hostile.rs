@@ -1,0 +1,113 @@
+//! Hostile answers, end to end: a probed pod chooses its version string and the body the
+//! parser quotes. Whatever it sends, labels stay valid label values, the status and events
+//! stay small and printable, and an answer that changes every probe still makes at most one
+//! write of each kind per interval. Writes are counted from the API server's audit log.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use vault_registrar_testkit::shared;
+use vault_registrar_testkit::vault_sim::Behavior;
+
+const WINDOW: Duration = Duration::from_secs(8);
+/// The interval of the cluster under test: at most one write of each kind per this.
+const INTERVAL_S: usize = 2;
+
+/// A version no Vault would send: escape sequences, a newline, 60 KB, and a counter so that
+/// each one differs from the last.
+fn hostile_version(n: u64) -> String {
+    format!("{n}\u{1b}[2J\n\u{202e}{}", "9".repeat(60_000))
+}
+
+#[tokio::test]
+async fn answers_chosen_by_a_pod_stay_bounded_and_write_once_per_interval() -> anyhow::Result<()> {
+    let f = fixture("hostile", &TRIO, None).await?;
+    f.create(
+        "vault",
+        "health: {interval: 2s, activeInterval: 100ms, timeout: 300ms, failureThreshold: 3}",
+    )
+    .await?;
+    f.converged().await?;
+    // The active pod changes its version every 50 ms; a standby alternates between Vault's
+    // answer and an HTML page, so its probe error comes and goes.
+    let end = Instant::now() + Duration::from_secs(2) + WINDOW;
+    let flapping = async {
+        let mut n = 0;
+        while Instant::now() < end {
+            f.vault
+                .sim(0)
+                .update(|s| s.version = hostile_version(n))
+                .await;
+            let behavior = if n % 2 == 0 {
+                Behavior::Garbage
+            } else {
+                Behavior::Serve
+            };
+            f.vault.sim(1).update(|s| s.behavior = behavior).await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let measured = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = shared().writes_in(&f.ns).len();
+        tokio::time::sleep(WINDOW).await;
+        shared().writes_in(&f.ns).split_off(before)
+    };
+    let ((), writes) = tokio::join!(flapping, measured);
+
+    let count = |resource: &str, name: &str| {
+        writes
+            .iter()
+            .filter(|w| w.2 == resource && (name.is_empty() || w.3 == name))
+            .count()
+    };
+    let most = WINDOW.as_secs() as usize / INTERVAL_S + 1;
+    let label_writes = count("pods", "vault-0");
+    let status_writes = count("vaultclusters/status", "vault");
+    println!("over {WINDOW:?}: {label_writes} label writes, {status_writes} status writes");
+    anyhow::ensure!(
+        label_writes <= most && status_writes <= most,
+        "over {WINDOW:?}: {label_writes} label writes, {status_writes} status writes (at most {most} each): {writes:?}"
+    );
+    anyhow::ensure!(
+        label_writes >= 2,
+        "the version label still follows the pod: {label_writes} label writes"
+    );
+
+    let version = f.vault.labels(0).await?.get("vault-version").cloned();
+    let version = version.unwrap_or_default();
+    anyhow::ensure!(
+        version.len() <= 63
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        "vault-version label {version:?}"
+    );
+    let vc = f.clusters().get("vault").await?;
+    let status = serde_json::to_string(&vc.status)?;
+    anyhow::ensure!(status.len() < 8 * 1024, "status is {} bytes", status.len());
+    anyhow::ensure!(
+        !status.contains("\\u001b") && !status.contains('\u{202e}'),
+        "status carries raw control characters: {status}"
+    );
+    for m in vc.status.unwrap_or_default().members {
+        anyhow::ensure!(
+            m.version.len() <= 63 && m.last_probe_error.len() <= 256,
+            "member {m:?}"
+        );
+    }
+    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    for e in events.list(&ListParams::default()).await?.items {
+        let note = e.note.unwrap_or_default();
+        anyhow::ensure!(
+            note.len() <= 1000 && !note.contains('\u{1b}'),
+            "event note {note:?}"
+        );
+    }
+    f.endpoints("vault-active", &[0]).await
+}
