@@ -6,7 +6,7 @@ VAULT_BIN = $(shell tests/vault/build.sh)
 PROMTOOL = $(shell tests/promtool/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries vault promtool test unit e2e demo bench bench-scale crds lint check-tools
+.PHONY: all build binaries vault promtool test unit e2e demo bench bench-scale crds lint check-tools fuzz
 
 all: build
 
@@ -34,9 +34,18 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
-## the chart and its alerts (promtool).
+## the chart and its alerts (promtool), then a bounded fuzz run of each parser (replaying
+## every saved regression first).
+FUZZ_TEST_SECONDS ?= 20
 test: binaries vault promtool
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_PROMTOOL="$(PROMTOOL)" $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	fuzz/run.sh $(FUZZ_TEST_SECONDS)
+
+## Coverage-guided fuzzing (libFuzzer, stable toolchain) of the health parser, the duration
+## parser and selector matching, FUZZ_SECONDS each; the corpus is kept under ~/.cache.
+FUZZ_SECONDS ?= 600
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 unit:
 	$(CARGO) test --workspace --lib

@@ -17,11 +17,54 @@ pub const FINALIZER: &str = "vault-registrar.dev/cleanup";
 /// schema keeps to this subset, so every stored duration parses and none is negative.
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
+/// The longest duration read, in seconds (some thirty million years): far beyond any use,
+/// far below what overflows kube's arithmetic.
+const MAX_SECONDS: f64 = 1e15;
+
+/// An upper bound of a duration's length in seconds, from its digits and units alone: each
+/// number counts as the next power of ten above it, an unknown unit as hours.
+fn upper_bound_seconds(text: &str) -> f64 {
+    let mut total = 0.0;
+    let mut rest = text.trim_start_matches(['+', '-']);
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let whole = rest[..number_end].split('.').next().unwrap_or_default();
+        let whole = whole.trim_start_matches('0');
+        rest = &rest[number_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            _ => 3600.0,
+        };
+        rest = &rest[unit_end..];
+        total += 10f64.powi(whole.len().min(400) as i32) * scale;
+    }
+    total
+}
+
 /// Reads a duration with kube's parser (Go's `time.ParseDuration` syntax), refusing what
 /// the schema refuses and kube would take: an empty string and a negative duration.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     if text.is_empty() {
         return Err("empty duration".into());
+    }
+    // kube's parser panics on a sign after the first piece ("1h-8h") and on a number too
+    // big for a Duration ("0888…8s"); both found by fuzzing (fuzz/regressions/duration).
+    if text.get(1..).is_some_and(|rest| rest.contains(['+', '-'])) {
+        return Err(format!(
+            "{text:?} is not a duration: a sign may only lead it"
+        ));
+    }
+    if upper_bound_seconds(text) > MAX_SECONDS {
+        return Err(format!("{text:?} is too long a duration"));
     }
     let parsed: kube::core::Duration = text
         .parse()
@@ -459,6 +502,7 @@ mod tests {
             ("1h", 3_600_000),
             ("500000us", 500),
             ("0s", 0),
+            ("00ns0ns5000000000000ns", 5_000_000),
         ] {
             assert_eq!(
                 parse_duration(text).unwrap(),
@@ -466,7 +510,21 @@ mod tests {
                 "{text}"
             );
         }
-        for text in ["", "2", "s", "2x", "two seconds", "1..5s", "-1s"] {
+        let huge = format!("0{}s", "8".repeat(29));
+        let many = "99999999999999h".repeat(3);
+        for text in [
+            "",
+            "2",
+            "s",
+            "2x",
+            "two seconds",
+            "1..5s",
+            "-1s",
+            "1h-8h",
+            "1s+1s",
+            &huge,
+            &many,
+        ] {
             assert!(parse_duration(text).is_err(), "{text}");
         }
     }

@@ -71,6 +71,14 @@ struct Body {
 /// Classifies an answer. Only Vault's default status codes are accepted, since the prober
 /// sends no override parameters.
 pub fn classify(status: u16, body: &[u8]) -> Result<Health, HealthError> {
+    // serde reads a struct from a JSON array too: `[true,false,false]` would make a pod
+    // active (found by fuzzing). Vault answers an object.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(HealthError::Body {
+            status,
+            reason: "not a JSON object".into(),
+        });
+    }
     // serde's error quotes the offending value, which the pod chose: only an excerpt stays.
     let parsed: Body = serde_json::from_slice(body).map_err(|e| HealthError::Body {
         status,
@@ -226,6 +234,16 @@ mod tests {
                 br#"{"initialized":"yes","sealed":false,"standby":false}"#.to_vec(),
             ),
             ("array", 200, b"[true]".to_vec()),
+            (
+                "array of the fields, in order",
+                200,
+                b"[true, false, false, false, false, \"\", \"1.21.4\"]".to_vec(),
+            ),
+            (
+                "array of flags, found by fuzzing",
+                200,
+                b"[true,true,true,true]".to_vec(),
+            ),
             ("null", 200, b"null".to_vec()),
             ("huge garbage", 200, vec![b'x'; 1 << 20]),
         ];

@@ -272,7 +272,7 @@ pub fn tls_config(
             }
             None => {
                 return Err(
-                    "https without tls.caSecretRef needs tls.insecureSkipVerify or a CA".into(),
+                    "https needs a CA bundle (tls.caConfigMapRef or tls.caSecretRef) or tls.insecureSkipVerify".into(),
                 );
             }
         }

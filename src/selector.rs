@@ -19,10 +19,26 @@ pub fn parse(selector: &PodSelector) -> Result<Selector, String> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (i, requirement) in selector.match_expressions.iter().enumerate() {
+        let operator = &requirement.operator;
+        let values = requirement.values.as_deref().unwrap_or_default();
+        // As the API server's own selectors: kube accepts In and NotIn with an empty list
+        // (found by fuzzing), and Exists with values it ignores.
+        match operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(format!(
+                    "spec.selector.matchExpressions[{i}].values: {operator} needs values"
+                ));
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(format!(
+                    "spec.selector.matchExpressions[{i}].values: {operator} takes no values"
+                ));
+            }
+            _ => {}
+        }
         let expression = Expression::try_from(requirement.clone()).map_err(|e| {
-            let operator = &requirement.operator;
             if OPERATORS.contains(&operator.as_str()) {
-                format!("spec.selector.matchExpressions[{i}].values: {operator} needs values ({e})")
+                format!("spec.selector.matchExpressions[{i}]: {e}")
             } else {
                 format!(
                     "spec.selector.matchExpressions[{i}].operator: {operator:?} is not one of {}",
@@ -146,6 +162,17 @@ mod tests {
             (
                 vec![req("tier", "NotIn", &[])],
                 "spec.selector.matchExpressions[0].values: NotIn needs values",
+            ),
+            (
+                vec![LabelSelectorRequirement {
+                    values: Some(vec![]),
+                    ..req("tier", "In", &[])
+                }],
+                "spec.selector.matchExpressions[0].values: In needs values",
+            ),
+            (
+                vec![req("tier", "Exists", &["a"])],
+                "spec.selector.matchExpressions[0].values: Exists takes no values",
             ),
         ];
         for (expressions, want) in cases {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OnceCell;
 use vault_registrar_testkit::certs::Authority;
@@ -164,6 +165,51 @@ fn container(deployment: &serde_json::Value) -> (Vec<String>, Vec<(String, u64)>
         ports,
         [probe("livenessProbe"), probe("readinessProbe")],
     )
+}
+
+/// config/rbac's admission policy is the chart's for a release named vault-registrar, and
+/// `kubectl kustomize` builds the whole of config/default with it.
+#[tokio::test]
+async fn kustomize_admission_policy_is_the_charts() -> anyhow::Result<()> {
+    let rendered = helm(&[
+        "template",
+        "vault-registrar",
+        chart().to_str().unwrap(),
+        "-n",
+        "vault-registrar",
+        "--api-versions",
+        "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+        "--show-only",
+        "templates/admission-policy.yaml",
+    ])
+    .await?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kept = std::fs::read_to_string(root.join("config/rbac/admission_policy.yaml"))?;
+    let specs = |yaml: &str| -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+        let mut out = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let doc = serde_json::Value::deserialize(doc)?;
+            if !doc.is_null() {
+                out.push((
+                    doc["kind"].as_str().unwrap_or_default().to_string(),
+                    doc["spec"].clone(),
+                ));
+            }
+        }
+        Ok(out)
+    };
+    let (chart_specs, kept_specs) = (specs(&rendered)?, specs(&kept)?);
+    assert_eq!(chart_specs.len(), 2, "{rendered}");
+    assert_eq!(
+        chart_specs, kept_specs,
+        "regenerate config/rbac/admission_policy.yaml"
+    );
+    let built = kubectl(&["kustomize", root.join("config/default").to_str().unwrap()]).await?;
+    assert!(
+        built.contains("kind: ValidatingAdmissionPolicyBinding"),
+        "{built}"
+    );
+    Ok(())
 }
 
 /// The chart's and the kustomize Deployment's args are accepted by the real binary (flags
