@@ -29,10 +29,11 @@ fn run(mut cmd: Command) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
-/// The real helm, with its state in a directory of its own; no cluster is needed.
+/// The real helm, with its state in a directory of its own, removed after; no cluster is
+/// needed.
 fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let home =
-        std::env::temp_dir().join(format!("vault-registrar-ops-helm-{}", std::process::id()));
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
     let mut cmd = Command::new(Binaries::locate()?.helm);
     cmd.args(args)
         .env("HELM_CACHE_HOME", home.join("cache"))

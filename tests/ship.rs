@@ -175,6 +175,7 @@ async fn kustomize_admission_policy_is_the_charts() -> anyhow::Result<()> {
         "template",
         "vault-registrar",
         chart().to_str().unwrap(),
+        chart::KUBE_VERSION,
         "-n",
         "vault-registrar",
         "--api-versions",
