@@ -36,7 +36,12 @@ pub enum Command {
     /// Run the operator.
     Run(Box<RunArgs>),
     /// Print the VaultCluster CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print it as the Helm chart's template (behind crds.enabled, kept on uninstall
+        /// with crds.keep), as `make crds` writes it.
+        #[arg(long)]
+        chart_template: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,6 +66,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Which logs to write: a level (error, warn, info, debug, trace) or tracing filter
+    /// directives such as "info,vault_registrar=debug". RUST_LOG, when set, wins.
+    #[arg(long, default_value = "info,kube=warn", env = "LOG_LEVEL", value_parser = parse_log_filter)]
+    pub log_level: String,
     /// Elect a leader among replicas with a Lease; only the leader writes.
     #[arg(long)]
     pub leader_elect: bool,
@@ -97,9 +106,16 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init_logging(format: LogFormat) {
+fn parse_log_filter(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map(|_| text.to_string())
+        .map_err(|e| format!("not a log level or filter: {e}"))
+}
+
+pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -169,7 +185,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         timing,
     };
     info!(identity = %settings.identity, ?timing, "campaigning for the lease");
-    let leadership = Leadership::new(leading, metrics.leader.clone(), timing.renew_deadline);
+    let leadership = Leadership::new(leading, metrics.clone(), timing.renew_deadline);
     let clients = Clients {
         lease: quick,
         watch: client,

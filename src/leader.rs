@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::health_state::HealthState;
 use crate::lease::{Observed, Record, Timing, may_take, next_try, observe, overdue};
+use crate::metrics::Metrics;
 
 #[derive(Clone, Debug)]
 pub struct LeaseSettings {
@@ -43,11 +44,11 @@ pub enum ElectionError {
     WorkEnded,
 }
 
-/// This replica's term as leader: what the rest of the process sees (`leading`, the gauge)
+/// This replica's term as leader: what the rest of the process sees (`leading`, the metrics)
 /// and what the watchdog needs to end it (the last renewal, the work).
 pub struct Leadership {
     leading: Arc<AtomicBool>,
-    gauge: prometheus::IntGauge,
+    metrics: Metrics,
     renew_deadline: Duration,
     term: Mutex<Term>,
 }
@@ -60,14 +61,10 @@ struct Term {
 }
 
 impl Leadership {
-    pub fn new(
-        leading: Arc<AtomicBool>,
-        gauge: prometheus::IntGauge,
-        renew_deadline: Duration,
-    ) -> Arc<Self> {
+    pub fn new(leading: Arc<AtomicBool>, metrics: Metrics, renew_deadline: Duration) -> Arc<Self> {
         Arc::new(Self {
             leading,
-            gauge,
+            metrics,
             renew_deadline,
             term: Mutex::new(Term::default()),
         })
@@ -97,7 +94,7 @@ impl Leadership {
         if !self.leading.load(Ordering::SeqCst) {
             info!("became leader");
             self.leading.store(true, Ordering::SeqCst);
-            self.gauge.set(1);
+            self.metrics.leader.set(1);
             term.work = Some(start());
         }
     }
@@ -105,12 +102,15 @@ impl Leadership {
     /// Stops writing first, then aborts the work.
     pub fn step_down(&self, why: &str) {
         let was = self.leading.swap(false, Ordering::SeqCst);
-        self.gauge.set(0);
         let mut term = self.term.lock().unwrap();
         term.renewed = None;
         if let Some(work) = term.work.take() {
             work.abort();
         }
+        // What this term saw of the clusters is no longer watched: a follower shows none,
+        // by the time its gauge says it follows.
+        self.metrics.forget_clusters();
+        self.metrics.leader.set(0);
         if was {
             warn!(why, "stopped leading");
         }

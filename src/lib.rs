@@ -31,3 +31,35 @@ pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&crd::VaultCluster::crd()).expect("CRD serialises")
 }
+
+/// A CRD's YAML (as `crd_yaml` gives it) as the chart's template: rendered when
+/// crds.enabled, so `helm upgrade` updates it, with the release's labels, and kept on
+/// uninstall when crds.keep, so uninstalling never deletes every VaultCluster with it.
+pub fn crd_chart_template(crd_yaml: &str) -> String {
+    let spec = crd_yaml
+        .find("\nspec:\n")
+        .expect("a CRD has a spec after its metadata");
+    assert!(
+        !crd_yaml.contains("{{"),
+        "Helm would read the CRD's text as a template"
+    );
+    let head = &crd_yaml[..spec];
+    assert!(
+        head.ends_with("\nmetadata:\n  name: vaultclusters.vault-registrar.dev"),
+        "the CRD's metadata holds only its name: {head}"
+    );
+    format!(
+        r#"{{{{- /* Generated from src/crd.rs by `make crds`; edit the Rust types, not this file. */}}}}
+{{{{- if .Values.crds.enabled }}}}
+{head}
+  labels:
+    {{{{- include "vault-registrar.labels" . | nindent 4 }}}}
+    app.kubernetes.io/component: crd
+  {{{{- if .Values.crds.keep }}}}
+  annotations:
+    helm.sh/resource-policy: keep
+  {{{{- end }}}}{spec_onward}{{{{- end }}}}
+"#,
+        spec_onward = &crd_yaml[spec..],
+    )
+}

@@ -9,12 +9,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => {
-            print!("{}", vault_registrar::crd_yaml());
+        Command::Crd { chart_template } => {
+            let yaml = vault_registrar::crd_yaml();
+            match chart_template {
+                false => print!("{yaml}"),
+                true => print!("{}", vault_registrar::crd_chart_template(&yaml)),
+            }
             Ok(())
         }
         Command::Run(args) => {
-            init_logging(args.log_format);
+            init_logging(args.log_format, &args.log_level);
             run(*args).await
         }
     }

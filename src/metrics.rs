@@ -1,9 +1,24 @@
-//! Prometheus metrics of the operator.
+//! Prometheus metrics of the operator: what it does (reconciles, probes, writes), what it
+//! sees of each VaultCluster, its build and its process. A VaultCluster's series live while
+//! this process leads and the VaultCluster exists: `forget_cluster` deletes them when it
+//! goes, `forget_clusters` all of them when leadership is lost, so a follower or a deleted
+//! cluster never shows a stale value.
+//!
+//! The per-cluster label is `namespace`, the VaultCluster's. Scraped with honor_labels (the
+//! chart's ServiceMonitor default) it stays `namespace`; otherwise Prometheus renames it to
+//! `exported_namespace` and sets `namespace` to the operator's.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Label names of the per-cluster series.
+pub const CLUSTER_LABELS: [&str; 2] = ["namespace", "cluster"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -18,8 +33,13 @@ pub struct Metrics {
     pub service_writes: IntCounter,
     pub active_changes: IntCounterVec,
     pub cluster_pods: IntGaugeVec,
-    pub cluster_ready: IntGaugeVec,
+    pub cluster_condition: IntGaugeVec,
+    active_pod: IntGaugeVec,
     pub leader: IntGauge,
+    build_info: IntGaugeVec,
+    /// The clusters whose gauges are set, and the pod each one's active_pod series names (so
+    /// a change removes the old series).
+    shown: Arc<Mutex<HashMap<(String, String), Option<String>>>>,
 }
 
 impl Default for Metrics {
@@ -28,32 +48,114 @@ impl Default for Metrics {
     }
 }
 
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge")
+}
+
+fn cluster_labels(extra: &str) -> [&str; 3] {
+    [CLUSTER_LABELS[0], CLUSTER_LABELS[1], extra]
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
         let m = Self {
-            reconciles: IntCounterVec::new(Opts::new("vault_registrar_reconciles_total", "Reconciles of VaultClusters, by result"), &["result"]).unwrap(),
-            reconcile_errors: IntCounterVec::new(Opts::new("vault_registrar_reconcile_errors_total", "Failed reconciles, by error kind"), &["kind"]).unwrap(),
-            reconcile_duration: Histogram::with_opts(HistogramOpts::new("vault_registrar_reconcile_duration_seconds", "Time one reconcile takes, probes included")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])).unwrap(),
-            probes: IntCounterVec::new(Opts::new("vault_registrar_probes_total", "Health probes, by outcome (active, standby, perf-standby, sealed, uninitialized, removed, failed)"), &["outcome"]).unwrap(),
-            probe_latency: HistogramVec::new(HistogramOpts::new("vault_registrar_probe_duration_seconds", "Health probe latency")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]), &["result"]).unwrap(),
-            label_writes: IntCounter::new("vault_registrar_pod_label_writes_total", "Pod label patches sent").unwrap(),
-            status_writes: IntCounter::new("vault_registrar_status_writes_total", "VaultCluster status patches sent").unwrap(),
-            service_writes: IntCounter::new("vault_registrar_service_writes_total", "Service creates, applies and deletes sent").unwrap(),
-            active_changes: IntCounterVec::new(Opts::new("vault_registrar_active_changes_total", "Changes of the active pod, by VaultCluster"), &["namespace", "cluster"]).unwrap(),
-            cluster_pods: IntGaugeVec::new(Opts::new("vault_registrar_cluster_pods", "Selected pods per VaultCluster, by role"), &["namespace", "cluster", "role"]).unwrap(),
-            cluster_ready: IntGaugeVec::new(Opts::new("vault_registrar_cluster_ready", "1 when the VaultCluster's Ready condition is True"), &["namespace", "cluster"]).unwrap(),
-            leader: IntGauge::new("vault_registrar_leader", "1 while this process holds the leader lease (or runs without election)").unwrap(),
-            registry,
+            registry: Registry::new(),
+            reconciles: counter(
+                "vault_registrar_reconciles_total",
+                "Reconciles of VaultClusters, by result (ok, error).",
+                &["result"],
+            ),
+            reconcile_errors: counter(
+                "vault_registrar_reconcile_errors_total",
+                "Failed reconciles, by the kind of error (list_pods, patch_pod, write_service, read_service, read_endpoints, update_status, read_secret, finalizer, not_leader).",
+                &["kind"],
+            ),
+            reconcile_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "vault_registrar_reconcile_duration_seconds",
+                    "Time one reconcile takes, probes included.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )
+            .expect("valid histogram"),
+            probes: counter(
+                "vault_registrar_probes_total",
+                "Health probes of a VaultCluster's pods, by outcome (active, standby, perf-standby, sealed, uninitialized, removed, failed).",
+                &cluster_labels("outcome"),
+            ),
+            probe_latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "vault_registrar_probe_duration_seconds",
+                    "Health probe latency over all VaultClusters, by result (ok, failed).",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["result"],
+            )
+            .expect("valid histogram"),
+            label_writes: IntCounter::new(
+                "vault_registrar_pod_label_writes_total",
+                "Pod label patches sent.",
+            )
+            .expect("valid counter"),
+            status_writes: IntCounter::new(
+                "vault_registrar_status_writes_total",
+                "VaultCluster status patches sent.",
+            )
+            .expect("valid counter"),
+            service_writes: IntCounter::new(
+                "vault_registrar_service_writes_total",
+                "Service creates, applies and deletes sent.",
+            )
+            .expect("valid counter"),
+            active_changes: counter(
+                "vault_registrar_active_changes_total",
+                "Changes of a VaultCluster's active pod (failovers, and losing or finding one).",
+                &CLUSTER_LABELS,
+            ),
+            cluster_pods: gauge(
+                "vault_registrar_cluster_pods",
+                "A VaultCluster's selected pods, by role (all, active, standby, perf-standby, sealed, uninitialized, unreachable).",
+                &cluster_labels("role"),
+            ),
+            cluster_condition: gauge(
+                "vault_registrar_cluster_condition",
+                "1 when the VaultCluster's condition (Ready, Available, Degraded, SelectorOverlap) is True, else 0.",
+                &cluster_labels("condition"),
+            ),
+            active_pod: gauge(
+                "vault_registrar_cluster_active_pod",
+                "1 for the pod labelled active in a VaultCluster; no series while it has none.",
+                &cluster_labels("pod"),
+            ),
+            leader: IntGauge::new(
+                "vault_registrar_leader",
+                "1 while this process holds the leader lease (or runs without election), else 0.",
+            )
+            .expect("valid gauge"),
+            build_info: gauge(
+                "vault_registrar_build_info",
+                "Always 1; the labels tell the operator's version.",
+                &["version"],
+            ),
+            shown: Arc::default(),
         };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m.register();
         m
     }
 
-    fn register(&self) {
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
             Box::new(self.reconciles.clone()),
             Box::new(self.reconcile_errors.clone()),
             Box::new(self.reconcile_duration.clone()),
@@ -64,12 +166,85 @@ impl Metrics {
             Box::new(self.service_writes.clone()),
             Box::new(self.active_changes.clone()),
             Box::new(self.cluster_pods.clone()),
-            Box::new(self.cluster_ready.clone()),
+            Box::new(self.cluster_condition.clone()),
+            Box::new(self.active_pod.clone()),
             Box::new(self.leader.clone()),
-        ];
-        for c in collectors {
+            Box::new(self.build_info.clone()),
+            Box::new(process_collector()),
+        ]
+    }
+
+    fn register(&self) {
+        for c in self.collectors() {
             self.registry.register(c).expect("metric names are unique");
         }
+    }
+
+    /// Every metric this process can export, whether it has a series yet or not, with its
+    /// label names.
+    pub fn exported(&self) -> BTreeMap<String, Vec<String>> {
+        self.collectors()
+            .iter()
+            .flat_map(|c| {
+                c.desc().into_iter().map(|d| {
+                    let constant = d.const_label_pairs.iter().map(|l| l.name().to_string());
+                    let labels = d.variable_labels.iter().cloned().chain(constant);
+                    (d.fq_name.clone(), labels.collect())
+                })
+            })
+            .collect()
+    }
+
+    /// Points the cluster's active_pod series at `pod`, removing the one for the pod before,
+    /// and records that the cluster's gauges are shown.
+    pub fn set_active_pod(&self, ns: &str, cluster: &str, pod: Option<&str>) {
+        let key = (ns.to_string(), cluster.to_string());
+        let before = self
+            .shown
+            .lock()
+            .unwrap()
+            .insert(key, pod.map(String::from));
+        if before.as_ref().is_some_and(|b| b.as_deref() == pod) {
+            return;
+        }
+        if let Some(Some(old)) = before {
+            let _ = self.active_pod.remove_label_values(&[ns, cluster, &old]);
+        }
+        if let Some(pod) = pod {
+            self.active_pod
+                .with_label_values(&[ns, cluster, pod])
+                .set(1);
+        }
+    }
+
+    /// Whether the cluster's gauges are set: after losing and regaining the lead they are
+    /// not, however unchanged its status.
+    pub fn shows(&self, ns: &str, cluster: &str) -> bool {
+        let key = (ns.to_string(), cluster.to_string());
+        self.shown.lock().unwrap().contains_key(&key)
+    }
+
+    /// Deletes every series of one VaultCluster: it is gone.
+    pub fn forget_cluster(&self, ns: &str, cluster: &str) {
+        let key = (ns.to_string(), cluster.to_string());
+        if let Some(Some(pod)) = self.shown.lock().unwrap().remove(&key) {
+            let _ = self.active_pod.remove_label_values(&[ns, cluster, &pod]);
+        }
+        remove_cluster(&self.probes, ns, cluster);
+        remove_cluster(&self.active_changes, ns, cluster);
+        remove_cluster(&self.cluster_pods, ns, cluster);
+        remove_cluster(&self.cluster_condition, ns, cluster);
+    }
+
+    /// Deletes the series of every VaultCluster: this process no longer leads, so what it
+    /// last saw is no longer watched.
+    pub fn forget_clusters(&self) {
+        self.shown.lock().unwrap().clear();
+        self.active_pod.reset();
+        self.probes.reset();
+        self.active_changes.reset();
+        self.cluster_pods.reset();
+        self.cluster_condition.reset();
     }
 
     /// The text exposition format.
@@ -79,5 +254,171 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("encoding to a Vec");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+/// Removes the series of `vec` whose namespace and cluster labels are these, whatever
+/// their other labels.
+fn remove_cluster<B: MetricVecBuilder>(vec: &MetricVec<B>, ns: &str, cluster: &str) {
+    let doomed: Vec<HashMap<String, String>> = vec
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|metric| {
+            metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name().to_string(), l.value().to_string()))
+                .collect::<HashMap<_, _>>()
+        })
+        .filter(|labels| {
+            labels.get(CLUSTER_LABELS[0]).map(String::as_str) == Some(ns)
+                && labels.get(CLUSTER_LABELS[1]).map(String::as_str) == Some(cluster)
+        })
+        .collect();
+    for labels in doomed {
+        let labels: HashMap<&str, &str> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let _ = vec.remove(&labels);
+    }
+}
+
+/// CPU, memory, open files and start time of this process, as `process_*`.
+fn process_collector() -> prometheus::process_collector::ProcessCollector {
+    prometheus::process_collector::ProcessCollector::for_self()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(m: &Metrics, needle: &str) -> Vec<String> {
+        m.render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .map(String::from)
+            .collect()
+    }
+
+    fn of(m: &Metrics, ns: &str, cluster: &str) -> usize {
+        let (ns, cluster) = (
+            format!("namespace=\"{ns}\""),
+            format!("cluster=\"{cluster}\""),
+        );
+        series(m, &ns)
+            .iter()
+            .filter(|l| l.contains(&cluster))
+            .count()
+    }
+
+    fn observe(m: &Metrics, ns: &str, cluster: &str) {
+        m.probes.with_label_values(&[ns, cluster, "active"]).inc();
+        m.probes.with_label_values(&[ns, cluster, "failed"]).inc();
+        m.active_changes.with_label_values(&[ns, cluster]).inc();
+        m.cluster_pods
+            .with_label_values(&[ns, cluster, "all"])
+            .set(3);
+        m.cluster_condition
+            .with_label_values(&[ns, cluster, "Ready"])
+            .set(1);
+        m.set_active_pod(ns, cluster, Some(&format!("{cluster}-0")));
+    }
+
+    #[test]
+    fn a_deleted_cluster_loses_its_series_and_only_its() {
+        let m = Metrics::new();
+        observe(&m, "a", "vault");
+        observe(&m, "b", "vault");
+        observe(&m, "a", "vault-b");
+        assert_eq!(of(&m, "a", "vault"), 6);
+        m.forget_cluster("a", "vault");
+        assert_eq!(of(&m, "a", "vault"), 0, "{}", m.render());
+        assert_eq!(of(&m, "b", "vault"), 6);
+        assert_eq!(of(&m, "a", "vault-b"), 6);
+    }
+
+    #[test]
+    fn losing_leadership_forgets_every_cluster() {
+        let m = Metrics::new();
+        observe(&m, "a", "vault");
+        observe(&m, "b", "vault");
+        m.forget_clusters();
+        assert!(series(&m, "cluster=").is_empty(), "{}", m.render());
+        assert!(
+            !m.shows("a", "vault"),
+            "the next term sets the gauges again"
+        );
+        observe(&m, "a", "vault");
+        assert!(m.shows("a", "vault"));
+        assert_eq!(series(&m, "cluster=").len(), 6, "series come back");
+    }
+
+    #[test]
+    fn the_active_pod_series_follows_the_active_pod() {
+        let m = Metrics::new();
+        m.set_active_pod("a", "vault", Some("vault-0"));
+        m.set_active_pod("a", "vault", Some("vault-1"));
+        assert_eq!(
+            series(&m, "vault_registrar_cluster_active_pod"),
+            [
+                "vault_registrar_cluster_active_pod{cluster=\"vault\",namespace=\"a\",pod=\"vault-1\"} 1"
+            ]
+        );
+        m.set_active_pod("a", "vault", None);
+        assert!(series(&m, "vault_registrar_cluster_active_pod").is_empty());
+    }
+
+    #[test]
+    fn readme_documents_each_metric_with_its_type_and_labels() {
+        let readme = include_str!("../README.md");
+        let m = Metrics::new();
+        let exported = m.exported();
+        for family in m.collectors().iter().flat_map(|c| c.collect()) {
+            let name = family.name();
+            if name.starts_with("process_") {
+                continue;
+            }
+            let kind = match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => "counter",
+                prometheus::proto::MetricType::GAUGE => "gauge",
+                prometheus::proto::MetricType::HISTOGRAM => "histogram",
+                other => panic!("{name}: {other:?}"),
+            };
+            let labels: Vec<String> = exported[name].iter().map(|l| format!("`{l}`")).collect();
+            let labels = match labels.is_empty() {
+                true => " ".to_string(),
+                false => format!(" {} ", labels.join(", ")),
+            };
+            let row = format!("| `{name}` | {kind} |{labels}|");
+            assert!(readme.contains(&row), "README lacks the row {row}");
+        }
+        assert!(readme.contains("| `process_*` |"));
+    }
+
+    #[test]
+    fn build_info_process_metrics_and_help_are_exported() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(
+            text.contains(&format!(
+                "vault_registrar_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        assert!(text.contains("process_start_time_seconds"), "{text}");
+        for name in m.exported().keys() {
+            assert!(
+                text.contains(&format!("# HELP {name} ")) || !text.contains(&format!("\n{name}")),
+                "{name} has no HELP"
+            );
+        }
+        assert_eq!(
+            m.exported()["vault_registrar_probes_total"],
+            ["namespace", "cluster", "outcome"]
+        );
     }
 }

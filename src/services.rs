@@ -2,6 +2,7 @@
 //! drifted from that. Pure; the reconciler applies and deletes.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec as K8sServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -130,9 +131,25 @@ fn build(vc: &VaultCluster, kind: Kind) -> Service {
     }
 }
 
+/// How long every pod must have carried the ownership label before a Service selects on it:
+/// the EndpointSlice controller matches a new selector against its own cache of pods, which
+/// can lag behind the label writes by a moment under load, and would empty the Service.
+pub const OWNER_SETTLE: Duration = Duration::from_secs(2);
+
+/// Whether every pod has carried the ownership label for `OWNER_SETTLE`; `since` remembers
+/// from when, across rounds.
+pub fn owned_long_enough(since: &mut Option<Instant>, owned: bool, now: Instant) -> bool {
+    if !owned {
+        *since = None;
+        return false;
+    }
+    now.saturating_duration_since(*since.get_or_insert(now)) >= OWNER_SETTLE
+}
+
 /// Upgrading from a version whose Services did not select on the ownership label: keeps it
-/// out of `want` until every selected pod carries it (`pods_owned`, as observed before this
-/// round's writes), so the Service is never empty for a moment. New Services get it at once.
+/// out of `want` until every selected pod has carried it for a while (`pods_owned`, as
+/// observed before this round's writes), so the Service is never empty for a moment. New
+/// Services get it at once.
 pub fn defer_owner_selector(want: &mut Service, existing: &Service, pods_owned: bool) {
     let legacy = existing
         .spec
@@ -400,6 +417,31 @@ mod tests {
                 drifted(existing, &got),
                 existing != &got && expect,
                 "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn selectors_switch_only_after_the_pods_carried_the_label_a_while() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // (ms, every pod owned now, switch)
+        let cases = [
+            (0, false, false),
+            (100, true, false),
+            (2000, true, false),
+            (2100, true, true),
+            (2200, false, false),
+            (2300, true, false),
+            (4299, true, false),
+            (4300, true, true),
+        ];
+        let mut since = None;
+        for (ms, owned, want) in cases {
+            assert_eq!(
+                owned_long_enough(&mut since, owned, at(ms)),
+                want,
+                "{ms} ms"
             );
         }
     }

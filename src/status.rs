@@ -10,6 +10,11 @@ use crate::decide::{Decision, Member};
 use crate::text::{self, shorten};
 use crate::tracker::Verdict;
 
+/// The conditions every built status carries, in this order. A condition that stops
+/// applying turns False rather than going, so `kubectl wait --for=condition=X=false` and
+/// alerts on it see the change.
+pub const CONDITIONS: [&str; 4] = ["Ready", "Available", "Degraded", "SelectorOverlap"];
+
 /// Longest `status.version`: the distinct versions of the pods, joined.
 const VERSIONS: usize = 256;
 
@@ -136,7 +141,20 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
         "AllPodsHealthy",
         "every selected pod answers and is unsealed".into(),
     ));
-    let mut wanted = vec![
+    let overlap = if o.overlaps.is_empty() {
+        (
+            false,
+            "NoOverlap",
+            "no selected pod is left to an older VaultCluster".into(),
+        )
+    } else {
+        (
+            true,
+            "SelectorOverlap",
+            format!("left to older VaultClusters: {}", o.overlaps.join(", ")),
+        )
+    };
+    let wanted = [
         ("Ready", ready),
         (
             "Available",
@@ -146,17 +164,9 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
             "Degraded",
             (degraded.is_some(), degraded_reason, degraded_message),
         ),
+        ("SelectorOverlap", overlap),
     ];
-    if !o.overlaps.is_empty() {
-        wanted.push((
-            "SelectorOverlap",
-            (
-                true,
-                "SelectorOverlap",
-                format!("left to older VaultClusters: {}", o.overlaps.join(", ")),
-            ),
-        ));
-    }
+    debug_assert!(wanted.iter().map(|w| w.0).eq(CONDITIONS));
     wanted
         .into_iter()
         .map(|(kind, (status, reason, message))| condition(o, kind, status, reason, message))
@@ -860,24 +870,67 @@ mod tests {
         );
     }
 
-    #[test]
-    fn held_labels_and_failed_writes_are_said() {
+    /// The status of one active pod, with overlaps, held labels or a failed write.
+    fn one_active(
+        overlaps: Vec<String>,
+        held: bool,
+        write: Option<&str>,
+        previous: Option<&VaultClusterStatus>,
+        at: i64,
+    ) -> VaultClusterStatus {
         let members = vec![healthy("v0", Role::Active)];
         let decision = decide(&LabelNames::new("vault"), "vault", &members);
-        let observe = |held: bool, write: Option<&str>, previous| {
-            build(&Observation {
-                generation: Some(1),
-                members: &members,
-                decision: &decision,
-                spec_problem: None,
-                service_problems: vec![],
-                overlaps: vec![],
-                held,
-                write_problem: write.map(String::from),
-                previous,
-                now: Time(k8s_openapi::jiff::Timestamp::from_second(5).unwrap()),
-            })
-        };
+        build(&Observation {
+            generation: Some(1),
+            members: &members,
+            decision: &decision,
+            spec_problem: None,
+            service_problems: vec![],
+            overlaps,
+            held,
+            write_problem: write.map(String::from),
+            previous,
+            now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
+        })
+    }
+
+    #[test]
+    fn selector_overlap_turns_false_rather_than_going() {
+        let observe = |overlaps, previous, at| one_active(overlaps, false, None, previous, at);
+        let clear = observe(vec![], None, 1);
+        let kinds: Vec<&str> = clear.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(kinds, CONDITIONS);
+        assert_eq!(
+            (
+                cond(&clear, "SelectorOverlap").status.as_str(),
+                cond(&clear, "SelectorOverlap").reason.as_str()
+            ),
+            ("False", "NoOverlap")
+        );
+        let overlapping = observe(vec!["v0 (older)".into()], Some(&clear), 2);
+        let c = cond(&overlapping, "SelectorOverlap");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "SelectorOverlap")
+        );
+        assert_eq!(c.last_transition_time.0.as_second(), 2);
+        let reasons: Vec<&str> = notices(Some(&clear), &overlapping)
+            .iter()
+            .map(|n| n.reason)
+            .collect();
+        assert_eq!(reasons, ["SelectorOverlap"]);
+        let resolved = observe(vec![], Some(&overlapping), 3);
+        let c = cond(&resolved, "SelectorOverlap");
+        assert_eq!(
+            (c.status.as_str(), c.last_transition_time.0.as_second()),
+            ("False", 3)
+        );
+        assert!(notices(Some(&overlapping), &resolved).is_empty());
+    }
+
+    #[test]
+    fn held_labels_and_failed_writes_are_said() {
+        let observe = |held, write, previous| one_active(vec![], held, write, previous, 5);
         let normal = observe(false, None, None);
         let held = observe(true, None, Some(&normal));
         assert_eq!(cond(&held, "Degraded").reason, "ProbesFailing");

@@ -10,6 +10,7 @@ use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::controlplane::free_port;
 use vault_registrar_testkit::pods::create_namespace;
 use vault_registrar_testkit::stage::install_crd;
+use vault_registrar_testkit::tools::promtool;
 use vault_registrar_testkit::vault_sim::Role;
 use vault_registrar_testkit::{shared, wait};
 
@@ -34,6 +35,38 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// `promtool check metrics` on a /metrics response: it must find no problem at all.
+fn lint_metrics(response: &str) -> anyhow::Result<()> {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {response}"))?;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut lint = Command::new(promtool()?)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    lint.stdin.take().unwrap().write_all(body.as_bytes())?;
+    let out = lint.wait_with_output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\n{body}"
+    );
+    assert!(
+        body.contains("# HELP vault_registrar_cluster_pods "),
+        "{body}"
+    );
+    Ok(())
 }
 
 #[tokio::test]
@@ -88,7 +121,9 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
         let ready = |ns: &str| {
             metric(
                 &text,
-                &format!("vault_registrar_cluster_ready{{cluster=\"vault\",namespace=\"{ns}\"}}"),
+                &format!(
+                    "vault_registrar_cluster_condition{{cluster=\"vault\",condition=\"Ready\",namespace=\"{ns}\"}}"
+                ),
             )
         };
         Ok((ready("wide-a") == Some(1.0) && ready("wide-b") == Some(1.0)).then_some(text))
@@ -99,7 +134,12 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
         "{text}"
     );
     assert!(
-        metric(&text, "vault_registrar_probes_total{outcome=\"active\"}").unwrap_or(0.0) >= 2.0,
+        metric(
+            &text,
+            "vault_registrar_probes_total{cluster=\"vault\",namespace=\"wide-a\",outcome=\"active\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
         "{text}"
     );
     assert!(
@@ -119,6 +159,35 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
         ),
         Some(1.0)
     );
+
+    assert!(
+        metric(&text, "vault_registrar_build_info{version=").is_some(),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    lint_metrics(&text)?;
+
+    // A deleted VaultCluster takes its series with it; the other keeps its own.
+    kube::Api::<VaultCluster>::namespaced(client.clone(), "wide-b")
+        .delete("vault", &Default::default())
+        .await?;
+    wait::until("wide-b's series gone", LIMIT, || async {
+        let text = get(port, "/metrics").await?;
+        Ok((!text.contains("namespace=\"wide-b\"")).then_some(()))
+    })
+    .await?;
+    let text = get(port, "/metrics").await?;
+    assert!(
+        metric(
+            &text,
+            "vault_registrar_cluster_active_pod{cluster=\"vault\",namespace=\"wide-a\",pod=\"vault-1\"}"
+        ) == Some(1.0),
+        "{text}"
+    );
+    lint_metrics(&text)?;
 
     let logs = operator.log_text();
     let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -394,6 +394,19 @@ async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<(
         !f.vault.labels(0).await?.contains_key("other-active"),
         "newer cluster leaves the pod alone"
     );
+    // The older cluster goes: the overlap ends, and the condition says so rather than going.
+    f.clusters()
+        .delete("first", &DeleteParams::default())
+        .await?;
+    let message = f
+        .condition("second", "SelectorOverlap", "False", "NoOverlap")
+        .await?;
+    assert!(message.contains("no selected pod"), "{message}");
+    f.labels(
+        "other-active",
+        &[Some("true"), Some("false"), Some("false")],
+    )
+    .await?;
     Ok(())
 }
 
@@ -459,6 +472,28 @@ async fn kubectl_wait_for_ready() -> anyhow::Result<()> {
     assert!(
         table.contains("ACTIVE") && table.contains("vault-0") && table.contains("True"),
         "{table}"
+    );
+    assert!(!table.contains("REASON"), "Reason is for -o wide: {table}");
+    let out = shared()
+        .kubectl()
+        .args(["get", "vc", "-n", &f.ns, "-o", "wide"])
+        .output()?;
+    let wide = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(
+        header
+            .windows(3)
+            .any(|w| w == ["READY", "REASON", "MESSAGE"]),
+        "{wide}"
+    );
+    assert!(
+        wide.contains("Ready") && wide.contains("Services in place; vault-0 is active"),
+        "{wide}"
     );
     Ok(())
 }

@@ -266,10 +266,19 @@ async fn blackholed_leader_steps_down_and_never_writes_after_the_takeover() -> a
     let _serial = SERIAL.lock().await;
     let p = pair("lead-blackhole", "4s").await?;
     let watcher = watch_pods(&p);
+    assert!(
+        p.a.cluster_series().await.unwrap_or(0) > 0,
+        "the leader shows its clusters"
+    );
     let cut = Instant::now();
     p.a.relay.blackhole();
     wait_gauge(&p.a, 0.0, LIMIT).await?;
     let stepped_down = cut.elapsed();
+    assert_eq!(
+        p.a.cluster_series().await,
+        Some(0),
+        "a replica that lost the lead shows no cluster series"
+    );
     wait_holder(&p.client, &p.ns, LEASE_NAME, "b", LIMIT).await?;
     let took_over = cut.elapsed();
     println!(

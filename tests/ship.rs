@@ -18,32 +18,21 @@ use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocki
 use vault_registrar_testkit::vault_sim::{Role, SimTls};
 use vault_registrar_testkit::{shared, wait};
 
+mod chart;
+
+use chart::{chart, helm, kubectl, values};
+
 const LIMIT: Duration = Duration::from_secs(30);
 const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
-
-fn chart() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
-}
 
 fn bin() -> &'static Path {
     env!("CARGO_BIN_EXE_vault-registrar").as_ref()
 }
 
-async fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = shared().helm();
-    cmd.args(args);
-    run_blocking(cmd).await
-}
-
-async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = shared().kubectl();
-    cmd.args(args);
-    run_blocking(cmd).await
-}
-
 async fn install_crd() -> anyhow::Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    let crd = chart().join("crds/vaultclusters.vault-registrar.dev.yaml");
+    let crd =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/vaultclusters.vault-registrar.dev.yaml");
     DONE.get_or_try_init(|| install_crd_file(shared(), &crd))
         .await
         .map(|_| ())
@@ -55,15 +44,10 @@ async fn install_release(release: &str, namespace: &str) -> anyhow::Result<()> {
     install_crd().await?;
     let client = shared().client().await?;
     create_namespace(&client, namespace).await?;
-    helm(&[
-        "install",
-        release,
-        chart().to_str().unwrap(),
-        "-n",
-        namespace,
-        "--skip-crds",
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", release, chart.to_str().unwrap(), "-n", namespace];
+    args.extend(values("shared-crd"));
+    helm(&args).await?;
     Ok(())
 }
 
@@ -150,33 +134,6 @@ async fn tls_vault_with(
     Ok(vault)
 }
 
-#[tokio::test]
-async fn chart_lints_clean() -> anyhow::Result<()> {
-    for extra in [
-        vec![],
-        vec!["--set", "watchNamespaces={a,b}"],
-        vec!["--set", "tls.secretNamespaces={a,b}"],
-        vec![
-            "--set",
-            "networkPolicy.enabled=true,serviceMonitor.enabled=true",
-        ],
-    ] {
-        let mut args = vec![
-            "lint".to_string(),
-            "--strict".into(),
-            chart().to_str().unwrap().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = helm(&refs).await?;
-        assert!(
-            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
-            "{extra:?}: {out}"
-        );
-    }
-    Ok(())
-}
-
 /// The container of a rendered Deployment: its args, and the port numbers by name.
 fn container(deployment: &serde_json::Value) -> (Vec<String>, Vec<(String, u64)>, [String; 2]) {
     let c = &deployment["spec"]["template"]["spec"]["containers"][0];
@@ -218,6 +175,7 @@ async fn kustomize_admission_policy_is_the_charts() -> anyhow::Result<()> {
         "template",
         "vault-registrar",
         chart().to_str().unwrap(),
+        chart::KUBE_VERSION,
         "-n",
         "vault-registrar",
         "--api-versions",
@@ -263,6 +221,7 @@ async fn deployments_run_the_operator_with_flags_it_accepts() -> anyhow::Result<
         "template",
         "t",
         chart().to_str().unwrap(),
+        chart::KUBE_VERSION,
         "--show-only",
         "templates/deployment.yaml",
     ])
@@ -324,15 +283,10 @@ async fn chart_installs_upgrades_and_uninstalls_under_restricted_pod_security() 
     )]
     .into();
     create_namespace_with_labels(&client, ns, labels).await?;
-    helm(&[
-        "install",
-        "vr",
-        chart().to_str().unwrap(),
-        "-n",
-        ns,
-        "--skip-crds",
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", "vr", chart.to_str().unwrap(), "-n", ns];
+    args.extend(values("shared-crd"));
+    helm(&args).await?;
     kubectl(&["get", "deployment/vr-vault-registrar", "-n", ns]).await?;
     // No kubelet or ReplicaSet controller runs, so create the Deployment's pod ourselves:
     // the API server enforces the restricted standard on pods, not on Deployments.
@@ -360,16 +314,9 @@ async fn chart_installs_upgrades_and_uninstalls_under_restricted_pod_security() 
         .expect_err("PSA must refuse");
     assert!(refused.to_string().contains("restricted"), "{refused}");
 
-    helm(&[
-        "upgrade",
-        "vr",
-        chart().to_str().unwrap(),
-        "-n",
-        ns,
-        "--set",
-        "replicaCount=3",
-    ])
-    .await?;
+    let mut args = vec!["upgrade", "vr", chart.to_str().unwrap(), "-n", ns];
+    args.extend(values("shared-crd-three-replicas"));
+    helm(&args).await?;
     let replicas = kubectl(&[
         "get",
         "deployment/vr-vault-registrar",
@@ -667,18 +614,12 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
     let (ops, watched) = ("ship-nsops", "ship-ns-a");
     create_namespace(&client, ops).await?;
     let vault = tls_vault(&client, watched).await?;
-    let set = format!("watchNamespaces={{{watched}}}");
-    helm(&[
-        "install",
-        "nsr",
-        chart().to_str().unwrap(),
-        "-n",
-        ops,
-        "--skip-crds",
-        "--set",
-        &set,
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", "nsr", chart.to_str().unwrap(), "-n", ops];
+    // The value set names this namespace.
+    assert_eq!(watched, "ship-ns-a");
+    args.extend(values("shared-crd-namespaced"));
+    helm(&args).await?;
     let cluster_roles = kubectl(&[
         "get",
         "clusterrole",
@@ -726,18 +667,12 @@ async fn ca_secrets_are_readable_only_in_listed_namespaces() -> anyhow::Result<(
     create_namespace(&client, ops).await?;
     let listed_vault = tls_vault_with(&client, listed, CaIn::Secret).await?;
     let other_vault = tls_vault_with(&client, other, CaIn::Secret).await?;
-    let set = format!("tls.secretNamespaces={{{listed}}}");
-    helm(&[
-        "install",
-        "csr",
-        chart().to_str().unwrap(),
-        "-n",
-        ops,
-        "--skip-crds",
-        "--set",
-        &set,
-    ])
-    .await?;
+    let chart = chart();
+    let mut args = vec!["install", "csr", chart.to_str().unwrap(), "-n", ops];
+    // The value set names this namespace.
+    assert_eq!(listed, "ship-cs-listed");
+    args.extend(values("shared-crd-secret-namespace"));
+    helm(&args).await?;
     let account = user(ops, "csr-vault-registrar");
     assert_eq!(
         can_i(&account, &["get", "secrets", "-n", listed]).await?,

@@ -45,10 +45,15 @@ pub async fn act(
     for pod in &selection.strays {
         strip_labels(vc, ctx, names, pod).await?;
     }
-    let pods_owned = selection
+    let owned = selection
         .candidates
         .iter()
         .all(|p| p.labels.get(OWNER_LABEL) == Some(&vc.name_any()));
+    let pods_owned = {
+        let mut since = ctx.owned_since.lock().unwrap();
+        let entry = since.entry(vc.uid().unwrap_or_default()).or_default();
+        services::owned_long_enough(entry, owned, Instant::now())
+    };
     converge_services(vc, ctx, pods_owned).await
 }
 

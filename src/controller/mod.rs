@@ -58,6 +58,9 @@ pub struct Context {
     /// Clusters (by UID) whose pods or Services a watch reported changed since their last
     /// round: their next round is a full one.
     dirty: Mutex<std::collections::HashSet<String>>,
+    /// Since when every pod of each cluster (by UID) has carried the ownership label, for
+    /// the upgrade of Service selectors (see `services::owned_long_enough`).
+    owned_since: Mutex<HashMap<String, Option<Instant>>>,
     /// When each cluster's (by UID) status was last written: changes that can wait are
     /// written at most once per interval.
     status_written: Mutex<HashMap<String, Instant>>,
@@ -88,6 +91,7 @@ impl Context {
             rhythms: Mutex::new(HashMap::new()),
             dirty: Mutex::new(std::collections::HashSet::new()),
             status_written: Mutex::new(HashMap::new()),
+            owned_since: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             leading,
         })
@@ -362,7 +366,10 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if previous.is_none() {
         wait += spread(&uid, interval(vc));
     }
-    if previous.is_none() || vc.status.as_ref() != Some(&status) {
+    if previous.is_none()
+        || vc.status.as_ref() != Some(&status)
+        || !ctx.metrics.shows(&ns, &vc.name_any())
+    {
         report::gauges(vc, ctx, &status);
     }
     // A failed write still gets its status published, so Ready never stays True over it.
@@ -414,7 +421,9 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let uid = vc.uid().unwrap_or_default();
     ctx.trackers.lock().unwrap().remove(&uid);
     ctx.rhythms.lock().unwrap().remove(&uid);
+    ctx.metrics.forget_cluster(&ns, &vc.name_any());
     ctx.status_written.lock().unwrap().remove(&uid);
+    ctx.owned_since.lock().unwrap().remove(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }

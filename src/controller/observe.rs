@@ -98,7 +98,8 @@ pub async fn sentinel(
     pod: &SlimPod,
 ) -> bool {
     let share = ctx.prober.cluster_share();
-    let Ok(Outcome::Healthy(health)) = probe_pod(ctx, settings, &share, pod).await else {
+    let Ok(Outcome::Healthy(health)) = probe_pod(ctx, &vc.name_any(), settings, &share, pod).await
+    else {
         return false;
     };
     let trackers = ctx.trackers.lock().unwrap();
@@ -118,9 +119,12 @@ pub async fn probe_all(
     pods: &[Arc<SlimPod>],
 ) -> Vec<Member> {
     let share = ctx.prober.cluster_share();
-    let outcomes =
-        futures::future::join_all(pods.iter().map(|pod| probe_pod(ctx, settings, &share, pod)))
-            .await;
+    let cluster = vc.name_any();
+    let outcomes = futures::future::join_all(
+        pods.iter()
+            .map(|pod| probe_pod(ctx, &cluster, settings, &share, pod)),
+    )
+    .await;
     let key = vc.uid().unwrap_or_default();
     let now = Instant::now();
     let mut trackers = ctx.trackers.lock().unwrap();
@@ -157,9 +161,10 @@ pub async fn probe_all(
         .collect()
 }
 
-/// Probes a pod that can be probed; Err names why a pod cannot serve at all.
+/// Probes a pod of `cluster` that can be probed; Err names why a pod cannot serve at all.
 async fn probe_pod(
     ctx: &Context,
+    cluster: &str,
     settings: &ProbeSettings,
     share: &Semaphore,
     pod: &SlimPod,
@@ -198,7 +203,10 @@ async fn probe_pod(
         Outcome::Healthy(h) => h.role.as_str(),
         Outcome::Failed(_) => "failed",
     };
-    ctx.metrics.probes.with_label_values(&[label]).inc();
+    ctx.metrics
+        .probes
+        .with_label_values(&[pod.namespace.as_str(), cluster, label])
+        .inc();
     let result = if label == "failed" { "failed" } else { "ok" };
     ctx.metrics
         .probe_latency

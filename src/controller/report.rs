@@ -15,7 +15,7 @@ use super::act::write_params;
 use super::{Context, cluster_name, interval};
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
-use crate::status::{Notice, can_wait, invalid_spec, merge_patch, notices};
+use crate::status::{CONDITIONS, Notice, can_wait, invalid_spec, merge_patch, notices};
 use crate::text::{EVENT_NOTE, shorten};
 
 /// Reports a spec the operator cannot act on, touching nothing else: the labels are held
@@ -99,7 +99,12 @@ async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     }
 }
 
+/// The cluster's gauges from its status. A follower sets none: losing leadership deleted
+/// them, and they must not come back from a round that was still running.
 pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
+    if ctx.guard("gauges").is_err() {
+        return;
+    }
     let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
     for (role, n) in [
         ("all", s.pods),
@@ -115,12 +120,17 @@ pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
             .with_label_values(&[ns.as_str(), name.as_str(), role])
             .set(n as i64);
     }
-    let ready = s
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    for condition in CONDITIONS {
+        let on = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == condition && c.status == "True");
+        ctx.metrics
+            .cluster_condition
+            .with_label_values(&[ns.as_str(), name.as_str(), condition])
+            .set(on as i64);
+    }
+    // Last: it marks the cluster's gauges as set.
     ctx.metrics
-        .cluster_ready
-        .with_label_values(&[ns.as_str(), name.as_str()])
-        .set(ready as i64);
+        .set_active_pod(&ns, &name, s.active_pod.as_deref());
 }

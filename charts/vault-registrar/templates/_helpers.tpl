@@ -119,3 +119,11 @@ Refuses value combinations that would render a broken or unsafe release.
 {{- fail "watchNamespaces lists a namespace more than once" }}
 {{- end }}
 {{- end }}
+
+{{/*
+PromQL label matchers selecting this release's metrics: the ServiceMonitor's job unless
+prometheusRule.selector says otherwise.
+*/}}
+{{- define "vault-registrar.metricsSelector" -}}
+{{- default (printf "job=%q" (printf "%s-metrics" (include "vault-registrar.fullname" .))) .Values.prometheusRule.selector }}
+{{- end }}

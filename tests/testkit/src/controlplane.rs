@@ -81,22 +81,7 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     if let Some(dir) = BUILT.get() {
         return Ok(dir.clone());
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controlplane/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed with {}", script.display(), out.status);
-    }
-    let dir = PathBuf::from(
-        String::from_utf8(out.stdout)?
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or_default(),
-    );
+    let dir = crate::tools::built_by("controlplane/build.sh")?;
     Ok(BUILT.get_or_init(|| dir).clone())
 }
 

@@ -64,6 +64,18 @@ impl Replica {
         })
     }
 
+    /// How many per-VaultCluster series /metrics shows; None when unreadable.
+    pub async fn cluster_series(&self) -> Option<usize> {
+        let (_, body) = http_get(self.metrics_port, "/metrics", Duration::from_secs(1))
+            .await
+            .ok()?;
+        Some(
+            body.lines()
+                .filter(|l| !l.starts_with('#') && l.contains("cluster=\""))
+                .count(),
+        )
+    }
+
     /// The value of `vault_registrar_leader` on /metrics; None when unreadable.
     pub async fn leader_gauge(&self) -> Option<f64> {
         let (_, body) = http_get(self.metrics_port, "/metrics", Duration::from_secs(1))

@@ -16,6 +16,7 @@ pub mod relay;
 pub mod release;
 pub mod stage;
 pub mod takeover;
+pub mod tools;
 pub mod vault_sim;
 pub mod wait;
 

@@ -27,16 +27,24 @@ fn chart() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/vault-registrar")
 }
 
+/// The values that point the chart at the image built here (`crate::image`); listed with
+/// the value sets tests/ops.rs lints.
+pub const LOCAL_IMAGE_VALUES: [&str; 2] = [
+    "--set",
+    "image.repository=localhost/vault-registrar,image.tag=test,image.pullPolicy=Never",
+];
+
 /// `helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace`
 /// with the local image (`imagePullPolicy: Never`), waiting until the Deployment is ready.
 pub async fn install_chart(node: &NodePlane) -> anyhow::Result<String> {
+    debug_assert!(
+        LOCAL_IMAGE_VALUES[1].contains(&format!("{OPERATOR_REPOSITORY},image.tag={TAG}"))
+    );
     let mut cmd = node.plane.helm();
     cmd.args(["install", RELEASE])
         .arg(chart())
         .args(["-n", NAMESPACE, "--create-namespace"])
-        .args(["--set", &format!("image.repository={OPERATOR_REPOSITORY}")])
-        .args(["--set", &format!("image.tag={TAG}")])
-        .args(["--set", "image.pullPolicy=Never"])
+        .args(LOCAL_IMAGE_VALUES)
         .args(["--wait", "--timeout", "120s"]);
     run_blocking(cmd).await
 }

@@ -1,0 +1,104 @@
+//! The chart and the value sets the tests install, render and upgrade it with. Every set is
+//! linted with `helm lint --strict` (tests/ops.rs), and `values` refuses a set that is not
+//! listed here, so no test uses values that have not been linted.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use vault_registrar_testkit::shared;
+use vault_registrar_testkit::stage::run_blocking;
+
+/// The real helm against the shared control plane.
+pub async fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().helm();
+    cmd.args(args);
+    run_blocking(cmd).await
+}
+
+/// The real kubectl against the shared control plane.
+pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = shared().kubectl();
+    cmd.args(args);
+    run_blocking(cmd).await
+}
+
+pub fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
+}
+
+/// `helm template` renders offline for Kubernetes 1.20 unless told; the chart needs 1.30.
+pub const KUBE_VERSION: &str = "--kube-version=1.35.0";
+
+pub const VALUE_SETS: &[(&str, &[&str])] = &[
+    ("defaults", &[]),
+    // The image built here, as tests/node.rs and `make demo` install the chart on a node.
+    (
+        "local-image",
+        &vault_registrar_testkit::release::LOCAL_IMAGE_VALUES,
+    ),
+    // Beside a CRD installed with kubectl, as every test on a shared control plane does.
+    ("shared-crd", &["--set", "crds.enabled=false"]),
+    (
+        "shared-crd-three-replicas",
+        &["--set", "crds.enabled=false,replicaCount=3"],
+    ),
+    (
+        "shared-crd-namespaced",
+        &["--set", "crds.enabled=false,watchNamespaces={ship-ns-a}"],
+    ),
+    (
+        "shared-crd-secret-namespace",
+        &[
+            "--set",
+            "crds.enabled=false,tls.secretNamespaces={ship-cs-listed}",
+        ],
+    ),
+    ("namespaces", &["--set", "watchNamespaces={a,b}"]),
+    (
+        "secret-namespaces",
+        &["--set", "tls.secretNamespaces={a,b}"],
+    ),
+    ("crd-not-kept", &["--set", "crds.keep=false"]),
+    (
+        "monitoring",
+        &[
+            "--set",
+            "serviceMonitor.enabled=true,prometheusRule.enabled=true,grafanaDashboard.enabled=true",
+        ],
+    ),
+    ("network-policy", &["--set", "networkPolicy.enabled=true"]),
+    (
+        "openshift",
+        &[
+            "--set",
+            "podSecurityContext.runAsUser=null,podSecurityContext.runAsGroup=null",
+        ],
+    ),
+    (
+        "overrides",
+        &[
+            "--set",
+            "logLevel=info\\,vault_registrar=debug,logFormat=text,priorityClassName=system-cluster-critical",
+            "--set",
+            "extraArgs={--startup-timeout=2m}",
+            "--set-json",
+            r#"extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]"#,
+            "--set-json",
+            r#"topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"DoNotSchedule"}]"#,
+            "--set",
+            "serviceMonitor.enabled=true,serviceMonitor.honorLabels=false,serviceMonitor.scrapeTimeout=5s",
+            "--set-json",
+            r#"serviceMonitor.relabelings=[{"targetLabel":"team","replacement":"platform"}]"#,
+        ],
+    ),
+];
+
+/// The helm arguments of a listed value set.
+pub fn values(name: &str) -> Vec<&'static str> {
+    VALUE_SETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("value set {name} is not in VALUE_SETS, so it is not linted"))
+        .1
+        .to_vec()
+}
