@@ -10,7 +10,7 @@ use kube::api::{Api, ListParams};
 use tokio::io::AsyncWriteExt;
 
 use crate::election::{http_get_at, lease_holder, metric};
-use crate::image::{OPERATOR_REPOSITORY, SIM_IMAGE, TAG};
+use crate::image::SIM_IMAGE;
 use crate::node::NodePlane;
 use crate::stage::run_blocking;
 
@@ -37,9 +37,6 @@ pub const LOCAL_IMAGE_VALUES: [&str; 2] = [
 /// `helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace`
 /// with the local image (`imagePullPolicy: Never`), waiting until the Deployment is ready.
 pub async fn install_chart(node: &NodePlane) -> anyhow::Result<String> {
-    debug_assert!(
-        LOCAL_IMAGE_VALUES[1].contains(&format!("{OPERATOR_REPOSITORY},image.tag={TAG}"))
-    );
     let mut cmd = node.plane.helm();
     cmd.args(["install", RELEASE])
         .arg(chart())
@@ -222,4 +219,21 @@ pub async fn delete_leader(
     })
     .await?;
     Ok((next, t.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{OPERATOR_REPOSITORY, TAG};
+
+    #[test]
+    fn the_local_image_values_name_the_image_built_here() {
+        let set = LOCAL_IMAGE_VALUES[1];
+        assert!(
+            set.contains(&format!("image.repository={OPERATOR_REPOSITORY},")),
+            "{set}"
+        );
+        assert!(set.contains(&format!("image.tag={TAG},")), "{set}");
+        assert!(set.ends_with("image.pullPolicy=Never"), "{set}");
+    }
 }
