@@ -95,6 +95,9 @@ pub struct RunArgs {
     /// kubelet restarts a replica that cannot start.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub startup_timeout: Duration,
+    /// Test-only fault: SIGUSR1 stops the control loops (see `fault`).
+    #[arg(long, hide = true)]
+    pub fault_stall_on_sigusr1: bool,
     /// This replica's identity in the Lease; defaults to POD_NAME, then the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -152,6 +155,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         leading.clone(),
     ));
     start_servers(&args, &metrics, &health).await?;
+    if args.fault_stall_on_sigusr1 {
+        crate::fault::arm_stall_on_sigusr1()?;
+    }
     tokio::spawn(health_state::ping_api(
         quick.clone(),
         health.clone(),

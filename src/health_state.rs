@@ -124,6 +124,7 @@ impl HealthState {
 /// records answers and turns. Runs until the process ends.
 pub async fn ping_api(client: kube::Client, state: std::sync::Arc<HealthState>, period: Duration) {
     loop {
+        crate::fault::stall_if_fired().await;
         let asked = tokio::time::timeout(period, client.apiserver_version()).await;
         match asked {
             Ok(Ok(_)) => state.api_answered(),

@@ -219,6 +219,7 @@ impl Campaign {
                 _ = &mut shutdown => return Ok(()),
                 _ = self.round(work) => {}
             }
+            crate::fault::stall_if_fired().await;
             self.health.beat();
             if self.leadership.is_leading() && self.leadership.work_ended() {
                 return Err(ElectionError::WorkEnded);

@@ -8,6 +8,7 @@ pub mod crd;
 pub mod decide;
 pub mod error;
 pub mod fail_static;
+pub mod fault;
 pub mod fdlimit;
 pub mod health;
 pub mod health_state;

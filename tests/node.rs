@@ -346,13 +346,13 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
     Ok(())
 }
 
-/// The leader's pod deleted, a follower frozen, both pods evicted at once.
+/// The leader's pod deleted, a follower's control loops stalled, both pods evicted at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow::Result<()> {
     let _turn = TURN.lock().await;
     let node = tokio::task::block_in_place(start_node)?;
     let client = node.plane.client().await?;
-    release::install_chart(&node).await?;
+    release::install_chart_with(&node, &release::STALL_FAULT_VALUES).await?;
     let leader = wait::until("a Lease holder", LIMIT, || async {
         release::leader(&client).await
     })
@@ -442,32 +442,51 @@ async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow
     let all = ready_pair(&client).await?;
     let next = release::leader(&client).await?.unwrap_or_default();
 
-    // Liveness: a replica whose process is frozen (every loop stuck) is restarted.
-    let frozen = all.iter().find(|r| r.name != next).unwrap().clone();
-    let pid = node.container_pid(&frozen.container_id)?;
-    // SAFETY: stopping the container's main process, which this node started.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Liveness: a replica whose control loops are stuck (the test-only fault armed by the
+    // values) is restarted.
+    let stalled = all.iter().find(|r| r.name != next).unwrap().clone();
+    let pid = node.container_pid(&stalled.container_id)?;
+    // The test-only fault: the replica's control loops stop turning, its probe server keeps
+    // answering, so /healthz says 503 and the kubelet restarts it.
+    // SAFETY: signalling the container's main process, which this node started.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
     let t = Instant::now();
     wait::until(
-        "the frozen replica restarted and Ready",
-        Duration::from_secs(120),
+        "the stalled replica restarted and Ready",
+        Duration::from_secs(180),
         || {
             let client = client.clone();
-            let name = frozen.name.clone();
+            let name = stalled.name.clone();
             async move {
                 let r = release::replicas(&client).await?;
                 Ok(r.iter()
                     .find(|r| r.name == name)
-                    .filter(|r| r.restarts > frozen.restarts && r.ready)
+                    .filter(|r| r.restarts > stalled.restarts && r.ready)
                     .map(|_| ()))
             }
         },
     )
     .await?;
     println!(
-        "frozen replica {} restarted and Ready after {:?}",
-        frozen.name,
+        "stalled replica {} restarted and Ready after {:?}",
+        stalled.name,
         t.elapsed()
+    );
+    // Restarted because it said so, not because it stopped answering: the probe got a 503.
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), NAMESPACE)
+        .list(&Default::default())
+        .await?;
+    let said: Vec<String> = events
+        .items
+        .iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(stalled.name.as_str()))
+        .filter_map(|e| e.message.clone())
+        .filter(|m| m.starts_with("Liveness probe failed"))
+        .collect();
+    assert!(
+        said.iter().any(|m| m.contains("statuscode: 503")),
+        "liveness failures of {}: {said:?}",
+        stalled.name
     );
 
     let t = Instant::now();

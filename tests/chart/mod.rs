@@ -36,6 +36,11 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         "local-image",
         &vault_registrar_testkit::release::LOCAL_IMAGE_VALUES,
     ),
+    // The same, with the test-only stall fault armed (tests/node.rs, liveness).
+    (
+        "local-image-stall-fault",
+        &vault_registrar_testkit::release::STALL_FAULT_VALUES,
+    ),
     // Beside a CRD installed with kubectl, as every test on a shared control plane does.
     ("shared-crd", &["--set", "crds.enabled=false"]),
     (

@@ -34,14 +34,28 @@ pub const LOCAL_IMAGE_VALUES: [&str; 2] = [
     "image.repository=localhost/vault-registrar,image.tag=test,image.pullPolicy=Never",
 ];
 
+/// The local image, with the test-only fault armed: SIGUSR1 stalls a replica's control
+/// loops while its probe server keeps answering (`vault_registrar::fault`).
+pub const STALL_FAULT_VALUES: [&str; 4] = [
+    "--set",
+    "image.repository=localhost/vault-registrar,image.tag=test,image.pullPolicy=Never",
+    "--set",
+    "extraArgs={--fault-stall-on-sigusr1}",
+];
+
 /// `helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace`
 /// with the local image (`imagePullPolicy: Never`), waiting until the Deployment is ready.
 pub async fn install_chart(node: &NodePlane) -> anyhow::Result<String> {
+    install_chart_with(node, &LOCAL_IMAGE_VALUES).await
+}
+
+/// The same install with other values (one of the linted sets in tests/chart/mod.rs).
+pub async fn install_chart_with(node: &NodePlane, values: &[&str]) -> anyhow::Result<String> {
     let mut cmd = node.plane.helm();
     cmd.args(["install", RELEASE])
         .arg(chart())
         .args(["-n", NAMESPACE, "--create-namespace"])
-        .args(LOCAL_IMAGE_VALUES)
+        .args(values)
         .args(["--wait", "--timeout", "120s"]);
     run_blocking(cmd).await
 }
