@@ -872,3 +872,91 @@ async fn converged(client: &kube::Client, vault: &SimCluster, ns: &str) -> anyho
     .await?;
     Ok(())
 }
+
+/// The chart's ServiceMonitor and PrometheusRule, as each monitoring value set renders them,
+/// pass the Prometheus Operator's own CRDs under strict field validation: the API server
+/// would otherwise drop a misspelt field without a word, and Prometheus would never see it.
+#[tokio::test]
+async fn monitoring_objects_satisfy_the_prometheus_operators_crds() -> anyhow::Result<()> {
+    let crds = vault_registrar_testkit::tools::prometheus_operator_crds()?;
+    for file in [
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "monitoring.coreos.com_prometheusrules.yaml",
+    ] {
+        install_crd_file(shared(), &crds.join(file)).await?;
+    }
+    let ns = "ship-monitoring";
+    create_namespace(&shared().client().await?, ns).await?;
+    let scratch = tempfile::tempdir()?;
+    for set in ["monitoring", "overrides"] {
+        let objects = monitoring_objects(set, ns).await?;
+        let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert!(kinds.contains(&"ServiceMonitor"), "{set}: {kinds:?}");
+        if set == "monitoring" {
+            assert!(kinds.contains(&"PrometheusRule"), "{set}: {kinds:?}");
+        }
+        let path = scratch.path().join(format!("{set}.yaml"));
+        std::fs::write(&path, to_documents(&objects)?)?;
+        create_strictly(ns, &path)
+            .await
+            .map_err(|e| anyhow::anyhow!("value set {set}: {e}"))?;
+    }
+
+    // The check can fail: a field the CRD does not know is refused, by name.
+    let mut misspelt = monitoring_objects("monitoring", ns).await?;
+    let monitor = misspelt
+        .iter_mut()
+        .find(|o| o["kind"] == "ServiceMonitor")
+        .expect("a ServiceMonitor");
+    monitor["spec"]["endpoints"][0]["honourLabels"] = json!(true);
+    let path = scratch.path().join("misspelt.yaml");
+    std::fs::write(&path, to_documents(&misspelt)?)?;
+    let refused = create_strictly(ns, &path)
+        .await
+        .expect_err("an unknown field is refused");
+    assert!(
+        refused.to_string().contains("honourLabels"),
+        "the refusal names the field: {refused}"
+    );
+    Ok(())
+}
+
+/// The ServiceMonitor and PrometheusRule `helm template` renders with a value set.
+async fn monitoring_objects(set: &str, ns: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let chart = chart();
+    let mut args = vec!["template", "vr", chart.to_str().unwrap(), "-n", ns];
+    args.push(chart::KUBE_VERSION);
+    args.extend(values(set));
+    let text = helm(&args).await?;
+    let mut objects = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let object = serde_json::Value::deserialize(doc)?;
+        if matches!(
+            object["kind"].as_str(),
+            Some("ServiceMonitor" | "PrometheusRule")
+        ) {
+            objects.push(object);
+        }
+    }
+    Ok(objects)
+}
+
+fn to_documents(objects: &[serde_json::Value]) -> anyhow::Result<String> {
+    let docs: Result<Vec<String>, _> = objects.iter().map(serde_yaml::to_string).collect();
+    Ok(docs?.join("---\n"))
+}
+
+/// `kubectl create` checked by the API server (dry run) with unknown fields refused.
+async fn create_strictly(ns: &str, path: &Path) -> anyhow::Result<String> {
+    let path = path.to_str().expect("a UTF-8 path");
+    kubectl(&[
+        "create",
+        "--dry-run=server",
+        "--validate=strict",
+        "-n",
+        ns,
+        "-f",
+        path,
+    ])
+    .await
+}

@@ -162,12 +162,8 @@ pub async fn install_crd(plane: &ControlPlane, path: &std::path::Path) -> anyhow
     apply.args(["apply", "--server-side", "-f"]).arg(path);
     run_blocking(apply).await?;
     let mut wait = plane.kubectl();
-    wait.args([
-        "wait",
-        "--for=condition=Established",
-        "crd/vaultclusters.vault-registrar.dev",
-        "--timeout=60s",
-    ]);
+    wait.args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
+        .arg(path);
     run_blocking(wait).await.map(|_| ())
 }
 

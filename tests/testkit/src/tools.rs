@@ -40,13 +40,34 @@ pub fn built_by(script: &str) -> anyhow::Result<PathBuf> {
 /// The real promtool: `VAULT_REGISTRAR_PROMTOOL` when set, else the cached build of
 /// tests/promtool, built first when missing.
 pub fn promtool() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("VAULT_REGISTRAR_PROMTOOL") {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    from_env_or_script("VAULT_REGISTRAR_PROMTOOL", "promtool/build.sh", &BUILT)
+}
+
+/// The directory holding the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs:
+/// `VAULT_REGISTRAR_PROMETHEUS_OPERATOR_CRDS` when set, else what
+/// tests/prometheus-operator/crds.sh fetched from the Go module pinned there.
+pub fn prometheus_operator_crds() -> anyhow::Result<PathBuf> {
+    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
+    from_env_or_script(
+        "VAULT_REGISTRAR_PROMETHEUS_OPERATOR_CRDS",
+        "prometheus-operator/crds.sh",
+        &FETCHED,
+    )
+}
+
+/// The path in `var` when set, else what `script` prints, run once per process.
+fn from_env_or_script(
+    var: &str,
+    script: &str,
+    once: &'static OnceLock<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(var) {
         return Ok(PathBuf::from(path));
     }
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(path) = BUILT.get() {
+    if let Some(path) = once.get() {
         return Ok(path.clone());
     }
-    let path = built_by("promtool/build.sh")?;
-    Ok(BUILT.get_or_init(|| path).clone())
+    let path = built_by(script)?;
+    Ok(once.get_or_init(|| path).clone())
 }
