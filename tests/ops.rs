@@ -96,6 +96,41 @@ fn chart_lints_clean_with_every_value_set_the_tests_use() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The ServiceMonitor's durations are refused by the chart, naming the value, where the
+/// Prometheus Operator's CRD or the operator itself would refuse them later.
+#[test]
+fn scrape_durations_are_checked_before_install() -> anyhow::Result<()> {
+    let chart = chart();
+    let template = |set: &str| {
+        let on = format!("serviceMonitor.enabled=true,{set}");
+        helm(&[
+            "template",
+            "vr",
+            chart.to_str().unwrap(),
+            KUBE_VERSION,
+            "--set",
+            &on,
+        ])
+    };
+    let longer = template("serviceMonitor.interval=1m,serviceMonitor.scrapeTimeout=60001ms")
+        .expect_err("a timeout longer than the interval is refused");
+    assert!(
+        longer.to_string().contains(
+            "serviceMonitor.scrapeTimeout (60001ms) is longer than serviceMonitor.interval (1m)"
+        ),
+        "{longer}"
+    );
+    let go_syntax = template("serviceMonitor.interval=1.5s")
+        .expect_err("a fractional duration is not a Prometheus duration");
+    assert!(
+        go_syntax.to_string().contains("serviceMonitor.interval"),
+        "{go_syntax}"
+    );
+    let fits = template("serviceMonitor.interval=1m30s,serviceMonitor.scrapeTimeout=90000ms")?;
+    assert!(fits.contains("scrapeTimeout: 90000ms"), "{fits}");
+    Ok(())
+}
+
 #[test]
 fn crd_is_a_template_kept_on_uninstall_unless_disabled() -> anyhow::Result<()> {
     let crd = |set: &str| -> anyhow::Result<Option<Value>> {

@@ -115,6 +115,13 @@ Refuses value combinations that would render a broken or unsafe release.
 {{- if and .Values.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "serviceMonitor.enabled=true needs metrics.service.enabled=true" }}
 {{- end }}
+{{- if .Values.serviceMonitor.enabled }}
+{{- $interval := include "vault-registrar.milliseconds" .Values.serviceMonitor.interval | int64 }}
+{{- $timeout := include "vault-registrar.milliseconds" .Values.serviceMonitor.scrapeTimeout | int64 }}
+{{- if gt $timeout $interval }}
+{{- fail (printf "serviceMonitor.scrapeTimeout (%s) is longer than serviceMonitor.interval (%s): the Prometheus Operator refuses such a scrape" .Values.serviceMonitor.scrapeTimeout .Values.serviceMonitor.interval) }}
+{{- end }}
+{{- end }}
 {{- if ne (len .Values.watchNamespaces) (len (uniq .Values.watchNamespaces)) }}
 {{- fail "watchNamespaces lists a namespace more than once" }}
 {{- end }}
@@ -126,4 +133,16 @@ prometheusRule.selector says otherwise.
 */}}
 {{- define "vault-registrar.metricsSelector" -}}
 {{- default (printf "job=%q" (printf "%s-metrics" (include "vault-registrar.fullname" .))) .Values.prometheusRule.selector }}
+{{- end }}
+
+{{/*
+Milliseconds in a Prometheus duration (the schema has checked its form, e.g. 1m30s).
+*/}}
+{{- define "vault-registrar.milliseconds" -}}
+{{- $unit := dict "y" 31536000000 "w" 604800000 "d" 86400000 "h" 3600000 "m" 60000 "s" 1000 "ms" 1 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|[ywdhms])" . -1 }}
+{{- $total = add $total (mul (regexFind "^[0-9]+" . | int64) (get $unit (regexReplaceAll "^[0-9]+" . ""))) }}
+{{- end }}
+{{- $total }}
 {{- end }}
