@@ -4,9 +4,10 @@ CARGO ?= cargo
 BIN_DIR = $(shell tests/controlplane/build.sh)
 VAULT_BIN = $(shell tests/vault/build.sh)
 PROMTOOL = $(shell tests/promtool/build.sh)
+OLDEST_K8S_DIR = $(shell tests/controlplane/oldest/build.sh)
 TEST_THREADS ?= 8
 
-.PHONY: all build binaries vault promtool testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools fuzz
+.PHONY: all build binaries oldest-k8s vault promtool testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools fuzz
 
 all: build
 
@@ -36,6 +37,11 @@ vault: check-tools
 promtool: check-tools
 	@tests/promtool/build.sh >/dev/null
 
+## kube-apiserver and kube-controller-manager of the oldest Kubernetes release the chart
+## admits (tests/controlplane/oldest/), for the compatibility pass of `make test`.
+oldest-k8s: check-tools
+	@tests/controlplane/oldest/build.sh >/dev/null
+
 build:
 	$(CARGO) build --workspace --all-targets
 
@@ -48,12 +54,17 @@ testkit-bins:
 TESTKIT_BIN_DIR = $(CURDIR)/target/debug
 
 ## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
-## the chart on a real node (tests/node.rs), the chart's alerts (promtool), then a bounded
-## fuzz run of each parser (replaying every saved regression first).
+## the chart on a real node (tests/node.rs), the chart's alerts (promtool); then the
+## compatibility pass: what talks to the API server (the smoke, end-to-end, chart and chart
+## upgrade tests) again against the oldest Kubernetes release the chart admits; then a
+## bounded fuzz run of each parser (replaying every saved regression first).
 FUZZ_TEST_SECONDS ?= 20
-test: binaries vault promtool testkit-bins
+COMPAT_TESTS = --test smoke --test e2e --test ship --test chart_upgrade
+test: binaries oldest-k8s vault promtool testkit-bins
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_PROMTOOL="$(PROMTOOL)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" \
 		$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_KUBE_DIR="$(OLDEST_K8S_DIR)" \
+		$(CARGO) test $(COMPAT_TESTS) -- --test-threads=$(TEST_THREADS)
 	fuzz/run.sh $(FUZZ_TEST_SECONDS)
 
 ## Coverage-guided fuzzing (libFuzzer, stable toolchain) of the health parser, the duration

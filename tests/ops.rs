@@ -554,3 +554,25 @@ fn every_value_is_documented_and_the_schema_agrees() -> anyhow::Result<()> {
     assert!(leaves.len() > 40, "{leaves:?}");
     Ok(())
 }
+
+/// The compatibility pass of `make test` runs the oldest release the chart's `kubeVersion`
+/// admits: raising one without the other fails here.
+#[test]
+fn the_oldest_kubernetes_tested_is_the_oldest_the_chart_admits() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart_yaml: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
+    let admits = chart_yaml["kubeVersion"].as_str().context("kubeVersion")?;
+    let go_mod = std::fs::read_to_string(root.join("tests/controlplane/oldest/go.mod"))?;
+    let pinned = go_mod
+        .lines()
+        .find_map(|l| l.strip_prefix("require k8s.io/kubernetes v"))
+        .context("tests/controlplane/oldest/go.mod requires no k8s.io/kubernetes")?;
+    let minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    assert_eq!(
+        admits,
+        format!(">={}.0-0", minor(pinned)),
+        "Chart.yaml admits {admits}; the compatibility pass runs {pinned}"
+    );
+    Ok(())
+}

@@ -6,32 +6,15 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mod_version() { awk -v m="$1" '$1 == m { print $2; exit }' "$2"; }
+source "$here/lib.sh"
 
 K8S="$(mod_version k8s.io/kubernetes "$here/go.mod")"
 ETCD="$(mod_version go.etcd.io/etcd/server/v3 "$here/go.mod")"
 HELM="$(grep -oE 'helm.sh/helm/v3 v[0-9.]+' "$here/helm/go.mod" | awk '{print $2}')"
-cache_root="${VAULT_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vault-registrar}"
-bin="$cache_root/bin-k8s-$K8S-etcd-$ETCD-helm-$HELM"
+bin="$(cache_root)/bin-k8s-$K8S-etcd-$ETCD-helm-$HELM"
 mkdir -p "$bin"
-
-export CGO_ENABLED=0 GOFLAGS=-mod=mod
-build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-major="$(echo "${K8S#v}" | cut -d. -f1)"
-minor="$(echo "${K8S#v}" | cut -d. -f2)"
-stamp=""
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  stamp+=" -X $pkg.gitVersion=$K8S -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
-  stamp+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date -X $pkg.gitCommit=release-$K8S"
-done
-
-build() { # name, module dir, package, ldflags
-  local name="$1" dir="$2" pkg="$3" flags="$4"
-  if [[ -x "$bin/$name" ]]; then return; fi
-  echo "building $name from $pkg" >&2
-  (cd "$dir" && go build -trimpath -ldflags "-s -w $flags" -o "$bin/$name.tmp" "$pkg")
-  mv "$bin/$name.tmp" "$bin/$name"
-}
+stamp="$(k8s_stamp "$K8S")"
+build() { build_into "$bin" "$@"; }
 
 build etcd "$here" go.etcd.io/etcd/server/v3 ""
 build kube-apiserver "$here" k8s.io/kubernetes/cmd/kube-apiserver "$stamp"

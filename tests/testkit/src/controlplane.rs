@@ -26,7 +26,10 @@ use crate::certs::{Authority, signing_key};
 const APISERVER: usize = 1;
 
 /// Where the binaries come from: `KUBEBUILDER_ASSETS` for etcd and kube-apiserver when set
-/// (the envtest convention), the build cache for the rest.
+/// (the envtest convention); `VAULT_REGISTRAR_KUBE_DIR` for kube-apiserver and
+/// kube-controller-manager of another release (the compatibility pass of `make test` runs the
+/// oldest release the chart admits, built by tests/controlplane/oldest/build.sh); the build
+/// cache for the rest.
 #[derive(Clone, Debug)]
 pub struct Binaries {
     pub etcd: PathBuf,
@@ -45,15 +48,17 @@ impl Binaries {
             Some(dir) => PathBuf::from(dir),
             None => build_binaries()?,
         };
+        let kube =
+            std::env::var_os("VAULT_REGISTRAR_KUBE_DIR").map_or_else(|| dir.clone(), PathBuf::from);
         let assets = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
-        let from_assets = |name: &str| match &assets {
+        let from_assets = |name: &str, otherwise: &Path| match &assets {
             Some(a) if a.join(name).is_file() => a.join(name),
-            _ => dir.join(name),
+            _ => otherwise.join(name),
         };
         let bins = Self {
-            etcd: from_assets("etcd"),
-            kube_apiserver: from_assets("kube-apiserver"),
-            kube_controller_manager: dir.join("kube-controller-manager"),
+            etcd: from_assets("etcd", &dir),
+            kube_apiserver: from_assets("kube-apiserver", &kube),
+            kube_controller_manager: kube.join("kube-controller-manager"),
             kubectl: dir.join("kubectl"),
             helm: dir.join("helm"),
             dir: dir.clone(),
