@@ -559,15 +559,11 @@ fn every_value_is_documented_and_the_schema_agrees() -> anyhow::Result<()> {
 /// admits: raising one without the other fails here.
 #[test]
 fn the_oldest_kubernetes_tested_is_the_oldest_the_chart_admits() -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chart_yaml: Value =
         serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
     let admits = chart_yaml["kubeVersion"].as_str().context("kubeVersion")?;
-    let go_mod = std::fs::read_to_string(root.join("tests/controlplane/oldest/go.mod"))?;
-    let pinned = go_mod
-        .lines()
-        .find_map(|l| l.strip_prefix("require k8s.io/kubernetes v"))
-        .context("tests/controlplane/oldest/go.mod requires no k8s.io/kubernetes")?;
+    let pinned = vault_registrar_testkit::tools::pinned_kubernetes("controlplane/oldest/go.mod")?;
+    let pinned = pinned.trim_start_matches('v');
     let minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
     assert_eq!(
         admits,

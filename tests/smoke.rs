@@ -29,11 +29,9 @@ async fn namespace(name: &str) -> anyhow::Result<(kube::Client, String)> {
 async fn api_server_reports_its_real_version() -> anyhow::Result<()> {
     let client = shared().client().await?;
     let version = client.apiserver_version().await?.git_version;
-    let pinned = [
-        "tests/controlplane/go.mod",
-        "tests/controlplane/oldest/go.mod",
-    ]
-    .map(|m| pinned_kubernetes(m).unwrap_or_else(|e| panic!("{m}: {e}")));
+    let pinned = ["controlplane/go.mod", "controlplane/oldest/go.mod"].map(|m| {
+        vault_registrar_testkit::tools::pinned_kubernetes(m).unwrap_or_else(|e| panic!("{m}: {e}"))
+    });
     assert!(
         pinned.contains(&version),
         "the API server says {version}; our Go modules pin {pinned:?}"
@@ -46,22 +44,6 @@ async fn api_server_reports_its_real_version() -> anyhow::Result<()> {
         format!("Kubernetes {version}")
     );
     Ok(())
-}
-
-/// The k8s.io/kubernetes release a go.mod of ours requires.
-fn pinned_kubernetes(go_mod: &str) -> anyhow::Result<String> {
-    let text =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(go_mod))?;
-    text.lines()
-        .map(|l| {
-            l.trim()
-                .trim_start_matches("require ")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-        })
-        .find(|words| words.first() == Some(&"k8s.io/kubernetes"))
-        .and_then(|words| words.get(1).map(|v| v.to_string()))
-        .ok_or_else(|| anyhow::anyhow!("no k8s.io/kubernetes requirement"))
 }
 
 #[tokio::test]

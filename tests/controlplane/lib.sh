@@ -1,6 +1,6 @@
-# Shared by the control-plane build scripts (sourced, not run): stamps Kubernetes binaries
-# with their release, as the release build does, and builds one binary into a cache
-# directory unless it is there.
+# Shared by the scripts that build or fetch what the tests run (sourced, not run): where the
+# cache is, which version a go.mod pins, the stamp of a Kubernetes release, and one binary
+# built into the cache unless it is there.
 
 # The -ldflags that make a Kubernetes binary report release $1 (e.g. v1.35.4).
 k8s_stamp() {
@@ -25,6 +25,7 @@ build_into() {
   mv "$bin/$name.tmp" "$bin/$name"
 }
 
+# mod_version MODULE GO_MOD: the version GO_MOD requires (in a block or on a require line).
 mod_version() { awk -v m="$1" '$1 == m || ($1 == "require" && $2 == m) { print ($1 == m ? $2 : $3); exit }' "$2"; }
 
 cache_root() { echo "${VAULT_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vault-registrar}"; }

@@ -5,11 +5,11 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/../controlplane/lib.sh"
 module=github.com/prometheus-operator/prometheus-operator
-VERSION="$(awk -v m="$module" '$1 == "require" && $2 == m { print $3; exit }' "$here/go.mod")"
+VERSION="$(mod_version "$module" "$here/go.mod")"
 [[ -n "$VERSION" ]] || { echo "tests/prometheus-operator/crds.sh: $module not found in go.mod" >&2; exit 1; }
-cache_root="${VAULT_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vault-registrar}"
-dest="$cache_root/prometheus-operator-crds-$VERSION"
+dest="$(cache_root)/prometheus-operator-crds-$VERSION"
 files=(monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_prometheusrules.yaml)
 
 if [[ -f "$dest/${files[-1]}" ]]; then

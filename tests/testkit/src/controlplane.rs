@@ -44,10 +44,12 @@ pub struct Binaries {
 impl Binaries {
     /// Finds the binaries, building them first if the cache lacks them.
     pub fn locate() -> anyhow::Result<Self> {
-        let dir = match std::env::var_os("VAULT_REGISTRAR_BIN_DIR") {
-            Some(dir) => PathBuf::from(dir),
-            None => build_binaries()?,
-        };
+        static BUILT: OnceLock<PathBuf> = OnceLock::new();
+        let dir = crate::tools::from_env_or_script(
+            "VAULT_REGISTRAR_BIN_DIR",
+            "controlplane/build.sh",
+            &BUILT,
+        )?;
         let kube =
             std::env::var_os("VAULT_REGISTRAR_KUBE_DIR").map_or_else(|| dir.clone(), PathBuf::from);
         let assets = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
@@ -79,15 +81,6 @@ impl Binaries {
         }
         Ok(bins)
     }
-}
-
-fn build_binaries() -> anyhow::Result<PathBuf> {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(dir) = BUILT.get() {
-        return Ok(dir.clone());
-    }
-    let dir = crate::tools::built_by("controlplane/build.sh")?;
-    Ok(BUILT.get_or_init(|| dir).clone())
 }
 
 /// A running control plane. Dropping it stops every process and removes its files.

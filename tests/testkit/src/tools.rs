@@ -57,7 +57,7 @@ pub fn prometheus_operator_crds() -> anyhow::Result<PathBuf> {
 }
 
 /// The path in `var` when set, else what `script` prints, run once per process.
-fn from_env_or_script(
+pub(crate) fn from_env_or_script(
     var: &str,
     script: &str,
     once: &'static OnceLock<PathBuf>,
@@ -70,4 +70,24 @@ fn from_env_or_script(
     }
     let path = built_by(script)?;
     Ok(once.get_or_init(|| path).clone())
+}
+
+/// The k8s.io/kubernetes release that a go.mod under tests/ (e.g. "controlplane/go.mod")
+/// requires, as "v1.35.4".
+pub fn pinned_kubernetes(go_mod: &str) -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(go_mod);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(|l| {
+            l.trim()
+                .trim_start_matches("require ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        })
+        .find(|words| words.first() == Some(&"k8s.io/kubernetes"))
+        .and_then(|words| words.get(1).map(|v| v.to_string()))
+        .with_context(|| format!("{} requires no k8s.io/kubernetes", path.display()))
 }
