@@ -464,21 +464,17 @@ async fn kubectl_wait_for_ready() -> anyhow::Result<()> {
         "--timeout=60s",
     ]);
     run_blocking(wait_cmd).await?;
-    let out = shared()
-        .kubectl()
-        .args(["get", "vc", "-n", &f.ns])
-        .output()?;
-    let table = String::from_utf8_lossy(&out.stdout);
+    let mut get = shared().kubectl();
+    get.args(["get", "vc", "-n", &f.ns]);
+    let table = run_blocking(get).await?;
     assert!(
         table.contains("ACTIVE") && table.contains("vault-0") && table.contains("True"),
         "{table}"
     );
     assert!(!table.contains("REASON"), "Reason is for -o wide: {table}");
-    let out = shared()
-        .kubectl()
-        .args(["get", "vc", "-n", &f.ns, "-o", "wide"])
-        .output()?;
-    let wide = String::from_utf8_lossy(&out.stdout);
+    let mut get_wide = shared().kubectl();
+    get_wide.args(["get", "vc", "-n", &f.ns, "-o", "wide"]);
+    let wide = run_blocking(get_wide).await?;
     let header: Vec<&str> = wide
         .lines()
         .next()
