@@ -177,8 +177,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Prober::new(args.probe_concurrency),
         metrics.clone(),
         leading.clone(),
+        namespaces.clone(),
     );
-    let work = work(ctx, namespaces, health.clone());
+    let work = work(ctx, namespaces, health.clone(), stop.clone());
     if !args.leader_elect {
         leading.store(true, Ordering::SeqCst);
         metrics.leader.set(1);
@@ -227,25 +228,29 @@ async fn await_api(health: &HealthState, stop: watch::Receiver<bool>) -> bool {
 }
 
 /// The leader's work: one controller per watched namespace, all sharing the Context's
-/// VaultCluster stores, and the readiness flag raised once every store is synced.
+/// caches, and the readiness flag raised once every cache listed in this term. Each term
+/// starts from nothing the previous one saw. On `stop` the controllers drain their
+/// reconciles and the work ends.
 fn work(
     ctx: Arc<Context>,
     namespaces: Vec<Option<String>>,
     health: Arc<HealthState>,
+    stop: watch::Receiver<bool>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
     move || {
         let (ctx, namespaces, health) = (ctx.clone(), namespaces.clone(), health.clone());
+        let stop = stop.clone();
         Box::pin(async move {
-            ctx.forget_clusters();
+            ctx.new_term();
             health.set_synced(false);
             let runs = futures::future::join_all(
                 namespaces
                     .iter()
                     .cloned()
-                    .map(|ns| controller::run(ctx.clone(), ns)),
+                    .map(|ns| controller::run(ctx.clone(), ns, stop_signal(stop.clone()))),
             );
             let synced = async {
-                ctx.clusters_synced(&namespaces).await;
+                ctx.clusters_synced().await;
                 health.set_synced(true);
                 info!("caches synced");
                 std::future::pending::<()>().await
@@ -258,14 +263,36 @@ fn work(
     }
 }
 
+/// `stop` as a future the controller can hold (it must be `Sync`, which a borrowed
+/// `watch::Receiver` wait is not).
+fn stop_signal(stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
+    let (mut tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stopped(stop) => {}
+            _ = tx.closed() => return,
+        }
+        let _ = tx.send(());
+    });
+    async move {
+        let _ = rx.await;
+    }
+}
+
 async fn run_unelected(
     work: impl Future<Output = ()>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut work = std::pin::pin!(work);
     tokio::select! {
-        _ = &mut work => anyhow::bail!("the controller stopped unexpectedly"),
-        _ = stopped(stop) => {}
+        // The controllers end on the same signal, and may see it first.
+        _ = &mut work => {
+            if !*stop.borrow() {
+                anyhow::bail!("the controller stopped unexpectedly");
+            }
+            return Ok(());
+        }
+        _ = stopped(stop.clone()) => {}
     }
     // The controller drains its reconciles on the same signal; give it a bound.
     if tokio::time::timeout(DRAIN_BOUND, work).await.is_err() {

@@ -22,6 +22,9 @@ pub struct SlimPod {
     pub name: String,
     pub namespace: String,
     pub uid: String,
+    /// The version the cache holds, so an older write response never replaces a newer
+    /// watch event.
+    pub resource_version: String,
     pub labels: BTreeMap<String, String>,
     /// The ownership annotation of versions before the ownership label.
     pub legacy_owner: Option<String>,
@@ -41,6 +44,7 @@ impl From<&Pod> for SlimPod {
             name: pod.name_any(),
             namespace: pod.namespace().unwrap_or_default(),
             uid: pod.uid().unwrap_or_default(),
+            resource_version: pod.resource_version().unwrap_or_default(),
             labels: pod.labels().clone(),
             legacy_owner: pod.annotations().get(LEGACY_OWNER_ANNOTATION).cloned(),
             terminating: pod.metadata.deletion_timestamp.is_some(),
@@ -55,6 +59,19 @@ impl SlimPod {
     /// The VaultCluster that labelled the pod: the ownership label, or the legacy annotation.
     pub fn owner(&self) -> Option<&String> {
         self.labels.get(OWNER_LABEL).or(self.legacy_owner.as_ref())
+    }
+
+    /// Whether this is a later version of the same pod than `other`: the API server's
+    /// resourceVersions are etcd revisions, ordered as numbers. One that does not parse
+    /// counts as newer, as it did before versions were compared.
+    pub fn newer_than(&self, other: &SlimPod) -> bool {
+        match (
+            self.resource_version.parse::<u64>(),
+            other.resource_version.parse::<u64>(),
+        ) {
+            (Ok(mine), Ok(theirs)) => self.uid == other.uid && mine > theirs,
+            _ => true,
+        }
     }
 
     /// Kubernetes reports the pod Running, Ready and not terminating.
@@ -170,6 +187,19 @@ impl PodIndex {
 
     pub fn delete(&mut self, ns: &str, name: &str) {
         self.0.remove(ns, name);
+    }
+
+    /// Takes a write's response: only over an older version of the same pod, so a watch
+    /// event that came first (a deletion, a newer change) is never undone by it.
+    pub fn apply_written(&mut self, pod: SlimPod) -> bool {
+        let newer = self
+            .0
+            .get(&pod.namespace, &pod.name)
+            .is_some_and(|held| pod.newer_than(&held));
+        if newer {
+            self.apply(pod);
+        }
+        newer
     }
 
     pub fn clear_scope(&mut self, scope: Option<&str>) {
@@ -340,6 +370,7 @@ mod tests {
             name: name.into(),
             namespace: ns.into(),
             uid: format!("uid-{name}"),
+            resource_version: "1".into(),
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -489,5 +520,38 @@ mod tests {
         assert_eq!(slim.ip, Some("10.0.0.7".parse().unwrap()));
         assert!(slim.serving());
         assert_eq!(slim.owner().map(String::as_str), Some("x"));
+    }
+
+    #[test]
+    fn a_write_response_never_undoes_a_newer_watch_event() {
+        let version = |rv: &str, uid: &str| SlimPod {
+            resource_version: rv.into(),
+            uid: uid.into(),
+            ..pod("a", "v0", &[("app", "vault")])
+        };
+        // (held by the cache, written response, taken)
+        let cases = [
+            (Some(version("5", "u")), version("7", "u"), true),
+            (Some(version("7", "u")), version("5", "u"), false),
+            (Some(version("7", "u")), version("7", "u"), false),
+            (None, version("7", "u"), false), // deleted by the watch meanwhile
+            (Some(version("5", "old")), version("7", "u"), false), // replaced under its name
+            (Some(version("5", "u")), version("x", "u"), true),
+        ];
+        for (held, written, taken) in cases {
+            let mut index = PodIndex::default();
+            if let Some(held) = held.clone() {
+                index.apply(held);
+            }
+            let rv = written.resource_version.clone();
+            assert_eq!(index.apply_written(written), taken, "{held:?} then {rv}");
+            let now = index.get("a", "v0").map(|p| p.resource_version.clone());
+            let want = if taken {
+                Some(rv)
+            } else {
+                held.map(|h| h.resource_version)
+            };
+            assert_eq!(now, want);
+        }
     }
 }

@@ -45,10 +45,13 @@ pub async fn act(
     for pod in &selection.strays {
         strip_labels(vc, ctx, names, pod).await?;
     }
-    let owned = selection
-        .candidates
-        .iter()
-        .all(|p| p.labels.get(OWNER_LABEL) == Some(&vc.name_any()));
+    // No pods is not "every pod owned": switching the selectors then would empty the
+    // Services the moment the pods are seen.
+    let owned = !selection.candidates.is_empty()
+        && selection
+            .candidates
+            .iter()
+            .all(|p| p.labels.get(OWNER_LABEL) == Some(&vc.name_any()));
     let pods_owned = {
         let mut since = ctx.owned_since.lock().unwrap();
         let entry = since.entry(vc.uid().unwrap_or_default()).or_default();
@@ -109,7 +112,13 @@ pub async fn strip_labels(
     pod: &SlimPod,
 ) -> Result<(), Error> {
     let change = diff(&pod.labels, &removal(names));
-    let meta = json!({"labels": change, "annotations": {LEGACY_OWNER_ANNOTATION: null}});
+    // Only the version that was read: if the labels changed since (another VaultCluster
+    // claimed the pod, say), the API server refuses and the next round reads them again.
+    let meta = json!({
+        "labels": change,
+        "annotations": {LEGACY_OWNER_ANNOTATION: null},
+        "resourceVersion": pod.resource_version,
+    });
     patch_pod(vc, ctx, pod, meta).await
 }
 
@@ -139,7 +148,7 @@ async fn patch_pod(
                 .pods
                 .write()
                 .unwrap()
-                .apply(SlimPod::from(&written));
+                .apply_written(SlimPod::from(&written));
             ctx.metrics.label_writes.inc();
             info!(cluster = %cluster_name(vc), pod = %name, "labels written");
             Ok(())
@@ -157,9 +166,11 @@ async fn patch_pod(
 }
 
 /// Whether a refused patch was refused because the pod's UID is not the one in the patch:
-/// the API server says the immutable `metadata.uid` would change.
+/// the API server says the immutable `metadata.uid` would change. A conflict on the
+/// resourceVersion a strip carries is not that: the pod changed since it was read, and the
+/// write is an error to retry, so a VaultCluster is never let go with its labels left.
 fn replaced(status: &kube::core::Status) -> bool {
-    status.code == 409
+    (status.code == 409 && !status.message.contains("has been modified"))
         || (status.code == 422
             && status
                 .details
@@ -300,6 +311,11 @@ mod tests {
         };
         assert!(replaced(&status(422, "metadata.uid")));
         assert!(replaced(&status(409, "")));
+        let mut modified = status(409, "");
+        modified.message = "Operation cannot be fulfilled on pods \"p\": the object has been \
+            modified; please apply your changes to the latest version and try again"
+            .into();
+        assert!(!replaced(&modified), "a stale read is retried");
         assert!(
             !replaced(&status(422, "metadata.labels")),
             "a refused write is an error"

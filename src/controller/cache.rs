@@ -1,24 +1,33 @@
 //! The watch caches a round reads instead of the API server: pods (slimmed), the generated
-//! Services, their EndpointSlices and the VaultClusters, each kept in an index by the watch
-//! streams that also trigger reconciles. A CA bundle is read once per VaultCluster
-//! generation and again only when every probe of the cluster failed its TLS handshake, so
-//! that a rotated CA is picked up without a read every round.
+//! Services, their EndpointSlices and the VaultClusters, each kept in an index by a watch
+//! task of its own (see `drive`), which also sends the reconciles its events call for. A
+//! CA bundle is read once per VaultCluster generation and again only when every probe of
+//! the cluster failed its TLS handshake, so that a rotated CA is picked up without a read
+//! every round.
+//!
+//! Everything here belongs to one term of leadership: `new_term` empties the indexes and
+//! the sync marks, and a watch task of an older term can no longer write into them. A
+//! round reads the caches only once every kind has listed in the current term.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::channel::mpsc;
+use futures::{SinkExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use tracing::{debug, warn};
 
 use super::settings::CaSource;
 use crate::crd::VaultCluster;
 use crate::index::{ClusterIndex, LabelledIndex, PodIndex, SlimPod};
 
-/// The kinds whose first list readiness waits for.
+/// The kinds whose first list in a term a round waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Pods,
@@ -34,6 +43,8 @@ pub struct Caches {
     pub clusters: RwLock<ClusterIndex>,
     pub services: RwLock<LabelledIndex<Service>>,
     pub slices: RwLock<LabelledIndex<EndpointSlice>>,
+    /// The term of leadership the indexes belong to.
+    term: AtomicU64,
     synced: Mutex<HashSet<(Kind, Option<String>)>>,
     ca: Mutex<HashMap<CaKey, CaEntry>>,
 }
@@ -51,13 +62,28 @@ struct CaEntry {
 const CA_RETRY: Duration = Duration::from_secs(30);
 
 impl Caches {
-    /// Forgets everything, for a new term of leadership.
-    pub fn reset(&self) {
+    /// Starts a new term of leadership: forgets every object, sync mark and CA bundle of
+    /// the previous one, so nothing it saw decides in this one. Returns the term, which
+    /// the new term's watch tasks carry.
+    pub fn new_term(&self) -> u64 {
+        // The term moves first: a watch task of the old term that takes an index lock
+        // after this sees that it is stale, and one that held the lock before is undone
+        // by the clearing below.
+        let term = self.term.fetch_add(1, Ordering::SeqCst) + 1;
         self.synced.lock().unwrap().clear();
         self.ca.lock().unwrap().clear();
+        *self.pods.write().unwrap() = PodIndex::default();
+        *self.clusters.write().unwrap() = ClusterIndex::default();
+        *self.services.write().unwrap() = LabelledIndex::default();
+        *self.slices.write().unwrap() = LabelledIndex::default();
+        term
     }
 
-    /// Whether each kind finished its first list in each scope.
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::SeqCst)
+    }
+
+    /// Whether each kind finished a list in each scope during the current term.
     pub fn synced(&self, scopes: &[Option<String>]) -> bool {
         let synced = self.synced.lock().unwrap();
         scopes.iter().all(|scope| {
@@ -67,8 +93,11 @@ impl Caches {
         })
     }
 
-    fn mark_synced(&self, kind: Kind, scope: &Option<String>) {
-        self.synced.lock().unwrap().insert((kind, scope.clone()));
+    fn mark_synced(&self, term: u64, kind: Kind, scope: &Option<String>) {
+        let mut synced = self.synced.lock().unwrap();
+        if self.term() == term {
+            synced.insert((kind, scope.clone()));
+        }
     }
 
     /// The cached CA bundle, unless the VaultCluster changed since it was read, or the
@@ -96,42 +125,136 @@ impl Caches {
     }
 }
 
-/// Keeps one index current from a watch stream of one scope, and passes the events on.
-/// The index is updated before the event reaches the controller, so the reconcile an
-/// event triggers already reads it.
-pub fn feed<K, T>(
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-    caches: std::sync::Arc<Caches>,
-    kind: Kind,
-    scope: Option<String>,
-    mut update: impl FnMut(&Caches, Update<T>) + Send + 'static,
-    slim: impl Fn(&K) -> T + Send + 'static,
-) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
-where
-    K: ResourceExt + Send + 'static,
-    T: Send + 'static,
-{
-    let mut listing: Vec<T> = Vec::new();
-    stream.map(move |event| {
-        match &event {
-            Ok(watcher::Event::Init) => listing.clear(),
-            Ok(watcher::Event::InitApply(object)) => listing.push(slim(object)),
-            Ok(watcher::Event::InitDone) => {
-                update(
-                    &caches,
-                    Update::Relisted(&scope, std::mem::take(&mut listing)),
-                );
-                caches.mark_synced(kind, &scope);
-            }
-            Ok(watcher::Event::Apply(object)) => update(&caches, Update::Applied(slim(object))),
-            Ok(watcher::Event::Delete(object)) => update(
-                &caches,
-                Update::Deleted(object.namespace().unwrap_or_default(), object.name_any()),
-            ),
-            Err(_) => {}
+/// Changes one index, unless the caller's term is over.
+fn within_term<I>(caches: &Caches, lock: &RwLock<I>, term: u64, change: impl FnOnce(&mut I)) {
+    let mut index = lock.write().unwrap();
+    if caches.term() == term {
+        change(&mut index);
+    }
+}
+
+/// Where one watch task sends the VaultClusters whose reconcile its events call for.
+pub type Triggers = mpsc::Sender<ObjectRef<VaultCluster>>;
+
+/// One watch of one kind in one scope, for one term.
+pub struct Feed<T, K> {
+    pub caches: std::sync::Arc<Caches>,
+    pub term: u64,
+    pub kind: Kind,
+    pub scope: Option<String>,
+    /// Applies a change to the kind's index.
+    pub update: fn(&Caches, u64, Update<T>),
+    /// What the index keeps of an object.
+    pub slim: fn(&K) -> T,
+}
+
+/// What every watch of one scope and term shares.
+pub struct Feeds {
+    pub caches: std::sync::Arc<Caches>,
+    pub term: u64,
+    pub scope: Option<String>,
+}
+
+impl Feeds {
+    pub fn of<T, K>(
+        &self,
+        kind: Kind,
+        update: fn(&Caches, u64, Update<T>),
+        slim: fn(&K) -> T,
+    ) -> Feed<T, K> {
+        Feed {
+            caches: self.caches.clone(),
+            term: self.term,
+            kind,
+            scope: self.scope.clone(),
+            update,
+            slim,
         }
-        event
-    })
+    }
+}
+
+/// Drives one watch for as long as its term lasts: every event goes into the index first,
+/// then the reconciles it calls for (`triggered`) go to the controller, so a reconcile
+/// already reads what triggered it. A failing watch waits `backoff` and goes on by itself:
+/// it never pauses the other watches or the controller, and after the API server comes
+/// back it resumes (or, on 410 Gone, relists) within one backoff step.
+pub async fn drive<K, T>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    feed: Feed<T, K>,
+    mut triggered: impl FnMut(&K) -> Vec<ObjectRef<VaultCluster>>,
+    mut triggers: Triggers,
+) where
+    K: ResourceExt,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listing: Vec<T> = Vec::new();
+    let mut failures = 0u32;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => {
+                failures = 0;
+                event
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                let wait = backoff(failures);
+                if failures == 1 {
+                    warn!(kind = ?feed.kind, scope = ?feed.scope, %error, "watch failed; retrying");
+                } else {
+                    debug!(kind = ?feed.kind, scope = ?feed.scope, %error, ?wait, "watch still failing");
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        let Some(object) = apply(&feed, &mut listing, &event) else {
+            continue;
+        };
+        for cluster in triggered(object) {
+            if triggers.send(cluster).await.is_err() {
+                return; // the controller is gone: so is the term
+            }
+        }
+    }
+}
+
+/// Applies one watch event to the feed's index; returns the object it touched, if any.
+fn apply<'e, K: ResourceExt, T>(
+    feed: &Feed<T, K>,
+    listing: &mut Vec<T>,
+    event: &'e watcher::Event<K>,
+) -> Option<&'e K> {
+    let update = |u| (feed.update)(&feed.caches, feed.term, u);
+    match event {
+        watcher::Event::Init => listing.clear(),
+        watcher::Event::InitApply(object) => {
+            listing.push((feed.slim)(object));
+            return Some(object);
+        }
+        watcher::Event::InitDone => {
+            update(Update::Relisted(&feed.scope, std::mem::take(listing)));
+            feed.caches.mark_synced(feed.term, feed.kind, &feed.scope);
+        }
+        watcher::Event::Apply(object) => {
+            update(Update::Applied((feed.slim)(object)));
+            return Some(object);
+        }
+        watcher::Event::Delete(object) => {
+            let (ns, name) = (object.namespace().unwrap_or_default(), object.name_any());
+            update(Update::Deleted(ns, name));
+            return Some(object);
+        }
+    }
+    None
+}
+
+/// How long a watch waits after its `failures`-th error in a row: 100 ms doubling to 2 s.
+/// Short, because every cache must follow the API server soon after it comes back; each
+/// watch backs off alone, so the API server sees at most one request per watch per step.
+pub fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(100);
+    base.saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(Duration::from_secs(2))
 }
 
 /// One change to an index.
@@ -143,39 +266,41 @@ pub enum Update<'a, T> {
 }
 
 /// Applies updates to the pod index.
-pub fn pods(caches: &Caches, update: Update<SlimPod>) {
-    let mut index = caches.pods.write().unwrap();
-    match update {
+pub fn pods(caches: &Caches, term: u64, update: Update<SlimPod>) {
+    within_term(caches, &caches.pods, term, |index| match update {
         Update::Relisted(scope, pods) => {
             index.clear_scope(scope.as_deref());
             pods.into_iter().for_each(|p| index.apply(p));
         }
         Update::Applied(pod) => index.apply(pod),
         Update::Deleted(ns, name) => index.delete(&ns, &name),
-    }
+    });
 }
 
 /// Applies updates to the VaultCluster index.
-pub fn clusters(caches: &Caches, update: Update<VaultCluster>) {
-    let mut index = caches.clusters.write().unwrap();
-    match update {
+pub fn clusters(caches: &Caches, term: u64, update: Update<VaultCluster>) {
+    within_term(caches, &caches.clusters, term, |index| match update {
         Update::Relisted(scope, all) => {
             index.clear_scope(scope.as_deref());
             all.into_iter().for_each(|vc| index.apply(vc));
         }
         Update::Applied(vc) => index.apply(vc),
         Update::Deleted(ns, name) => index.delete(&ns, &name),
-    }
+    });
 }
 
 /// Applies updates to the Service index.
-pub fn services(caches: &Caches, update: Update<Service>) {
-    labelled(&mut caches.services.write().unwrap(), update);
+pub fn services(caches: &Caches, term: u64, update: Update<Service>) {
+    within_term(caches, &caches.services, term, |index| {
+        labelled(index, update)
+    });
 }
 
 /// Applies updates to the EndpointSlice index.
-pub fn slices(caches: &Caches, update: Update<EndpointSlice>) {
-    labelled(&mut caches.slices.write().unwrap(), update);
+pub fn slices(caches: &Caches, term: u64, update: Update<EndpointSlice>) {
+    within_term(caches, &caches.slices, term, |index| {
+        labelled(index, update)
+    });
 }
 
 fn labelled<K: ResourceExt>(index: &mut LabelledIndex<K>, update: Update<K>) {
@@ -228,11 +353,117 @@ mod tests {
             "read just now"
         );
         assert_eq!(caches.ca(&key, Some(2), false), None, "spec changed");
-        caches.reset();
+        caches.new_term();
         assert_eq!(
             caches.ca(&key, Some(1), false),
             None,
             "a new term reads again"
         );
+    }
+
+    fn pod(name: &str) -> SlimPod {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
+        }))
+        .unwrap();
+        SlimPod::from(&pod)
+    }
+
+    #[test]
+    fn a_new_term_starts_empty_and_unsynced_and_an_old_term_cannot_write() {
+        let caches = Caches::default();
+        let old = caches.new_term();
+        let scope = None;
+        pods(&caches, old, Update::Relisted(&scope, vec![pod("a")]));
+        caches.mark_synced(old, Kind::Pods, &scope);
+        let new = caches.new_term();
+        assert!(
+            caches.pods.read().unwrap().is_empty(),
+            "nothing of the old term"
+        );
+        assert!(!caches.synced(&[None]));
+        // A watch task of the old term still running: nothing it does counts.
+        pods(&caches, old, Update::Applied(pod("b")));
+        caches.mark_synced(old, Kind::Pods, &scope);
+        assert!(caches.pods.read().unwrap().is_empty());
+        assert!(caches.synced.lock().unwrap().is_empty());
+        pods(&caches, new, Update::Applied(pod("c")));
+        assert_eq!(caches.pods.read().unwrap().len(), 1);
+        for kind in [Kind::Pods, Kind::Services, Kind::Slices] {
+            caches.mark_synced(new, kind, &scope);
+            assert!(
+                !caches.synced(&[None]),
+                "{kind:?}: not every kind listed yet"
+            );
+        }
+        caches.mark_synced(new, Kind::Clusters, &scope);
+        assert!(caches.synced(&[None]));
+    }
+
+    #[test]
+    fn a_relist_replaces_the_scope_only_when_it_is_complete() {
+        let caches = std::sync::Arc::new(Caches::default());
+        let term = caches.new_term();
+        let feed = Feed {
+            caches,
+            term,
+            kind: Kind::Pods,
+            scope: None,
+            update: pods,
+            slim: slim_pod,
+        };
+        let full = |name: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
+            }))
+            .unwrap()
+        };
+        let mut listing = Vec::new();
+        let index = |feed: &Feed<SlimPod, Pod>| {
+            let index = feed.caches.pods.read().unwrap();
+            let mut names: Vec<String> = ["a", "b", "c"]
+                .iter()
+                .filter(|n| index.get("ns", n).is_some())
+                .map(|n| n.to_string())
+                .collect();
+            names.sort();
+            names
+        };
+        let (a, b, c) = (full("a"), full("b"), full("c"));
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(a.clone()),
+            watcher::Event::InitApply(b.clone()),
+            watcher::Event::InitDone,
+        ] {
+            apply(&feed, &mut listing, &event);
+        }
+        assert_eq!(index(&feed), ["a", "b"]);
+        assert!(
+            feed.caches
+                .synced
+                .lock()
+                .unwrap()
+                .contains(&(Kind::Pods, None))
+        );
+        // A 410 relist: "a" was deleted and "c" created while the watch was down.
+        apply(&feed, &mut listing, &watcher::Event::Init);
+        apply(&feed, &mut listing, &watcher::Event::InitApply(b));
+        apply(&feed, &mut listing, &watcher::Event::InitApply(c));
+        assert_eq!(
+            index(&feed),
+            ["a", "b"],
+            "the old view until the list is whole"
+        );
+        apply(&feed, &mut listing, &watcher::Event::InitDone);
+        assert_eq!(index(&feed), ["b", "c"]);
+        apply(&feed, &mut listing, &watcher::Event::Delete(full("b")));
+        assert_eq!(index(&feed), ["c"]);
+    }
+
+    #[test]
+    fn a_failing_watch_retries_within_two_seconds() {
+        let got: Vec<u128> = (1..=8).map(|n| backoff(n).as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -24,6 +24,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
+
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
@@ -68,6 +69,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
     leading: Arc<AtomicBool>,
+    /// Every watched scope (a namespace, or all): a round waits until each has listed.
+    scopes: Vec<Option<String>>,
 }
 
 impl Context {
@@ -76,6 +79,7 @@ impl Context {
         prober: Prober,
         metrics: Metrics,
         leading: Arc<AtomicBool>,
+        scopes: Vec<Option<String>>,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -94,6 +98,7 @@ impl Context {
             owned_since: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             leading,
+            scopes,
         })
     }
 
@@ -109,14 +114,28 @@ impl Context {
         self.dirty.lock().unwrap().insert(uid.to_string());
     }
 
-    /// Forgets the caches of a previous term, so `clusters_synced` waits for fresh lists.
-    pub fn forget_clusters(&self) {
-        self.caches.reset();
+    /// Starts a term: forgets every cache and every per-cluster memory of the previous
+    /// one (trackers, rhythms, dirty marks, ownership clocks, written statuses, failure
+    /// counts, metric series), so nothing a previous term saw decides in this one.
+    pub fn new_term(&self) {
+        self.caches.new_term();
+        self.trackers.lock().unwrap().clear();
+        self.rhythms.lock().unwrap().clear();
+        self.dirty.lock().unwrap().clear();
+        self.owned_since.lock().unwrap().clear();
+        self.status_written.lock().unwrap().clear();
+        self.failures.lock().unwrap().clear();
+        self.metrics.forget_clusters();
     }
 
-    /// Resolves once every cache has finished its first list in every one of `scopes`.
-    pub async fn clusters_synced(&self, scopes: &[Option<String>]) {
-        while !self.caches.synced(scopes) {
+    /// Whether every cache has listed in every watched scope during this term.
+    pub fn synced(&self) -> bool {
+        self.caches.synced(&self.scopes)
+    }
+
+    /// Resolves once every cache has listed in every watched scope during this term.
+    pub async fn clusters_synced(&self) {
+        while !self.synced() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -132,9 +151,58 @@ where
     }
 }
 
-/// Runs the controller for one namespace, or all of them, until the stream ends. Every
-/// watch feeds a cache before it triggers anything.
-pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
+/// How soon a reconcile that found the caches still listing comes back.
+const UNSYNCED_RETRY: Duration = Duration::from_millis(100);
+
+/// Buffer of reconcile triggers between the watch tasks and the controller; a full buffer
+/// holds the watches back rather than growing.
+const TRIGGER_BUFFER: usize = 1024;
+
+/// Runs the controller for one namespace, or all of them, for the current term, until
+/// `stop` resolves and the reconciles drained. Each watch runs in a task of its own that
+/// keeps its cache current and sends the reconciles its events call for: a failing watch
+/// backs off alone and never pauses the others (kube's controller would pause every
+/// trigger stream, and so every cache, for up to 30 s after one error).
+pub async fn run(
+    ctx: Arc<Context>,
+    scope: Option<String>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let term = ctx.caches.term();
+    let (triggers, reconciles) = futures::channel::mpsc::channel(TRIGGER_BUFFER);
+    let (reader, writer) = reflector::store();
+    let mut watches = tokio::task::JoinSet::new();
+    spawn_watches(&mut watches, &ctx, &scope, term, writer, triggers);
+    let controller = Controller::for_stream(futures::stream::pending(), reader)
+        .reconcile_on(reconciles)
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                Err(e) => warn!(error = %e, "controller error"),
+            }
+        });
+    tokio::select! {
+        _ = controller => {}
+        Some(ended) = watches.join_next() => {
+            // A watch stream never ends by itself: only a panic gets here.
+            warn!(?ended, "a watch task ended; the controller stops");
+        }
+    }
+    // Dropping the set aborts the watch tasks with the term.
+}
+
+/// One task per watched kind: VaultClusters (also feeding the controller's store), pods,
+/// and our Services and EndpointSlices.
+fn spawn_watches(
+    tasks: &mut tokio::task::JoinSet<()>,
+    ctx: &Arc<Context>,
+    scope: &Option<String>,
+    term: u64,
+    writer: reflector::store::Writer<VaultCluster>,
+    triggers: cache::Triggers,
+) {
     let client = &ctx.client;
     let config = crate::apiclient::watch_config();
     let ours = config.clone().labels(&format!(
@@ -142,81 +210,62 @@ pub async fn run(ctx: Arc<Context>, scope: Option<String>) {
         services::MANAGED_BY.0,
         services::MANAGED_BY.1
     ));
-    let caches = ctx.caches.clone();
-    let marks = ctx.clone();
-    let (reader, writer) = reflector::store();
+    let feed = cache::Feeds {
+        caches: ctx.caches.clone(),
+        term,
+        scope: scope.clone(),
+    };
     // Managed fields are most of a VaultCluster in memory (a JSON tree per writer) and
     // never read: a thousand of them cost a hundred megabytes.
-    let clusters = watcher(api::<VaultCluster>(client, &scope), config.clone())
+    let clusters = watcher(api::<VaultCluster>(client, scope), config.clone())
         .modify(|vc| vc.managed_fields_mut().clear());
-    let clusters = reflector::reflector(writer, clusters);
-    let clusters = cache::feed(
-        clusters,
-        caches.clone(),
-        Kind::Clusters,
-        scope.clone(),
-        cache::clusters,
-        Clone::clone,
-    );
-    let pods = watcher(api::<Pod>(client, &scope), config);
-    let pods = cache::feed(
-        pods,
-        caches.clone(),
-        Kind::Pods,
-        scope.clone(),
-        cache::pods,
-        cache::slim_pod,
-    );
-    let owned = watcher(api::<Service>(client, &scope), ours.clone());
-    let owned = cache::feed(
-        owned,
-        caches.clone(),
-        Kind::Services,
-        scope.clone(),
-        cache::services,
-        cache::trimmed,
-    );
-    // EndpointSlices carry the labels of their Service, so ours are found by the same label.
-    let slices = watcher(api::<EndpointSlice>(client, &scope), ours);
-    let slices = cache::feed(
-        slices,
-        caches.clone(),
-        Kind::Slices,
-        scope,
-        cache::slices,
-        cache::trimmed,
-    );
-    let owned = owned.touched_objects().inspect_ok({
-        let ctx = ctx.clone();
-        move |svc: &Service| {
-            for owner in svc.owner_references() {
-                ctx.mark_dirty(&owner.uid);
-            }
-        }
-    });
-    Controller::for_stream(clusters.applied_objects(), reader)
-        .owns_stream(owned)
-        .watches_stream(pods.touched_objects(), move |pod: Pod| {
-            concerned(&caches, &marks, &pod)
+    tasks.spawn(cache::drive(
+        reflector::reflector(writer, clusters),
+        feed.of(Kind::Clusters, cache::clusters, Clone::clone),
+        |vc: &VaultCluster| vec![ObjectRef::from_obj(vc)],
+        triggers.clone(),
+    ));
+    let marks = ctx.clone();
+    tasks.spawn(cache::drive(
+        watcher(api::<Pod>(client, scope), config),
+        feed.of(Kind::Pods, cache::pods, cache::slim_pod),
+        move |pod: &Pod| concerned(&marks, pod),
+        triggers.clone(),
+    ));
+    let marks = ctx.clone();
+    tasks.spawn(cache::drive(
+        watcher(api::<Service>(client, scope), ours.clone()),
+        feed.of(Kind::Services, cache::services, cache::trimmed),
+        move |svc: &Service| owners(&marks, svc),
+        triggers.clone(),
+    ));
+    // EndpointSlices carry the labels of their Service, so ours are found by the same
+    // label. They trigger nothing: a round only waits on them.
+    tasks.spawn(cache::drive(
+        watcher(api::<EndpointSlice>(client, scope), ours),
+        feed.of(Kind::Slices, cache::slices, cache::trimmed),
+        |_: &EndpointSlice| Vec::new(),
+        triggers,
+    ));
+}
+
+/// The VaultClusters controlling a changed Service of ours; their next round is a full one.
+fn owners(ctx: &Context, svc: &Service) -> Vec<ObjectRef<VaultCluster>> {
+    let ns = svc.namespace().unwrap_or_default();
+    svc.owner_references()
+        .iter()
+        .filter(|o| o.kind == "VaultCluster")
+        .map(|o| {
+            ctx.mark_dirty(&o.uid);
+            ObjectRef::new(&o.name).within(&ns)
         })
-        .watches_stream(slices.touched_objects(), |_: EndpointSlice| None)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            // Reconciler failures are logged by error_policy; the rest (a watch the API
-            // server refuses, say) would otherwise go unseen.
-            match result {
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
-                Err(e) => warn!(error = %e, "controller error"),
-            }
-        })
-        .await;
+        .collect()
 }
 
 /// The VaultClusters a pod change concerns: those selecting it and the one that labelled
 /// it. Their next round is a full one.
-fn concerned(caches: &Caches, ctx: &Context, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
-    let index = caches.clusters.read().unwrap();
+fn concerned(ctx: &Context, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
+    let index = ctx.caches.clusters.read().unwrap();
     let clusters = index.concerned(&SlimPod::from(pod));
     for vc in &clusters {
         ctx.mark_dirty(&vc.uid().unwrap_or_default());
@@ -266,6 +315,11 @@ async fn reconcile(
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     if ctx.guard("VaultCluster finalizer").is_err() {
         return Ok(Action::requeue(interval(&vc)));
+    }
+    // Neither apply nor cleanup on a partial view: a pod cache still listing shows a
+    // cluster with no pods, and its deletion would strip nothing.
+    if !ctx.synced() {
+        return Ok(Action::requeue(UNSYNCED_RETRY));
     }
     let result = finalizer(&api, FINALIZER, vc, |event| async {
         match event {
@@ -405,16 +459,9 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let names = LabelNames::new(&vc.spec.label_prefix);
     let ns = vc.namespace().unwrap_or_default();
     for pod in observe::pods_of(vc, ctx) {
-        let others = ctx
-            .caches
-            .clusters
-            .read()
-            .unwrap()
-            .selecting(&ns, &pod.labels);
-        let ours = pod.owner() == Some(&vc.name_any())
-            || (crate::selector::matches(&vc.spec.selector, &pod.labels)
-                && crate::selector::claimed_by_older(vc, &others, &pod.labels).is_none());
-        if ours && !diff(&pod.labels, &removal(&names)).is_empty() {
+        // Only what names this cluster: a selected pod that another VaultCluster claimed
+        // (once this one got its deletionTimestamp) is that cluster's now.
+        if pod.owner() == Some(&vc.name_any()) && !diff(&pod.labels, &removal(&names)).is_empty() {
             act::strip_labels(vc, ctx, &names, &pod).await?;
         }
     }

@@ -226,6 +226,7 @@ mod tests {
             name: name.into(),
             namespace: "ns".into(),
             uid: name.into(),
+            resource_version: "1".into(),
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
