@@ -11,6 +11,11 @@ use crate::health::{Health, Role};
 /// matching or a VaultCluster goes.
 pub const OWNER_LABEL: &str = "vault-registrar.dev/cluster";
 
+/// Label naming the prefix of the role labels written on a pod, beside the ownership
+/// label: when `spec.labelPrefix` changes, the labels of the prefix written before are
+/// found and removed, and nothing routes on a stale `<old>-active=true`.
+pub const PREFIX_LABEL: &str = "vault-registrar.dev/label-prefix";
+
 /// What versions before the ownership label used instead: an annotation of the same name.
 /// Removed with the first label write on a pod.
 pub const LEGACY_OWNER_ANNOTATION: &str = "vault-registrar.dev/cluster";
@@ -129,9 +134,54 @@ pub fn removal(names: &LabelNames) -> BTreeMap<String, Option<String>> {
     names
         .all()
         .iter()
-        .chain(&[OWNER_LABEL])
+        .chain(&[OWNER_LABEL, PREFIX_LABEL])
         .map(|n| (n.to_string(), None))
         .collect()
+}
+
+/// The prefix a pod's role labels were written with, when the pod says and it is one a
+/// VaultCluster could have named (the schema's pattern): anything else names no labels.
+pub fn written_prefix(current: &BTreeMap<String, String>) -> Option<&str> {
+    let prefix = current.get(PREFIX_LABEL)?.as_str();
+    let valid = !prefix.is_empty()
+        && prefix.len() <= 40
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !prefix.starts_with('-')
+        && !prefix.ends_with('-');
+    valid.then_some(prefix)
+}
+
+/// Everything to remove from a pod when it leaves a cluster: the labels of the current
+/// prefix and of the prefix the pod says its labels were written with.
+pub fn full_removal(
+    names: &LabelNames,
+    current: &BTreeMap<String, String>,
+) -> BTreeMap<String, Option<String>> {
+    let mut all = removal(names);
+    if let Some(old) = written_prefix(current) {
+        all.extend(removal(&LabelNames::new(old)));
+    }
+    all
+}
+
+/// The change that records `prefix` on a pod and removes the labels of the prefix written
+/// before, if another; empty when the pod already says `prefix`.
+pub fn retire_prefix(
+    prefix: &str,
+    current: &BTreeMap<String, String>,
+) -> BTreeMap<String, Option<String>> {
+    if current.get(PREFIX_LABEL).map(String::as_str) == Some(prefix) {
+        return BTreeMap::new();
+    }
+    let mut change = BTreeMap::from([(PREFIX_LABEL.to_string(), Some(prefix.to_string()))]);
+    if let Some(old) = written_prefix(current).filter(|old| *old != prefix) {
+        for name in LabelNames::new(old).all() {
+            change.insert(name.to_string(), None);
+        }
+    }
+    diff(current, &change)
 }
 
 /// The entries of `want` that differ from `current`: a value to set, or None to remove a

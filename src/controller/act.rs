@@ -17,7 +17,9 @@ use crate::crd::VaultCluster;
 use crate::decide::{Decision, LabelPlan, Member};
 use crate::error::Error;
 use crate::index::SlimPod;
-use crate::labels::{LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, diff, removal};
+use crate::labels::{
+    LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, diff, full_removal, retire_prefix,
+};
 use crate::services::{self, Kind};
 
 /// Writes what the decision calls for: labels, strays, Services. Stops at the first failed
@@ -42,6 +44,7 @@ pub async fn act(
         }
         write_labels(vc, ctx, plan, &selection.candidates).await?;
     }
+    retire_old_prefix(vc, ctx, decision, &selection.candidates).await?;
     for pod in &selection.strays {
         strip_labels(vc, ctx, names, pod).await?;
     }
@@ -98,11 +101,34 @@ async fn write_labels(
     let Some(pod) = pods.iter().find(|p| p.name == plan.pod) else {
         return Ok(());
     };
-    let mut meta = json!({"labels": plan.change});
+    let mut change = plan.change.clone();
+    change.extend(retire_prefix(&vc.spec.label_prefix, &pod.labels));
+    let mut meta = json!({"labels": change});
     if pod.legacy_owner.is_some() {
         meta["annotations"] = json!({LEGACY_OWNER_ANNOTATION: null});
     }
     patch_pod(vc, ctx, pod, meta).await
+}
+
+/// Records the label prefix on the candidates no plan wrote to this round, removing the
+/// labels of a prefix written before (see `labels::PREFIX_LABEL`).
+async fn retire_old_prefix(
+    vc: &VaultCluster,
+    ctx: &Context,
+    decision: &Decision,
+    pods: &[Arc<SlimPod>],
+) -> Result<(), Error> {
+    let unplanned = pods
+        .iter()
+        .filter(|p| !decision.plans.iter().any(|plan| plan.pod == p.name))
+        .filter(|p| p.labels.get(OWNER_LABEL) == Some(&vc.name_any()));
+    for pod in unplanned {
+        let change = retire_prefix(&vc.spec.label_prefix, &pod.labels);
+        if !change.is_empty() {
+            patch_pod(vc, ctx, pod, json!({"labels": change})).await?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn strip_labels(
@@ -111,7 +137,7 @@ pub async fn strip_labels(
     names: &LabelNames,
     pod: &SlimPod,
 ) -> Result<(), Error> {
-    let change = diff(&pod.labels, &removal(names));
+    let change = diff(&pod.labels, &full_removal(names, &pod.labels));
     // Only the version that was read: if the labels changed since (another VaultCluster
     // claimed the pod, say), the API server refuses and the next round reads them again.
     let meta = json!({

@@ -33,7 +33,7 @@ use crate::decide::decide;
 use crate::error::Error;
 use crate::fail_static;
 use crate::index::SlimPod;
-use crate::labels::{LabelNames, diff, removal};
+use crate::labels::{LabelNames, diff, full_removal};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::rhythm::{self, Rhythm, Round};
@@ -461,7 +461,9 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     for pod in observe::pods_of(vc, ctx) {
         // Only what names this cluster: a selected pod that another VaultCluster claimed
         // (once this one got its deletionTimestamp) is that cluster's now.
-        if pod.owner() == Some(&vc.name_any()) && !diff(&pod.labels, &removal(&names)).is_empty() {
+        if pod.owner() == Some(&vc.name_any())
+            && !diff(&pod.labels, &full_removal(&names, &pod.labels)).is_empty()
+        {
             act::strip_labels(vc, ctx, &names, &pod).await?;
         }
     }

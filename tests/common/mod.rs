@@ -51,11 +51,19 @@ pub fn operator(ns: &str, kubeconfig: Option<&Path>, extra: &[&str]) -> anyhow::
     let mut args = vec!["--namespace", ns];
     args.extend_from_slice(extra);
     Operator::start(
-        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &operator_bin(),
         kubeconfig.unwrap_or(&plane.kubeconfig),
         &args,
         &plane.dir().join(format!("operator-{ns}.log")),
     )
+}
+
+/// The operator binary under test: this build's, or the one `VAULT_REGISTRAR_OPERATOR_BIN`
+/// names (an older release, to check that a test fails on it).
+pub fn operator_bin() -> std::path::PathBuf {
+    std::env::var_os("VAULT_REGISTRAR_OPERATOR_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_vault-registrar").into())
 }
 
 /// A namespace with the operator watching it and Vault pods `vault-N` answering as `roles`.

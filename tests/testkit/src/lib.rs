@@ -2,6 +2,7 @@
 //! kube-controller-manager), simulated pods without a kubelet, a Vault health simulator, and
 //! real Vault raft clusters whose nodes are those pods.
 
+pub mod api_relay;
 pub mod certs;
 pub mod cluster;
 pub mod controlplane;

@@ -1,0 +1,345 @@
+//! Transitions on the real control plane: the moments around the steady state, where an
+//! operator acts on a partial view or on a cache that missed what happened. A restart of
+//! kube-apiserver (SIGKILL), a pod LIST answered slowly at the start of a term (through
+//! `ApiRelay`), a VaultCluster deleted while the operator was down, and overlapping
+//! clusters when the older one goes.
+//!
+//! Every test here runs alone (`SERIAL`): one of them kills the shared API server.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio::sync::Mutex;
+use vault_registrar::crd::VaultCluster;
+use vault_registrar_testkit::api_relay::{ApiRelay, pod_list};
+use vault_registrar_testkit::cluster::{APP_LABEL, endpoint_ips};
+use vault_registrar_testkit::pods::{SimPod, next_pod_ip, start_pod};
+use vault_registrar_testkit::vault_sim::{Role, SimState, VaultSim};
+use vault_registrar_testkit::{shared, wait};
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const OWNER: &str = "vault-registrar.dev/cluster";
+
+/// A new simulator and a Running, Ready pod for it, named `name`.
+async fn add_pod(f: &Fixture, name: &str, role: Role) -> anyhow::Result<(VaultSim, SimPod)> {
+    let ip = next_pod_ip();
+    let sim = VaultSim::start(SocketAddr::new(ip.into(), 8200), None, SimState::new(role)).await?;
+    let pod = SimPod {
+        name: name.into(),
+        labels: BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]),
+        ip,
+    };
+    start_pod(&f.client, &f.ns, &pod).await?;
+    Ok((sim, pod))
+}
+
+fn pods(f: &Fixture) -> Api<Pod> {
+    Api::namespaced(f.client.clone(), &f.ns)
+}
+
+fn services(f: &Fixture) -> Api<Service> {
+    Api::namespaced(f.client.clone(), &f.ns)
+}
+
+/// Waits until pod `name` (of uid `uid` when given) carries the label `key=value`.
+async fn wait_label(
+    f: &Fixture,
+    name: &str,
+    uid: Option<&str>,
+    key: &str,
+    value: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let what = format!("{name} labelled {key}={value}");
+    wait::until(&what, limit, || async {
+        let pod = pods(f).get(name).await?;
+        let labels = pod.metadata.labels.unwrap_or_default();
+        let right_pod = uid.is_none_or(|u| pod.metadata.uid.as_deref() == Some(u));
+        Ok((right_pod && labels.get(key).map(String::as_str) == Some(value)).then_some(()))
+    })
+    .await
+}
+
+/// The kube-apiserver is SIGKILLed and restarted on the same etcd; straight after, a
+/// standby is deleted and recreated under its name with a new IP, a pod joins, the
+/// VaultCluster is edited and a generated Service is changed by someone else. Every cache
+/// must follow within a few seconds: kube's controller used to pause every watch for up
+/// to 30 s after watch errors, so the old pod stayed in the cache, was PATCHed with its old
+/// UID every round, and neither new pod was labelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cache_follows_the_api_server_after_a_restart() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let f = converged_trio("tr-restart").await?;
+    shared().kill_apiserver();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::spawn_blocking(|| shared().restart_apiserver()).await??;
+    let back = Instant::now();
+
+    pods(&f)
+        .delete(
+            f.vault.pod_name(2),
+            &DeleteParams::default().grace_period(0),
+        )
+        .await?;
+    wait::until("vault-2 gone", LIMIT, || async {
+        Ok(pods(&f).get_opt("vault-2").await?.is_none().then_some(()))
+    })
+    .await?;
+    let (_sim2, _) = add_pod(&f, "vault-2", Role::Standby).await?;
+    let (_sim3, _) = add_pod(&f, "vault-3", Role::Standby).await?;
+    let new_uid = pods(&f).get("vault-2").await?.metadata.uid.unwrap();
+    // The VaultCluster edited: the standby Service disabled.
+    f.clusters()
+        .patch(
+            "vault",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"services": {"standby": {"enabled": false}}}})),
+        )
+        .await?;
+    // Someone else's change to the active Service: a selector that selects nothing.
+    services(&f)
+        .patch(
+            "vault-active",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"selector": {"intruder": "yes"}}})),
+        )
+        .await?;
+    let changed = back.elapsed();
+
+    // Bound: one watch backoff step (2 s) plus a relist and a round, with room for a
+    // loaded machine, measured from the last change.
+    let bound = Duration::from_secs(8);
+    wait_label(&f, "vault-2", Some(&new_uid), OWNER, "vault", bound).await?;
+    wait_label(
+        &f,
+        "vault-2",
+        Some(&new_uid),
+        "vault-active",
+        "false",
+        bound,
+    )
+    .await?;
+    wait_label(&f, "vault-3", None, "vault-active", "false", bound).await?;
+    wait::until("vault-standby deleted", bound, || async {
+        Ok(services(&f)
+            .get_opt("vault-standby")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    wait::until("vault-active's selector repaired", bound, || async {
+        let svc = services(&f).get("vault-active").await?;
+        let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+        Ok((!selector.contains_key("intruder")).then_some(()))
+    })
+    .await?;
+    f.endpoints("vault-active", &[0]).await?;
+    println!(
+        "changes done {changed:?} after the API server was back; all followed {:?} after it",
+        back.elapsed()
+    );
+    let log = f.operator.log_text();
+    let stale = log.matches("pod gone or replaced").count();
+    assert!(
+        stale <= 2,
+        "{stale} writes to a replaced pod: the cache kept it"
+    );
+    Ok(())
+}
+
+/// A VaultCluster deleted while its operator was down, and the new operator's first pod
+/// LIST answered 3 s late: the deletion must wait for the pods, then strip them. Acting on
+/// the VaultCluster list alone would finalize it with nothing stripped, leaving
+/// `vault-active=true` and the ownership label on the pods for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_deleted_while_the_operator_was_down_is_stripped() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut f = converged_trio("tr-deleted").await?;
+    f.operator.kill();
+    f.clusters()
+        .delete("vault", &DeleteParams::default())
+        .await?;
+    let relay = ApiRelay::start(shared()).await?;
+    relay.hold(pod_list, Duration::from_secs(3), 1);
+    let kubeconfig = relay.kubeconfig("deleted")?;
+    let _operator = operator(&f.ns, Some(&kubeconfig), &[])?;
+    wait::until("VaultCluster gone", LIMIT, || async {
+        Ok(f.clusters().get_opt("vault").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_eq!(relay.held(), 1, "the pod LIST was not held");
+    for i in 0..3 {
+        let labels = f.vault.labels(i).await?;
+        let ours: Vec<&String> = labels.keys().filter(|k| k.starts_with("vault-")).collect();
+        assert!(ours.is_empty(), "vault-{i} kept {ours:?}");
+    }
+    Ok(())
+}
+
+/// The operator restarts over a converged cluster and its first pod LIST is answered 3 s
+/// late: no round may run on the VaultCluster list alone. Every status version the API
+/// server stored is checked (a watch, in resourceVersion order) for `NoPods`, and the
+/// active Service's endpoints are polled for a moment with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pod_list_at_start_writes_nothing_from_a_partial_view() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut f = converged_trio("tr-slowlist").await?;
+    f.condition("vault", "Ready", "True", "Ready").await?;
+    f.operator.kill();
+    let statuses = record_statuses(f.clusters());
+    tokio::time::sleep(Duration::from_secs(1)).await; // the watch has listed
+    let relay = ApiRelay::start(shared()).await?;
+    relay.hold(pod_list, Duration::from_secs(3), 1);
+    let kubeconfig = relay.kubeconfig("slowlist")?;
+    let start = Instant::now();
+    let _operator = operator(&f.ns, Some(&kubeconfig), &[])?;
+    let mut empty = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        if endpoint_ips(&f.client, &f.ns, "vault-active")
+            .await?
+            .is_empty()
+        {
+            empty += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.held(), 1, "the pod LIST was not held");
+    f.converged().await?;
+    let seen = statuses.finish().await;
+    let no_pods: Vec<&String> = seen.iter().filter(|r| r.contains("NoPods")).collect();
+    assert!(
+        no_pods.is_empty(),
+        "statuses written from a partial view: {no_pods:?}"
+    );
+    assert_eq!(empty, 0, "the active Service had no endpoint {empty} times");
+    Ok(())
+}
+
+/// Every version of the VaultClusters' conditions the API server stored, as
+/// "reason: message" lines, from a watch (resourceVersion order).
+struct StatusRecord {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+fn record_statuses(api: Api<VaultCluster>) -> StatusRecord {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
+        while !done.load(Ordering::SeqCst) {
+            let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+            let Ok(Some(Ok(vc))) = next else { continue };
+            for c in vc.status.unwrap_or_default().conditions {
+                seen.push(format!(
+                    "{}={} {}: {}",
+                    c.type_, c.status, c.reason, c.message
+                ));
+            }
+        }
+        seen
+    });
+    StatusRecord { stop, task }
+}
+
+impl StatusRecord {
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Two VaultClusters select the same pods. The older one is deleted while the operator is
+/// down, and the younger's claim (its ownership label, written here as the operator writes
+/// it) is already on the pods when the operator starts: the older one's cleanup must strip
+/// only what names it, never the younger's labels. Every version of the pods' labels the
+/// API server stored is checked (a watch, in resourceVersion order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_older_of_two_overlapping_clusters_leaves_the_younger_its_pods()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut f = converged_trio("tr-overlap").await?;
+    let services = "services: {active: {name: younger-active}, standby: {name: younger-standby}}";
+    f.create("younger", &format!("{FAST}\n{services}")).await?;
+    f.operator.kill();
+    f.clusters()
+        .delete("vault", &DeleteParams::default())
+        .await?;
+    for i in 0..3 {
+        pods(&f)
+            .patch(
+                f.vault.pod_name(i),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {OWNER: "younger"}}})),
+            )
+            .await?;
+    }
+    let record = record_owners(pods(&f));
+    tokio::time::sleep(Duration::from_secs(1)).await; // the watch has listed
+    let _operator = operator(&f.ns, None, &[])?;
+    wait::until("VaultCluster vault gone", LIMIT, || async {
+        Ok(f.clusters().get_opt("vault").await?.is_none().then_some(()))
+    })
+    .await?;
+    wait::until("younger-active routes to vault-0", LIMIT, || async {
+        let ips = endpoint_ips(&f.client, &f.ns, "younger-active").await?;
+        Ok((ips == [f.vault.ip(0)]).then_some(()))
+    })
+    .await?;
+    let versions = record.finish().await;
+    assert!(versions.len() >= 3, "the watch saw {versions:?}");
+    let lost: Vec<&(String, Option<String>)> = versions
+        .iter()
+        .filter(|(_, owner)| owner.as_deref() != Some("younger"))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "the younger cluster's pods were stripped: {lost:?}"
+    );
+    Ok(())
+}
+
+/// Every version of the pods' ownership label the API server stored: (pod, owner), from a
+/// watch, in resourceVersion order.
+struct OwnerRecord {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(String, Option<String>)>>,
+}
+
+fn record_owners(api: Api<Pod>) -> OwnerRecord {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
+        while !done.load(Ordering::SeqCst) {
+            let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+            let Ok(Some(Ok(pod))) = next else { continue };
+            let owner = pod.metadata.labels.unwrap_or_default().get(OWNER).cloned();
+            seen.push((pod.metadata.name.unwrap_or_default(), owner));
+        }
+        seen
+    });
+    OwnerRecord { stop, task }
+}
+
+impl OwnerRecord {
+    async fn finish(self) -> Vec<(String, Option<String>)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap_or_default()
+    }
+}
