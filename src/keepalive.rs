@@ -1,8 +1,9 @@
 //! Connection reuse for probes: an idle HTTP/1.1 connection to a pod is kept after an answer
 //! and used for the next probe of the same pod with the same settings, so a steady probe
 //! costs one request, not a TCP (and TLS) handshake. A connection the pod closed is never
-//! handed out; a request that fails on a reused connection before any answer is retried on
-//! a fresh one, so reuse never turns into a probe failure.
+//! handed out; a reused connection that breaks before a whole answer (closed, reset, cut
+//! off) is replaced by a fresh one within the same probe, so reuse never turns into a probe
+//! failure.
 //!
 //! A kept connection is closed once it has been idle for the pool's expiry: a pod that is no
 //! longer probed (deleted, unselected, its cluster gone, or this replica no longer leading)

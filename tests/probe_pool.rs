@@ -29,14 +29,17 @@ enum Mode {
     ResetReused,
     /// Like `ResetReused`, with a FIN: a restarted server closing its idle connections.
     CloseReused,
+    /// Like `ResetReused`, after the head and half the body of an answer.
+    CutReused,
     /// Resets every connection on its first request.
     ResetAll,
 }
 
-const MODES: [Mode; 4] = [
+const MODES: [Mode; 5] = [
     Mode::Serve,
     Mode::ResetReused,
     Mode::CloseReused,
+    Mode::CutReused,
     Mode::ResetAll,
 ];
 
@@ -105,6 +108,10 @@ async fn serve(mut stream: TcpStream, counts: Arc<Counts>) {
             counts.hung_up.fetch_add(1, Ordering::SeqCst);
             return;
         }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ACTIVE}",
+            ACTIVE.len()
+        );
         let mode = MODES[counts.mode.load(Ordering::SeqCst) as usize];
         match (mode, served) {
             (Mode::ResetAll, _) | (Mode::ResetReused, 1..) => {
@@ -112,12 +119,16 @@ async fn serve(mut stream: TcpStream, counts: Arc<Counts>) {
                 return;
             }
             (Mode::CloseReused, 1..) => return,
+            (Mode::CutReused, 1..) => {
+                let half = answer.len() - ACTIVE.len() / 2;
+                let _ = stream.write_all(&answer.as_bytes()[..half]).await;
+                let _ = stream.flush().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                stream.set_zero_linger().unwrap();
+                return;
+            }
             _ => {}
         }
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ACTIVE}",
-            ACTIVE.len()
-        );
         if stream.write_all(answer.as_bytes()).await.is_err() {
             return;
         }
@@ -160,7 +171,7 @@ async fn assert_healthy(prober: &Prober, addr: SocketAddr, what: &str) {
 
 #[tokio::test]
 async fn a_kept_connection_the_server_broke_is_replaced_not_counted() {
-    for mode in [Mode::ResetReused, Mode::CloseReused] {
+    for mode in [Mode::ResetReused, Mode::CloseReused, Mode::CutReused] {
         let pod = Pod::start(mode).await;
         let prober = Prober::new(4);
         for round in 0..3 {
