@@ -16,6 +16,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::health::classify;
+use crate::keepalive::{IDLE_EXPIRY, Key, Pool, Sender};
+use crate::tracker::{Failure, FailureKind, Outcome};
+
+/// The largest body accepted; Vault's health answer is well under 2 KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+
 /// TCP keepalive of probe sockets: a pod whose node vanished sends no FIN, so without it a
 /// kept connection to it looks open until the next probe waits out its whole timeout on it.
 /// Only an idle connection sends these (a probed one carries traffic every interval); three
@@ -25,13 +32,6 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_time(Duration::from_secs(15))
     .with_interval(Duration::from_secs(5))
     .with_retries(3);
-
-use crate::health::classify;
-use crate::keepalive::{IDLE_EXPIRY, Key, Pool, Sender};
-use crate::tracker::{Failure, FailureKind, Outcome};
-
-/// The largest body accepted; Vault's health answer is well under 2 KiB.
-pub const MAX_BODY: usize = 64 * 1024;
 
 /// Where and how to probe one pod.
 #[derive(Clone)]
