@@ -174,7 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let ctx = Context::new(
         client.clone(),
-        Prober::new(args.probe_concurrency),
+        Prober::new(args.probe_concurrency).reporting_to(metrics.probe_connections.clone()),
         metrics.clone(),
         leading.clone(),
         namespaces.clone(),

@@ -1,18 +1,35 @@
 //! Connection reuse for probes: an idle HTTP/1.1 connection to a pod is kept after an answer
 //! and used for the next probe of the same pod with the same settings, so a steady probe
 //! costs one request, not a TCP (and TLS) handshake. A connection the pod closed is never
-//! handed out; a request that fails on a reused connection before any answer is retried on
-//! a fresh one, so reuse never turns into a probe failure.
+//! handed out; a reused connection that breaks before a whole answer (closed, reset, cut
+//! off) is replaced by a fresh one within the same probe, so reuse never turns into a probe
+//! failure.
+//!
+//! A kept connection is closed once it has been idle for the pool's expiry: a pod that is no
+//! longer probed (deleted, unselected, its cluster gone, or this replica no longer leading)
+//! would otherwise hold a socket for good, and one whose node vanished sends no FIN to tell.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
+use prometheus::IntGauge;
+use tokio::time::Instant;
 
 /// The sending half of one HTTP/1.1 connection.
 pub type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// How long a kept connection may sit unused. A pod in a settled cluster is probed at least
+/// every `interval` (2s by default, at most 5m by the schema), so a minute keeps every
+/// connection of the usual intervals (up to 30s) in use; a cluster probed more rarely pays a
+/// handshake per round, which at that rate costs nothing worth a socket. A fixed bound, not a
+/// multiple of the interval, because a connection outlives the cluster whose interval it
+/// would use: the pod may have left it.
+pub const IDLE_EXPIRY: Duration = Duration::from_secs(60);
 
 /// Connections are shared only between probes with the same address and TLS settings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -23,21 +40,74 @@ pub struct Key {
     pub tls: Option<(u64, String)>,
 }
 
-/// Beyond this many idle connections, closed ones are swept out before another is kept.
-const SWEEP_ABOVE: usize = 4096;
+/// One idle connection and when it was last used.
+struct Kept {
+    sender: Sender,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Idle {
+    kept: HashMap<Key, Kept>,
+    /// Told the number kept after every change.
+    gauge: Option<IntGauge>,
+}
+
+impl Idle {
+    fn report(&self) {
+        if let Some(gauge) = &self.gauge {
+            gauge.set(self.kept.len() as i64);
+        }
+    }
+
+    /// Drops what the pod closed and what sat unused too long; dropping the sender ends the
+    /// connection's driver, which closes the socket.
+    fn sweep(&mut self, expiry: Duration) {
+        let now = Instant::now();
+        self.kept
+            .retain(|_, k| !k.sender.is_closed() && now - k.since < expiry);
+        self.report();
+    }
+}
 
 /// Idle connections by key.
-#[derive(Clone, Default)]
-pub struct Pool(Arc<Mutex<HashMap<Key, Sender>>>);
+#[derive(Clone)]
+pub struct Pool {
+    idle: Arc<Mutex<Idle>>,
+    expiry: Duration,
+    sweeping: Arc<AtomicBool>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(IDLE_EXPIRY)
+    }
+}
 
 impl Pool {
-    /// An idle connection for `key` that is still open.
+    /// A pool whose connections are closed after `expiry` unused.
+    pub fn new(expiry: Duration) -> Self {
+        Self {
+            idle: Arc::default(),
+            expiry,
+            sweeping: Arc::default(),
+        }
+    }
+
+    /// Reports the number of kept connections to `gauge` from now on.
+    pub fn report_to(&self, gauge: IntGauge) {
+        let mut idle = self.idle.lock().unwrap();
+        idle.gauge = Some(gauge);
+        idle.report();
+    }
+
+    /// An idle connection for `key` that is still open and not expired.
     pub fn take(&self, key: &Key) -> Option<Sender> {
-        self.0
-            .lock()
-            .unwrap()
-            .remove(key)
-            .filter(|sender| !sender.is_closed())
+        let mut idle = self.idle.lock().unwrap();
+        let kept = idle.kept.remove(key);
+        idle.report();
+        kept.filter(|k| !k.sender.is_closed() && k.since.elapsed() < self.expiry)
+            .map(|k| k.sender)
     }
 
     /// Keeps a connection after a complete answer.
@@ -45,18 +115,42 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.0.lock().unwrap();
-        if idle.len() >= SWEEP_ABOVE {
-            idle.retain(|_, s| !s.is_closed());
-        }
-        idle.insert(key, sender);
+        self.start_sweeping();
+        let mut idle = self.idle.lock().unwrap();
+        let since = Instant::now();
+        idle.kept.insert(key, Kept { sender, since });
+        idle.report();
     }
 
+    /// Connections kept now.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.idle.lock().unwrap().kept.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Starts, once, the task that expires connections even when no probe runs (a follower,
+    /// every cluster deleted). Started from the first `put`, which runs on the runtime, so
+    /// that a Prober can be built outside one.
+    fn start_sweeping(&self) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tokio::spawn(sweep(Arc::downgrade(&self.idle), self.expiry));
+    }
+}
+
+/// Sweeps every quarter expiry, so a connection lives at most 1.25 expiries unused; ends
+/// when the pool is dropped.
+async fn sweep(idle: Weak<Mutex<Idle>>, expiry: Duration) {
+    // A zero period would panic; a zero expiry keeps nothing anyway.
+    let mut tick = tokio::time::interval((expiry / 4).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(idle) = idle.upgrade() else { return };
+        idle.lock().unwrap().sweep(expiry);
     }
 }

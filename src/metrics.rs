@@ -36,6 +36,7 @@ pub struct Metrics {
     pub cluster_condition: IntGaugeVec,
     active_pod: IntGaugeVec,
     pub leader: IntGauge,
+    pub probe_connections: IntGauge,
     build_info: IntGaugeVec,
     /// The clusters whose gauges are set, and the pod each one's active_pod series names (so
     /// a change removes the old series).
@@ -140,6 +141,11 @@ impl Metrics {
                 "1 while this process holds the leader lease (or runs without election), else 0.",
             )
             .expect("valid gauge"),
+            probe_connections: IntGauge::new(
+                "vault_registrar_probe_connections",
+                "Idle connections to pods kept for their next probe; closed after a minute unused.",
+            )
+            .expect("valid gauge"),
             build_info: gauge(
                 "vault_registrar_build_info",
                 "Always 1; the labels tell the operator's version.",
@@ -169,6 +175,7 @@ impl Metrics {
             Box::new(self.cluster_condition.clone()),
             Box::new(self.active_pod.clone()),
             Box::new(self.leader.clone()),
+            Box::new(self.probe_connections.clone()),
             Box::new(self.build_info.clone()),
             Box::new(process_collector()),
         ]

@@ -17,11 +17,21 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::health::classify;
-use crate::keepalive::{Key, Pool, Sender};
+use crate::keepalive::{IDLE_EXPIRY, Key, Pool, Sender};
 use crate::tracker::{Failure, FailureKind, Outcome};
 
 /// The largest body accepted; Vault's health answer is well under 2 KiB.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// TCP keepalive of probe sockets: a pod whose node vanished sends no FIN, so without it a
+/// kept connection to it looks open until the next probe waits out its whole timeout on it.
+/// Only an idle connection sends these (a probed one carries traffic every interval); three
+/// unanswered, 5s apart after 15s of silence, and the kernel closes it, well within the
+/// pool's idle expiry.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(15))
+    .with_interval(Duration::from_secs(5))
+    .with_retries(3);
 
 /// Where and how to probe one pod.
 #[derive(Clone)]
@@ -58,13 +68,24 @@ pub struct Prober {
 
 impl Prober {
     pub fn new(concurrency: usize) -> Self {
+        Self::with_idle_expiry(concurrency, IDLE_EXPIRY)
+    }
+
+    /// A prober whose kept connections are closed after `expiry` unused (tests shorten it).
+    pub fn with_idle_expiry(concurrency: usize, expiry: Duration) -> Self {
         let concurrency = concurrency.max(1);
         Self {
             permits: Arc::new(Semaphore::new(concurrency)),
             // A quarter of the pool: at least four clusters can always probe side by side.
             share: (concurrency / 4).clamp(1, 16),
-            pool: Pool::default(),
+            pool: Pool::new(expiry),
         }
+    }
+
+    /// Reports the number of kept connections to `gauge`.
+    pub fn reporting_to(self, gauge: prometheus::IntGauge) -> Self {
+        self.pool.report_to(gauge);
+        self
     }
 
     /// The bound on one cluster's probes in flight; one per probe round.
@@ -129,7 +150,7 @@ fn io_failure(what: &str, error: std::io::Error) -> Failure {
 
 impl Prober {
     /// One request and its answer, on an idle connection to the pod if there is one, else
-    /// (or when the idle one turns out dead) on a new one.
+    /// (or when the idle one turns out dead) on a new one. Both share the probe's deadline.
     async fn exchange(&self, target: &Target) -> Result<(u16, Bytes), Failure> {
         let key = target.key();
         if let Some(sender) = self.pool.take(&key) {
@@ -138,8 +159,10 @@ impl Prober {
                     self.pool.put(key, sender);
                     return Ok(answer);
                 }
-                // Closed by the pod while idle: not an answer, try a fresh connection.
-                Err(Attempt::Stale) => {}
+                // A kept connection that breaks was most likely closed or forgotten by the
+                // other end while idle (a restarted Vault, or a new pod at the old address
+                // answering with a reset): it says nothing of the pod, the fresh one will.
+                Err(Attempt::Broken(_)) => {}
                 Err(Attempt::Failed(failure)) => return Err(failure),
             }
         }
@@ -149,15 +172,11 @@ impl Prober {
                 self.pool.put(key, sender);
                 Ok(answer)
             }
-            Err(Attempt::Stale) => Err(Failure::new(
-                FailureKind::Transport,
-                "http: connection closed before an answer",
-            )),
-            Err(Attempt::Failed(failure)) => Err(failure),
+            Err(Attempt::Broken(failure) | Attempt::Failed(failure)) => Err(failure),
         }
     }
 
-    /// Idle connections kept for reuse.
+    /// Idle connections kept for reuse: about one per pod probed within the idle expiry.
     pub fn idle_connections(&self) -> usize {
         self.pool.len()
     }
@@ -169,6 +188,8 @@ async fn connect(target: &Target) -> Result<Sender, Failure> {
         .await
         .map_err(|e| io_failure("connect", e))?;
     let _ = tcp.set_nodelay(true);
+    // Without it the probe still works; only a dead peer is found later.
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&KEEPALIVE);
     match &target.tls {
         None => handshake(tcp).await,
         Some((config, _, name)) => {
@@ -195,15 +216,40 @@ where
 
 /// Why a request on a connection got no answer.
 enum Attempt {
-    /// The connection was closed before the request went out: no fault of anyone's.
-    Stale,
+    /// The connection closed, was reset or ended before a whole answer: on a reused
+    /// connection not the pod's doing; on a fresh one, this failure.
+    Broken(Failure),
+    /// Anything else: an answer that is not HTTP or too large, or our own error.
     Failed(Failure),
+}
+
+/// Whether the error is the connection's end (closed, reset, EOF) rather than something the
+/// other end sent.
+fn connection_broke(error: &hyper::Error) -> bool {
+    if error.is_canceled() || error.is_closed() || error.is_incomplete_message() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if e.is::<std::io::Error>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+fn closed_before_answer() -> Attempt {
+    Attempt::Broken(Failure::new(
+        FailureKind::Transport,
+        "http: connection closed before an answer",
+    ))
 }
 
 /// Sends the probe and reads the whole answer; the connection comes back for reuse.
 async fn request(mut sender: Sender, target: &Target) -> Result<((u16, Bytes), Sender), Attempt> {
     if sender.ready().await.is_err() {
-        return Err(Attempt::Stale);
+        return Err(closed_before_answer());
     }
     let host = match target.ip {
         IpAddr::V6(ip) => format!("[{ip}]:{}", target.port),
@@ -220,23 +266,38 @@ async fn request(mut sender: Sender, target: &Target) -> Result<((u16, Bytes), S
         .map_err(|e| Attempt::Failed(Failure::new(FailureKind::Local, format!("request: {e}"))))?;
     let response = match sender.send_request(req).await {
         Ok(response) => response,
-        Err(e) if e.is_canceled() || e.is_incomplete_message() => return Err(Attempt::Stale),
+        Err(e) if e.is_canceled() || e.is_incomplete_message() => {
+            return Err(closed_before_answer());
+        }
         Err(e) => {
+            let broke = connection_broke(&e);
             let failure = Failure::new(FailureKind::Transport, format!("http: {e}"));
-            return Err(Attempt::Failed(failure));
+            return Err(if broke {
+                Attempt::Broken(failure)
+            } else {
+                Attempt::Failed(failure)
+            });
         }
     };
     let status = response.status().as_u16();
     let body = Limited::new(response.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| {
-            let message =
-                format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {e}");
-            Attempt::Failed(Failure::new(FailureKind::Answer, message))
-        })?
+        .map_err(|e| body_failure(status, e.as_ref()))?
         .to_bytes();
     Ok(((status, body), sender))
+}
+
+/// A body that could not be read whole: too large is the answer's fault; cut off is the
+/// connection's.
+fn body_failure(status: u16, error: &(dyn std::error::Error + 'static)) -> Attempt {
+    let message =
+        format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {error}");
+    let failure = Failure::new(FailureKind::Answer, message);
+    match error.downcast_ref::<hyper::Error>() {
+        Some(e) if connection_broke(e) => Attempt::Broken(failure),
+        _ => Attempt::Failed(failure),
+    }
 }
 
 /// TLS client settings for a cluster: its CA bundle, or the built-in trust roots, or no
