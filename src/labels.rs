@@ -381,4 +381,61 @@ mod tests {
         let change = diff(&current, &removal(&names));
         assert_eq!(change, BTreeMap::from([("vault-active".to_string(), None)]));
     }
+
+    #[test]
+    fn a_changed_prefix_retires_the_labels_written_before() {
+        let pod = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let gone =
+            |names: &[&str]| -> Vec<String> { names.iter().map(|n| n.to_string()).collect() };
+        // (labels, new prefix, set, removed)
+        let cases = [
+            (pod(&[]), "vault", Some("vault"), gone(&[])),
+            (pod(&[(PREFIX_LABEL, "vault")]), "vault", None, gone(&[])),
+            (
+                pod(&[
+                    (PREFIX_LABEL, "vault"),
+                    ("vault-active", "true"),
+                    ("vault-sealed", "false"),
+                ]),
+                "openbao",
+                Some("openbao"),
+                gone(&["vault-active", "vault-sealed"]),
+            ),
+            // A value no VaultCluster could have named removes nothing.
+            (
+                pod(&[(PREFIX_LABEL, "-x"), ("-x-active", "true")]),
+                "vault",
+                Some("vault"),
+                gone(&[]),
+            ),
+        ];
+        for (labels, prefix, set, removed) in cases {
+            let change = retire_prefix(prefix, &labels);
+            assert_eq!(
+                change.get(PREFIX_LABEL).cloned().flatten().as_deref(),
+                set,
+                "{labels:?}"
+            );
+            let got: Vec<String> = change
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            assert_eq!(got, removed, "{labels:?}");
+        }
+        let leaving = pod(&[
+            (PREFIX_LABEL, "vault"),
+            ("vault-active", "true"),
+            (OWNER_LABEL, "x"),
+        ]);
+        let all = full_removal(&LabelNames::new("openbao"), &leaving);
+        for key in ["vault-active", "openbao-active", OWNER_LABEL, PREFIX_LABEL] {
+            assert_eq!(all.get(key), Some(&None), "{key}");
+        }
+    }
 }

@@ -343,3 +343,68 @@ impl OwnerRecord {
         self.task.await.unwrap_or_default()
     }
 }
+
+/// One edit of a live VaultCluster: the label prefix changed, the selector narrowed so one
+/// pod leaves, and the standby Service renamed. The pods keep only the new prefix's labels
+/// (a stale `vault-active=true` would still route anything selecting on it), the pod that
+/// left keeps none of ours, and the old Service goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_edit_cleans_up_after_itself() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let f = converged_trio("tr-edit").await?;
+    for i in 0..2 {
+        pods(&f)
+            .patch(
+                f.vault.pod_name(i),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"tier": "a"}}})),
+            )
+            .await?;
+    }
+    f.clusters()
+        .patch(
+            "vault",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "labelPrefix": "openbao",
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "vault", "tier": "a"}},
+                "services": {"standby": {"name": "vault-readers"}},
+            }})),
+        )
+        .await?;
+    f.vault
+        .wait_labels(
+            "openbao-active",
+            &[Some("true"), Some("false"), None],
+            LIMIT,
+        )
+        .await?;
+    let ours = |k: &String| {
+        k.starts_with("vault-")
+            || k.starts_with("openbao-")
+            || k.starts_with("vault-registrar.dev/")
+    };
+    wait::until("every old label gone", LIMIT, || async {
+        let mut left = Vec::new();
+        for i in 0..3 {
+            let labels = f.vault.labels(i).await?;
+            let stale = labels.keys().filter(|k| {
+                k.starts_with("vault-") && !k.starts_with("vault-registrar.dev/")
+                    || (i == 2 && ours(k))
+            });
+            left.extend(stale.map(|k| format!("vault-{i}: {k}")));
+        }
+        Ok(left.is_empty().then_some(()))
+    })
+    .await?;
+    wait::until("vault-standby removed", LIMIT, || async {
+        Ok(services(&f)
+            .get_opt("vault-standby")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    f.endpoints("vault-active", &[0]).await?;
+    f.endpoints("vault-readers", &[1]).await
+}

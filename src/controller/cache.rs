@@ -52,10 +52,16 @@ pub struct Caches {
 /// (namespace, where the bundle is)
 type CaKey = (String, CaSource);
 
+/// One bundle, shared by every VaultCluster that names its source.
 struct CaEntry {
     pem: Vec<u8>,
-    generation: Option<i64>,
+    /// The generation of each VaultCluster (by UID) when it last took this bundle: a
+    /// cluster's own edit reads it again, another cluster's generation does not.
+    seen: HashMap<String, Option<i64>>,
     read: Instant,
+    /// Why the last read failed, when the spec is to blame (the source gone): reported
+    /// for as long as the bundle read before stands in.
+    problem: Option<String>,
 }
 
 /// A CA bundle older than this is read again when every probe failed its TLS handshake.
@@ -100,28 +106,60 @@ impl Caches {
         }
     }
 
-    /// The cached CA bundle, unless the VaultCluster changed since it was read, or the
-    /// cluster's probes all failed verification and it was read a while ago.
-    pub fn ca(&self, key: &CaKey, generation: Option<i64>, tls_failing: bool) -> Option<Vec<u8>> {
+    /// The cached CA bundle, unless this VaultCluster (`uid`) changed since it took it,
+    /// or the cluster's probes all failed verification and it was read a while ago. With
+    /// it, the spec's problem with the source, if the last read failed.
+    pub fn ca(
+        &self,
+        key: &CaKey,
+        uid: &str,
+        generation: Option<i64>,
+        tls_failing: bool,
+    ) -> Option<(Vec<u8>, Option<String>)> {
         let cache = self.ca.lock().unwrap();
         let entry = cache.get(key)?;
-        let stale =
-            entry.generation != generation || (tls_failing && entry.read.elapsed() >= CA_RETRY);
-        (!stale).then(|| entry.pem.clone())
+        let stale = entry.seen.get(uid) != Some(&generation)
+            || (tls_failing && entry.read.elapsed() >= CA_RETRY);
+        (!stale).then(|| (entry.pem.clone(), entry.problem.clone()))
     }
 
-    /// The bundle last read, however old.
+    /// Records that reading the source failed for the spec's reason; returns the bundle
+    /// read before, which stands in (and is not read again before the next edit).
+    pub fn ca_failed(
+        &self,
+        key: &CaKey,
+        uid: &str,
+        generation: Option<i64>,
+        problem: String,
+    ) -> Option<Vec<u8>> {
+        let mut cache = self.ca.lock().unwrap();
+        let entry = cache.get_mut(key)?;
+        entry.seen.insert(uid.to_string(), generation);
+        entry.read = Instant::now();
+        entry.problem = Some(problem);
+        Some(entry.pem.clone())
+    }
+
+    /// The bundle last read, however old: what keeps the probes going when the source
+    /// cannot be read again.
     pub fn last_ca(&self, key: &CaKey) -> Option<Vec<u8>> {
         self.ca.lock().unwrap().get(key).map(|e| e.pem.clone())
     }
 
-    pub fn remember_ca(&self, key: CaKey, generation: Option<i64>, pem: Vec<u8>) {
-        let entry = CaEntry {
-            pem,
-            generation,
+    /// Keeps a bundle just read for `uid` at `generation`; the other clusters sharing the
+    /// source take the new bundle too.
+    pub fn remember_ca(&self, key: CaKey, uid: &str, generation: Option<i64>, pem: Vec<u8>) {
+        let mut cache = self.ca.lock().unwrap();
+        let entry = cache.entry(key).or_insert_with(|| CaEntry {
+            pem: Vec::new(),
+            seen: HashMap::new(),
             read: Instant::now(),
-        };
-        self.ca.lock().unwrap().insert(key, entry);
+            problem: None,
+        });
+        entry.pem = pem;
+        entry.problem = None;
+        entry.read = Instant::now();
+        entry.seen.insert(uid.to_string(), generation);
     }
 }
 
@@ -341,24 +379,40 @@ mod tests {
             key: "ca.crt".into(),
         };
         let key = ("ns".to_string(), source);
-        assert_eq!(caches.ca(&key, Some(1), false), None, "never read");
-        caches.remember_ca(key.clone(), Some(1), b"pem".to_vec());
+        let pem = |uid, generation, failing| {
+            caches
+                .ca(&key, uid, generation, failing)
+                .map(|(pem, _)| String::from_utf8(pem).unwrap())
+        };
+        assert_eq!(pem("a", Some(1), false), None, "never read");
+        caches.remember_ca(key.clone(), "a", Some(1), b"pem".to_vec());
+        assert_eq!(pem("a", Some(1), false).as_deref(), Some("pem"));
         assert_eq!(
-            caches.ca(&key, Some(1), false).as_deref(),
-            Some(&b"pem"[..])
-        );
-        assert_eq!(
-            caches.ca(&key, Some(1), true).as_deref(),
-            Some(&b"pem"[..]),
+            pem("a", Some(1), true).as_deref(),
+            Some("pem"),
             "read just now"
         );
-        assert_eq!(caches.ca(&key, Some(2), false), None, "spec changed");
+        assert_eq!(pem("a", Some(2), false), None, "spec changed");
+        // A second cluster on the same source, at another generation: one read each, then
+        // neither makes the other read again.
+        assert_eq!(pem("b", Some(7), false), None);
+        caches.remember_ca(key.clone(), "b", Some(7), b"pem2".to_vec());
+        for _ in 0..3 {
+            assert_eq!(pem("a", Some(1), false).as_deref(), Some("pem2"));
+            assert_eq!(pem("b", Some(7), false).as_deref(), Some("pem2"));
+        }
+        // The source deleted, found on an edit of "a": the bundle stands in, and the
+        // problem is told every round until a read succeeds.
+        let kept = caches.ca_failed(&key, "a", Some(2), "gone".into());
+        assert_eq!(kept.as_deref(), Some(&b"pem2"[..]));
+        for _ in 0..2 {
+            let problem = caches.ca(&key, "a", Some(2), false).unwrap().1;
+            assert_eq!(problem.as_deref(), Some("gone"));
+        }
+        caches.remember_ca(key.clone(), "a", Some(2), b"pem3".to_vec());
+        assert_eq!(caches.ca(&key, "a", Some(2), false).unwrap().1, None);
         caches.new_term();
-        assert_eq!(
-            caches.ca(&key, Some(1), false),
-            None,
-            "a new term reads again"
-        );
+        assert_eq!(pem("a", Some(2), false), None, "a new term reads again");
     }
 
     fn pod(name: &str) -> SlimPod {

@@ -396,7 +396,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         generation: vc.metadata.generation,
         members: &members,
         decision: &decision,
-        spec_problem: None,
+        spec_problem: settings.warning.clone(),
         service_problems,
         overlaps: selection.overlaps,
         held,

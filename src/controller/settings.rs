@@ -33,6 +33,9 @@ pub struct ProbeSettings {
     pub threshold: u32,
     /// The TLS client settings, their identity (for connection reuse), the name template.
     pub tls: Option<(Arc<rustls::ClientConfig>, u64, String)>,
+    /// A problem of the spec that does not stop the probes: a CA source gone or emptied
+    /// after a good read, whose last bundle keeps failovers followed meanwhile.
+    pub warning: Option<String>,
 }
 
 pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, Unusable> {
@@ -49,13 +52,18 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
             "spec.health.timeout must be less than spec.health.interval".into(),
         ));
     }
+    let mut warning = None;
     let tls = match h.scheme {
         Scheme::Http => None,
         Scheme::Https => {
             let tls = h.tls.clone().unwrap_or_default();
             check_server_name(&tls.server_name).map_err(spec)?;
             let ca = match CaSource::of(&tls) {
-                Some(source) => Some(ca(vc, ctx, &source).await?),
+                Some(source) => {
+                    let (pem, problem) = ca(vc, ctx, &source).await?;
+                    warning = problem;
+                    Some(pem)
+                }
                 None => None,
             };
             let config = tls_config(ca.as_deref(), tls.insecure_skip_verify)
@@ -78,6 +86,7 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         active_interval,
         threshold: h.failure_threshold.max(1) as u32,
         tls,
+        warning,
     })
 }
 
@@ -125,29 +134,36 @@ impl CaSource {
     }
 }
 
-/// The CA bundle, from the cache when it is still good. When reading it again fails for a
-/// reason that is not the spec's, the bundle read before keeps the probes going; with none
-/// read before, a refusal (403) is reported as the spec's problem, since it lasts until
-/// someone grants access or changes the reference.
-async fn ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<Vec<u8>, Unusable> {
+/// The CA bundle, from the cache when it is still good. When reading it again fails, the
+/// bundle read before keeps the probes going, so failovers are still followed; if the
+/// spec is to blame (the object or key gone), that is returned beside it to report. With
+/// none read before, a refusal (403) is reported as the spec's problem, since it lasts
+/// until someone grants access or changes the reference.
+async fn ca(
+    vc: &VaultCluster,
+    ctx: &Context,
+    source: &CaSource,
+) -> Result<(Vec<u8>, Option<String>), Unusable> {
     let ns = vc.namespace().unwrap_or_default();
     let cache_key = (ns.clone(), source.clone());
     let generation = vc.metadata.generation;
-    if let Some(pem) = ctx
+    let uid = vc.uid().unwrap_or_default();
+    if let Some(cached) = ctx
         .caches
-        .ca(&cache_key, generation, handshakes_failing(vc))
+        .ca(&cache_key, &uid, generation, handshakes_failing(vc))
     {
-        return Ok(pem);
+        return Ok(cached);
     }
     match read_ca(vc, ctx, source).await {
         Ok(pem) => {
-            ctx.caches.remember_ca(cache_key, generation, pem.clone());
-            Ok(pem)
+            ctx.caches
+                .remember_ca(cache_key, &uid, generation, pem.clone());
+            Ok((pem, None))
         }
         Err(Unusable::Api(error)) => match ctx.caches.last_ca(&cache_key) {
             Some(pem) => {
                 warn!(cluster = %cluster_name(vc), %error, "using the CA bundle read before");
-                Ok(pem)
+                Ok((pem, None))
             }
             None if forbidden(&error) => Err(Unusable::Spec(format!(
                 "{}: {error}; {}",
@@ -161,7 +177,16 @@ async fn ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<Vec<u
             ))),
             None => Err(Unusable::Api(error)),
         },
-        Err(spec) => Err(spec),
+        Err(Unusable::Spec(problem)) => {
+            let standing_in = format!("{problem}; probing with the bundle read before");
+            match ctx
+                .caches
+                .ca_failed(&cache_key, &uid, generation, standing_in.clone())
+            {
+                Some(pem) => Ok((pem, Some(standing_in))),
+                None => Err(Unusable::Spec(problem)),
+            }
+        }
     }
 }
 
