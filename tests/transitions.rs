@@ -273,8 +273,7 @@ async fn deleting_the_older_of_two_overlapping_clusters_leaves_the_younger_its_p
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mut f = converged_trio("tr-overlap").await?;
-    let services = "services: {active: {name: younger-active}, standby: {name: younger-standby}}";
-    f.create("younger", &format!("{FAST}\n{services}")).await?;
+    f.create("younger", FAST).await?;
     f.operator.kill();
     f.clusters()
         .delete("vault", &DeleteParams::default())
