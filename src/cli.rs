@@ -131,6 +131,8 @@ const DRAIN_BOUND: Duration = Duration::from_secs(5);
 
 /// Runs the operator until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // First, so a SIGTERM during start-up is a stop, not the default kill.
+    let stop = stop_on_signal();
     match fdlimit::raise_nofile() {
         Ok((soft, hard)) => info!(soft, hard, "open-file limit"),
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
@@ -163,7 +165,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.clone(),
         timing.retry_period,
     ));
-    let stop = stop_on_signal();
     if !await_api(&health, stop.clone()).await {
         return Ok(());
     }
