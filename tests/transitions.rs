@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::sync::Mutex;
 use vault_registrar::crd::VaultCluster;
-use vault_registrar_testkit::api_relay::{ApiRelay, pod_list};
+use vault_registrar_testkit::api_relay::{ApiRelay, list_of, pod_list};
 use vault_registrar_testkit::cluster::{APP_LABEL, endpoint_ips};
 use vault_registrar_testkit::pods::{SimPod, next_pod_ip, start_pod};
 use vault_registrar_testkit::vault_sim::{Role, SimState, VaultSim};
@@ -289,7 +289,12 @@ async fn deleting_the_older_of_two_overlapping_clusters_leaves_the_younger_its_p
     }
     let record = record_owners(pods(&f));
     tokio::time::sleep(Duration::from_secs(1)).await; // the watch has listed
-    let _operator = operator(&f.ns, None, &[])?;
+    // The VaultCluster LIST answered late, so the pods are listed by the time the first
+    // round runs: a cleanup that strips what it selects would strip the younger's pods.
+    let relay = ApiRelay::start(shared()).await?;
+    relay.hold(list_of("vaultclusters"), Duration::from_secs(2), 1);
+    let kubeconfig = relay.kubeconfig("overlap")?;
+    let _operator = operator(&f.ns, Some(&kubeconfig), &[])?;
     wait::until("VaultCluster vault gone", LIMIT, || async {
         Ok(f.clusters().get_opt("vault").await?.is_none().then_some(()))
     })

@@ -132,12 +132,19 @@ impl Drop for ApiRelay {
 
 /// A LIST (not a watch) of pods, in any scope.
 pub fn pod_list(method: &http::Method, uri: &http::Uri) -> bool {
-    let query = uri.query().unwrap_or_default();
-    method == http::Method::GET
-        && uri.path().ends_with("/pods")
-        && !query
-            .split('&')
-            .any(|p| p == "watch=true" || p == "watch=1")
+    list_of("pods")(method, uri)
+}
+
+/// A LIST (not a watch) of one resource (its plural), in any scope.
+pub fn list_of(resource: &'static str) -> impl Fn(&http::Method, &http::Uri) -> bool {
+    move |method, uri| {
+        let query = uri.query().unwrap_or_default();
+        method == http::Method::GET
+            && uri.path().rsplit('/').next() == Some(resource)
+            && !query
+                .split('&')
+                .any(|p| p == "watch=true" || p == "watch=1")
+    }
 }
 
 async fn accept_loop(
@@ -224,6 +231,7 @@ mod tests {
             ("GET", "/api/v1/namespaces/a/pods/vault-0", false),
             ("PATCH", "/api/v1/namespaces/a/pods", false),
             ("GET", "/api/v1/namespaces/a/services", false),
+            ("GET", "/api/v1/namespaces/a/mypods", false),
         ];
         for (method, uri, want) in cases {
             let method: http::Method = method.parse().unwrap();
