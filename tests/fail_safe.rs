@@ -14,6 +14,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vault_registrar::crd::VaultCluster;
+use vault_registrar_testkit::api_relay::{ApiRelay, pod_list};
 use vault_registrar_testkit::cluster::{SimCluster, endpoint_ips, wait_endpoints};
 use vault_registrar_testkit::netns::PathCut;
 use vault_registrar_testkit::pods::{set_running, start_pod};
@@ -604,11 +605,17 @@ async fn upgrade_to_the_ownership_label_never_empties_the_active_service() -> an
     }
     wait_endpoints(&client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
 
-    let _operator = operator(ns, None, &[])?;
+    // The new operator's first pod LIST answered 3 s late: a round on the VaultCluster
+    // list alone saw "every pod owned" over no pods and switched the selectors at once.
+    let relay = ApiRelay::start(shared()).await?;
+    relay.hold(pod_list, Duration::from_secs(3), 1);
+    let _operator = operator(ns, Some(&relay.kubeconfig("upgrade")?), &[])?;
     let owner = "vault-registrar.dev/cluster";
     let mut migrated = None;
     let start = Instant::now();
-    while migrated.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(1)) {
+    // Watched 5 s past the switch: the EndpointSlice controller can lag that long under
+    // load.
+    while migrated.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(5)) {
         anyhow::ensure!(start.elapsed() < LIMIT, "no migration within {LIMIT:?}");
         let endpoints = endpoint_ips(&client, ns, "vault-active").await?;
         assert_eq!(
@@ -643,5 +650,6 @@ async fn upgrade_to_the_ownership_label_never_empties_the_active_service() -> an
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(relay.held(), 1, "the pod LIST was not held");
     Ok(())
 }
