@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -28,51 +28,76 @@ const SLOW: &str = "health: {interval: 5s, timeout: 300ms}";
 const TICK: Duration = Duration::from_millis(20);
 
 /// A ValidatingAdmissionPolicy and its binding refusing any update of pod `pod` in `ns`
-/// that gives it `vault-active=true`; other writes pass.
+/// that gives it `vault-active=true`, while its parameter (ConfigMap `refusal`) says so;
+/// other writes pass. The refusal is lifted through the parameter, which the API server
+/// reads at each request: a deleted or changed policy takes effect only at its next
+/// refresh, up to a second later.
 struct Refusal {
     policies: Api<ValidatingAdmissionPolicy>,
     bindings: Api<ValidatingAdmissionPolicyBinding>,
+    params: Api<ConfigMap>,
     name: String,
 }
 
 impl Refusal {
     async fn install(client: &kube::Client, ns: &str, pod: &str) -> anyhow::Result<Self> {
         let name = format!("refuse-promotion-{ns}");
-        let promotes = "has(object.metadata.labels) && 'vault-active' in object.metadata.labels && object.metadata.labels['vault-active'] == 'true'";
-        let was = "has(oldObject.metadata.labels) && 'vault-active' in oldObject.metadata.labels && oldObject.metadata.labels['vault-active'] == 'true'";
-        let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-            "metadata": {"name": name},
+        let refusal = Self {
+            policies: Api::all(client.clone()),
+            bindings: Api::all(client.clone()),
+            params: Api::namespaced(client.clone(), ns),
+            name,
+        };
+        let param: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "refusal"}, "data": {"refuse": "true"},
+        }))?;
+        refusal
+            .params
+            .create(&PostParams::default(), &param)
+            .await?;
+        let policy = refusal.policy(ns, pod)?;
+        refusal
+            .policies
+            .create(&PostParams::default(), &policy)
+            .await?;
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+            "metadata": {"name": refusal.name},
+            "spec": {
+                "policyName": refusal.name,
+                "validationActions": ["Deny"],
+                "paramRef": {"name": "refusal", "namespace": ns, "parameterNotFoundAction": "Deny"},
+            },
+        }))?;
+        refusal
+            .bindings
+            .create(&PostParams::default(), &binding)
+            .await?;
+        Ok(refusal)
+    }
+
+    fn policy(&self, ns: &str, pod: &str) -> anyhow::Result<ValidatingAdmissionPolicy> {
+        let active = |object: &str| {
+            format!(
+                "has({object}.metadata.labels) && 'vault-active' in {object}.metadata.labels && {object}.metadata.labels['vault-active'] == 'true'"
+            )
+        };
+        let (promotes, was) = (active("object"), active("oldObject"));
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": self.name},
             "spec": {
                 "failurePolicy": "Fail",
+                "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
                 "matchConstraints": {
                     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
                     "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
                         "operations": ["UPDATE"], "resources": ["pods"]}],
                 },
                 "validations": [{
-                    "expression": format!("object.metadata.name != '{pod}' || !({promotes}) || ({was})"),
+                    "expression": format!("params.data.refuse != 'true' || object.metadata.name != '{pod}' || !({promotes}) || ({was})"),
                     "message": "promotion refused by the test",
                 }],
             },
-        }))?;
-        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"policyName": name, "validationActions": ["Deny"]},
-        }))?;
-        let refusal = Self {
-            policies: Api::all(client.clone()),
-            bindings: Api::all(client.clone()),
-            name,
-        };
-        refusal
-            .policies
-            .create(&PostParams::default(), &policy)
-            .await?;
-        refusal
-            .bindings
-            .create(&PostParams::default(), &binding)
-            .await?;
-        Ok(refusal)
+        }))?)
     }
 
     /// Waits until the API server applies the policy: a dry-run promotion is refused.
@@ -90,6 +115,14 @@ impl Refusal {
             Ok(refused.then_some(()))
         })
         .await
+    }
+
+    async fn lift(&self) -> anyhow::Result<()> {
+        let allow = json!({"data": {"refuse": "false"}});
+        self.params
+            .patch("refusal", &PatchParams::default(), &Patch::Merge(&allow))
+            .await?;
+        Ok(())
     }
 
     async fn remove(&self) -> anyhow::Result<()> {
@@ -148,6 +181,13 @@ fn pod_active(pod: &Pod) -> bool {
         .is_some_and(|v| v == "true")
 }
 
+/// The operator's log lines about writes and failed rounds, to tell a late label's story.
+fn writes_and_failures(log: &str) -> String {
+    let lines = log.lines();
+    let told = lines.filter(|l| l.contains("labels written") || l.contains("reconcile failed"));
+    told.collect::<Vec<_>>().join("\n")
+}
+
 /// Polls until pod `i` carries `vault-active=true`; how long that took from `since`.
 async fn labelled_active(f: &Fixture, i: usize, since: Instant) -> anyhow::Result<Duration> {
     loop {
@@ -192,15 +232,21 @@ async fn a_refused_promotion_is_retried_at_once() -> anyhow::Result<()> {
         Ok(refused.then_some(()))
     })
     .await?;
-    refusal.remove().await?;
+    refusal.lift().await?;
     let lifted = Instant::now();
     let took = labelled_active(&f, 1, lifted).await?;
+    eprintln!(
+        "TOOK {took:?}\n{}",
+        writes_and_failures(&f.operator.log_text())
+    );
     assert!(
         took < Duration::from_secs(1),
-        "vault-1 labelled {took:?} after the refusal was lifted"
+        "vault-1 labelled {took:?} after the refusal was lifted; the operator's rounds:\n{}",
+        writes_and_failures(&f.operator.log_text())
     );
 
     f.condition("vault", "Ready", "True", "Ready").await?;
+    refusal.remove().await?;
     watching_status.abort();
     watching_pod.abort();
     let labelled_at = labels
