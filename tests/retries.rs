@@ -235,10 +235,6 @@ async fn a_refused_promotion_is_retried_at_once() -> anyhow::Result<()> {
     refusal.lift().await?;
     let lifted = Instant::now();
     let took = labelled_active(&f, 1, lifted).await?;
-    eprintln!(
-        "TOOK {took:?}\n{}",
-        writes_and_failures(&f.operator.log_text())
-    );
     assert!(
         took < Duration::from_secs(1),
         "vault-1 labelled {took:?} after the refusal was lifted; the operator's rounds:\n{}",
