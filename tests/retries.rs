@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
@@ -160,15 +160,17 @@ where
     let sink = seen.clone();
     let config = watcher::Config::default().fields(fields);
     let task = tokio::spawn(async move {
-        let events = watcher(api, config).try_for_each(|event| {
-            if let watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) = event {
+        // The watcher retries after an error on the next poll: stopping at the first one
+        // would end the record early and make the check below see less.
+        let events = watcher(api, config).for_each(|event| {
+            if let Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event {
                 let version = obj.meta().resource_version.as_deref().unwrap_or("0");
                 let version = version.parse().unwrap_or_default();
                 sink.lock().unwrap().push((version, check(&obj)));
             }
-            futures::future::ready(Ok(()))
+            futures::future::ready(())
         });
-        let _ = events.await;
+        events.await;
     });
     (seen, task)
 }
