@@ -40,7 +40,8 @@ pub struct LabelPlan {
     pub promotes: bool,
 }
 
-/// The outcome of deciding labels for a whole cluster.
+/// The labels meant for a whole cluster: only an intention until `act` writes them, so it
+/// names no active pod (see `Written`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Ordered so that every demotion precedes any promotion: the active Service never
@@ -48,8 +49,46 @@ pub struct Decision {
     pub plans: Vec<LabelPlan>,
     /// Pods whose health says active; more than one means none is labelled active.
     pub claimants: Vec<String>,
-    /// The pod that carries the active label once the plans are written, if exactly one.
+}
+
+/// What a round's writes did. A write can be refused, time out or find its pod gone, so
+/// status and the rhythm go by this and never by the `Decision`: neither may name a pod
+/// active before its label is written, or the next round would trust a label that is not
+/// there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The pod that carries the active label after the writes, if exactly one does.
     pub active: Option<String>,
+    /// Every write the decision called for was made.
+    pub complete: bool,
+}
+
+impl Written {
+    /// The labels after `made`, the plans whose writes the API server accepted, over the
+    /// labels the round observed; `complete` when `made` is every write the round wanted.
+    pub fn after(
+        names: &LabelNames,
+        members: &[Member],
+        made: &[&LabelPlan],
+        complete: bool,
+    ) -> Self {
+        let mut active = members.iter().filter(|member| {
+            let plan = made.iter().find(|p| p.pod == member.name);
+            let value = match plan.and_then(|p| p.change.get(&names.active)) {
+                Some(written) => written.as_deref(),
+                None => member.labels.get(&names.active).map(String::as_str),
+            };
+            value == Some("true")
+        });
+        let sole = match (active.next(), active.next()) {
+            (Some(only), None) => Some(only.name.clone()),
+            _ => None,
+        };
+        Self {
+            active: sole,
+            complete,
+        }
+    }
 }
 
 /// The labels of every member, `owner` being the VaultCluster whose ownership label they get.
@@ -61,21 +100,10 @@ pub fn decide(names: &LabelNames, owner: &str, members: &[Member]) -> Decision {
         .collect();
     let sole = (claimants.len() == 1).then(|| claimants[0].as_str());
     let mut plans: Vec<LabelPlan> = Vec::new();
-    let mut labelled_active = Vec::new();
     for member in members {
         let mut want = wanted(names, member, sole, !claimants.is_empty());
         want.insert(OWNER_LABEL.to_string(), Some(owner.to_string()));
         let change = diff(&member.labels, &want);
-        let after = |name: &str| {
-            change
-                .get(name)
-                .cloned()
-                .flatten()
-                .or_else(|| member.labels.get(name).cloned())
-        };
-        if after(&names.active).as_deref() == Some("true") {
-            labelled_active.push(member.name.clone());
-        }
         if !change.is_empty() {
             let promotes = flag(&member.labels, &names.active) != Some(true)
                 && change.get(&names.active).cloned().flatten().as_deref() == Some("true");
@@ -87,11 +115,7 @@ pub fn decide(names: &LabelNames, owner: &str, members: &[Member]) -> Decision {
         }
     }
     plans.sort_by_key(|plan| plan.promotes);
-    Decision {
-        plans,
-        active: (labelled_active.len() == 1).then(|| labelled_active.remove(0)),
-        claimants,
-    }
+    Decision { plans, claimants }
 }
 
 /// The labels one pod should carry. A pod without a fresh result keeps its labels, except
@@ -292,8 +316,10 @@ mod tests {
             let mut pods: Vec<&str> = decision.plans.iter().map(|p| p.pod.as_str()).collect();
             pods.sort();
             assert_eq!(pods, written, "{name}: written");
+            let all: Vec<&LabelPlan> = decision.plans.iter().collect();
+            let written = Written::after(&LabelNames::new("vault"), &members, &all, true);
             assert_eq!(
-                decision.active.as_deref(),
+                written.active.as_deref(),
                 active.first().copied().filter(|_| active.len() == 1),
                 "{name}"
             );
@@ -341,5 +367,33 @@ mod tests {
             plan.change,
             BTreeMap::from([("vault-active".to_string(), Some("false".to_string()))])
         );
+    }
+
+    #[test]
+    fn only_writes_made_move_the_active_label() {
+        let names = LabelNames::new("vault");
+        let failover = vec![
+            member("v0", Some("active"), health(Role::Standby)),
+            member("v1", Some("standby"), health(Role::Active)),
+        ];
+        let plans = decide(&names, "vault", &failover).plans;
+        let (demote, promote) = (&plans[0], &plans[1]);
+        let removes = LabelPlan {
+            pod: "v0".into(),
+            change: BTreeMap::from([("vault-active".to_string(), None)]),
+            promotes: false,
+        };
+        // (case, plans written, active afterwards)
+        let cases: Vec<(&str, Vec<&LabelPlan>, Option<&str>)> = vec![
+            ("nothing written", vec![], Some("v0")),
+            ("demotion written, promotion refused", vec![demote], None),
+            ("both written", vec![demote, promote], Some("v1")),
+            ("promotion alone: two labelled", vec![promote], None),
+            ("a removed label is not active", vec![&removes], None),
+        ];
+        for (case, made, active) in cases {
+            let written = Written::after(&names, &failover, &made, false);
+            assert_eq!(written.active.as_deref(), active, "{case}");
+        }
     }
 }

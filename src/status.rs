@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{MemberStatus, VaultClusterStatus};
-use crate::decide::{Decision, Member};
+use crate::decide::{Decision, Member, Written};
 use crate::text::{self, shorten};
 use crate::tracker::Verdict;
 
@@ -22,7 +22,10 @@ const VERSIONS: usize = 256;
 pub struct Observation<'a> {
     pub generation: Option<i64>,
     pub members: &'a [Member],
+    /// Only for the claimants: what was meant is not what the labels say.
     pub decision: &'a Decision,
+    /// What the round's writes did: the active pod named is the one labelled so.
+    pub written: &'a Written,
     /// Why the spec cannot be acted on, if it cannot (what the schema could not reject).
     pub spec_problem: Option<String>,
     /// Services that could not be put in place, and why.
@@ -55,7 +58,7 @@ pub fn build(o: &Observation) -> VaultClusterStatus {
     let mut status = VaultClusterStatus {
         observed_generation: o.generation,
         conditions: Vec::new(),
-        active_pod: o.decision.active.clone(),
+        active_pod: o.written.active.clone(),
         pods: members.len() as i32,
         active: o.decision.claimants.len() as i32,
         standby: count(&["standby"]),
@@ -185,7 +188,7 @@ fn availability(o: &Observation) -> (bool, &'static str, String) {
             ),
         );
     }
-    match &o.decision.active {
+    match &o.written.active {
         Some(pod) if o.held => (
             true,
             "ActiveHeld",
@@ -193,6 +196,14 @@ fn availability(o: &Observation) -> (bool, &'static str, String) {
         ),
         Some(pod) => (true, "ActivePod", format!("{pod} is active")),
         None if o.members.is_empty() => (false, "NoPods", "no pod matches the selector".into()),
+        None if claimants.len() == 1 => (
+            false,
+            "ActiveUnlabelled",
+            format!(
+                "{} answers as active; its active label is not written yet",
+                claimants[0]
+            ),
+        ),
         None => (false, "NoActivePod", "no pod answers as active".into()),
     }
 }
@@ -468,6 +479,12 @@ mod tests {
         }
     }
 
+    /// What the writes did when every one the decision called for was accepted.
+    fn all_written(decision: &Decision, members: &[Member]) -> Written {
+        let plans: Vec<_> = decision.plans.iter().collect();
+        Written::after(&LabelNames::new("vault"), members, &plans, true)
+    }
+
     fn status_of(
         members: Vec<Member>,
         previous: Option<&VaultClusterStatus>,
@@ -479,6 +496,7 @@ mod tests {
             generation: Some(3),
             members: &members,
             decision: &decision,
+            written: &all_written(&decision, &members),
             spec_problem: None,
             service_problems: services,
             overlaps: vec![],
@@ -884,6 +902,7 @@ mod tests {
             generation: Some(1),
             members: &members,
             decision: &decision,
+            written: &all_written(&decision, &members),
             spec_problem: None,
             service_problems: vec![],
             overlaps,
@@ -956,5 +975,38 @@ mod tests {
         );
         assert_eq!(cond(&failed, "Ready").status, "False");
         assert_eq!(cond(&failed, "Ready").reason, "WriteFailed");
+    }
+
+    #[test]
+    fn a_refused_promotion_names_no_active_pod() {
+        let members = vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)];
+        let decision = decide(&LabelNames::new("vault"), "vault", &members);
+        let standby = decision
+            .plans
+            .iter()
+            .filter(|p| !p.promotes)
+            .collect::<Vec<_>>();
+        let written = Written::after(&LabelNames::new("vault"), &members, &standby, false);
+        let status = build(&Observation {
+            generation: Some(1),
+            members: &members,
+            decision: &decision,
+            written: &written,
+            spec_problem: None,
+            service_problems: vec![],
+            overlaps: vec![],
+            held: false,
+            write_problem: Some("patching labels of pod v0: refused".into()),
+            previous: None,
+            now: Time(k8s_openapi::jiff::Timestamp::from_second(1).unwrap()),
+        });
+        assert_eq!((status.active_pod.as_deref(), status.active), (None, 1));
+        let available = cond(&status, "Available");
+        assert_eq!(
+            (available.status.as_str(), available.reason.as_str()),
+            ("False", "ActiveUnlabelled")
+        );
+        assert!(available.message.starts_with("v0 answers as active"));
+        assert_eq!(cond(&status, "Ready").reason, "WriteFailed");
     }
 }
