@@ -164,14 +164,19 @@ async fn a_crashed_active_is_demoted_when_the_kubelet_marks_it_not_ready() -> an
     wait::until("vault-0 demoted", LIMIT, || async {
         let labels = f.vault.labels(0).await?;
         let get = |k: &str| labels.get(k).map(String::as_str);
-        Ok((get("vault-active") == Some("false") && get("vault-sealed") == Some("true"))
-            .then_some(()))
+        Ok(
+            (get("vault-active") == Some("false") && get("vault-sealed") == Some("true"))
+                .then_some(()),
+        )
     })
     .await?;
     let took = marked.elapsed();
     // The next full round after the watch delivers the change: one interval, plus slack
     // for a loaded machine.
-    assert!(took < Duration::from_secs(5), "demoted {took:?} after not Ready");
+    assert!(
+        took < Duration::from_secs(5),
+        "demoted {took:?} after not Ready"
+    );
     f.condition("vault", "Available", "False", "NoActivePod")
         .await?;
     Ok(())

@@ -1312,7 +1312,10 @@ mod tests {
         let node = sim(SimState::new(Role::Active).with_behavior(Behavior::NotFound)).await;
         let resp = get(node.addr(), HEALTH_PATH).await;
         assert_eq!(resp.status, 404);
-        assert_eq!(resp.header("content-type"), Some("text/plain; charset=utf-8"));
+        assert_eq!(
+            resp.header("content-type"),
+            Some("text/plain; charset=utf-8")
+        );
         assert!(serde_json::from_slice::<Value>(&resp.body).is_err());
         assert_eq!(node.health_requests(), 1, "counted like any health request");
     }
