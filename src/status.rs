@@ -216,7 +216,7 @@ fn contest(s: &VaultClusterStatus) -> Option<String> {
     let newcomers = newcomers.join(", ");
     (!newcomers.is_empty()).then(|| {
         format!(
-            "{keeper} and {newcomers} all answer active; {keeper} was labelled active first and keeps the label; not labelled: {newcomers}"
+            "{keeper} and {newcomers} answer active; {keeper} was labelled active first and keeps the label; not labelled: {newcomers}"
         )
     })
 }
@@ -935,7 +935,7 @@ mod tests {
         );
         assert_eq!(
             degraded.message,
-            "v0 and imp all answer active; v0 was labelled active first and keeps the label; not labelled: imp"
+            "v0 and imp answer active; v0 was labelled active first and keeps the label; not labelled: imp"
         );
         let got: Vec<(&str, bool, String)> = notices(Some(&before), &contested)
             .into_iter()
