@@ -64,7 +64,9 @@ async fn impostor(f: &Fixture) -> anyhow::Result<(SimPod, VaultSim)> {
 async fn an_impostor_answering_active_does_not_take_or_empty_the_active_service()
 -> anyhow::Result<()> {
     let f = converged_trio("co-impostor").await?;
-    let (pod, _sim) = impostor(&f).await?;
+    let (pod, sim) = impostor(&f).await?;
+    active_holds(&f, 0, HOLD).await?;
+    anyhow::ensure!(sim.health_requests() > 0, "the impostor was never probed");
     let message = f
         .condition("vault", "Degraded", "True", "MultipleActive")
         .await?;
@@ -77,7 +79,6 @@ async fn an_impostor_answering_active_does_not_take_or_empty_the_active_service(
         note.contains("vault-0") && note.contains("impostor"),
         "{note}"
     );
-    active_holds(&f, 0, HOLD).await?;
     f.endpoints("vault-standby", &[1, 2]).await?;
     f.condition("vault", "Available", "True", "ActivePod")
         .await?;
