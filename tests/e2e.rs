@@ -366,12 +366,7 @@ async fn foreign_service_is_left_alone() -> anyhow::Result<()> {
 async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<()> {
     let f = fixture("overlap", &TRIO, None).await?;
     f.create("first", FAST).await?;
-    f.converged().await?;
-    f.labels(
-        "vault-active",
-        &[Some("true"), Some("false"), Some("false")],
-    )
-    .await?;
+    f.converged_as("first").await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     f.create("second", &format!("{FAST}\nlabelPrefix: other"))
         .await?;
