@@ -63,6 +63,8 @@ fn block() -> u32 {
                 // SAFETY: flock on a descriptor we own; kept open (leaked) for the process's life.
                 if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                     std::mem::forget(file);
+                    // The block is ours: any cut route left in it is a leftover.
+                    let _ = remove_stale_cuts(Some(b));
                     return b;
                 }
             }
@@ -99,7 +101,7 @@ fn set_up() -> anyhow::Result<()> {
             .output();
         create()?;
     }
-    remove_stale_cuts()
+    remove_stale_cuts(None)
 }
 
 /// Output of a command, empty when it fails.
@@ -124,12 +126,15 @@ fn in_place() -> bool {
         && pod_route.contains("dev lo")
 }
 
-/// Removes the cut routes (`PathCut`) no live process holds: those of a killed run, which
-/// would otherwise blackhole an address a later run's pod gets.
-fn remove_stale_cuts() -> anyhow::Result<()> {
+/// Removes the cut routes (`PathCut`) of killed runs, which would otherwise blackhole an
+/// address a later run's pod gets: those recorded by a process that is gone, and, in
+/// `block` (one this process now holds), those nobody recorded (left by a run from before
+/// the records).
+fn remove_stale_cuts(block: Option<u32>) -> anyhow::Result<()> {
     let _guard = CUTS.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(STATE_DIR)?;
     let mut held = std::collections::BTreeSet::new();
+    let mut dead = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(STATE_DIR)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
@@ -142,6 +147,8 @@ fn remove_stale_cuts() -> anyhow::Result<()> {
             let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
             held.extend(text.lines().map(str::to_string));
         } else {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            dead.extend(text.lines().map(str::to_string));
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -150,7 +157,11 @@ fn remove_stale_cuts() -> anyhow::Result<()> {
             continue;
         };
         let ip = ip.trim_end_matches("/32");
-        if !held.contains(ip) {
+        let in_block = block.is_some_and(|b| {
+            ip.parse::<Ipv4Addr>()
+                .is_ok_and(|a| a.octets()[..3] == [198, 18, b as u8])
+        });
+        if !held.contains(ip) && (dead.contains(ip) || in_block) {
             let _ = ip_route(&[
                 "del",
                 &format!("{ip}/32"),
@@ -340,4 +351,47 @@ pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     Ok(tokio::net::TcpSocket::from_std_stream(
         std::net::TcpStream::from(fd),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cut route recorded by a process that is gone (a PID above any pid_max) is removed by
+    /// the next clean-up; one of a live process (this one) is kept.
+    #[test]
+    fn cut_routes_of_dead_processes_are_removed() -> anyhow::Result<()> {
+        ensure()?;
+        // Block 127 belongs to the scale benchmark's range, which this test never runs beside.
+        let (dead_ip, live_ip) = (
+            Ipv4Addr::new(198, 18, 127, 249),
+            Ipv4Addr::new(198, 18, 127, 248),
+        );
+        let dead_file = format!("{STATE_DIR}/cut-4194999");
+        std::fs::write(&dead_file, format!("{dead_ip}\n"))?;
+        ip_route(&[
+            "replace",
+            &format!("{dead_ip}/32"),
+            "via",
+            DEAD_HOP,
+            "dev",
+            HOST_LINK,
+        ])?;
+        let live = PathCut::new(&[live_ip])?;
+        remove_stale_cuts(None)?;
+        let routes = output(&["ip", "route", "show", "via", DEAD_HOP]);
+        let dead_left = routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{dead_ip} ")));
+        let live_left = routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{live_ip} ")));
+        drop(live);
+        assert!(!dead_left, "the dead process's cut route stayed: {routes}");
+        assert!(live_left, "a live cut route was removed: {routes}");
+        assert!(!std::path::Path::new(&dead_file).exists());
+        let after = output(&["ip", "route", "show", "via", DEAD_HOP]);
+        assert!(!after.contains(&format!("{live_ip} ")), "{after}");
+        Ok(())
+    }
 }
