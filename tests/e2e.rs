@@ -314,6 +314,57 @@ async fn openbao_prefix() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// OpenBao's answers beyond 200 and 429: 503 (sealed) and 501 (uninitialised) take a pod
+/// out of the `-standby` Service, and a failover inside OpenBao moves the `-active` one.
+#[tokio::test]
+async fn openbao_sealed_and_uninitialised_leave_the_pools() -> anyhow::Result<()> {
+    let f = fixture("openbao-codes", &TRIO, None).await?;
+    for i in 0..3 {
+        f.vault.sim(i).update(|s| s.openbao = true).await;
+    }
+    f.create("bao", &format!("{FAST}\nlabelPrefix: openbao"))
+        .await?;
+    f.endpoints("bao-active", &[0]).await?;
+    f.endpoints("bao-standby", &[1, 2]).await?;
+    f.set(1, Role::Sealed).await;
+    f.set(2, Role::Uninitialized).await;
+    f.labels(
+        "openbao-sealed",
+        &[Some("false"), Some("true"), Some("true")],
+    )
+    .await?;
+    f.labels(
+        "openbao-initialized",
+        &[Some("true"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.endpoints("bao-standby", &[]).await?;
+    f.endpoints("bao-active", &[0]).await?;
+    // Unsealed again, and then the active role moves inside OpenBao.
+    f.set(1, Role::Standby).await;
+    f.set(2, Role::Standby).await;
+    f.endpoints("bao-standby", &[1, 2]).await?;
+    f.set(0, Role::Standby).await;
+    f.set(1, Role::Active).await;
+    f.labels(
+        "openbao-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.endpoints("bao-active", &[1]).await?;
+    f.endpoints("bao-standby", &[0, 2]).await?;
+    for i in 0..3 {
+        let labels = f.vault.labels(i).await?;
+        assert!(
+            !labels
+                .keys()
+                .any(|k| k.starts_with("vault-") && !k.starts_with("vault-registrar.dev/")),
+            "vault-{i} got vault- labels under the openbao prefix: {labels:?}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn service_drift_is_repaired() -> anyhow::Result<()> {
     let f = converged_trio("drift").await?;
