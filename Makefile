@@ -5,7 +5,8 @@ BIN_DIR = $(shell tests/controlplane/build.sh)
 VAULT_BIN = $(shell tests/vault/build.sh)
 PROMTOOL = $(shell tests/promtool/build.sh)
 OLDEST_K8S_DIR = $(shell tests/controlplane/oldest/build.sh)
-TEST_THREADS ?= 8
+# One test thread per core: the elapsed-time bounds assume the tests do not starve each other.
+TEST_THREADS ?= $(shell nproc)
 
 .PHONY: all build binaries oldest-k8s vault promtool testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools fuzz
 

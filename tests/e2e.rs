@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
+use vault_registrar::labels::{OWNER_LABEL, PREFIX_LABEL};
 use vault_registrar_testkit::certs::Authority;
 use vault_registrar_testkit::pods::create_namespace;
 use vault_registrar_testkit::stage::run_blocking;
@@ -46,42 +47,31 @@ async fn first_convergence_labels_pods_and_fills_services() -> anyhow::Result<()
     Ok(())
 }
 
+/// At steady state the operator sends no write at all: not a no-op PATCH or apply (which
+/// leaves resourceVersions alone), not an Event, and nothing that makes the EndpointSlice
+/// controller write. Counted from the API server's audit log: every write to the namespace,
+/// by anyone, over 20 probe intervals.
 #[tokio::test]
 async fn steady_state_sends_no_writes() -> anyhow::Result<()> {
+    const WINDOW: Duration = Duration::from_secs(10);
     let f = converged_trio("steady").await?;
     f.condition("vault", "Ready", "True", "Ready").await?;
+    // The convergence's own writes (status, events, EndpointSlices) land first.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let versions = || async {
-        let mut v = Vec::new();
-        for i in 0..3 {
-            v.push(f.vault.pod(i).await?.metadata.resource_version.unwrap());
-        }
-        let svc: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
-        for s in ["vault-active", "vault-standby"] {
-            v.push(svc.get(s).await?.metadata.resource_version.unwrap());
-        }
-        v.push(
-            f.clusters()
-                .get("vault")
-                .await?
-                .metadata
-                .resource_version
-                .unwrap(),
-        );
-        anyhow::Ok(v)
-    };
-    let before = versions().await?;
+    let before = shared().writes_in_async(&f.ns).await.len();
     let probes_before: u64 = (0..3).map(|i| f.vault.sim(i).health_requests()).sum();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(WINDOW).await;
     let probes_after: u64 = (0..3).map(|i| f.vault.sim(i).health_requests()).sum();
+    let writes = shared().writes_in_async(&f.ns).await.split_off(before);
+    // 20 intervals of 500 ms; at least half of the probes of each of the three pods.
     assert!(
-        probes_after >= probes_before + 3 * 4,
+        probes_after >= probes_before + 3 * 10,
         "probing continues: {probes_before} -> {probes_after}"
     );
     assert_eq!(
-        before,
-        versions().await?,
-        "no object changed during 8 probe intervals"
+        writes,
+        vec![],
+        "writes to the namespace during {WINDOW:?} of steady state (user, verb, resource, name, code)"
     );
     Ok(())
 }
@@ -327,6 +317,57 @@ async fn openbao_prefix() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// OpenBao's answers beyond 200 and 429: 503 (sealed) and 501 (uninitialised) take a pod
+/// out of the `-standby` Service, and a failover inside OpenBao moves the `-active` one.
+#[tokio::test]
+async fn openbao_sealed_and_uninitialised_leave_the_pools() -> anyhow::Result<()> {
+    let f = fixture("openbao-codes", &TRIO, None).await?;
+    for i in 0..3 {
+        f.vault.sim(i).update(|s| s.openbao = true).await;
+    }
+    f.create("bao", &format!("{FAST}\nlabelPrefix: openbao"))
+        .await?;
+    f.endpoints("bao-active", &[0]).await?;
+    f.endpoints("bao-standby", &[1, 2]).await?;
+    f.set(1, Role::Sealed).await;
+    f.set(2, Role::Uninitialized).await;
+    f.labels(
+        "openbao-sealed",
+        &[Some("false"), Some("true"), Some("true")],
+    )
+    .await?;
+    f.labels(
+        "openbao-initialized",
+        &[Some("true"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.endpoints("bao-standby", &[]).await?;
+    f.endpoints("bao-active", &[0]).await?;
+    // Unsealed again, and then the active role moves inside OpenBao.
+    f.set(1, Role::Standby).await;
+    f.set(2, Role::Standby).await;
+    f.endpoints("bao-standby", &[1, 2]).await?;
+    f.set(0, Role::Standby).await;
+    f.set(1, Role::Active).await;
+    f.labels(
+        "openbao-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.endpoints("bao-active", &[1]).await?;
+    f.endpoints("bao-standby", &[0, 2]).await?;
+    for i in 0..3 {
+        let labels = f.vault.labels(i).await?;
+        assert!(
+            !labels
+                .keys()
+                .any(|k| k.starts_with("vault-") && !k.starts_with("vault-registrar.dev/")),
+            "vault-{i} got vault- labels under the openbao prefix: {labels:?}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn service_drift_is_repaired() -> anyhow::Result<()> {
     let f = converged_trio("drift").await?;
@@ -379,12 +420,7 @@ async fn foreign_service_is_left_alone() -> anyhow::Result<()> {
 async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<()> {
     let f = fixture("overlap", &TRIO, None).await?;
     f.create("first", FAST).await?;
-    f.converged().await.ok();
-    f.labels(
-        "vault-active",
-        &[Some("true"), Some("false"), Some("false")],
-    )
-    .await?;
+    f.converged_as("first").await?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     f.create("second", &format!("{FAST}\nlabelPrefix: other"))
         .await?;
@@ -416,7 +452,24 @@ async fn overlapping_selector_is_left_to_the_older_cluster() -> anyhow::Result<(
 #[tokio::test]
 async fn deletion_and_unselected_pods_lose_our_labels_only() -> anyhow::Result<()> {
     let f = converged_trio("cleanup").await?;
-    // A pod that stops matching the selector loses our labels.
+    let ours = |k: &str| k.starts_with("vault-") || k.starts_with("vault-registrar.dev/");
+    // Every label the test expects to go is there first.
+    let mine = [
+        "vault-active",
+        "vault-sealed",
+        "vault-initialized",
+        "vault-perf-standby",
+        "vault-version",
+        OWNER_LABEL,
+        PREFIX_LABEL,
+    ];
+    wait::until("vault-2 carrying all of our labels", LIMIT, || async {
+        let labels = f.vault.labels(2).await?;
+        Ok(mine.iter().all(|k| labels.contains_key(*k)).then_some(()))
+    })
+    .await?;
+    // A pod that stops matching the selector loses every label of ours (the role labels and
+    // the ownership labels) while the VaultCluster still exists, and keeps the others.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(f.client.clone(), &f.ns);
     let patch = json!({"metadata": {"labels": {"app.kubernetes.io/name": "retired"}}});
     pods.patch(
@@ -425,9 +478,32 @@ async fn deletion_and_unselected_pods_lose_our_labels_only() -> anyhow::Result<(
         &Patch::Merge(patch),
     )
     .await?;
-    f.vault
-        .wait_labels("vault-active", &[Some("true"), Some("false"), None], LIMIT)
-        .await?;
+    let left = wait::until("vault-2 stripped of our labels", LIMIT, || async {
+        let labels = f.vault.labels(2).await?;
+        Ok((!labels.keys().any(|k| ours(k))).then_some(labels))
+    })
+    .await;
+    let left = match left {
+        Ok(labels) => labels,
+        Err(e) => anyhow::bail!("{e}: vault-2 has {:?}", f.vault.labels(2).await?),
+    };
+    assert_eq!(
+        left.get("app.kubernetes.io/name").map(String::as_str),
+        Some("retired"),
+        "{left:?}"
+    );
+    assert!(
+        f.clusters().get_opt("vault").await?.is_some(),
+        "the VaultCluster still exists"
+    );
+    // The pods still selected keep theirs.
+    for i in 0..2 {
+        let labels = f.vault.labels(i).await?;
+        assert!(
+            labels.contains_key(OWNER_LABEL) && labels.contains_key("vault-active"),
+            "vault-{i}: {labels:?}"
+        );
+    }
     f.clusters()
         .delete("vault", &DeleteParams::default())
         .await?;

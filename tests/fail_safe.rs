@@ -24,9 +24,9 @@ use vault_registrar_testkit::{shared, wait};
 
 /// Write requests to the namespace's objects during `window`, from the audit log.
 async fn writes_during(ns: &str, window: Duration) -> Vec<(String, String, String, String, i64)> {
-    let before = shared().writes_in(ns).len();
+    let before = shared().writes_in_async(ns).await.len();
     tokio::time::sleep(window).await;
-    shared().writes_in(ns).split_off(before)
+    shared().writes_in_async(ns).await.split_off(before)
 }
 
 /// Checks every 50 ms for `window` that the active Service's only endpoint is `ip` and that
@@ -451,7 +451,8 @@ async fn replaced_pod_does_not_inherit_labels() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let refused: Vec<_> = shared()
-        .writes_in(&f.ns)
+        .writes_in_async(&f.ns)
+        .await
         .into_iter()
         // The API server refuses a patch whose UID differs: metadata.uid is immutable.
         .filter(|w| w.2 == "pods" && w.3 == "vault-1" && w.1 == "patch" && w.4 == 422)

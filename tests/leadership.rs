@@ -6,18 +6,22 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, OnceCell};
 use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::cluster::{Operator, SimCluster};
 use vault_registrar_testkit::election::{Replica, http_get, lease_holder, wait_gauge, wait_holder};
+use vault_registrar_testkit::history::{History, LabelHistory};
 use vault_registrar_testkit::pods::create_namespace;
 use vault_registrar_testkit::relay::{Relay, server_addr};
 use vault_registrar_testkit::stage::{install_crd as install_crd_file, run_blocking};
@@ -34,8 +38,15 @@ const LEASE_NAME: &str = "vault-registrar";
 /// One test at a time: timings are asserted, and one test restarts the API server.
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
+/// The operator binary under test: this build's, or the one `VAULT_REGISTRAR_OPERATOR_BIN`
+/// names (a mutated or older build, to show that a test fails on it).
 fn bin() -> &'static Path {
-    env!("CARGO_BIN_EXE_vault-registrar").as_ref()
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os("VAULT_REGISTRAR_OPERATOR_BIN")
+            .map(Into::into)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_vault-registrar").into())
+    })
 }
 
 async fn install_crd() -> anyhow::Result<()> {
@@ -171,15 +182,16 @@ impl Pair {
 
     /// When the API server received b's first write: b writes nothing before it takes
     /// the Lease, so this is the takeover on the API server's own clock.
-    fn takeover_at(&self) -> Option<Timestamp> {
-        let writes = shared().timed_writes_by(&user(&self.ns, "b"));
+    async fn takeover_at(&self) -> Option<Timestamp> {
+        let writes = shared().timed_writes_by_async(&user(&self.ns, "b")).await;
         writes.first().map(|(at, ..)| *at)
     }
 
     /// a's writes the API server received at or after `at`.
-    fn writes_of_a_since(&self, at: Timestamp) -> Vec<String> {
+    async fn writes_of_a_since(&self, at: Timestamp) -> Vec<String> {
         shared()
-            .timed_writes_by(&user(&self.ns, "a"))
+            .timed_writes_by_async(&user(&self.ns, "a"))
+            .await
             .into_iter()
             .filter(|(t, ..)| *t >= at)
             .map(|(t, verb, resource, name)| format!("{t} {verb} {resource}/{name}"))
@@ -187,46 +199,26 @@ impl Pair {
     }
 }
 
-/// Samples, every 50 ms until stopped, how many pods carry vault-active=true and whether
-/// both replicas report leading at once; keeps the worst of each.
+/// Every stored version of the pods' `vault-active` label, from a pod watch (see
+/// `testkit::history`), and, sampled every 50 ms, whether both replicas report leading.
 struct Watcher {
+    history: LabelHistory,
     stop: Arc<AtomicBool>,
-    most_active: Arc<AtomicUsize>,
     both_leading: Arc<AtomicUsize>,
     samples: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
-fn watch_pods(pair: &Pair) -> Watcher {
+async fn watch_pods(pair: &Pair) -> anyhow::Result<Watcher> {
+    let history =
+        LabelHistory::start(pair.client.clone(), &pair.ns, "vault-active", "true").await?;
     let stop = Arc::new(AtomicBool::new(false));
-    let most_active = Arc::new(AtomicUsize::new(0));
     let both_leading = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(AtomicUsize::new(0));
-    let pods: Api<Pod> = Api::namespaced(pair.client.clone(), &pair.ns);
     let (ports_a, ports_b) = (pair.a.metrics_port, pair.b.metrics_port);
-    let (s, m, b, n) = (
-        stop.clone(),
-        most_active.clone(),
-        both_leading.clone(),
-        samples.clone(),
-    );
+    let (s, b, n) = (stop.clone(), both_leading.clone(), samples.clone());
     let task = tokio::spawn(async move {
         while !s.load(Ordering::SeqCst) {
-            if let Ok(list) = pods.list(&ListParams::default()).await {
-                let active = list
-                    .items
-                    .iter()
-                    .filter(|p| {
-                        p.metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get("vault-active"))
-                            == Some(&"true".to_string())
-                    })
-                    .count();
-                m.fetch_max(active, Ordering::SeqCst);
-                n.fetch_add(1, Ordering::SeqCst);
-            }
             let gauge = |port| async move {
                 let text = http_get(port, "/metrics", Duration::from_millis(500))
                     .await
@@ -236,28 +228,39 @@ fn watch_pods(pair: &Pair) -> Watcher {
             if gauge(ports_a).await == Some(1.0) && gauge(ports_b).await == Some(1.0) {
                 b.fetch_add(1, Ordering::SeqCst);
             }
+            n.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    Watcher {
+    Ok(Watcher {
+        history,
         stop,
-        most_active,
         both_leading,
         samples,
         task,
-    }
+    })
 }
 
 impl Watcher {
-    /// Stops sampling; (most pods active at once, samples where both led, samples taken).
-    async fn finish(self) -> (usize, usize, usize) {
+    /// Stops; fails if the pod history shows two pods labelled active at any stored version
+    /// (or has gaps beyond `gaps_allowed`); (the history, gauge samples where both led,
+    /// gauge samples taken).
+    async fn finish(self, gaps_allowed: usize) -> anyhow::Result<(History, usize, usize)> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.task.await;
-        (
-            self.most_active.load(Ordering::SeqCst),
+        let history = self.history.finish().await?;
+        history.check(None, gaps_allowed)?;
+        println!(
+            "pod history: {} versions, {} relists; pods labelled active, in order: {:?}",
+            history.versions.len(),
+            history.gaps,
+            history.sets
+        );
+        Ok((
+            history,
             self.both_leading.load(Ordering::SeqCst),
             self.samples.load(Ordering::SeqCst),
-        )
+        ))
     }
 }
 
@@ -265,7 +268,7 @@ impl Watcher {
 async fn blackholed_leader_steps_down_and_never_writes_after_the_takeover() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let p = pair("lead-blackhole", "4s").await?;
-    let watcher = watch_pods(&p);
+    let watcher = watch_pods(&p).await?;
     assert!(
         p.a.cluster_series().await.unwrap_or(0) > 0,
         "the leader shows its clusters"
@@ -304,17 +307,20 @@ async fn blackholed_leader_steps_down_and_never_writes_after_the_takeover() -> a
     p.wait_active(2, LIMIT).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(p.a.leader_gauge().await, Some(0.0), "a leads again");
-    let (most_active, both_leading, samples) = watcher.finish().await;
-    assert!(samples > 20, "only {samples} samples of the pods");
-    assert_eq!(most_active, 1, "two pods were labelled active at once");
+    let (history, both_leading, samples) = watcher.finish(0).await?;
+    assert!(samples > 20, "only {samples} samples of the gauges");
+    assert_eq!(history.most, 1, "a pod was labelled active");
     assert_eq!(both_leading, 0, "both replicas reported leading at once");
-    let takeover = p.takeover_at().expect("b wrote");
+    let takeover = p.takeover_at().await.expect("b wrote");
     assert!(
-        !shared().timed_writes_by(&user(&p.ns, "a")).is_empty(),
+        !shared()
+            .timed_writes_by_async(&user(&p.ns, "a"))
+            .await
+            .is_empty(),
         "a never wrote: the test proves nothing"
     );
     assert_eq!(
-        p.writes_of_a_since(takeover),
+        p.writes_of_a_since(takeover).await,
         Vec::<String>::new(),
         "a wrote after b took over at {takeover}"
     );
@@ -325,7 +331,7 @@ async fn blackholed_leader_steps_down_and_never_writes_after_the_takeover() -> a
 async fn reset_connections_do_not_cost_the_leader_its_lease() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let p = pair("lead-reset", "4s").await?;
-    let watcher = watch_pods(&p);
+    let watcher = watch_pods(&p).await?;
     let connections = p.a.relay.accepted();
     for _ in 0..6 {
         p.a.relay.reset();
@@ -337,54 +343,130 @@ async fn reset_connections_do_not_cost_the_leader_its_lease() -> anyhow::Result<
             "the lease moved after a reset"
         );
     }
+    let last_reset = Instant::now();
     assert!(
         p.a.relay.accepted() >= connections + 6,
         "the leader did not reconnect after each reset"
     );
+    // Had the resets cost a its renewals, the lease would have run out by now and b, which
+    // tries every retry period, would hold it.
+    tokio::time::sleep_until((last_reset + LEASE + RETRY * 2).into()).await;
+    let holder = lease_holder(&p.client, &p.ns, LEASE_NAME).await?;
+    assert_eq!(
+        holder.as_deref(),
+        Some("a"),
+        "the lease moved within a lease duration and a retry after the last reset"
+    );
+    assert_eq!(p.b.leader_gauge().await, Some(0.0), "b leads");
     // The leader's watches and requests reconnected: it still does its work.
     p.fail_over(0, 1).await;
     p.wait_active(1, LIMIT).await?;
     assert_eq!(p.a.leader_gauge().await, Some(1.0));
-    let (most_active, both_leading, _) = watcher.finish().await;
-    assert_eq!(most_active, 1, "two pods were labelled active at once");
+    let (history, both_leading, _) = watcher.finish(0).await?;
+    assert_eq!(history.most, 1, "a pod was labelled active");
     assert_eq!(both_leading, 0, "both replicas reported leading at once");
     assert_eq!(
-        shared().timed_writes_by(&user(&p.ns, "b")),
+        shared().timed_writes_by_async(&user(&p.ns, "b")).await,
         vec![],
         "the follower wrote"
     );
     Ok(())
 }
 
+/// The leader is SIGKILLed after it demoted the old active pod and before it promoted the
+/// new one: the kill is sent the moment a watch shows the demotion stored, while the leader
+/// waits for the active Service's endpoints to drain before promoting. The audit log then
+/// proves where the kill landed (a demoted, never promoted; b promoted); an attempt where
+/// the promotion slipped in first is repeated in a fresh namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_mid_failover_leaves_one_active_pod() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut p = pair("lead-kill", "4s").await?;
-    let watcher = watch_pods(&p);
+    for attempt in 0..3 {
+        if kill_between_demotion_and_promotion(&format!("lead-kill-{attempt}")).await? {
+            return Ok(());
+        }
+        println!("attempt {attempt}: the kill did not land between the writes; again");
+    }
+    anyhow::bail!("in 3 attempts the kill never landed between the demotion and the promotion")
+}
+
+/// One attempt; false when the kill did not land between the demotion and the promotion.
+async fn kill_between_demotion_and_promotion(ns: &str) -> anyhow::Result<bool> {
+    let mut p = pair(ns, "4s").await?;
+    let watcher = watch_pods(&p).await?;
+    let pods: Api<Pod> = Api::namespaced(p.client.clone(), &p.ns);
+    let config = kube::runtime::watcher::Config::default().fields("metadata.name=vault-0");
+    let mut vault_0 = std::pin::pin!(kube::runtime::watcher(pods, config).default_backoff());
+    let writes_before = shared().writes_in_async(&p.ns).await.len();
     p.fail_over(0, 1).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The first stored version of vault-0 without vault-active=true is the demotion.
+    tokio::time::timeout(LIMIT, async {
+        while let Some(event) = vault_0.next().await {
+            if let Ok(kube::runtime::watcher::Event::Apply(pod)) = event {
+                let labels = pod.metadata.labels.unwrap_or_default();
+                if labels.get("vault-active").map(String::as_str) != Some("true") {
+                    return;
+                }
+            }
+        }
+    })
+    .await?;
     let killed = Instant::now();
     p.a.operator.kill();
     let took_over = wait_holder(&p.client, &p.ns, LEASE_NAME, "b", LIMIT).await?;
     println!("leader SIGKILLed mid-failover: b took over after {took_over:?}");
     p.wait_active(1, LIMIT).await?;
-    let (most_active, both_leading, samples) = watcher.finish().await;
-    assert!(samples > 20, "only {samples} samples of the pods");
-    assert_eq!(most_active, 1, "two pods were labelled active at once");
+    let (history, both_leading, samples) = watcher.finish(0).await?;
+    assert!(samples > 20, "only {samples} samples of the gauges");
+    assert_eq!(history.most, 1, "a pod was labelled active");
     assert_eq!(both_leading, 0);
     assert!(
         took_over <= LEASE + RETRY * 2 + Duration::from_millis(500),
         "takeover after SIGKILL took {:?}",
         killed.elapsed()
     );
-    Ok(())
+    // Where the kill landed, from the audit log: a's pod writes since the failover.
+    let writes = shared()
+        .writes_in_async(&p.ns)
+        .await
+        .split_off(writes_before);
+    let pod_writes = |who: &str| -> Vec<(String, i64)> {
+        writes
+            .iter()
+            .filter(|w| w.0 == user(&p.ns, who) && w.2 == "pods" && w.1 == "patch")
+            .map(|w| (w.3.clone(), w.4))
+            .collect()
+    };
+    let (of_a, of_b) = (pod_writes("a"), pod_writes("b"));
+    println!("pod label writes since the failover: a {of_a:?}, b {of_b:?}");
+    let demoted_by_a = of_a.contains(&("vault-0".to_string(), 200));
+    let promoted_by_a = of_a.iter().any(|(pod, _)| pod == "vault-1");
+    if !demoted_by_a || promoted_by_a {
+        return Ok(false);
+    }
+    assert!(
+        of_b.contains(&("vault-1".to_string(), 200)),
+        "b did not promote vault-1: {of_b:?}"
+    );
+    // And the moment between them was seen: vault-0, nobody, vault-1.
+    let sets: Vec<Vec<&str>> = history
+        .sets
+        .iter()
+        .map(|s| s.iter().map(String::as_str).collect())
+        .collect();
+    assert!(
+        sets.windows(3)
+            .any(|w| w == [vec!["vault-0"], vec![], vec!["vault-1"]]),
+        "{sets:?}"
+    );
+    Ok(true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_killed_and_restarted_mid_failover() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let p = pair("lead-apiserver", "4s").await?;
-    let watcher = watch_pods(&p);
+    let watcher = watch_pods(&p).await?;
     p.fail_over(0, 1).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     shared().kill_apiserver();
@@ -399,10 +481,13 @@ async fn api_server_killed_and_restarted_mid_failover() -> anyhow::Result<()> {
     .await?;
     p.fail_over(1, 2).await;
     p.wait_active(2, LIMIT).await?;
-    let (most_active, both_leading, samples) = watcher.finish().await;
+    // The API server's restart may start its watch cache past the last version the watch
+    // saw: one relist is allowed there (the versions it skips were written before the kill
+    // or after the restart; none while the server was down).
+    let (history, both_leading, samples) = watcher.finish(1).await?;
     println!("after the API server restart: gauges (a, b) = {leaders:?}");
-    assert!(samples > 20, "only {samples} samples of the pods");
-    assert_eq!(most_active, 1, "two pods were labelled active at once");
+    assert!(samples > 20, "only {samples} samples of the gauges");
+    assert_eq!(history.most, 1, "a pod was labelled active");
     assert_eq!(both_leading, 0, "both replicas reported leading at once");
     Ok(())
 }
@@ -428,9 +513,9 @@ async fn graceful_stop_hands_the_lease_over_in_under_two_seconds() -> anyhow::Re
     assert!(stopped.elapsed() < Duration::from_secs(10));
     p.fail_over(0, 1).await;
     p.wait_active(1, LIMIT).await?;
-    let takeover = p.takeover_at().expect("b wrote");
+    let takeover = p.takeover_at().await.expect("b wrote");
     assert_eq!(
-        p.writes_of_a_since(takeover),
+        p.writes_of_a_since(takeover).await,
         Vec::<String>::new(),
         "a wrote after the handover"
     );

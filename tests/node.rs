@@ -25,9 +25,18 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// The chart's default leaseDuration and retryPeriod.
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RETRY_PERIOD: Duration = Duration::from_secs(2);
+/// A handover through the release path: SIGTERM, the Lease released, the follower's watch.
+const RELEASED_HANDOVER: Duration = Duration::from_secs(3);
 
+/// The operator binary the image is built from: this build's, or the one
+/// `VAULT_REGISTRAR_OPERATOR_BIN` names (a mutated or older build).
 fn bin() -> &'static Path {
-    env!("CARGO_BIN_EXE_vault-registrar").as_ref()
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os("VAULT_REGISTRAR_OPERATOR_BIN")
+            .map(Into::into)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_vault-registrar").into())
+    })
 }
 
 /// Tests of this binary take turns on the node (the machine lock does so across processes;
@@ -257,9 +266,8 @@ async fn the_chart_runs_two_ready_replicas_that_label_simulator_pods() -> anyhow
     // In-cluster configuration: no kubeconfig in the pod, so the Lease writes that name the
     // chart's ServiceAccount came through the mounted token and the `kubernetes` Service.
     let account = format!("system:serviceaccount:{NAMESPACE}:vault-registrar");
-    let lease_writes: Vec<_> = node
-        .plane
-        .writes_by(&account)
+    // The audit log is read off the runtime's worker threads.
+    let lease_writes: Vec<_> = tokio::task::block_in_place(|| node.plane.writes_by(&account))
         .into_iter()
         .filter(|(_, resource, _)| resource == "leases")
         .collect();
@@ -358,12 +366,15 @@ async fn replicas_hand_over_restart_when_stuck_and_survive_evictions() -> anyhow
     })
     .await?;
 
-    // Deleting the leader's pod: the other replica leads within lease duration + retry.
+    // Deleting the leader's pod: the kubelet sends SIGTERM, the leader releases the Lease and
+    // the other replica, watching it, takes it at once (0.1 to 1.6 s measured). Waiting out
+    // the lease (LEASE_DURATION + RETRY_PERIOD, 17 s) would mean the release is broken.
     let (next, handover) = release::delete_leader(&client, &leader).await?;
     println!("leader pod {leader} deleted; {next} leads after {handover:?}");
     assert!(
-        handover <= LEASE_DURATION + RETRY_PERIOD,
-        "handover took {handover:?}"
+        handover <= RELEASED_HANDOVER,
+        "handover took {handover:?}: the Lease was not released on SIGTERM (waiting it out takes {:?})",
+        LEASE_DURATION + RETRY_PERIOD
     );
 
     let all = ready_pair(&client).await?;

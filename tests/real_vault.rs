@@ -11,16 +11,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{namespace, operator};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use tokio::sync::{Mutex, MutexGuard};
 use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::cluster::{Operator, endpoint_ips, wait_endpoints};
+use vault_registrar_testkit::history::LabelHistory;
 use vault_registrar_testkit::pods::set_running;
 use vault_registrar_testkit::real_vault::{HealthLog, RaftCluster, VAULT_VERSION};
 use vault_registrar_testkit::wait;
@@ -124,59 +122,26 @@ impl Rig {
         .await
     }
 
-    /// Polls the pods labelled active every 50 ms until stopped.
-    fn watch_active_labels(&self) -> ActiveWatch {
-        ActiveWatch::start(self.client.clone(), &self.ns)
+    /// Watches every stored version of the pods' `vault-active` label until finished.
+    async fn watch_active_labels(&self) -> anyhow::Result<ActiveWatch> {
+        let history =
+            LabelHistory::start(self.client.clone(), &self.ns, "vault-active", "true").await?;
+        Ok(ActiveWatch(history))
     }
 }
 
-/// Every distinct set of pods labelled `vault-active=true` seen while it ran.
-struct ActiveWatch {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<anyhow::Result<Vec<BTreeSet<String>>>>,
-}
+/// The pods labelled `vault-active=true` at every version of the pods the API server stored
+/// while it ran (a pod watch, `testkit::history`).
+struct ActiveWatch(LabelHistory);
 
 impl ActiveWatch {
-    fn start(client: kube::Client, ns: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let pods: Api<Pod> = Api::namespaced(client, ns);
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let mut seen: Vec<BTreeSet<String>> = Vec::new();
-            let params = ListParams::default().labels("vault-active=true");
-            while !flag.load(Ordering::SeqCst) {
-                let now: BTreeSet<String> = pods
-                    .list(&params)
-                    .await?
-                    .items
-                    .into_iter()
-                    .filter_map(|p| p.metadata.name)
-                    .collect();
-                if seen.last() != Some(&now) {
-                    seen.push(now);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(seen)
-        });
-        Self { stop, task }
-    }
-
-    /// Stops polling; fails if two pods were ever labelled active at once, or a pod outside
-    /// `allowed` was labelled active at all.
+    /// Stops watching; fails if two pods were labelled active at any stored version, if a
+    /// pod outside `allowed` was labelled active at all, or if the watch missed versions;
+    /// every distinct set of pods labelled active, in order.
     async fn finish(self, allowed: &[&str]) -> anyhow::Result<Vec<BTreeSet<String>>> {
-        self.stop.store(true, Ordering::SeqCst);
-        let seen = self.task.await??;
-        for set in &seen {
-            anyhow::ensure!(set.len() <= 1, "two pods labelled active at once: {seen:?}");
-            for pod in set {
-                anyhow::ensure!(
-                    allowed.contains(&pod.as_str()),
-                    "{pod} labelled active though it never answered 200: {seen:?}"
-                );
-            }
-        }
-        Ok(seen)
+        let history = self.0.finish().await?;
+        history.check(Some(allowed), 0)?;
+        Ok(history.sets)
     }
 }
 
@@ -229,7 +194,7 @@ async fn real_vault_init_step_down_and_seal_move_the_active_label() -> anyhow::R
     // Step-down: the old active holds its answer ~0.5 s, then answers 429 as a standby.
     let ips: Vec<_> = rig.vault.nodes.iter().map(|n| n.ip()).collect();
     let health = HealthLog::start(&ips, Duration::from_millis(10));
-    let watch = rig.watch_active_labels();
+    let watch = rig.watch_active_labels().await?;
     rig.vault.step_down(a).await?;
     let b = new_active(&rig.vault, a).await?;
     rig.routed(b, &others(3, &[b])).await?;
@@ -240,7 +205,7 @@ async fn real_vault_init_step_down_and_seal_move_the_active_label() -> anyhow::R
     drop(health);
 
     // Seal of the active: it answers 503 at once and another node takes over.
-    let watch = rig.watch_active_labels();
+    let watch = rig.watch_active_labels().await?;
     rig.vault.seal(b).await?;
     let c = new_active(&rig.vault, b).await?;
     rig.routed(c, &others(3, &[b, c])).await?;
@@ -262,7 +227,7 @@ async fn real_vault_sigkill_of_active_then_restart_sealed_and_unseal() -> anyhow
     rig.routed(a, &others(3, &[a])).await?;
     let ips: Vec<_> = rig.vault.nodes.iter().map(|n| n.ip()).collect();
     let health = HealthLog::start(&ips, Duration::from_millis(10));
-    let watch = rig.watch_active_labels();
+    let watch = rig.watch_active_labels().await?;
     rig.vault.kill(a);
     let b = new_active(&rig.vault, a).await?;
     rig.routed(b, &others(3, &[a, b])).await?;
@@ -298,7 +263,7 @@ async fn real_vault_standby_answering_474_is_never_labelled_active() -> anyhow::
     // Killing the active and one standby leaves the third without a quorum to elect a
     // leader: it stays a standby whose link to the active is gone, answering 474 for as
     // long as this lasts, which makes Vault's 474 phase last on demand.
-    let watch = rig.watch_active_labels();
+    let watch = rig.watch_active_labels().await?;
     rig.vault.kill(a);
     rig.vault.kill(s);
     // No kubelet runs here: mark the dead pods not Ready as it would. Nobody answers active,
@@ -340,7 +305,7 @@ async fn real_vault_standby_answering_474_is_never_labelled_active() -> anyhow::
         rig.vault.unseal(i).await?;
         set_running(&rig.client, &rig.ns, &rig.vault.nodes[i].pod, true).await?;
     }
-    let watch = rig.watch_active_labels();
+    let watch = rig.watch_active_labels().await?;
     let b = rig.vault.wait_active(LIMIT).await?;
     for i in others(3, &[b]) {
         rig.vault.wait_code(i, 429, LIMIT).await?;

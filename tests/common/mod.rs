@@ -156,13 +156,18 @@ impl Fixture {
     }
 
     pub async fn converged(&self) -> anyhow::Result<()> {
+        self.converged_as("vault").await
+    }
+
+    /// As `converged`, for VaultCluster `vc` (its Services are `<vc>-active`, ...).
+    pub async fn converged_as(&self, vc: &str) -> anyhow::Result<()> {
         self.labels(
             "vault-active",
             &[Some("true"), Some("false"), Some("false")],
         )
         .await?;
-        self.endpoints("vault-active", &[0]).await?;
-        self.endpoints("vault-standby", &[1, 2]).await
+        self.endpoints(&format!("{vc}-active"), &[0]).await?;
+        self.endpoints(&format!("{vc}-standby"), &[1, 2]).await
     }
 
     /// Makes pod `to` the active one and every other a standby, and waits for the labels.

@@ -433,6 +433,37 @@ impl ControlPlane {
             .collect()
     }
 
+    /// `writes_in`, read off the async runtime: the audit log grows to megabytes and parsing
+    /// it on a runtime thread stalls whatever else that runtime serves (the Vault simulators).
+    pub async fn writes_in_async(
+        &'static self,
+        namespace: &str,
+    ) -> Vec<(String, String, String, String, i64)> {
+        let namespace = namespace.to_string();
+        tokio::task::spawn_blocking(move || self.writes_in(&namespace))
+            .await
+            .expect("reading the audit log")
+    }
+
+    /// `writes_by`, read off the async runtime.
+    pub async fn writes_by_async(&'static self, user: &str) -> Vec<(String, String, String)> {
+        let user = user.to_string();
+        tokio::task::spawn_blocking(move || self.writes_by(&user))
+            .await
+            .expect("reading the audit log")
+    }
+
+    /// `timed_writes_by`, read off the async runtime.
+    pub async fn timed_writes_by_async(
+        &'static self,
+        user: &str,
+    ) -> Vec<(Timestamp, String, String, String)> {
+        let user = user.to_string();
+        tokio::task::spawn_blocking(move || self.timed_writes_by(&user))
+            .await
+            .expect("reading the audit log")
+    }
+
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.bins.kubectl);
         cmd.env("KUBECONFIG", &self.kubeconfig);

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod cluster;
 pub mod controlplane;
 pub mod election;
+pub mod history;
 pub mod image;
 pub mod machine;
 pub mod netns;

@@ -24,10 +24,53 @@ pub fn is_pod_ip(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 198 && v4.octets()[1] == 18 && v4.octets()[2] < 128)
 }
 
-/// The pod address with index `n` for this process.
+/// The pod address with index `n` for this process: in the block of 250 addresses this
+/// process holds (see `block`).
 pub fn pod_ip(n: u32) -> Ipv4Addr {
-    let base = std::process::id() % 100;
+    let base = block();
     Ipv4Addr::new(198, 18, (base + n / 250) as u8 % 128, (n % 250 + 1) as u8)
+}
+
+/// What the test processes of this machine share about the pod network: one lock file per
+/// address block (`block-<n>`, held with flock by the process using the block, released by
+/// the kernel when it dies, however it dies) and one file per process listing the addresses
+/// it cut (`cut-<pid>`, see `PathCut`).
+const STATE_DIR: &str = "/run/lock/vault-registrar-pods";
+
+/// Test processes take blocks 0 to 99 (the benchmark's are 104 to 127).
+const TEST_BLOCKS: u32 = 100;
+
+/// The address block this process holds: the first free one from its PID modulo 100. A
+/// block held by a live process is never shared, so two runs side by side never bind the
+/// same address; a killed run's block is free again, and its cut routes are gone (`ensure`
+/// removes them) before any address is handed out.
+fn block() -> u32 {
+    static BLOCK: OnceLock<u32> = OnceLock::new();
+    *BLOCK.get_or_init(|| {
+        let _ = ensure();
+        let start = std::process::id() % TEST_BLOCKS;
+        if std::fs::create_dir_all(STATE_DIR).is_ok() {
+            for i in 0..TEST_BLOCKS {
+                let b = (start + i) % TEST_BLOCKS;
+                let Ok(file) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(format!("{STATE_DIR}/block-{b}"))
+                else {
+                    continue;
+                };
+                // SAFETY: flock on a descriptor we own; kept open (leaked) for the process's life.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    std::mem::forget(file);
+                    // The block is ours: any cut route left in it is a leftover.
+                    let _ = remove_stale_cuts(Some(b));
+                    return b;
+                }
+            }
+        }
+        start
+    })
 }
 
 /// The pod address with index `n` for the scale benchmark: blocks 104 to 127 of the range,
@@ -49,16 +92,109 @@ pub fn ensure() -> anyhow::Result<()> {
 }
 
 fn set_up() -> anyhow::Result<()> {
-    let exists = Command::new("ip")
-        .args(["link", "show", HOST_LINK])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if exists {
-        return Ok(());
+    if !in_place() {
+        // Half a network (a link without its namespace or routes, as a killed set-up or a
+        // manual clean-up leaves): start over.
+        let _ = Command::new("ip").args(["link", "del", HOST_LINK]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", NAMESPACE])
+            .output();
+        create()?;
     }
-    let _ = Command::new("ip")
-        .args(["netns", "del", NAMESPACE])
-        .output();
+    remove_stale_cuts(None)
+}
+
+/// Output of a command, empty when it fails.
+fn output(args: &[&str]) -> String {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether the link, the namespace and both routes are there.
+fn in_place() -> bool {
+    let host_route = output(&["ip", "route", "show", POD_RANGE]);
+    let pod_route = output(&[
+        "ip", "netns", "exec", NAMESPACE, "ip", "route", "show", "table", "local", POD_RANGE,
+    ]);
+    !output(&["ip", "link", "show", HOST_LINK]).is_empty()
+        && host_route.contains(&format!("via {GATEWAY} dev {HOST_LINK}"))
+        && pod_route.contains("dev lo")
+}
+
+/// Removes the cut routes (`PathCut`) of killed runs, which would otherwise blackhole an
+/// address a later run's pod gets: those recorded by a process that is gone, and, in
+/// `block` (one this process now holds), those nobody recorded (left by a run from before
+/// the records).
+fn remove_stale_cuts(block: Option<u32>) -> anyhow::Result<()> {
+    let _guard = CUTS.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(STATE_DIR)?;
+    let mut held = std::collections::BTreeSet::new();
+    let mut dead = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(STATE_DIR)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("cut-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            held.extend(text.lines().map(str::to_string));
+        } else {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            dead.extend(text.lines().map(str::to_string));
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    for line in output(&["ip", "route", "show", "via", DEAD_HOP]).lines() {
+        let Some(ip) = line.split_whitespace().next() else {
+            continue;
+        };
+        let ip = ip.trim_end_matches("/32");
+        let in_block = block.is_some_and(|b| {
+            ip.parse::<Ipv4Addr>()
+                .is_ok_and(|a| a.octets()[..3] == [198, 18, b as u8])
+        });
+        if !held.contains(ip) && (dead.contains(ip) || in_block) {
+            let _ = ip_route(&[
+                "del",
+                &format!("{ip}/32"),
+                "via",
+                DEAD_HOP,
+                "dev",
+                HOST_LINK,
+            ]);
+        }
+    }
+    Ok(())
+}
+
+/// Serialises this process's changes to its `cut-<pid>` file and the clean-up.
+static CUTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Adds or removes addresses in this process's `cut-<pid>` file.
+fn record_cuts(add: &[Ipv4Addr], remove: &[Ipv4Addr]) -> anyhow::Result<()> {
+    let _guard = CUTS.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(STATE_DIR)?;
+    let path = format!("{STATE_DIR}/cut-{}", std::process::id());
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut ips: Vec<String> = text
+        .lines()
+        .filter(|l| !remove.iter().any(|r| r.to_string() == *l))
+        .map(str::to_string)
+        .collect();
+    ips.extend(add.iter().map(Ipv4Addr::to_string));
+    std::fs::write(&path, ips.join("\n") + "\n")?;
+    Ok(())
+}
+
+fn create() -> anyhow::Result<()> {
     let steps: [&[&str]; 10] = [
         &["ip", "netns", "add", NAMESPACE],
         &[
@@ -131,6 +267,9 @@ pub struct PathCut {
 impl PathCut {
     pub fn new(ips: &[Ipv4Addr]) -> anyhow::Result<Self> {
         ensure()?;
+        // Recorded first, so that another process's clean-up never takes a live cut for a
+        // leftover.
+        record_cuts(ips, &[])?;
         let mut cut = Self { ips: Vec::new() };
         for ip in ips {
             ip_route(&[
@@ -159,6 +298,7 @@ impl Drop for PathCut {
                 HOST_LINK,
             ]);
         }
+        let _ = record_cuts(&[], &self.ips);
     }
 }
 
@@ -211,4 +351,47 @@ pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     Ok(tokio::net::TcpSocket::from_std_stream(
         std::net::TcpStream::from(fd),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cut route recorded by a process that is gone (a PID above any pid_max) is removed by
+    /// the next clean-up; one of a live process (this one) is kept.
+    #[test]
+    fn cut_routes_of_dead_processes_are_removed() -> anyhow::Result<()> {
+        ensure()?;
+        // Block 127 belongs to the scale benchmark's range, which this test never runs beside.
+        let (dead_ip, live_ip) = (
+            Ipv4Addr::new(198, 18, 127, 249),
+            Ipv4Addr::new(198, 18, 127, 248),
+        );
+        let dead_file = format!("{STATE_DIR}/cut-4194999");
+        std::fs::write(&dead_file, format!("{dead_ip}\n"))?;
+        ip_route(&[
+            "replace",
+            &format!("{dead_ip}/32"),
+            "via",
+            DEAD_HOP,
+            "dev",
+            HOST_LINK,
+        ])?;
+        let live = PathCut::new(&[live_ip])?;
+        remove_stale_cuts(None)?;
+        let routes = output(&["ip", "route", "show", "via", DEAD_HOP]);
+        let dead_left = routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{dead_ip} ")));
+        let live_left = routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{live_ip} ")));
+        drop(live);
+        assert!(!dead_left, "the dead process's cut route stayed: {routes}");
+        assert!(live_left, "a live cut route was removed: {routes}");
+        assert!(!std::path::Path::new(&dead_file).exists());
+        let after = output(&["ip", "route", "show", "via", DEAD_HOP]);
+        assert!(!after.contains(&format!("{live_ip} ")), "{after}");
+        Ok(())
+    }
 }
