@@ -87,8 +87,8 @@ async fn an_impostor_answering_active_does_not_take_or_empty_the_active_service(
     let labels = pod_labels(&f.client, &f.ns, &pod.name).await?;
     let active = labels.get("vault-active").map(String::as_str);
     assert_ne!(active, Some("true"), "impostor labelled active: {labels:?}");
-    let unsealed_standby = labels.get("vault-sealed").map(String::as_str) == Some("false")
-        && active == Some("false");
+    let unsealed_standby =
+        labels.get("vault-sealed").map(String::as_str) == Some("false") && active == Some("false");
     assert!(!unsealed_standby, "impostor labelled a standby: {labels:?}");
     Ok(())
 }

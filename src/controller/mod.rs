@@ -349,44 +349,30 @@ fn cluster_name(vc: &VaultCluster) -> String {
     format!("{}/{}", vc.namespace().unwrap_or_default(), vc.name_any())
 }
 
-/// Observe, decide, act, report for one VaultCluster; or, between full rounds of a settled
-/// cluster, only a probe of its active pod (see `rhythm`).
+/// One round for one VaultCluster, in the order it reads: check the spec; between full
+/// rounds of a settled cluster, only a probe of its active pod (see `rhythm`); otherwise
+/// observe (pods from the caches, probes), decide (pure), act (writes), record what the
+/// writes did, report it (status, events, gauges), and only then remember the rhythm, so
+/// a round whose status could not be published is followed by a full one.
 async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let started = Instant::now();
-    let names = LabelNames::new(&vc.spec.label_prefix);
-    let settings = match settings::probe_settings(vc, ctx).await {
+    let settings = match usable(vc, ctx).await? {
         Ok(settings) => settings,
-        Err(settings::Unusable::Spec(problem)) => {
-            return report::invalid(vc, ctx, problem).await;
-        }
-        Err(settings::Unusable::Api(error)) => return Err(error),
+        Err(problem) => return report::invalid(vc, ctx, problem).await,
     };
-    if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
-        return report::invalid(vc, ctx, problem).await;
-    }
-    if let Some(problem) = services::name_clash(vc) {
-        return report::invalid(vc, ctx, problem).await;
-    }
     let uid = vc.uid().unwrap_or_default();
-    let ns = vc.namespace().unwrap_or_default();
     let previous = ctx.rhythms.lock().unwrap().get(&uid).cloned();
-    let dirty = ctx.dirty.lock().unwrap().remove(&uid);
-    if let (Some(r), Round::Sentinel(pod)) = (
-        &previous,
-        rhythm::round(previous.as_ref(), started, vc.metadata.generation, dirty),
-    ) {
-        let pod = ctx.caches.pods.read().unwrap().get(&ns, &pod);
-        if let Some(pod) = pod
-            && observe::sentinel(vc, ctx, &settings, &pod).await
-        {
-            let wait = rhythm::after_sentinel(r, Instant::now(), settings.active_interval);
-            return Ok(Action::requeue(wait));
-        }
+    if let Some(wait) = sentinel_round(vc, ctx, &settings, previous.as_ref(), started).await {
+        return Ok(Action::requeue(wait));
     }
+    // Observe.
     let selection = observe::select(vc, ctx);
     let mut members = observe::probe_all(vc, ctx, &settings, &selection.candidates).await;
+    // Decide.
+    let names = LabelNames::new(&vc.spec.label_prefix);
     let held = fail_static::hold(&mut members);
     let decision = decide(&names, &vc.name_any(), &members);
+    // Act, and record what was written.
     let acted = act::act(vc, ctx, &names, &decision, &members, &selection).await;
     let (service_problems, failed) = match acted.result {
         Ok(problems) => (problems, None),
@@ -405,13 +391,100 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         previous: vc.status.as_ref(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
+    // Report. A failed write still gets its status published, so Ready never stays True
+    // over it.
+    let first = previous.is_none();
+    if first
+        || vc.status.as_ref() != Some(&status)
+        || !ctx.metrics.shows(&vc_ns(vc), &vc.name_any())
+    {
+        report::gauges(vc, ctx, &status);
+    }
     let found = rhythm::Found {
         active: rhythm::settled_active(&acted.written, &decision.claimants),
         roles: roles_signature(&status),
         generation: vc.metadata.generation,
     };
-    let (next, mut wait) = rhythm::after_full(
+    let published = report::publish(vc, ctx, status).await;
+    // Remember the rhythm: only a round whose writes and report all landed may be
+    // followed by a sentinel round.
+    let landed = failed.is_none() && published.is_ok();
+    let wait = remember_rhythm(
+        vc,
+        ctx,
+        &settings,
         previous.as_ref(),
+        started,
+        found,
+        landed,
+    );
+    match (failed, published) {
+        (Some(error), _) | (None, Err(error)) => Err(error),
+        (None, Ok(())) => Ok(Action::requeue(wait)),
+    }
+}
+
+/// The probe settings, or the spec's problem to report; an API error is the round's.
+async fn usable(
+    vc: &VaultCluster,
+    ctx: &Context,
+) -> Result<Result<settings::ProbeSettings, String>, Error> {
+    let settings = match settings::probe_settings(vc, ctx).await {
+        Ok(settings) => settings,
+        Err(settings::Unusable::Spec(problem)) => return Ok(Err(problem)),
+        Err(settings::Unusable::Api(error)) => return Err(error),
+    };
+    if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
+        return Ok(Err(problem));
+    }
+    if let Some(problem) = services::name_clash(vc) {
+        return Ok(Err(problem));
+    }
+    Ok(Ok(settings))
+}
+
+/// Between full rounds of a settled cluster, probes only its active pod; the wait until the
+/// next round when that pod answered exactly as before, or None for a full round now. A
+/// change a watch reported (the dirty mark) always makes the round a full one.
+async fn sentinel_round(
+    vc: &VaultCluster,
+    ctx: &Context,
+    settings: &settings::ProbeSettings,
+    previous: Option<&Rhythm>,
+    started: Instant,
+) -> Option<Duration> {
+    let uid = vc.uid().unwrap_or_default();
+    // Taken before the pods are read: a change reported from now on marks it again.
+    let dirty = ctx.dirty.lock().unwrap().remove(&uid);
+    let r = previous?;
+    let Round::Sentinel(pod) = rhythm::round(Some(r), started, vc.metadata.generation, dirty)
+    else {
+        return None;
+    };
+    let pod = ctx.caches.pods.read().unwrap().get(&vc_ns(vc), &pod)?;
+    observe::sentinel(vc, ctx, settings, &pod)
+        .await
+        .then(|| rhythm::after_sentinel(r, Instant::now(), settings.active_interval))
+}
+
+/// Records the rhythm after a full round; the wait until the next round. A round whose
+/// writes or report did not all land leaves no settled active pod behind, so the next
+/// round (at the error backoff) is a full one.
+fn remember_rhythm(
+    vc: &VaultCluster,
+    ctx: &Context,
+    settings: &settings::ProbeSettings,
+    previous: Option<&Rhythm>,
+    started: Instant,
+    mut found: rhythm::Found,
+    landed: bool,
+) -> Duration {
+    if !landed {
+        found.active = None;
+    }
+    let uid = vc.uid().unwrap_or_default();
+    let (next, mut wait) = rhythm::after_full(
+        previous,
         started,
         found,
         interval(vc),
@@ -421,18 +494,11 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if previous.is_none() {
         wait += spread(&uid, interval(vc));
     }
-    if previous.is_none()
-        || vc.status.as_ref() != Some(&status)
-        || !ctx.metrics.shows(&ns, &vc.name_any())
-    {
-        report::gauges(vc, ctx, &status);
-    }
-    // A failed write still gets its status published, so Ready never stays True over it.
-    let published = report::publish(vc, ctx, status).await;
-    match failed {
-        Some(error) => Err(error),
-        None => published.map(|_| Action::requeue(wait)),
-    }
+    wait
+}
+
+fn vc_ns(vc: &VaultCluster) -> String {
+    vc.namespace().unwrap_or_default()
 }
 
 /// Every pod's role and the active pod, as a signature: what a change of the cluster is.
