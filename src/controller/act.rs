@@ -250,6 +250,7 @@ async fn converge_services(
             .patch(&name, &params, &Patch::Apply(&want))
             .await
             .map_err(service_write_failed(vc, &name))?;
+        let written = remove_foreign_fields(vc, &api, written, &want).await?;
         ctx.caches
             .services
             .write()
@@ -259,6 +260,23 @@ async fn converge_services(
     }
     remove_unwanted_services(vc, ctx, &api, &desired).await?;
     Ok(problems)
+}
+
+/// Removes what another writer added to a Service that the apply cannot take away (see
+/// `services::foreign_fields`), judged on the object the apply returned.
+async fn remove_foreign_fields(
+    vc: &VaultCluster,
+    api: &Api<Service>,
+    written: Service,
+    want: &Service,
+) -> Result<Service, Error> {
+    let Some(patch) = services::foreign_fields(&written, want) else {
+        return Ok(written);
+    };
+    let name = written.name_any();
+    api.patch(&name, &write_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(service_write_failed(vc, &name))
 }
 
 /// The cache holds only Services with our label: before creating one, make sure no one

@@ -71,6 +71,8 @@ pub struct Context {
     leading: Arc<AtomicBool>,
     /// Every watched scope (a namespace, or all): a round waits until each has listed.
     scopes: Vec<Option<String>>,
+    /// The Service types a VaultCluster may ask for (`--allowed-service-types`).
+    service_types: Vec<crate::crd::ServiceType>,
 }
 
 impl Context {
@@ -80,6 +82,7 @@ impl Context {
         metrics: Metrics,
         leading: Arc<AtomicBool>,
         scopes: Vec<Option<String>>,
+        service_types: Vec<crate::crd::ServiceType>,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -99,6 +102,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             leading,
             scopes,
+            service_types,
         })
     }
 
@@ -364,7 +368,9 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
         return report::invalid(vc, ctx, problem).await;
     }
-    if let Some(problem) = services::name_clash(vc) {
+    if let Some(problem) = services::name_clash(vc)
+        .or_else(|| services::disallowed_type(vc, &ctx.service_types))
+    {
         return report::invalid(vc, ctx, problem).await;
     }
     let uid = vc.uid().unwrap_or_default();
