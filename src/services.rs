@@ -240,11 +240,21 @@ pub fn foreign_fields(existing: &Service, want: &Service) -> Option<serde_json::
             fields.insert(field.into(), serde_json::Value::Null);
         }
     };
-    drop_if(spec.external_ips.is_some_and(|v| !v.is_empty()), "externalIPs");
-    drop_if(spec.external_name.is_some_and(|v| !v.is_empty()), "externalName");
-    drop_if(spec.load_balancer_ip.is_some_and(|v| !v.is_empty()), "loadBalancerIP");
     drop_if(
-        spec.load_balancer_source_ranges.is_some_and(|v| !v.is_empty()),
+        spec.external_ips.is_some_and(|v| !v.is_empty()),
+        "externalIPs",
+    );
+    drop_if(
+        spec.external_name.is_some_and(|v| !v.is_empty()),
+        "externalName",
+    );
+    drop_if(
+        spec.load_balancer_ip.is_some_and(|v| !v.is_empty()),
+        "loadBalancerIP",
+    );
+    drop_if(
+        spec.load_balancer_source_ranges
+            .is_some_and(|v| !v.is_empty()),
         "loadBalancerSourceRanges",
     );
     drop_if(

@@ -368,8 +368,8 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
         return report::invalid(vc, ctx, problem).await;
     }
-    if let Some(problem) = services::name_clash(vc)
-        .or_else(|| services::disallowed_type(vc, &ctx.service_types))
+    if let Some(problem) =
+        services::name_clash(vc).or_else(|| services::disallowed_type(vc, &ctx.service_types))
     {
         return report::invalid(vc, ctx, problem).await;
     }
