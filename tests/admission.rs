@@ -252,7 +252,52 @@ async fn fence(admin: &kube::Client, at: &Install) -> anyhow::Result<Tries> {
     vault_cluster_tries(&mut tries, &clients, ns).await;
     other_principal_tries(&mut tries, &clients, ns).await;
     operator_still_works(&mut tries, &clients, &vault, ns).await;
+    type_checked(at.prefix).await?;
     Ok(tries)
+}
+
+/// The API server type-checks each policy's expressions against the kinds it matches and
+/// its paramKind's schema, into the policy's status: a misspelt field would otherwise show
+/// only as a runtime error on the path that reaches it. kube-controller-manager checks with
+/// what its discovery knew when the policy was written, and it rereads discovery every
+/// 30 s: the CRD is new here, so an unbound copy of each policy is checked now, late enough.
+async fn type_checked(prefix: &str) -> anyhow::Result<()> {
+    for policy in [
+        "limits",
+        "ownership",
+        "services",
+        "vaultclusters",
+        "ownership-label",
+    ] {
+        let name = format!("{prefix}-{policy}");
+        let mut copy: Value = serde_json::from_str(
+            &kubectl(&["get", "validatingadmissionpolicy", &name, "-o", "json"]).await?,
+        )?;
+        let copy_name = format!("{name}-typecheck");
+        copy["metadata"] = json!({"name": copy_name});
+        copy.as_object_mut().map(|o| o.remove("status"));
+        let file = shared().dir().join(format!("{copy_name}.json"));
+        std::fs::write(&file, serde_json::to_vec(&copy)?)?;
+        kubectl(&["create", "-f", file.to_str().unwrap()]).await?;
+        let checked = wait::until(&format!("{name} type-checked"), LIMIT, || async {
+            let status = kubectl(&[
+                "get",
+                "validatingadmissionpolicy",
+                &copy_name,
+                "-o",
+                "jsonpath={.status.observedGeneration} {.status.typeChecking}",
+            ])
+            .await?;
+            Ok((!status.trim().is_empty()).then_some(status))
+        })
+        .await?;
+        kubectl(&["delete", "validatingadmissionpolicy", &copy_name]).await?;
+        anyhow::ensure!(
+            !checked.contains("expressionWarnings"),
+            "{name}'s expressions type-check: {checked}"
+        );
+    }
+    Ok(())
 }
 
 /// Fails if the operator's log shows a write any policy refused.
