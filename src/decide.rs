@@ -40,42 +40,67 @@ pub struct LabelPlan {
     pub promotes: bool,
 }
 
-/// The outcome of deciding labels for a whole cluster.
+/// The labels meant for a whole cluster: only an intention until `act` writes them, so it
+/// names no active pod (see `Written`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Ordered so that every demotion precedes any promotion: the active Service never
     /// selects two pods because of our writes.
     pub plans: Vec<LabelPlan>,
-    /// Pods whose health says active; more than one means none is labelled active.
+    /// Pods whose health says active. Of several, only the one already labelled active (the
+    /// incumbent) keeps the label; without an incumbent none is labelled active.
     pub claimants: Vec<String>,
-    /// The pod that carries the active label once the plans are written, if exactly one.
+}
+
+/// What a round's writes did. A write can be refused, time out or find its pod gone, so
+/// status and the rhythm go by this and never by the `Decision`: neither may name a pod
+/// active before its label is written, or the next round would trust a label that is not
+/// there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The pod that carries the active label after the writes, if exactly one does.
     pub active: Option<String>,
+    /// Every write the decision called for was made.
+    pub complete: bool,
+}
+
+impl Written {
+    /// The labels after `made`, the plans whose writes the API server accepted, over the
+    /// labels the round observed; `complete` when `made` is every write the round wanted.
+    pub fn after(
+        names: &LabelNames,
+        members: &[Member],
+        made: &[&LabelPlan],
+        complete: bool,
+    ) -> Self {
+        let mut active = members.iter().filter(|member| {
+            let plan = made.iter().find(|p| p.pod == member.name);
+            let value = match plan.and_then(|p| p.change.get(&names.active)) {
+                Some(written) => written.as_deref(),
+                None => member.labels.get(&names.active).map(String::as_str),
+            };
+            value == Some("true")
+        });
+        let sole = match (active.next(), active.next()) {
+            (Some(only), None) => Some(only.name.clone()),
+            _ => None,
+        };
+        Self {
+            active: sole,
+            complete,
+        }
+    }
 }
 
 /// The labels of every member, `owner` being the VaultCluster whose ownership label they get.
 pub fn decide(names: &LabelNames, owner: &str, members: &[Member]) -> Decision {
-    let claimants: Vec<String> = members
-        .iter()
-        .filter(|m| matches!(&m.verdict, Verdict::Healthy(h) if h.role == Role::Active))
-        .map(|m| m.name.clone())
-        .collect();
-    let sole = (claimants.len() == 1).then(|| claimants[0].as_str());
+    let claimants: Vec<&Member> = members.iter().filter(|m| answers_active(m)).collect();
+    let chosen = choose(names, &claimants);
     let mut plans: Vec<LabelPlan> = Vec::new();
-    let mut labelled_active = Vec::new();
     for member in members {
-        let mut want = wanted(names, member, sole, !claimants.is_empty());
+        let mut want = wanted(names, member, chosen, !claimants.is_empty());
         want.insert(OWNER_LABEL.to_string(), Some(owner.to_string()));
         let change = diff(&member.labels, &want);
-        let after = |name: &str| {
-            change
-                .get(name)
-                .cloned()
-                .flatten()
-                .or_else(|| member.labels.get(name).cloned())
-        };
-        if after(&names.active).as_deref() == Some("true") {
-            labelled_active.push(member.name.clone());
-        }
         if !change.is_empty() {
             let promotes = flag(&member.labels, &names.active) != Some(true)
                 && change.get(&names.active).cloned().flatten().as_deref() == Some("true");
@@ -89,32 +114,63 @@ pub fn decide(names: &LabelNames, owner: &str, members: &[Member]) -> Decision {
     plans.sort_by_key(|plan| plan.promotes);
     Decision {
         plans,
-        active: (labelled_active.len() == 1).then(|| labelled_active.remove(0)),
-        claimants,
+        claimants: claimants.iter().map(|m| m.name.clone()).collect(),
+    }
+}
+
+/// Whether Vault's own answer from this pod, this round, says active.
+pub fn answers_active(member: &Member) -> bool {
+    matches!(&member.verdict, Verdict::Healthy(h) if h.role == Role::Active)
+}
+
+/// The claimant to label active: the only one, or among several the one that already
+/// carries the label. Anyone who can run a pod with the selected labels can answer 200, so
+/// a newcomer must not take the label from, or share it with, an incumbent that still
+/// answers active; without an incumbent no claimant can be told apart, and none gets it.
+fn choose<'a>(names: &LabelNames, claimants: &[&'a Member]) -> Option<&'a str> {
+    if let [only] = claimants {
+        return Some(only.name.as_str());
+    }
+    let mut incumbents = claimants
+        .iter()
+        .filter(|m| flag(&m.labels, &names.active) == Some(true));
+    match (incumbents.next(), incumbents.next()) {
+        (Some(incumbent), None) => Some(incumbent.name.as_str()),
+        _ => None,
     }
 }
 
 /// The labels one pod should carry. A pod without a fresh result keeps its labels, except
-/// that a confirmed active pod elsewhere demotes it at once.
+/// that a confirmed active pod elsewhere demotes it at once. A claimant that is not chosen
+/// is not labelled either: its role labels stay as they were, only an active label goes.
 fn wanted(
     names: &LabelNames,
     member: &Member,
-    sole_active: Option<&str>,
+    chosen: Option<&str>,
     someone_claims: bool,
 ) -> BTreeMap<String, Option<String>> {
     match &member.verdict {
+        Verdict::Healthy(_) if answers_active(member) && chosen != Some(member.name.as_str()) => {
+            demoted(names, member)
+        }
         Verdict::Healthy(health) => {
             let mut flags = flags_for(health);
-            flags.active = sole_active == Some(member.name.as_str());
+            flags.active = chosen == Some(member.name.as_str());
             desired(names, flags, &health.version)
         }
         Verdict::Down { .. } => desired(names, AFTER_SHUTDOWN, ""),
-        Verdict::Failing { .. }
-            if someone_claims && flag(&member.labels, &names.active) == Some(true) =>
-        {
-            BTreeMap::from([(names.active.clone(), Some("false".to_string()))])
-        }
+        Verdict::Failing { .. } if someone_claims => demoted(names, member),
         Verdict::Failing { .. } => BTreeMap::new(),
+    }
+}
+
+/// Only the active label, and only if the pod carries it: the pod leaves the active
+/// Service and nothing else is said about it.
+fn demoted(names: &LabelNames, member: &Member) -> BTreeMap<String, Option<String>> {
+    if flag(&member.labels, &names.active) == Some(true) {
+        BTreeMap::from([(names.active.clone(), Some("false".to_string()))])
+    } else {
+        BTreeMap::new()
     }
 }
 
@@ -261,14 +317,65 @@ mod tests {
                 vec!["v0"],
             ),
             (
-                "two claim active: neither labelled",
+                "two claim active: the incumbent keeps the label",
                 vec![
                     member("v0", Some("active"), health(Role::Active)),
                     member("v1", Some("standby"), health(Role::Active)),
                 ],
+                vec!["v0"],
+                2,
+                vec![],
+            ),
+            (
+                "an unlabelled newcomer claims beside the incumbent",
+                vec![
+                    member("v0", Some("active"), health(Role::Active)),
+                    member("imp", None, health(Role::Active)),
+                ],
+                vec!["v0"],
+                2,
+                vec!["imp"],
+            ),
+            (
+                "two claim active, no incumbent: neither labelled",
+                vec![
+                    member("v0", Some("standby"), health(Role::Active)),
+                    member("v1", Some("standby"), health(Role::Active)),
+                ],
                 vec![],
                 2,
-                vec!["v0"],
+                vec![],
+            ),
+            (
+                "two claim active, both labelled active: neither keeps it",
+                vec![
+                    member("v0", Some("active"), health(Role::Active)),
+                    member("v1", Some("active"), health(Role::Active)),
+                ],
+                vec![],
+                2,
+                vec!["v0", "v1"],
+            ),
+            (
+                "the incumbent stops claiming: the newcomer takes over",
+                vec![
+                    member("v0", Some("active"), health(Role::Standby)),
+                    member("v1", None, health(Role::Active)),
+                ],
+                vec!["v1"],
+                1,
+                vec!["v0", "v1"],
+            ),
+            (
+                "the incumbent stops answering: the newcomer takes over",
+                vec![
+                    member("v0", Some("active"), failing()),
+                    member("v1", Some("standby"), health(Role::Active)),
+                    member("v2", Some("standby"), health(Role::Standby)),
+                ],
+                vec!["v1"],
+                1,
+                vec!["v0", "v1"],
             ),
             (
                 "unprobed pod only gets the ownership label",
@@ -292,8 +399,10 @@ mod tests {
             let mut pods: Vec<&str> = decision.plans.iter().map(|p| p.pod.as_str()).collect();
             pods.sort();
             assert_eq!(pods, written, "{name}: written");
+            let all: Vec<&LabelPlan> = decision.plans.iter().collect();
+            let written = Written::after(&LabelNames::new("vault"), &members, &all, true);
             assert_eq!(
-                decision.active.as_deref(),
+                written.active.as_deref(),
                 active.first().copied().filter(|_| active.len() == 1),
                 "{name}"
             );
@@ -330,6 +439,28 @@ mod tests {
     }
 
     #[test]
+    fn a_claimant_beside_the_incumbent_gets_no_role_label() {
+        let members = vec![
+            member("v0", Some("active"), health(Role::Active)),
+            member("imp", None, health(Role::Active)),
+            member("v2", Some("standby"), health(Role::Standby)),
+        ];
+        let names = LabelNames::new("vault");
+        let decision = decide(&names, "vault", &members);
+        let all: Vec<&LabelPlan> = decision.plans.iter().collect();
+        let written = Written::after(&names, &members, &all, true);
+        assert_eq!(written.active.as_deref(), Some("v0"));
+        assert_eq!(decision.claimants, ["v0", "imp"]);
+        let plan = decision.plans.iter().find(|p| p.pod == "imp").unwrap();
+        assert_eq!(
+            plan.change,
+            BTreeMap::from([(OWNER_LABEL.to_string(), Some("vault".to_string()))]),
+            "not in the standby Service either"
+        );
+        assert!(!plan.promotes);
+    }
+
+    #[test]
     fn demoting_a_failing_pod_touches_only_the_active_label() {
         let members = vec![
             member("v0", Some("active"), failing()),
@@ -341,5 +472,33 @@ mod tests {
             plan.change,
             BTreeMap::from([("vault-active".to_string(), Some("false".to_string()))])
         );
+    }
+
+    #[test]
+    fn only_writes_made_move_the_active_label() {
+        let names = LabelNames::new("vault");
+        let failover = vec![
+            member("v0", Some("active"), health(Role::Standby)),
+            member("v1", Some("standby"), health(Role::Active)),
+        ];
+        let plans = decide(&names, "vault", &failover).plans;
+        let (demote, promote) = (&plans[0], &plans[1]);
+        let removes = LabelPlan {
+            pod: "v0".into(),
+            change: BTreeMap::from([("vault-active".to_string(), None)]),
+            promotes: false,
+        };
+        // (case, plans written, active afterwards)
+        let cases: Vec<(&str, Vec<&LabelPlan>, Option<&str>)> = vec![
+            ("nothing written", vec![], Some("v0")),
+            ("demotion written, promotion refused", vec![demote], None),
+            ("both written", vec![demote, promote], Some("v1")),
+            ("promotion alone: two labelled", vec![promote], None),
+            ("a removed label is not active", vec![&removes], None),
+        ];
+        for (case, made, active) in cases {
+            let written = Written::after(&names, &failover, &made, false);
+            assert_eq!(written.active.as_deref(), active, "{case}");
+        }
     }
 }

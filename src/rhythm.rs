@@ -4,11 +4,18 @@
 //! 0.6 s before another pod starts, so the change is seen while it happens. Once a round
 //! sees a change and the cluster is not settled, full rounds follow each other quickly (a
 //! burst) until it settles again, so the new active pod is labelled within a round of its
-//! first 200. A cluster that stays unsettled (all sealed, say) falls back to a quarter of
-//! the interval after the burst. A first round is no change: a thousand clusters starting
-//! together do not all burst.
+//! first 200. A cluster still without a settled active pod after the burst keeps full
+//! rounds every `activeInterval`: Vault's election has no bound we know (14.4 s after a
+//! SIGKILL under raft), and the label should follow it within a fast round whenever it
+//! ends. A first round is no change: a thousand clusters starting together do not all
+//! burst.
+//!
+//! Settled means what was written, not what was meant: a pod whose promotion was refused
+//! is not the settled active pod, so the round after a failed write is a full one.
 
 use std::time::{Duration, Instant};
+
+use crate::decide::Written;
 
 /// Full rounds this far apart while a change is under way.
 pub const BURST_PERIOD: Duration = Duration::from_millis(100);
@@ -55,7 +62,8 @@ pub fn round(rhythm: Option<&Rhythm>, now: Instant, generation: Option<i64>, dir
 /// What a full round found, for the rhythm.
 #[derive(Clone, Debug)]
 pub struct Found {
-    /// The pod that answers active and is labelled so, when it is the only one.
+    /// The pod that answers active and is labelled so, when it is the only one (see
+    /// `settled_active`).
     pub active: Option<String>,
     /// A signature of every pod's role.
     pub roles: u64,
@@ -77,12 +85,12 @@ pub fn after_full(
         previous.and_then(|r| r.changed_at)
     };
     let bursting = changed_at.is_some_and(|at| now.duration_since(at) < BURST_LENGTH);
-    let wait = if found.active.is_some() {
-        active_interval.min(interval)
-    } else if bursting {
+    // Settled or not, never slower than the active interval: without an active pod the
+    // next full round is what finds the new one.
+    let wait = if bursting && found.active.is_none() {
         BURST_PERIOD
     } else {
-        (interval / 4).max(Duration::from_millis(200))
+        active_interval.min(interval)
     };
     let rhythm = Rhythm {
         full_due: now + interval,
@@ -92,6 +100,16 @@ pub fn after_full(
         roles: found.roles,
     };
     (rhythm, wait)
+}
+
+/// The pod a sentinel round may probe alone: the only pod answering active, labelled so by
+/// a write that was made, with no write of the round left undone. After a refused or lost
+/// write there is none, so the next round is a full one that retries it.
+pub fn settled_active(written: &Written, claimants: &[String]) -> Option<String> {
+    match claimants {
+        [only] if written.complete && written.active.as_ref() == Some(only) => Some(only.clone()),
+        _ => None,
+    }
 }
 
 /// How long until the next round after a sentinel that found the active pod unchanged.
@@ -210,11 +228,7 @@ mod tests {
         let (r, wait) = after_full(Some(&r), t0 + s(5), found(false, 2), INTERVAL, ACTIVE);
         assert_eq!(wait, BURST_PERIOD, "the burst goes on while unsettled");
         let (r2, wait) = after_full(Some(&r), t0 + s(12), found(false, 2), INTERVAL, ACTIVE);
-        assert_eq!(
-            wait,
-            Duration::from_millis(500),
-            "after the burst: interval / 4"
-        );
+        assert_eq!(wait, ACTIVE, "after the burst: the active interval");
         let (r, wait) = after_full(Some(&r2), t0 + s(13), found(true, 3), INTERVAL, ACTIVE);
         assert_eq!(
             (r.active.is_some(), wait, r.full_due),
@@ -227,6 +241,92 @@ mod tests {
             Duration::from_millis(300),
             "never slower than the interval"
         );
+    }
+
+    #[test]
+    fn without_an_active_pod_rounds_stay_fast_after_the_burst() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let long = s(10);
+        let found = |active: Option<&str>, roles| Found {
+            active: active.map(String::from),
+            roles,
+            generation: Some(1),
+        };
+        let (quiet, _) = after_full(None, t0, found(None, 1), long, ACTIVE);
+        let (changed, _) = after_full(Some(&quiet), t0 + s(1), found(None, 2), long, ACTIVE);
+        // (case, rhythm before, seconds after t0, found, wait)
+        let cases = [
+            ("first round, none active", None, 0, found(None, 1), ACTIVE),
+            ("change seen", Some(&quiet), 1, found(None, 2), BURST_PERIOD),
+            (
+                "burst goes on",
+                Some(&changed),
+                9,
+                found(None, 2),
+                BURST_PERIOD,
+            ),
+            (
+                "burst over, none active",
+                Some(&changed),
+                12,
+                found(None, 2),
+                ACTIVE,
+            ),
+            (
+                "a minute on, none active",
+                Some(&changed),
+                61,
+                found(None, 2),
+                ACTIVE,
+            ),
+            ("settled", Some(&changed), 12, found(Some("v0"), 3), ACTIVE),
+        ];
+        for (case, before, at, found, want) in cases {
+            let (_, wait) = after_full(before, t0 + s(at), found, long, ACTIVE);
+            assert_eq!(wait, want, "{case}");
+        }
+    }
+
+    #[test]
+    fn only_a_written_sole_active_pod_is_settled() {
+        let written = |active: Option<&str>, complete| Written {
+            active: active.map(String::from),
+            complete,
+        };
+        let one = vec!["v0".to_string()];
+        let two = vec!["v0".to_string(), "v1".to_string()];
+        // (case, written, claimants, settled)
+        let cases = [
+            (
+                "labelled and answering",
+                written(Some("v0"), true),
+                &one,
+                Some("v0"),
+            ),
+            ("promotion refused", written(None, false), &one, None),
+            (
+                "promotion written, a later write failed",
+                written(Some("v0"), false),
+                &one,
+                None,
+            ),
+            (
+                "label left on a pod no longer active",
+                written(Some("v1"), true),
+                &one,
+                None,
+            ),
+            ("two claimants", written(Some("v0"), true), &two, None),
+            ("no claimant", written(Some("v0"), true), &vec![], None),
+        ];
+        for (case, written, claimants, want) in cases {
+            assert_eq!(
+                settled_active(&written, claimants).as_deref(),
+                want,
+                "{case}"
+            );
+        }
     }
 
     #[test]

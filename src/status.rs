@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{MemberStatus, VaultClusterStatus};
-use crate::decide::{Decision, Member};
+use crate::decide::{Decision, Member, Written};
 use crate::text::{self, shorten};
 use crate::tracker::Verdict;
 
@@ -22,15 +22,19 @@ const VERSIONS: usize = 256;
 pub struct Observation<'a> {
     pub generation: Option<i64>,
     pub members: &'a [Member],
+    /// Only for the claimants: what was meant is not what the labels say.
     pub decision: &'a Decision,
+    /// What the round's writes did: the active pod named is the one labelled so.
+    pub written: &'a Written,
     /// Why the spec cannot be acted on, if it cannot (what the schema could not reject).
     pub spec_problem: Option<String>,
     /// Services that could not be put in place, and why.
     pub service_problems: Vec<String>,
     /// Pods left alone because an older VaultCluster selects them: "pod (cluster)".
     pub overlaps: Vec<String>,
-    /// Labels are held because no pod answered (see `fail_static`).
-    pub held: bool,
+    /// Pods whose labels are held: no Vault answer, Kubernetes reports them Ready, and no
+    /// other pod answers active (see `fail_static`).
+    pub held: Vec<String>,
     /// The write that failed this round, if one did: the status must not claim Ready.
     pub write_problem: Option<String>,
     pub previous: Option<&'a VaultClusterStatus>,
@@ -55,7 +59,7 @@ pub fn build(o: &Observation) -> VaultClusterStatus {
     let mut status = VaultClusterStatus {
         observed_generation: o.generation,
         conditions: Vec::new(),
-        active_pod: o.decision.active.clone(),
+        active_pod: o.written.active.clone(),
         pods: members.len() as i32,
         active: o.decision.claimants.len() as i32,
         standby: count(&["standby"]),
@@ -132,8 +136,10 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
             format!("Services in place; {available_message}"),
         )
     };
-    let degraded = if o.held {
-        Some(("ProbesFailing", held_message(s)))
+    let degraded = if !o.held.is_empty() {
+        Some(("ProbesFailing", held_message(&o.held, s)))
+    } else if let Some(message) = contest(s) {
+        Some(("MultipleActive", message))
     } else {
         degradation(s).map(|message| ("PodsUnhealthy", message))
     };
@@ -175,7 +181,7 @@ fn conditions(o: &Observation, s: &VaultClusterStatus) -> Vec<Condition> {
 
 fn availability(o: &Observation) -> (bool, &'static str, String) {
     let claimants = &o.decision.claimants;
-    if claimants.len() > 1 {
+    if claimants.len() > 1 && o.written.active.is_none() {
         return (
             false,
             "MultipleActive",
@@ -185,27 +191,57 @@ fn availability(o: &Observation) -> (bool, &'static str, String) {
             ),
         );
     }
-    match &o.decision.active {
-        Some(pod) if o.held => (
+    match &o.written.active {
+        Some(pod) if o.held.contains(pod) => (
             true,
             "ActiveHeld",
-            format!("{pod} keeps the active label: no pod answers, Kubernetes reports it Ready"),
+            format!(
+                "{pod} keeps the active label: it gives no Vault answer, Kubernetes reports it Ready and no other pod answers active"
+            ),
         ),
         Some(pod) => (true, "ActivePod", format!("{pod} is active")),
         None if o.members.is_empty() => (false, "NoPods", "no pod matches the selector".into()),
+        None if claimants.len() == 1 => (
+            false,
+            "ActiveUnlabelled",
+            format!(
+                "{} answers as active; its active label is not written yet",
+                claimants[0]
+            ),
+        ),
         None => (false, "NoActivePod", "no pod answers as active".into()),
     }
 }
 
-fn held_message(s: &VaultClusterStatus) -> String {
+/// Names the pods that answer active beside the one keeping the label, if any. Read from
+/// the status (a member that answered this round has no probe error), so that a restarted
+/// operator finds the same contest and does not repeat its event.
+fn contest(s: &VaultClusterStatus) -> Option<String> {
+    let keeper = s.active_pod.as_deref()?;
+    let newcomers: Vec<&str> = s
+        .members
+        .iter()
+        .filter(|m| m.role == "active" && m.last_probe_error.is_empty() && m.name != keeper)
+        .map(|m| m.name.as_str())
+        .collect();
+    let newcomers = newcomers.join(", ");
+    (!newcomers.is_empty()).then(|| {
+        format!(
+            "{keeper} and {newcomers} answer active; {keeper} was labelled active first and keeps the label; not labelled: {newcomers}"
+        )
+    })
+}
+
+fn held_message(held: &[String], s: &VaultClusterStatus) -> String {
     let example = s
         .members
         .iter()
-        .find(|m| !m.last_probe_error.is_empty())
+        .find(|m| held.contains(&m.name) && !m.last_probe_error.is_empty())
         .map(|m| format!(" ({}: {})", m.name, m.last_probe_error))
         .unwrap_or_default();
     format!(
-        "no selected pod answered its health probe{example}; labels of pods that Kubernetes reports Ready are held"
+        "no Vault answer from {}{example}; Kubernetes reports them Ready, so their labels are held until another pod answers active or Kubernetes marks them not Ready",
+        held.join(", ")
     )
 }
 
@@ -300,6 +336,15 @@ pub fn notices(old: Option<&VaultClusterStatus>, new: &VaultClusterStatus) -> Ve
                 pod: None,
             });
         }
+    }
+    // From the status, not the condition: ProbesFailing may hide a contest in Degraded.
+    if let Some(message) = contest(new).filter(|m| contest(old).as_ref() != Some(m)) {
+        out.push(Notice {
+            warning: true,
+            reason: "MultipleActive",
+            message,
+            pod: None,
+        });
     }
     if reason_of(old, "Degraded") == Some("ProbesFailing")
         && reason_of(new, "Degraded") != Some("ProbesFailing")
@@ -468,6 +513,12 @@ mod tests {
         }
     }
 
+    /// What the writes did when every one the decision called for was accepted.
+    fn all_written(decision: &Decision, members: &[Member]) -> Written {
+        let plans: Vec<_> = decision.plans.iter().collect();
+        Written::after(&LabelNames::new("vault"), members, &plans, true)
+    }
+
     fn status_of(
         members: Vec<Member>,
         previous: Option<&VaultClusterStatus>,
@@ -479,10 +530,11 @@ mod tests {
             generation: Some(3),
             members: &members,
             decision: &decision,
+            written: &all_written(&decision, &members),
             spec_problem: None,
             service_problems: services,
             overlaps: vec![],
-            held: false,
+            held: vec![],
             write_problem: None,
             previous,
             now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
@@ -870,6 +922,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_newcomer_answering_active_is_reported_beside_the_incumbent() {
+        let mut incumbent = healthy("v0", Role::Active);
+        incumbent
+            .labels
+            .insert("vault-active".into(), "true".into());
+        let before = status_of(
+            vec![incumbent.clone(), healthy("v1", Role::Standby)],
+            None,
+            vec![],
+            1,
+        );
+        let contested = status_of(
+            vec![incumbent, healthy("imp", Role::Active)],
+            Some(&before),
+            vec![],
+            2,
+        );
+        assert_eq!(contested.active_pod.as_deref(), Some("v0"));
+        let available = cond(&contested, "Available");
+        assert_eq!(
+            (available.status.as_str(), available.reason.as_str()),
+            ("True", "ActivePod")
+        );
+        let degraded = cond(&contested, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "MultipleActive")
+        );
+        assert_eq!(
+            degraded.message,
+            "v0 and imp answer active; v0 was labelled active first and keeps the label; not labelled: imp"
+        );
+        let got: Vec<(&str, bool, String)> = notices(Some(&before), &contested)
+            .into_iter()
+            .map(|n| (n.reason, n.warning, n.message))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("MultipleActive", true, degraded.message.clone())]
+        );
+        assert!(notices(Some(&contested), &contested).is_empty());
+    }
+
     /// The status of one active pod, with overlaps, held labels or a failed write.
     fn one_active(
         overlaps: Vec<String>,
@@ -878,16 +974,28 @@ mod tests {
         previous: Option<&VaultClusterStatus>,
         at: i64,
     ) -> VaultClusterStatus {
-        let members = vec![healthy("v0", Role::Active)];
+        let mut v0 = healthy("v0", Role::Active);
+        v0.labels.insert("vault-active".into(), "true".into());
+        if held {
+            let Verdict::Healthy(last) = v0.verdict else {
+                unreachable!()
+            };
+            v0.verdict = Verdict::Failing {
+                last: Some(last),
+                error: "no answer within 300ms".into(),
+            };
+        }
+        let members = vec![v0];
         let decision = decide(&LabelNames::new("vault"), "vault", &members);
         build(&Observation {
             generation: Some(1),
             members: &members,
             decision: &decision,
+            written: &all_written(&decision, &members),
             spec_problem: None,
             service_problems: vec![],
             overlaps,
-            held,
+            held: if held { vec!["v0".into()] } else { vec![] },
             write_problem: write.map(String::from),
             previous,
             now: Time(k8s_openapi::jiff::Timestamp::from_second(at).unwrap()),
@@ -936,6 +1044,10 @@ mod tests {
         assert_eq!(cond(&held, "Degraded").reason, "ProbesFailing");
         assert_eq!(cond(&held, "Degraded").status, "True");
         assert_eq!(cond(&held, "Available").reason, "ActiveHeld");
+        assert_eq!(
+            cond(&held, "Degraded").message,
+            "no Vault answer from v0 (v0: no answer within 300ms); Kubernetes reports them Ready, so their labels are held until another pod answers active or Kubernetes marks them not Ready"
+        );
         let got: Vec<(&str, bool)> = notices(Some(&normal), &held)
             .iter()
             .map(|n| (n.reason, n.warning))
@@ -956,5 +1068,38 @@ mod tests {
         );
         assert_eq!(cond(&failed, "Ready").status, "False");
         assert_eq!(cond(&failed, "Ready").reason, "WriteFailed");
+    }
+
+    #[test]
+    fn a_refused_promotion_names_no_active_pod() {
+        let members = vec![healthy("v0", Role::Active), healthy("v1", Role::Standby)];
+        let decision = decide(&LabelNames::new("vault"), "vault", &members);
+        let standby = decision
+            .plans
+            .iter()
+            .filter(|p| !p.promotes)
+            .collect::<Vec<_>>();
+        let written = Written::after(&LabelNames::new("vault"), &members, &standby, false);
+        let status = build(&Observation {
+            generation: Some(1),
+            members: &members,
+            decision: &decision,
+            written: &written,
+            spec_problem: None,
+            service_problems: vec![],
+            overlaps: vec![],
+            held: vec![],
+            write_problem: Some("patching labels of pod v0: refused".into()),
+            previous: None,
+            now: Time(k8s_openapi::jiff::Timestamp::from_second(1).unwrap()),
+        });
+        assert_eq!((status.active_pod.as_deref(), status.active), (None, 1));
+        let available = cond(&status, "Available");
+        assert_eq!(
+            (available.status.as_str(), available.reason.as_str()),
+            ("False", "ActiveUnlabelled")
+        );
+        assert!(available.message.starts_with("v0 answers as active"));
+        assert_eq!(cond(&status, "Ready").reason, "WriteFailed");
     }
 }

@@ -55,7 +55,8 @@ impl Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Healthy(Health),
-    /// Failing fewer than threshold times in a row: labels stay as they are.
+    /// Failing fewer than threshold times in a row, or held past it by `fail_static`:
+    /// labels stay as they are.
     Failing {
         last: Option<Health>,
         error: String,

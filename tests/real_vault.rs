@@ -21,6 +21,7 @@ use kube::api::{Api, ListParams, PostParams};
 use tokio::sync::{Mutex, MutexGuard};
 use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::cluster::{Operator, endpoint_ips, wait_endpoints};
+use vault_registrar_testkit::pods::set_running;
 use vault_registrar_testkit::real_vault::{HealthLog, RaftCluster, VAULT_VERSION};
 use vault_registrar_testkit::wait;
 
@@ -300,6 +301,11 @@ async fn real_vault_standby_answering_474_is_never_labelled_active() -> anyhow::
     let watch = rig.watch_active_labels();
     rig.vault.kill(a);
     rig.vault.kill(s);
+    // No kubelet runs here: mark the dead pods not Ready as it would. Nobody answers active,
+    // so without it their labels would rightly be held.
+    for i in [a, s] {
+        set_running(&rig.client, &rig.ns, &rig.vault.nodes[i].pod, false).await?;
+    }
     rig.vault.wait_code(t, 474, LIMIT).await?;
     let body = rig.vault.health(t).await?;
     assert_eq!(
@@ -332,6 +338,7 @@ async fn real_vault_standby_answering_474_is_never_labelled_active() -> anyhow::
     for i in [a, s] {
         rig.vault.restart(i).await?;
         rig.vault.unseal(i).await?;
+        set_running(&rig.client, &rig.ns, &rig.vault.nodes[i].pod, true).await?;
     }
     let watch = rig.watch_active_labels();
     let b = rig.vault.wait_active(LIMIT).await?;

@@ -1,6 +1,7 @@
 //! Act: the few writes a decision calls for, pod labels (every demotion before a
 //! promotion) and the generated Services, each guarded by leadership and the pod's UID.
 //! What a write returns goes into the cache at once, so the next round does not repeat it.
+//! What was written, not what was meant, is what `act` hands on (`Written`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use tracing::info;
 use super::observe::Selection;
 use super::{Context, MANAGER, cache, cluster_name, interval};
 use crate::crd::VaultCluster;
-use crate::decide::{Decision, LabelPlan, Member};
+use crate::decide::{Decision, LabelPlan, Member, Written};
 use crate::error::Error;
 use crate::index::SlimPod;
 use crate::labels::{
@@ -22,9 +23,17 @@ use crate::labels::{
 };
 use crate::services::{self, Kind};
 
+/// What `act` did.
+pub struct Acted {
+    /// The labels as the writes left them.
+    pub written: Written,
+    /// Why any Service could not be put in place; or the write that failed, after which
+    /// nothing more was written.
+    pub result: Result<Vec<String>, Error>,
+}
+
 /// Writes what the decision calls for: labels, strays, Services. Stops at the first failed
-/// write, so a promotion never follows a failed demotion. Returns why any Service could not
-/// be put in place.
+/// write, so a promotion never follows a failed demotion.
 pub async fn act(
     vc: &VaultCluster,
     ctx: &Context,
@@ -32,7 +41,33 @@ pub async fn act(
     decision: &Decision,
     members: &[Member],
     selection: &Selection,
-) -> Result<Vec<String>, Error> {
+) -> Acted {
+    let (made, labelled) = write_plans(vc, ctx, decision, members, &selection.candidates).await;
+    let result = match labelled {
+        Ok(()) => match retire_old_prefix(vc, ctx, decision, &selection.candidates).await {
+            Ok(()) => strays_and_services(vc, ctx, names, selection).await,
+            Err(error) => Err(error),
+        },
+        Err(error) => Err(error),
+    };
+    let complete = result.is_ok() && made.len() == decision.plans.len();
+    Acted {
+        written: Written::after(names, members, &made, complete),
+        result,
+    }
+}
+
+/// Writes the label plans in their order (demotions first) and stops at the first that
+/// fails; returns the plans that were written. A pod gone or replaced is no failure, but its
+/// plan was not written either.
+async fn write_plans<'d>(
+    vc: &VaultCluster,
+    ctx: &Context,
+    decision: &'d Decision,
+    members: &[Member],
+    pods: &[Arc<SlimPod>],
+) -> (Vec<&'d LabelPlan>, Result<(), Error>) {
+    let mut made = Vec::new();
     for plan in &decision.plans {
         if plan.promotes {
             let ip = members
@@ -42,9 +77,21 @@ pub async fn act(
                 .unwrap_or_default();
             await_active_endpoints_drained(vc, ctx, ip).await;
         }
-        write_labels(vc, ctx, plan, &selection.candidates).await?;
+        match write_labels(vc, ctx, plan, pods).await {
+            Ok(Patched::Written) => made.push(plan),
+            Ok(Patched::Gone) => {}
+            Err(error) => return (made, Err(error)),
+        }
     }
-    retire_old_prefix(vc, ctx, decision, &selection.candidates).await?;
+    (made, Ok(()))
+}
+
+async fn strays_and_services(
+    vc: &VaultCluster,
+    ctx: &Context,
+    names: &LabelNames,
+    selection: &Selection,
+) -> Result<Vec<String>, Error> {
     for pod in &selection.strays {
         strip_labels(vc, ctx, names, pod).await?;
     }
@@ -92,14 +139,22 @@ async fn await_active_endpoints_drained(vc: &VaultCluster, ctx: &Context, promot
     }
 }
 
+/// Whether a pod's labels were written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Patched {
+    Written,
+    /// The pod was gone or replaced under its name: nothing written, nothing to retry.
+    Gone,
+}
+
 async fn write_labels(
     vc: &VaultCluster,
     ctx: &Context,
     plan: &LabelPlan,
     pods: &[Arc<SlimPod>],
-) -> Result<(), Error> {
+) -> Result<Patched, Error> {
     let Some(pod) = pods.iter().find(|p| p.name == plan.pod) else {
-        return Ok(());
+        return Ok(Patched::Gone);
     };
     let mut change = plan.change.clone();
     change.extend(retire_prefix(&vc.spec.label_prefix, &pod.labels));
@@ -126,6 +181,7 @@ async fn retire_old_prefix(
         let change = retire_prefix(&vc.spec.label_prefix, &pod.labels);
         if !change.is_empty() {
             patch_pod(vc, ctx, pod, json!({"labels": change})).await?;
+            // A pod gone meanwhile is the next round's to see.
         }
     }
     Ok(())
@@ -136,7 +192,7 @@ pub async fn strip_labels(
     ctx: &Context,
     names: &LabelNames,
     pod: &SlimPod,
-) -> Result<(), Error> {
+) -> Result<Patched, Error> {
     let change = diff(&pod.labels, &full_removal(names, &pod.labels));
     // Only the version that was read: if the labels changed since (another VaultCluster
     // claimed the pod, say), the API server refuses and the next round reads them again.
@@ -156,7 +212,7 @@ async fn patch_pod(
     ctx: &Context,
     pod: &SlimPod,
     mut meta: serde_json::Value,
-) -> Result<(), Error> {
+) -> Result<Patched, Error> {
     let (ns, name) = (&pod.namespace, &pod.name);
     ctx.guard(&format!("pod {ns}/{name}"))?;
     meta["uid"] = json!(pod.uid);
@@ -177,11 +233,11 @@ async fn patch_pod(
                 .apply_written(SlimPod::from(&written));
             ctx.metrics.label_writes.inc();
             info!(cluster = %cluster_name(vc), pod = %name, "labels written");
-            Ok(())
+            Ok(Patched::Written)
         }
         Err(kube::Error::Api(e)) if e.code == 404 || replaced(&e) => {
             info!(cluster = %cluster_name(vc), pod = %name, reason = %e.message, "pod gone or replaced; labels not written");
-            Ok(())
+            Ok(Patched::Gone)
         }
         Err(source) => Err(Error::PatchPod {
             cluster: cluster_name(vc),

@@ -393,8 +393,8 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let mut members = observe::probe_all(vc, ctx, &settings, &selection.candidates).await;
     let held = fail_static::hold(&mut members);
     let decision = decide(&names, &vc.name_any(), &members);
-    let outcome = act::act(vc, ctx, &names, &decision, &members, &selection).await;
-    let (service_problems, failed) = match outcome {
+    let acted = act::act(vc, ctx, &names, &decision, &members, &selection).await;
+    let (service_problems, failed) = match acted.result {
         Ok(problems) => (problems, None),
         Err(error) => (Vec::new(), Some(error)),
     };
@@ -402,6 +402,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         generation: vc.metadata.generation,
         members: &members,
         decision: &decision,
+        written: &acted.written,
         spec_problem: settings.warning.clone(),
         service_problems,
         overlaps: selection.overlaps,
@@ -411,7 +412,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
     let found = rhythm::Found {
-        active: status.active_pod.clone().filter(|_| status.active == 1),
+        active: rhythm::settled_active(&acted.written, &decision.claimants),
         roles: roles_signature(&status),
         generation: vc.metadata.generation,
     };

@@ -3,7 +3,7 @@
 //! It serves the unauthenticated endpoints the operator reads — `sys/health` and `sys/leader` —
 //! with Vault's status codes, query overrides and JSON bodies, over plain HTTP or TLS, and can be
 //! switched while running into the failure modes a real node shows: refusing connections,
-//! hanging, or answering with something that is not Vault.
+//! hanging, or answering with something that is not Vault (an HTML page, a 404).
 
 use std::io;
 use std::net::SocketAddr;
@@ -60,6 +60,9 @@ pub enum Behavior {
     Garbage,
     /// `200` whose body is the first half of the JSON Vault would send.
     Truncated,
+    /// `404` with a plain-text page, as another HTTP server reached at the pod's address
+    /// answers (traffic leaving through another route, an ingress default backend).
+    NotFound,
 }
 
 /// Everything that decides what the simulator answers.
@@ -374,6 +377,7 @@ async fn handle(req: http::Request<Incoming>, inner: Arc<Inner>) -> io::Result<H
         // Only reachable in the instant between the state change and the listener closing.
         Behavior::Crash => Err(io::Error::other("simulated crash")),
         Behavior::Garbage => Ok(garbage(head)),
+        Behavior::NotFound => Ok(not_found(head)),
         Behavior::Serve => route(&inner, &state, &req).into_response(head),
         Behavior::Truncated => route(&inner, &state, &req).truncated().into_response(head),
     }
@@ -391,6 +395,15 @@ fn garbage(head: bool) -> HttpResponse {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/html")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response is valid")
+}
+
+fn not_found(head: bool) -> HttpResponse {
+    let body = if head { "" } else { "404 page not found\n" };
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("static response is valid")
 }
@@ -1292,6 +1305,19 @@ mod tests {
         assert_eq!(resp.header("content-type"), Some("text/html"));
         assert!(serde_json::from_slice::<Value>(&resp.body).is_err());
         assert!(!resp.body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn not_found_is_a_404_that_is_not_vault() {
+        let node = sim(SimState::new(Role::Active).with_behavior(Behavior::NotFound)).await;
+        let resp = get(node.addr(), HEALTH_PATH).await;
+        assert_eq!(resp.status, 404);
+        assert_eq!(
+            resp.header("content-type"),
+            Some("text/plain; charset=utf-8")
+        );
+        assert!(serde_json::from_slice::<Value>(&resp.body).is_err());
+        assert_eq!(node.health_requests(), 1, "counted like any health request");
     }
 
     #[tokio::test]
