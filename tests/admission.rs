@@ -239,6 +239,7 @@ async fn fence(admin: &kube::Client, at: &Install) -> anyhow::Result<Tries> {
         &log,
     )?;
     converged(admin, &vault, ns).await?;
+    refuses_a_type_the_chart_does_not_allow(admin, ns).await?;
     drop(operator);
     no_denials(&log)?;
 
@@ -298,6 +299,46 @@ async fn type_checked(prefix: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A VaultCluster asking for a LoadBalancer, which the chart's default does not allow: the
+/// operator says so in the status, naming the field, and writes no Service for it (the policy
+/// would refuse it, but only as a failed write); deleting it still lets the finalizer go.
+async fn refuses_a_type_the_chart_does_not_allow(
+    admin: &kube::Client,
+    ns: &str,
+) -> anyhow::Result<()> {
+    let vc: VaultCluster = serde_json::from_value(json!({
+        "apiVersion": "vault-registrar.dev/v1alpha1", "kind": "VaultCluster",
+        "metadata": {"name": "exposed", "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": "exposed"}},
+                 "services": {"active": {"enabled": true, "type": "LoadBalancer"}}},
+    }))?;
+    let api: Api<VaultCluster> = Api::namespaced(admin.clone(), ns);
+    api.create(&PostParams::default(), &vc).await?;
+    let message = wait::until("exposed: Ready=False, InvalidSpec", LIMIT, || async {
+        let vc = api.get("exposed").await?;
+        let ready = vc
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == "Ready");
+        Ok(ready
+            .filter(|c| c.status == "False" && c.reason == "InvalidSpec")
+            .map(|c| c.message.clone()))
+    })
+    .await?;
+    anyhow::ensure!(
+        message.contains("spec.services.active.type: LoadBalancer is not allowed"),
+        "{message}"
+    );
+    let services: Api<Service> = Api::namespaced(admin.clone(), ns);
+    anyhow::ensure!(services.get_opt("exposed-active").await?.is_none());
+    api.delete("exposed", &DeleteParams::default()).await?;
+    wait::until("exposed is gone", LIMIT, || async {
+        Ok(api.get_opt("exposed").await?.is_none().then_some(()))
+    })
+    .await
 }
 
 /// Fails if the operator's log shows a write any policy refused.
@@ -777,6 +818,12 @@ async fn pod_tries(t: &mut Tries, c: &Clients, ns: &str) {
             limits,
             "vault-0",
             json!({"spec": {"activeDeadlineSeconds": 100000}}),
+        ),
+        (
+            "name another prefix in a Vault pod's prefix label",
+            limits,
+            "vault-0",
+            json!({"metadata": {"labels": {"vault-registrar.dev/label-prefix": "app"}}}),
         ),
         (
             "set a role label on a pod without the ownership label",
