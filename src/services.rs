@@ -281,6 +281,20 @@ pub fn foreign_fields(existing: &Service, want: &Service) -> Option<serde_json::
     Some(patch)
 }
 
+/// The write that must come before the apply when another writer added fields we never
+/// set: the admission policy judges each write by the object it leaves, so the apply,
+/// which cannot remove them, would be refused while they remain. Removes them and, in the
+/// same write, puts back the type and the managed-by label, which the policy checks too;
+/// the selector may stay as it is for this write. None when nothing foreign is there.
+pub fn repair_first(existing: &Service, want: &Service) -> Option<serde_json::Value> {
+    let mut patch = foreign_fields(existing, want)?;
+    if let Some(kind) = want.spec.as_ref().and_then(|s| s.type_.clone()) {
+        patch["spec"]["type"] = kind.into();
+    }
+    patch["metadata"]["labels"] = serde_json::json!({ MANAGED_BY.0: MANAGED_BY.1 });
+    Some(patch)
+}
+
 /// Whether any field we set differs in `existing`.
 fn differs(existing: &Service, want: &Service) -> bool {
     let (e, w) = (
@@ -590,6 +604,36 @@ mod tests {
             assert!(drifted(&changed, &want), "{what}");
             assert_eq!(foreign_fields(&changed, &want), Some(patch), "{what}");
         }
+    }
+
+    /// The write before the apply also restores what the policy checks on every write, so
+    /// it is admitted even when another writer changed the type too.
+    #[test]
+    fn the_first_repair_leaves_an_object_the_policy_admits() {
+        let vc = cluster(BASIC);
+        let want = desired(&vc).remove(0).1;
+        assert_eq!(repair_first(&want, &want), None, "nothing foreign");
+        let mut changed = want.clone();
+        changed.spec.as_mut().unwrap().type_ = Some("LoadBalancer".into());
+        assert_eq!(
+            repair_first(&changed, &want),
+            None,
+            "the apply repairs the type alone"
+        );
+        changed.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.1".into()]);
+        changed
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(MANAGED_BY.0);
+        assert_eq!(
+            repair_first(&changed, &want),
+            Some(serde_json::json!({
+                "metadata": {"labels": {"app.kubernetes.io/managed-by": "vault-registrar"}},
+                "spec": {"externalIPs": null, "type": "ClusterIP"},
+            }))
+        );
     }
 
     #[test]

@@ -1040,13 +1040,42 @@ async fn repairs_and_cleans_up(c: &Clients, vault: &SimCluster, ns: &str) -> any
     let admin_vcs: Api<VaultCluster> = Api::namespaced(c.admin.clone(), ns);
     // The second VaultCluster only served the attacks; it would share the pods.
     admin_vcs.delete("narrow", &DeleteParams::default()).await?;
+    // Another writer (the admin, whom no policy limits here) adds what the operator never
+    // sets and changes the type: the operator puts it back, though the policy judges each
+    // of its writes by the object it leaves.
+    let services: Api<Service> = Api::namespaced(c.admin.clone(), ns);
+    let added = json!({"metadata": {"annotations": {"example.com/steer": "x"}},
+                       "spec": {"externalIPs": ["192.0.2.20"], "type": "LoadBalancer"}});
+    services
+        .patch(
+            "vault-active",
+            &PatchParams::default(),
+            &Patch::Merge(added),
+        )
+        .await?;
     let log = shared().dir().join(format!("operator-{ns}-again.log"));
     let operator = Operator::start(bin(), &c.operator_kubeconfig, &["--namespace", ns], &log)?;
     converged(&c.admin, vault, ns).await?;
-    let services: Api<Service> = Api::namespaced(c.admin.clone(), ns);
     wait::until("the standby Service is back", LIMIT, || async {
         Ok(services.get_opt("vault-standby").await?.map(|_| ()))
     })
+    .await?;
+    wait::until(
+        "the active Service is as the operator writes it",
+        LIMIT,
+        || async {
+            let active = services.get("vault-active").await?;
+            let spec = active.spec.unwrap_or_default();
+            let clean = spec.external_ips.unwrap_or_default().is_empty()
+                && spec.type_.as_deref() == Some("ClusterIP")
+                && !active
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .contains_key("example.com/steer");
+            Ok(clean.then_some(()))
+        },
+    )
     .await?;
     admin_vcs.delete("vault", &DeleteParams::default()).await?;
     vault.wait_labels(OWNER, &[None, None, None], LIMIT).await?;

@@ -299,6 +299,8 @@ async fn converge_services(
             if !services::drifted(have, &want) {
                 continue;
             }
+            ctx.guard(&format!("Service {name}"))?;
+            remove_foreign_fields(vc, &api, have, &want).await?;
         }
         ctx.guard(&format!("Service {name}"))?;
         let params = PatchParams::apply(MANAGER).force();
@@ -306,7 +308,6 @@ async fn converge_services(
             .patch(&name, &params, &Patch::Apply(&want))
             .await
             .map_err(service_write_failed(vc, &name))?;
-        let written = remove_foreign_fields(vc, &api, written, &want).await?;
         ctx.caches
             .services
             .write()
@@ -318,20 +319,21 @@ async fn converge_services(
     Ok(problems)
 }
 
-/// Removes what another writer added to a Service that the apply cannot take away (see
-/// `services::foreign_fields`), judged on the object the apply returned.
+/// Removes what another writer added to a Service that the apply cannot take away, before
+/// the apply (see `services::repair_first`).
 async fn remove_foreign_fields(
     vc: &VaultCluster,
     api: &Api<Service>,
-    written: Service,
+    have: &Service,
     want: &Service,
-) -> Result<Service, Error> {
-    let Some(patch) = services::foreign_fields(&written, want) else {
-        return Ok(written);
+) -> Result<(), Error> {
+    let Some(patch) = services::repair_first(have, want) else {
+        return Ok(());
     };
-    let name = written.name_any();
+    let name = have.name_any();
     api.patch(&name, &write_params(), &Patch::Merge(&patch))
         .await
+        .map(|_| ())
         .map_err(service_write_failed(vc, &name))
 }
 
