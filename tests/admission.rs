@@ -29,6 +29,15 @@ use chart::{chart, helm, kubectl, values};
 const LIMIT: Duration = Duration::from_secs(30);
 const OWNER: &str = "vault-registrar.dev/cluster";
 
+/// The policies of an install, by the suffix of their names.
+const POLICIES: [&str; 5] = [
+    "limits",
+    "ownership",
+    "services",
+    "vaultclusters",
+    "ownership-label",
+];
+
 /// One install at a time: each one's "-ownership-label" policy refuses the other's operator.
 static ONE_INSTALL: Mutex<()> = Mutex::const_new(());
 
@@ -77,6 +86,37 @@ async fn the_charts_policies_fence_the_operators_token() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_kustomize_policies_fence_the_operators_token() -> anyhow::Result<()> {
+    let install = Install {
+        prefix: "vault-registrar",
+        account_namespace: "vault-registrar",
+        account: "vault-registrar",
+        ns: "fence-kustomize",
+    };
+    kustomized(&root().join("config/default"), &install).await
+}
+
+/// An overlay with another namespace and a name prefix: the policies follow the
+/// ServiceAccount (config/default/operator-user.yaml, which the overlay repeats).
+#[tokio::test]
+async fn an_overlays_policies_fence_its_operators_token() -> anyhow::Result<()> {
+    let overlay = root().join("tests/kustomize/overlay");
+    assert_eq!(
+        std::fs::read_to_string(overlay.join("operator-user.yaml"))?,
+        std::fs::read_to_string(root().join("config/default/operator-user.yaml"))?,
+        "the overlay's copy of operator-user.yaml is config/default's"
+    );
+    let install = Install {
+        prefix: "kz-vault-registrar",
+        account_namespace: "fence-overlay",
+        account: "kz-vault-registrar",
+        ns: "fence-overlay-vault",
+    };
+    kustomized(&overlay, &install).await
+}
+
+/// Applies a kustomization (its Deployment's pods never run: no kubelet here), runs the
+/// attacks against its policies, and removes the policies.
+async fn kustomized(dir: &Path, install: &Install) -> anyhow::Result<()> {
     let _one = ONE_INSTALL.lock().await;
     install_crd(
         shared(),
@@ -84,31 +124,14 @@ async fn the_kustomize_policies_fence_the_operators_token() -> anyhow::Result<()
     )
     .await?;
     let admin = shared().client().await?;
-    // The Deployment's pods never run: no kubelet here.
-    kubectl(&[
-        "apply",
-        "--server-side",
-        "-k",
-        root().join("config/default").to_str().unwrap(),
-    ])
-    .await?;
-    let install = Install {
-        prefix: "vault-registrar",
-        account_namespace: "vault-registrar",
-        account: "vault-registrar",
-        ns: "fence-kustomize",
-    };
-    let result = fence(&admin, &install).await;
-    kubectl(&[
-        "delete",
-        "-f",
-        root()
-            .join("config/rbac/admission_policy.yaml")
-            .to_str()
-            .unwrap(),
-    ])
-    .await?;
-    report(&install, result?)
+    kubectl(&["apply", "--server-side", "-k", dir.to_str().unwrap()]).await?;
+    let result = fence(&admin, install).await;
+    for policy in POLICIES {
+        let name = format!("{}-{policy}", install.prefix);
+        kubectl(&["delete", "validatingadmissionpolicybinding", &name]).await?;
+        kubectl(&["delete", "validatingadmissionpolicy", &name]).await?;
+    }
+    report(install, result?)
 }
 
 /// Prints what was tried (run with --nocapture to read it) and fails on every try whose
