@@ -657,8 +657,8 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
 }
 
 /// The CA in a Secret (caSecretRef) works only in a namespace the chart lists in
-/// `tls.secretNamespaces`; elsewhere the VaultCluster says why in its status, and nothing is
-/// labelled on a guess.
+/// `tls.secretNamespaces`, and there only for the names in `tls.secretNames`; elsewhere the
+/// VaultCluster says why in its status, and nothing is labelled on a guess.
 #[tokio::test]
 async fn ca_secrets_are_readable_only_in_listed_namespaces() -> anyhow::Result<()> {
     install_crd().await?;
@@ -674,9 +674,14 @@ async fn ca_secrets_are_readable_only_in_listed_namespaces() -> anyhow::Result<(
     args.extend(values("shared-crd-secret-namespace"));
     helm(&args).await?;
     let account = user(ops, "csr-vault-registrar");
+    // Only the Secret the value set names (tls.secretNames), by name.
     assert_eq!(
-        can_i(&account, &["get", "secrets", "-n", listed]).await?,
+        can_i(&account, &["get", "secrets/vault-ca", "-n", listed]).await?,
         "yes"
+    );
+    assert_eq!(
+        can_i(&account, &["get", "secrets/other", "-n", listed]).await?,
+        "no"
     );
     assert_eq!(
         can_i(&account, &["get", "secrets", "-n", other]).await?,

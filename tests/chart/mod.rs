@@ -73,7 +73,7 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         "shared-crd-secret-namespace",
         &[
             "--set",
-            "crds.enabled=false,tls.secretNamespaces={ship-cs-listed}",
+            "crds.enabled=false,tls.secretNamespaces={ship-cs-listed},tls.secretNames={vault-ca}",
             "--set",
             SHARED_PLANE,
         ],
