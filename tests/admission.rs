@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use vault_registrar::crd::VaultCluster;
@@ -1108,4 +1109,43 @@ async fn repairs_and_cleans_up(c: &Clients, vault: &SimCluster, ns: &str) -> any
     .await?;
     drop(operator);
     no_denials(&log)
+}
+
+/// A release that watches some namespaces guards the ownership label in those only, so
+/// releases watching other namespaces are not refused theirs; a cluster-wide one guards it
+/// everywhere.
+#[tokio::test]
+async fn a_namespaced_release_guards_the_label_only_where_it_watches() -> anyhow::Result<()> {
+    let chart = chart();
+    let selector = |set: &'static str| {
+        let chart = chart.clone();
+        async move {
+            let mut args = vec![
+                "template",
+                "vr",
+                chart.to_str().unwrap(),
+                chart::KUBE_VERSION,
+                "--show-only",
+                "templates/admission-policy.yaml",
+            ];
+            args.extend(values(set));
+            let rendered = helm(&args).await?;
+            let binding = serde_yaml::Deserializer::from_str(&rendered)
+                .map(serde_json::Value::deserialize)
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .find(|d| {
+                    d["kind"] == "ValidatingAdmissionPolicyBinding"
+                        && d["metadata"]["name"] == "vr-vault-registrar-ownership-label"
+                })
+                .ok_or_else(|| anyhow::anyhow!("no ownership-label binding in {rendered}"))?;
+            anyhow::Ok(binding["spec"]["matchResources"]["namespaceSelector"].clone())
+        }
+    };
+    assert_eq!(
+        selector("namespaces").await?,
+        json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["a", "b"]}]})
+    );
+    assert_eq!(selector("defaults").await?, Value::Null);
+    Ok(())
 }

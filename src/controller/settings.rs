@@ -67,13 +67,12 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
                 }
                 None => None,
             };
-            let config =
-                tls_config(ca.as_deref(), tls.insecure_skip_verify).map_err(|e| {
-                    spec(match source.as_ref().filter(|s| s.kind == CaKind::Secret) {
-                        Some(secret) => secret_unusable(secret),
-                        None => format!("spec.health.tls: {e}"),
-                    })
-                })?;
+            let config = tls_config(ca.as_deref(), tls.insecure_skip_verify).map_err(|e| {
+                spec(match source.as_ref().filter(|s| s.kind == CaKind::Secret) {
+                    Some(secret) => secret_unusable(secret),
+                    None => format!("spec.health.tls: {e}"),
+                })
+            })?;
             let pem = String::from_utf8_lossy(ca.as_deref().unwrap_or_default());
             let insecure = if tls.insecure_skip_verify {
                 "insecure"
