@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// Service types a VaultCluster may ask for (comma-separated); others are a spec problem.
     #[arg(long, value_delimiter = ',', default_value = "ClusterIP")]
     pub allowed_service_types: Vec<crate::crd::ServiceType>,
+    /// Annotation keys a VaultCluster's Services may carry (comma-separated; `prefix*` allows
+    /// every key it begins); others are a spec problem. None by default.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_service_annotations: Vec<String>,
     /// This replica's identity in the Lease; defaults to POD_NAME, then the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -182,7 +186,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         leading.clone(),
         namespaces.clone(),
-        args.allowed_service_types.clone(),
+        crate::services::Allowed {
+            types: args.allowed_service_types.clone(),
+            annotations: args.allowed_service_annotations.clone(),
+        },
     );
     let work = work(ctx, namespaces, health.clone(), stop.clone());
     if !args.leader_elect {

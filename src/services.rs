@@ -122,6 +122,52 @@ impl std::str::FromStr for ServiceType {
     }
 }
 
+/// What the VaultClusters' Services may ask for here (`--allowed-service-types`,
+/// `--allowed-service-annotations`, which the chart sets from the values the admission
+/// policy enforces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub types: Vec<ServiceType>,
+    /// Annotation keys; an entry ending in `*` allows every key it begins.
+    pub annotations: Vec<String>,
+}
+
+impl Allowed {
+    /// The first setting of an enabled Service the operator may not write: a spec problem
+    /// naming the field.
+    pub fn problem(&self, vc: &VaultCluster) -> Option<String> {
+        disallowed_type(vc, &self.types).or_else(|| self.disallowed_annotation(vc))
+    }
+
+    fn allows_annotation(&self, key: &str) -> bool {
+        self.annotations.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => key == a,
+        })
+    }
+
+    /// An annotation another controller acts upon (external-dns publishing a name, a cloud
+    /// load balancer's scheme) is as much an exposure as the type.
+    fn disallowed_annotation(&self, vc: &VaultCluster) -> Option<String> {
+        Kind::ALL.into_iter().find_map(|k| {
+            let spec = k.spec(vc);
+            let key = spec
+                .annotations
+                .keys()
+                .find(|key| spec.enabled && !self.allows_annotation(key))?;
+            Some(format!(
+                "spec.services.{}.annotations: {key} is not allowed by the operator (allowed: {}; chart value allowedServiceAnnotations)",
+                k.field(),
+                if self.annotations.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.annotations.join(", ")
+                }
+            ))
+        })
+    }
+}
+
 /// An enabled Service of a type the operator may not create here: a spec problem naming
 /// the field. The operator refuses it itself, so a VaultCluster author whose own RBAC
 /// forbids a LoadBalancer cannot have the operator create one; the admission policy would
@@ -666,6 +712,46 @@ mod tests {
             let vc = cluster(&format!("{BASIC}\nservices: {services}"));
             assert_eq!(disallowed_type(&vc, allowed).as_deref(), want, "{services}");
         }
+        let allowed = Allowed {
+            types: vec![ServiceType::ClusterIP],
+            annotations: vec!["example.com/team".into(), "prometheus.io/*".into()],
+        };
+        // (annotations of the active Service, problem)
+        let cases = [
+            ("{}", None),
+            ("{example.com/team: a, prometheus.io/scrape: 'true'}", None),
+            (
+                "{external-dns.alpha.kubernetes.io/hostname: vault.example.com}",
+                Some(
+                    "spec.services.active.annotations: external-dns.alpha.kubernetes.io/hostname is not allowed by the operator (allowed: example.com/team, prometheus.io/*; chart value allowedServiceAnnotations)",
+                ),
+            ),
+            (
+                "{example.com/team-x: a}",
+                Some(
+                    "spec.services.active.annotations: example.com/team-x is not allowed by the operator (allowed: example.com/team, prometheus.io/*; chart value allowedServiceAnnotations)",
+                ),
+            ),
+        ];
+        for (annotations, want) in cases {
+            let vc = cluster(&format!(
+                "{BASIC}\nservices: {{active: {{enabled: true, annotations: {annotations}}}}}"
+            ));
+            assert_eq!(allowed.problem(&vc).as_deref(), want, "{annotations}");
+        }
+        let none = Allowed {
+            annotations: vec![],
+            ..allowed
+        };
+        let vc = cluster(&format!(
+            "{BASIC}\nservices: {{standby: {{enabled: true, annotations: {{a: b}}}}}}"
+        ));
+        assert_eq!(
+            none.problem(&vc).as_deref(),
+            Some(
+                "spec.services.standby.annotations: a is not allowed by the operator (allowed: none; chart value allowedServiceAnnotations)"
+            )
+        );
         assert_eq!(
             "NodePort".parse::<ServiceType>().ok(),
             Some(ServiceType::NodePort)

@@ -263,7 +263,7 @@ async fn fence(admin: &kube::Client, at: &Install) -> anyhow::Result<Tries> {
         &log,
     )?;
     converged(admin, &vault, ns).await?;
-    refuses_a_type_the_chart_does_not_allow(admin, ns).await?;
+    refuses_what_the_chart_does_not_allow(admin, ns).await?;
     drop(operator);
     no_denials(&log)?;
 
@@ -325,42 +325,71 @@ async fn type_checked(prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A VaultCluster asking for a LoadBalancer, which the chart's default does not allow: the
-/// operator says so in the status, naming the field, and writes no Service for it (the policy
-/// would refuse it, but only as a failed write); deleting it still lets the finalizer go.
-async fn refuses_a_type_the_chart_does_not_allow(
+/// VaultClusters asking for what the chart's defaults do not allow, a LoadBalancer or an
+/// annotation external-dns would act upon: the operator says so in the status, naming the
+/// field, and writes no Service for them (the policy would refuse it, but only as a failed
+/// write); deleting them still lets the finalizer go.
+async fn refuses_what_the_chart_does_not_allow(
     admin: &kube::Client,
     ns: &str,
 ) -> anyhow::Result<()> {
+    let cases = [
+        (
+            "exposed",
+            json!({"active": {"enabled": true, "type": "LoadBalancer"}}),
+            "spec.services.active.type: LoadBalancer is not allowed",
+        ),
+        (
+            "announced",
+            json!({"standby": {"enabled": true, "annotations": {"external-dns.alpha.kubernetes.io/hostname": "vault.example.com"}}}),
+            "spec.services.standby.annotations: external-dns.alpha.kubernetes.io/hostname is not allowed",
+        ),
+    ];
+    for (name, services, want) in cases {
+        refused_spec(admin, ns, name, services, want).await?;
+    }
+    Ok(())
+}
+
+async fn refused_spec(
+    admin: &kube::Client,
+    ns: &str,
+    name: &str,
+    services: Value,
+    want: &str,
+) -> anyhow::Result<()> {
     let vc: VaultCluster = serde_json::from_value(json!({
         "apiVersion": "vault-registrar.dev/v1alpha1", "kind": "VaultCluster",
-        "metadata": {"name": "exposed", "namespace": ns},
-        "spec": {"selector": {"matchLabels": {"app": "exposed"}},
-                 "services": {"active": {"enabled": true, "type": "LoadBalancer"}}},
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": name}}, "services": services},
     }))?;
     let api: Api<VaultCluster> = Api::namespaced(admin.clone(), ns);
     api.create(&PostParams::default(), &vc).await?;
-    let message = wait::until("exposed: Ready=False, InvalidSpec", LIMIT, || async {
-        let vc = api.get("exposed").await?;
-        let ready = vc
-            .status
-            .iter()
-            .flat_map(|s| s.conditions.iter())
-            .find(|c| c.type_ == "Ready");
-        Ok(ready
-            .filter(|c| c.status == "False" && c.reason == "InvalidSpec")
-            .map(|c| c.message.clone()))
-    })
+    let message = wait::until(
+        &format!("{name}: Ready=False, InvalidSpec"),
+        LIMIT,
+        || async {
+            let vc = api.get(name).await?;
+            let ready = vc
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter())
+                .find(|c| c.type_ == "Ready");
+            Ok(ready
+                .filter(|c| c.status == "False" && c.reason == "InvalidSpec")
+                .map(|c| c.message.clone()))
+        },
+    )
     .await?;
-    anyhow::ensure!(
-        message.contains("spec.services.active.type: LoadBalancer is not allowed"),
-        "{message}"
-    );
+    anyhow::ensure!(message.contains(want), "{name}: {message}");
     let services: Api<Service> = Api::namespaced(admin.clone(), ns);
-    anyhow::ensure!(services.get_opt("exposed-active").await?.is_none());
-    api.delete("exposed", &DeleteParams::default()).await?;
-    wait::until("exposed is gone", LIMIT, || async {
-        Ok(api.get_opt("exposed").await?.is_none().then_some(()))
+    let written = services
+        .list(&kube::api::ListParams::default().labels(&format!("{OWNER}={name}")))
+        .await?;
+    anyhow::ensure!(written.items.is_empty(), "{name}: Services written");
+    api.delete(name, &DeleteParams::default()).await?;
+    wait::until(&format!("{name} is gone"), LIMIT, || async {
+        Ok(api.get_opt(name).await?.is_none().then_some(()))
     })
     .await
 }
@@ -593,6 +622,16 @@ async fn service_tries(t: &mut Tries, c: &Clients, ns: &str, world: &World) -> a
                 uid,
                 ours(),
                 json!({"spec": {"loadBalancerIP": "192.0.2.11"}}),
+            )?,
+        ),
+        (
+            "create a Service announcing a DNS name (external-dns annotation)",
+            refused,
+            service(
+                "dns",
+                uid,
+                ours(),
+                json!({"metadata": {"annotations": {"external-dns.alpha.kubernetes.io/hostname": "vault.example.com"}}}),
             )?,
         ),
         (

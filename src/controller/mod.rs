@@ -71,8 +71,9 @@ pub struct Context {
     leading: Arc<AtomicBool>,
     /// Every watched scope (a namespace, or all): a round waits until each has listed.
     scopes: Vec<Option<String>>,
-    /// The Service types a VaultCluster may ask for (`--allowed-service-types`).
-    service_types: Vec<crate::crd::ServiceType>,
+    /// What a VaultCluster's Services may ask for (`--allowed-service-types`,
+    /// `--allowed-service-annotations`).
+    allowed: services::Allowed,
 }
 
 impl Context {
@@ -82,7 +83,7 @@ impl Context {
         metrics: Metrics,
         leading: Arc<AtomicBool>,
         scopes: Vec<Option<String>>,
-        service_types: Vec<crate::crd::ServiceType>,
+        allowed: services::Allowed,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -102,7 +103,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             leading,
             scopes,
-            service_types,
+            allowed,
         })
     }
 
@@ -368,9 +369,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
         return report::invalid(vc, ctx, problem).await;
     }
-    if let Some(problem) =
-        services::name_clash(vc).or_else(|| services::disallowed_type(vc, &ctx.service_types))
-    {
+    if let Some(problem) = services::name_clash(vc).or_else(|| ctx.allowed.problem(vc)) {
         return report::invalid(vc, ctx, problem).await;
     }
     let uid = vc.uid().unwrap_or_default();

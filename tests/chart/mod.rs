@@ -96,6 +96,13 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
     ),
     ("network-policy", &["--set", "networkPolicy.enabled=true"]),
     (
+        "exposed-services",
+        &[
+            "--set",
+            "allowedServiceTypes={ClusterIP,LoadBalancer},allowedServiceAnnotations={prometheus.io/*,example.com/team}",
+        ],
+    ),
+    (
         "openshift",
         &[
             "--set",
