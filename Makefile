@@ -60,7 +60,7 @@ TESTKIT_BIN_DIR = $(CURDIR)/target/debug
 ## upgrade tests) again against the oldest Kubernetes release the chart admits; then a
 ## bounded fuzz run of each parser (replaying every saved regression first).
 FUZZ_TEST_SECONDS ?= 20
-COMPAT_TESTS = --test smoke --test e2e --test ship --test chart_upgrade
+COMPAT_TESTS = --test smoke --test e2e --test ship --test admission --test chart_upgrade
 test: binaries oldest-k8s vault promtool testkit-bins
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_PROMTOOL="$(PROMTOOL)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" \
 		$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)

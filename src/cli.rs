@@ -98,6 +98,13 @@ pub struct RunArgs {
     /// Test-only fault: SIGUSR1 stops the control loops (see `fault`).
     #[arg(long, hide = true)]
     pub fault_stall_on_sigusr1: bool,
+    /// Service types a VaultCluster may ask for (comma-separated); others are a spec problem.
+    #[arg(long, value_delimiter = ',', default_value = "ClusterIP")]
+    pub allowed_service_types: Vec<crate::crd::ServiceType>,
+    /// Annotation keys a VaultCluster's Services may carry (comma-separated; `prefix*` allows
+    /// every key it begins); others are a spec problem. None by default.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_service_annotations: Vec<String>,
     /// This replica's identity in the Lease; defaults to POD_NAME, then the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -179,6 +186,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         leading.clone(),
         namespaces.clone(),
+        crate::services::Allowed {
+            types: args.allowed_service_types.clone(),
+            annotations: args.allowed_service_annotations.clone(),
+        },
     );
     let work = work(ctx, namespaces, health.clone(), stop.clone());
     if !args.leader_elect {

@@ -1,10 +1,12 @@
 //! The operations endpoints: /metrics on the metrics address, /healthz and /readyz on the
 //! health-probe address. Each server bounds what a client can hold: a request's headers must
-//! arrive within `HEADER_READ_TIMEOUT`, at most `MAX_CONNECTIONS` are served at once, and a
-//! failing accept (out of file descriptors) backs off instead of spinning.
+//! arrive within `HEADER_READ_TIMEOUT`, one request per connection (no keep-alive), at most
+//! `MAX_CONNECTIONS` are served at once and at most `MAX_CONNECTIONS_PER_PEER` from one
+//! address, and a failing accept (out of file descriptors) backs off instead of spinning.
 
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,8 +25,50 @@ use crate::metrics::Metrics;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections one address may hold at once; more are closed as soon as accepted. The
+/// kubelet probes from the node's address, so another pod holding idle connections cannot
+/// take the slots its probes need.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
 /// No connection lives longer, whatever the client does.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// How many connections each peer address holds.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place in its peer's count, given back on drop.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    /// A slot for a new connection from `ip`, unless it holds its share already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut held = self.0.lock().unwrap();
+        let count = held.entry(ip).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.peers.0.lock().unwrap();
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// What one server answers.
 #[derive(Clone)]
@@ -36,6 +80,7 @@ pub enum Endpoints {
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(Peers::default());
     let mut failures = 0u32;
     loop {
         let permit = slots
@@ -43,10 +88,14 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let (stream, slot) = match listener.accept().await {
+            Ok((stream, peer)) => {
                 failures = 0;
-                stream
+                // Over its share: closed at once (dropped), the slot not taken.
+                let Some(slot) = peers.take(peer.ip()) else {
+                    continue;
+                };
+                (stream, slot)
             }
             Err(e) => {
                 failures += 1;
@@ -65,9 +114,10 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }
@@ -116,6 +166,27 @@ fn answer(path: &str, endpoints: &Endpoints) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_and_gets_it_back() {
+        let peers = Arc::new(Peers::default());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut held: Vec<PeerSlot> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| peers.take(a).expect("within the share"))
+            .collect();
+        assert!(peers.take(a).is_none(), "over the share");
+        assert!(peers.take(b).is_some(), "another peer is not affected");
+        held.pop();
+        assert!(
+            peers.take(a).is_some(),
+            "a closed connection gives its slot back"
+        );
+        held.clear();
+        assert!(
+            !peers.0.lock().unwrap().contains_key(&a),
+            "no count kept for a gone peer"
+        );
+    }
 
     #[test]
     fn accept_failures_back_off_between_10_and_100_ms() {

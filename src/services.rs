@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{ServiceSpec, VaultCluster};
+use crate::crd::{ServiceSpec, ServiceType, VaultCluster};
 use crate::labels::{LabelNames, OWNER_LABEL};
 
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "vault-registrar");
@@ -35,6 +35,15 @@ impl Kind {
             Kind::Active => "active",
             Kind::Standby => "standby",
             Kind::PerfStandby => "perf-standby",
+        }
+    }
+
+    /// The field of `spec.services` that configures this Service.
+    pub fn field(self) -> &'static str {
+        match self {
+            Kind::Active => "active",
+            Kind::Standby => "standby",
+            Kind::PerfStandby => "perfStandby",
         }
     }
 
@@ -89,6 +98,90 @@ pub fn name_clash(vc: &VaultCluster) -> Option<String> {
         .find(|n| names.iter().filter(|m| m == n).count() > 1)?;
     Some(format!(
         "spec.services: two enabled Services are both named {clash}"
+    ))
+}
+
+/// A Service type the operator was not started to allow (`--allowed-service-types`, which
+/// the chart sets from `allowedServiceTypes`).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown Service type {0:?}: expected ClusterIP, NodePort or LoadBalancer")]
+pub struct UnknownServiceType(String);
+
+impl std::str::FromStr for ServiceType {
+    type Err = UnknownServiceType;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [
+            ServiceType::ClusterIP,
+            ServiceType::NodePort,
+            ServiceType::LoadBalancer,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == text)
+        .ok_or_else(|| UnknownServiceType(text.into()))
+    }
+}
+
+/// What the VaultClusters' Services may ask for here (`--allowed-service-types`,
+/// `--allowed-service-annotations`, which the chart sets from the values the admission
+/// policy enforces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub types: Vec<ServiceType>,
+    /// Annotation keys; an entry ending in `*` allows every key it begins.
+    pub annotations: Vec<String>,
+}
+
+impl Allowed {
+    /// The first setting of an enabled Service the operator may not write: a spec problem
+    /// naming the field.
+    pub fn problem(&self, vc: &VaultCluster) -> Option<String> {
+        disallowed_type(vc, &self.types).or_else(|| self.disallowed_annotation(vc))
+    }
+
+    fn allows_annotation(&self, key: &str) -> bool {
+        self.annotations.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => key == a,
+        })
+    }
+
+    /// An annotation another controller acts upon (external-dns publishing a name, a cloud
+    /// load balancer's scheme) is as much an exposure as the type.
+    fn disallowed_annotation(&self, vc: &VaultCluster) -> Option<String> {
+        Kind::ALL.into_iter().find_map(|k| {
+            let spec = k.spec(vc);
+            let key = spec
+                .annotations
+                .keys()
+                .find(|key| spec.enabled && !self.allows_annotation(key))?;
+            Some(format!(
+                "spec.services.{}.annotations: {key} is not allowed by the operator (allowed: {}; chart value allowedServiceAnnotations)",
+                k.field(),
+                if self.annotations.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.annotations.join(", ")
+                }
+            ))
+        })
+    }
+}
+
+/// An enabled Service of a type the operator may not create here: a spec problem naming
+/// the field. The operator refuses it itself, so a VaultCluster author whose own RBAC
+/// forbids a LoadBalancer cannot have the operator create one; the admission policy would
+/// refuse the write anyway, but only as a failed write with no word on the spec.
+pub fn disallowed_type(vc: &VaultCluster, allowed: &[ServiceType]) -> Option<String> {
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.spec(vc).enabled && !allowed.contains(&k.spec(vc).type_))?;
+    let allowed: Vec<&str> = allowed.iter().map(|t| t.as_str()).collect();
+    Some(format!(
+        "spec.services.{}.type: {} is not allowed by the operator (allowed: {}; chart value allowedServiceTypes)",
+        kind.field(),
+        kind.spec(vc).type_.as_str(),
+        allowed.join(", ")
     ))
 }
 
@@ -173,8 +266,83 @@ pub fn owned_by(existing: &Service, vc: &VaultCluster) -> bool {
         .any(|r: &OwnerReference| Some(r.uid.as_str()) == uid && r.controller == Some(true))
 }
 
-/// Whether any field we set differs in `existing`: the write is skipped otherwise.
+/// Whether any field we set differs in `existing`, or another writer added one we never
+/// set (see `foreign_fields`): the write is skipped otherwise.
 pub fn drifted(existing: &Service, want: &Service) -> bool {
+    differs(existing, want) || foreign_fields(existing, want).is_some()
+}
+
+/// What another writer added that the operator never sets, as a JSON merge patch removing
+/// it: the fields that send traffic elsewhere or open the Service to more sources
+/// (externalIPs, externalName, loadBalancerIP, loadBalancerSourceRanges, an
+/// internalTrafficPolicy of Local) and annotations `want` lacks (they steer load balancers
+/// and kube-proxy). Server-side apply cannot remove a field another manager owns, hence a
+/// patch of its own. None when there is nothing to remove.
+pub fn foreign_fields(existing: &Service, want: &Service) -> Option<serde_json::Value> {
+    let spec = existing.spec.clone().unwrap_or_default();
+    let mut fields = serde_json::Map::new();
+    let mut drop_if = |set: bool, field: &str| {
+        if set {
+            fields.insert(field.into(), serde_json::Value::Null);
+        }
+    };
+    drop_if(
+        spec.external_ips.is_some_and(|v| !v.is_empty()),
+        "externalIPs",
+    );
+    drop_if(
+        spec.external_name.is_some_and(|v| !v.is_empty()),
+        "externalName",
+    );
+    drop_if(
+        spec.load_balancer_ip.is_some_and(|v| !v.is_empty()),
+        "loadBalancerIP",
+    );
+    drop_if(
+        spec.load_balancer_source_ranges
+            .is_some_and(|v| !v.is_empty()),
+        "loadBalancerSourceRanges",
+    );
+    drop_if(
+        spec.internal_traffic_policy.as_deref() == Some("Local"),
+        "internalTrafficPolicy",
+    );
+    let wanted = want.metadata.annotations.clone().unwrap_or_default();
+    let annotations: serde_json::Map<String, serde_json::Value> = existing
+        .annotations()
+        .keys()
+        .filter(|k| !wanted.contains_key(*k))
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
+    if fields.is_empty() && annotations.is_empty() {
+        return None;
+    }
+    let mut patch = serde_json::json!({});
+    if !fields.is_empty() {
+        patch["spec"] = fields.into();
+    }
+    if !annotations.is_empty() {
+        patch["metadata"] = serde_json::json!({ "annotations": annotations });
+    }
+    Some(patch)
+}
+
+/// The write that must come before the apply when another writer added fields we never
+/// set: the admission policy judges each write by the object it leaves, so the apply,
+/// which cannot remove them, would be refused while they remain. Removes them and, in the
+/// same write, puts back the type and the managed-by label, which the policy checks too;
+/// the selector may stay as it is for this write. None when nothing foreign is there.
+pub fn repair_first(existing: &Service, want: &Service) -> Option<serde_json::Value> {
+    let mut patch = foreign_fields(existing, want)?;
+    if let Some(kind) = want.spec.as_ref().and_then(|s| s.type_.clone()) {
+        patch["spec"]["type"] = kind.into();
+    }
+    patch["metadata"]["labels"] = serde_json::json!({ MANAGED_BY.0: MANAGED_BY.1 });
+    Some(patch)
+}
+
+/// Whether any field we set differs in `existing`.
+fn differs(existing: &Service, want: &Service) -> bool {
     let (e, w) = (
         existing.spec.clone().unwrap_or_default(),
         want.spec.clone().unwrap_or_default(),
@@ -376,12 +544,219 @@ mod tests {
                         .remove("app.kubernetes.io/managed-by");
                 }),
             ),
+            (
+                "cluster label's value",
+                Box::new(|s| {
+                    s.metadata
+                        .labels
+                        .as_mut()
+                        .unwrap()
+                        .insert(CLUSTER_LABEL.into(), "other".into());
+                }),
+            ),
+            (
+                "owner reference",
+                Box::new(|s| s.metadata.owner_references = None),
+            ),
+            (
+                "selector without the ownership label",
+                Box::new(|s| {
+                    s.spec
+                        .as_mut()
+                        .unwrap()
+                        .selector
+                        .as_mut()
+                        .unwrap()
+                        .remove(OWNER_LABEL);
+                }),
+            ),
+            (
+                "port's target",
+                Box::new(|s| {
+                    s.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+                        Some(IntOrString::Int(1))
+                }),
+            ),
         ];
         for (name, edit) in edits {
             let mut changed = want.clone();
             edit(&mut changed);
             assert!(drifted(&changed, &want), "{name}");
         }
+    }
+
+    /// What another writer adds that we never set: each is drift, and the repair patch
+    /// removes exactly it; what the API server fills in is neither.
+    #[test]
+    fn foreign_fields_are_drift_and_removed() {
+        let vc = cluster(&format!(
+            "{BASIC}\nservices: {{active: {{enabled: true, annotations: {{ours: x}}}}}}"
+        ));
+        let want = desired(&vc).remove(0).1;
+        let mut server = want.clone();
+        let spec = server.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("10.0.0.7".into());
+        spec.internal_traffic_policy = Some("Cluster".into());
+        spec.session_affinity = Some("None".into());
+        spec.external_ips = Some(vec![]);
+        assert!(!drifted(&server, &want));
+        assert_eq!(foreign_fields(&server, &want), None);
+        type Edit = fn(&mut Service);
+        // (what was added, the edit, the patch that removes it)
+        let cases: [(&str, Edit, serde_json::Value); 6] = [
+            (
+                "externalIPs",
+                |s| s.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.1".into()]),
+                serde_json::json!({"spec": {"externalIPs": null}}),
+            ),
+            (
+                "externalName",
+                |s| s.spec.as_mut().unwrap().external_name = Some("evil.example".into()),
+                serde_json::json!({"spec": {"externalName": null}}),
+            ),
+            (
+                "loadBalancerIP",
+                |s| s.spec.as_mut().unwrap().load_balancer_ip = Some("192.0.2.2".into()),
+                serde_json::json!({"spec": {"loadBalancerIP": null}}),
+            ),
+            (
+                "loadBalancerSourceRanges",
+                |s| {
+                    s.spec.as_mut().unwrap().load_balancer_source_ranges =
+                        Some(vec!["0.0.0.0/0".into()])
+                },
+                serde_json::json!({"spec": {"loadBalancerSourceRanges": null}}),
+            ),
+            (
+                "internalTrafficPolicy Local",
+                |s| s.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into()),
+                serde_json::json!({"spec": {"internalTrafficPolicy": null}}),
+            ),
+            (
+                "an extra annotation",
+                |s| {
+                    s.metadata
+                        .annotations
+                        .as_mut()
+                        .unwrap()
+                        .insert("service.kubernetes.io/topology-mode".into(), "Auto".into());
+                },
+                serde_json::json!({"metadata": {"annotations": {"service.kubernetes.io/topology-mode": null}}}),
+            ),
+        ];
+        for (what, edit, patch) in cases {
+            let mut changed = server.clone();
+            edit(&mut changed);
+            assert!(drifted(&changed, &want), "{what}");
+            assert_eq!(foreign_fields(&changed, &want), Some(patch), "{what}");
+        }
+    }
+
+    /// The write before the apply also restores what the policy checks on every write, so
+    /// it is admitted even when another writer changed the type too.
+    #[test]
+    fn the_first_repair_leaves_an_object_the_policy_admits() {
+        let vc = cluster(BASIC);
+        let want = desired(&vc).remove(0).1;
+        assert_eq!(repair_first(&want, &want), None, "nothing foreign");
+        let mut changed = want.clone();
+        changed.spec.as_mut().unwrap().type_ = Some("LoadBalancer".into());
+        assert_eq!(
+            repair_first(&changed, &want),
+            None,
+            "the apply repairs the type alone"
+        );
+        changed.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.1".into()]);
+        changed
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(MANAGED_BY.0);
+        assert_eq!(
+            repair_first(&changed, &want),
+            Some(serde_json::json!({
+                "metadata": {"labels": {"app.kubernetes.io/managed-by": "vault-registrar"}},
+                "spec": {"externalIPs": null, "type": "ClusterIP"},
+            }))
+        );
+    }
+
+    #[test]
+    fn service_types_the_operator_was_not_allowed_are_a_spec_problem() {
+        let only_cluster_ip = [ServiceType::ClusterIP];
+        // (spec.services, allowed, problem)
+        let cases: [(&str, &[ServiceType], Option<&str>); 4] = [
+            ("{}", &only_cluster_ip, None),
+            (
+                "{active: {enabled: true, type: LoadBalancer}}",
+                &only_cluster_ip,
+                Some(
+                    "spec.services.active.type: LoadBalancer is not allowed by the operator (allowed: ClusterIP; chart value allowedServiceTypes)",
+                ),
+            ),
+            (
+                "{perfStandby: {enabled: true, type: NodePort}}",
+                &[ServiceType::ClusterIP, ServiceType::LoadBalancer],
+                Some(
+                    "spec.services.perfStandby.type: NodePort is not allowed by the operator (allowed: ClusterIP, LoadBalancer; chart value allowedServiceTypes)",
+                ),
+            ),
+            (
+                "{standby: {enabled: false, type: NodePort}}",
+                &only_cluster_ip,
+                None,
+            ),
+        ];
+        for (services, allowed, want) in cases {
+            let vc = cluster(&format!("{BASIC}\nservices: {services}"));
+            assert_eq!(disallowed_type(&vc, allowed).as_deref(), want, "{services}");
+        }
+        let allowed = Allowed {
+            types: vec![ServiceType::ClusterIP],
+            annotations: vec!["example.com/team".into(), "prometheus.io/*".into()],
+        };
+        // (annotations of the active Service, problem)
+        let cases = [
+            ("{}", None),
+            ("{example.com/team: a, prometheus.io/scrape: 'true'}", None),
+            (
+                "{external-dns.alpha.kubernetes.io/hostname: vault.example.com}",
+                Some(
+                    "spec.services.active.annotations: external-dns.alpha.kubernetes.io/hostname is not allowed by the operator (allowed: example.com/team, prometheus.io/*; chart value allowedServiceAnnotations)",
+                ),
+            ),
+            (
+                "{example.com/team-x: a}",
+                Some(
+                    "spec.services.active.annotations: example.com/team-x is not allowed by the operator (allowed: example.com/team, prometheus.io/*; chart value allowedServiceAnnotations)",
+                ),
+            ),
+        ];
+        for (annotations, want) in cases {
+            let vc = cluster(&format!(
+                "{BASIC}\nservices: {{active: {{enabled: true, annotations: {annotations}}}}}"
+            ));
+            assert_eq!(allowed.problem(&vc).as_deref(), want, "{annotations}");
+        }
+        let none = Allowed {
+            annotations: vec![],
+            ..allowed
+        };
+        let vc = cluster(&format!(
+            "{BASIC}\nservices: {{standby: {{enabled: true, annotations: {{a: b}}}}}}"
+        ));
+        assert_eq!(
+            none.problem(&vc).as_deref(),
+            Some(
+                "spec.services.standby.annotations: a is not allowed by the operator (allowed: none; chart value allowedServiceAnnotations)"
+            )
+        );
+        assert_eq!(
+            "NodePort".parse::<ServiceType>().ok(),
+            Some(ServiceType::NodePort)
+        );
+        assert!("nodeport".parse::<ServiceType>().is_err());
     }
 
     #[test]

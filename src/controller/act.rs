@@ -299,6 +299,8 @@ async fn converge_services(
             if !services::drifted(have, &want) {
                 continue;
             }
+            ctx.guard(&format!("Service {name}"))?;
+            remove_foreign_fields(vc, &api, have, &want).await?;
         }
         ctx.guard(&format!("Service {name}"))?;
         let params = PatchParams::apply(MANAGER).force();
@@ -315,6 +317,24 @@ async fn converge_services(
     }
     remove_unwanted_services(vc, ctx, &api, &desired).await?;
     Ok(problems)
+}
+
+/// Removes what another writer added to a Service that the apply cannot take away, before
+/// the apply (see `services::repair_first`).
+async fn remove_foreign_fields(
+    vc: &VaultCluster,
+    api: &Api<Service>,
+    have: &Service,
+    want: &Service,
+) -> Result<(), Error> {
+    let Some(patch) = services::repair_first(have, want) else {
+        return Ok(());
+    };
+    let name = have.name_any();
+    api.patch(&name, &write_params(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(service_write_failed(vc, &name))
 }
 
 /// The cache holds only Services with our label: before creating one, make sure no one

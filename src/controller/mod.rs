@@ -71,6 +71,9 @@ pub struct Context {
     leading: Arc<AtomicBool>,
     /// Every watched scope (a namespace, or all): a round waits until each has listed.
     scopes: Vec<Option<String>>,
+    /// What a VaultCluster's Services may ask for (`--allowed-service-types`,
+    /// `--allowed-service-annotations`).
+    allowed: services::Allowed,
 }
 
 impl Context {
@@ -80,6 +83,7 @@ impl Context {
         metrics: Metrics,
         leading: Arc<AtomicBool>,
         scopes: Vec<Option<String>>,
+        allowed: services::Allowed,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -99,6 +103,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             leading,
             scopes,
+            allowed,
         })
     }
 
@@ -437,7 +442,7 @@ async fn usable(
     if let Err(problem) = crate::selector::parse(&vc.spec.selector) {
         return Ok(Err(problem));
     }
-    if let Some(problem) = services::name_clash(vc) {
+    if let Some(problem) = services::name_clash(vc).or_else(|| ctx.allowed.problem(vc)) {
         return Ok(Err(problem));
     }
     Ok(Ok(settings))

@@ -58,16 +58,21 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         Scheme::Https => {
             let tls = h.tls.clone().unwrap_or_default();
             check_server_name(&tls.server_name).map_err(spec)?;
-            let ca = match CaSource::of(&tls) {
+            let source = CaSource::of(&tls);
+            let ca = match &source {
                 Some(source) => {
-                    let (pem, problem) = ca(vc, ctx, &source).await?;
+                    let (pem, problem) = ca(vc, ctx, source).await?;
                     warning = problem;
                     Some(pem)
                 }
                 None => None,
             };
-            let config = tls_config(ca.as_deref(), tls.insecure_skip_verify)
-                .map_err(|e| spec(format!("spec.health.tls: {e}")))?;
+            let config = tls_config(ca.as_deref(), tls.insecure_skip_verify).map_err(|e| {
+                spec(match source.as_ref().filter(|s| s.kind == CaKind::Secret) {
+                    Some(secret) => secret_unusable(secret),
+                    None => format!("spec.health.tls: {e}"),
+                })
+            })?;
             let pem = String::from_utf8_lossy(ca.as_deref().unwrap_or_default());
             let insecure = if tls.insecure_skip_verify {
                 "insecure"
@@ -165,16 +170,13 @@ async fn ca(
                 warn!(cluster = %cluster_name(vc), %error, "using the CA bundle read before");
                 Ok((pem, None))
             }
-            None if forbidden(&error) => Err(Unusable::Spec(format!(
-                "{}: {error}; {}",
-                source.field(),
-                match source.kind {
-                    CaKind::Secret => {
-                        "use caConfigMapRef, or list the namespace in the chart's tls.secretNamespaces"
-                    }
-                    CaKind::ConfigMap => "the operator needs get on configmaps",
-                }
-            ))),
+            None if forbidden(&error) => Err(Unusable::Spec(match source.kind {
+                CaKind::Secret => secret_unusable(source),
+                CaKind::ConfigMap => format!(
+                    "{}: {error}; the operator needs get on configmaps",
+                    source.field()
+                ),
+            })),
             None => Err(Unusable::Api(error)),
         },
         Err(Unusable::Spec(problem)) => {
@@ -188,6 +190,19 @@ async fn ca(
             }
         }
     }
+}
+
+/// Why a CA Secret gives no bundle, the same words whatever the cause (missing, without
+/// the key, holding no certificate, or one the operator may not read): the VaultCluster's
+/// author learns nothing of Secrets they may not read themselves.
+fn secret_unusable(source: &CaSource) -> String {
+    format!(
+        "spec.health.tls.caSecretRef: Secret {} key {} gives no CA bundle the operator can use \
+         (missing, without the key or a certificate, or forbidden to it): use caConfigMapRef, \
+         or list the namespace in the chart's tls.secretNamespaces (and the name in \
+         tls.secretNames when set)",
+        source.name, source.key
+    )
 }
 
 fn forbidden(error: &Error) -> bool {
@@ -253,10 +268,11 @@ async fn read_ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<
         &source.key,
     );
     match data {
+        Some(Some(pem)) => Ok(pem),
+        _ if source.kind == CaKind::Secret => Err(Unusable::Spec(secret_unusable(source))),
         None => Err(Unusable::Spec(format!("{field}: {kind} {name} not found"))),
         Some(None) => Err(Unusable::Spec(format!(
             "{field}: {kind} {name} has no key {key}"
         ))),
-        Some(Some(pem)) => Ok(pem),
     }
 }

@@ -29,6 +29,9 @@ pub fn chart() -> PathBuf {
 /// `helm template` renders offline for Kubernetes 1.20 unless told; the chart needs 1.30.
 pub const KUBE_VERSION: &str = "--kube-version=1.35.0";
 
+/// Every ServiceAccount may set the ownership label: see "shared-crd".
+const SHARED_PLANE: &str = "admissionPolicy.ownershipLabelWriters.groups={system:serviceaccounts}";
+
 pub const VALUE_SETS: &[(&str, &[&str])] = &[
     ("defaults", &[]),
     // The image built here, as tests/node.rs and `make demo` install the chart on a node.
@@ -41,23 +44,43 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         "local-image-stall-fault",
         &vault_registrar_testkit::release::STALL_FAULT_VALUES,
     ),
-    // Beside a CRD installed with kubectl, as every test on a shared control plane does.
-    ("shared-crd", &["--set", "crds.enabled=false"]),
+    // Beside a CRD installed with kubectl, as every test on a shared control plane does;
+    // several releases share that plane, and each one's "-ownership-label" policy would
+    // refuse the others' operators the ownership label: every ServiceAccount may write it.
+    (
+        "shared-crd",
+        &["--set", "crds.enabled=false", "--set", SHARED_PLANE],
+    ),
     (
         "shared-crd-three-replicas",
-        &["--set", "crds.enabled=false,replicaCount=3"],
+        &[
+            "--set",
+            "crds.enabled=false,replicaCount=3",
+            "--set",
+            SHARED_PLANE,
+        ],
     ),
     (
         "shared-crd-namespaced",
-        &["--set", "crds.enabled=false,watchNamespaces={ship-ns-a}"],
+        &[
+            "--set",
+            "crds.enabled=false,watchNamespaces={ship-ns-a}",
+            "--set",
+            SHARED_PLANE,
+        ],
     ),
     (
         "shared-crd-secret-namespace",
         &[
             "--set",
-            "crds.enabled=false,tls.secretNamespaces={ship-cs-listed}",
+            "crds.enabled=false,tls.secretNamespaces={ship-cs-listed},tls.secretNames={vault-ca}",
+            "--set",
+            SHARED_PLANE,
         ],
     ),
+    // Alone on its control plane (tests/admission.rs): the policies as the defaults ship
+    // them, the CRD installed with kubectl.
+    ("shared-crd-fenced", &["--set", "crds.enabled=false"]),
     ("namespaces", &["--set", "watchNamespaces={a,b}"]),
     (
         "secret-namespaces",
@@ -72,6 +95,13 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         ],
     ),
     ("network-policy", &["--set", "networkPolicy.enabled=true"]),
+    (
+        "exposed-services",
+        &[
+            "--set",
+            "allowedServiceTypes={ClusterIP,LoadBalancer},allowedServiceAnnotations={prometheus.io/*,example.com/team}",
+        ],
+    ),
     (
         "openshift",
         &[

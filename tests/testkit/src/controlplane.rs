@@ -229,7 +229,9 @@ impl ControlPlane {
 
     fn start_controller_manager(&mut self, f: &PkiFiles, layout: &Layout) -> anyhow::Result<()> {
         let port = free_port()?;
-        let mut controllers = "endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller".to_string();
+        // validatingadmissionpolicy-status-controller type-checks the admission policies
+        // into their status, which tests/admission.rs reads.
+        let mut controllers = "endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,validatingadmissionpolicy-status-controller".to_string();
         if layout.bridge_ip.is_some() {
             controllers.push_str(NODE_CONTROLLERS);
         }
