@@ -641,10 +641,34 @@ fn write_kubeconfig(path: &Path, server: &str, f: &PkiFiles) -> anyhow::Result<(
     Ok(())
 }
 
-/// A port that was free a moment ago. The window until a server binds it is small, and a
-/// clash shows as a start-up failure with the component's log.
+/// A port no socket holds, below the kernel's ephemeral range. A port the kernel handed
+/// out as free is itself ephemeral, and an outgoing connection can take it as its source
+/// port before the component meant to listen on it binds it (a kubelet failed so, "bind:
+/// address already in use"); below the range only listeners compete. Each process starts
+/// at its own offset, so test processes side by side rarely try the same ports.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    let high = ephemeral_start().clamp(LOW + 1_000, 32_768);
+    let span = high - LOW;
+    let offset = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (LOW + offset.wrapping_add(n) % span) as u16;
+        // The wildcard address: free only if no address of the host holds the port.
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {LOW}..{high}")
+}
+
+/// The first port of the kernel's ephemeral range (32768 unless configured).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
