@@ -228,39 +228,50 @@ async fn a_slow_pod_list_at_start_writes_nothing_from_a_partial_view() -> anyhow
     Ok(())
 }
 
-/// Every version of the VaultClusters' conditions the API server stored, as
-/// "reason: message" lines, from a watch (resourceVersion order).
-struct StatusRecord {
+/// What a watch saw of every version the API server stored, in resourceVersion order, as
+/// `seen` tells of each.
+struct Record<T> {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<String>>,
+    task: tokio::task::JoinHandle<Vec<T>>,
 }
 
-fn record_statuses(api: Api<VaultCluster>) -> StatusRecord {
+fn record<K, T>(api: Api<K>, seen: impl Fn(K) -> Vec<T> + Send + 'static) -> Record<T>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+    T: Send + 'static,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let done = stop.clone();
     let task = tokio::spawn(async move {
-        let mut seen = Vec::new();
+        let mut out = Vec::new();
         let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
         while !done.load(Ordering::SeqCst) {
             let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
-            let Ok(Some(Ok(vc))) = next else { continue };
-            for c in vc.status.unwrap_or_default().conditions {
-                seen.push(format!(
-                    "{}={} {}: {}",
-                    c.type_, c.status, c.reason, c.message
-                ));
-            }
+            let Ok(Some(Ok(object))) = next else { continue };
+            out.extend(seen(object));
         }
-        seen
+        out
     });
-    StatusRecord { stop, task }
+    Record { stop, task }
 }
 
-impl StatusRecord {
-    async fn finish(self) -> Vec<String> {
+impl<T> Record<T> {
+    async fn finish(self) -> Vec<T> {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.unwrap_or_default()
     }
+}
+
+/// Every version of the VaultClusters' conditions, as "type=status reason: message".
+fn record_statuses(api: Api<VaultCluster>) -> Record<String> {
+    record(api, |vc: VaultCluster| {
+        let conditions = vc.status.unwrap_or_default().conditions;
+        conditions
+            .into_iter()
+            .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+            .collect()
+    })
 }
 
 /// Two VaultClusters select the same pods. The older one is deleted while the operator is
@@ -317,35 +328,12 @@ async fn deleting_the_older_of_two_overlapping_clusters_leaves_the_younger_its_p
     Ok(())
 }
 
-/// Every version of the pods' ownership label the API server stored: (pod, owner), from a
-/// watch, in resourceVersion order.
-struct OwnerRecord {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<(String, Option<String>)>>,
-}
-
-fn record_owners(api: Api<Pod>) -> OwnerRecord {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = stop.clone();
-    let task = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
-        while !done.load(Ordering::SeqCst) {
-            let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
-            let Ok(Some(Ok(pod))) = next else { continue };
-            let owner = pod.metadata.labels.unwrap_or_default().get(OWNER).cloned();
-            seen.push((pod.metadata.name.unwrap_or_default(), owner));
-        }
-        seen
-    });
-    OwnerRecord { stop, task }
-}
-
-impl OwnerRecord {
-    async fn finish(self) -> Vec<(String, Option<String>)> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.task.await.unwrap_or_default()
-    }
+/// Every version of the pods' ownership label: (pod, owner).
+fn record_owners(api: Api<Pod>) -> Record<(String, Option<String>)> {
+    record(api, |pod: Pod| {
+        let owner = pod.metadata.labels.unwrap_or_default().get(OWNER).cloned();
+        vec![(pod.metadata.name.unwrap_or_default(), owner)]
+    })
 }
 
 /// One edit of a live VaultCluster: the label prefix changed, the selector narrowed so one
