@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vault_registrar_testkit::cluster::{APP_LABEL, endpoint_ips};
+use vault_registrar_testkit::cluster::APP_LABEL;
 use vault_registrar_testkit::netns::PathCut;
 use vault_registrar_testkit::pods::{SimPod, next_pod_ip, pod_labels, set_running, start_pod};
 use vault_registrar_testkit::vault_sim::{Behavior, Role, SimState, VaultSim};
@@ -19,27 +19,6 @@ use vault_registrar_testkit::wait;
 /// Three times failureThreshold × interval of `FAST` (2 × 500 ms), and more: long enough
 /// for the old rule to have moved the labels several times over.
 const HOLD: Duration = Duration::from_secs(4);
-
-/// Checks every 50 ms for `window` that the active Service's only endpoint is pod `i` and
-/// that pod `i` keeps `vault-active=true`.
-async fn active_holds(f: &Fixture, i: usize, window: Duration) -> anyhow::Result<()> {
-    let ip = f.vault.ip(i);
-    let end = Instant::now() + window;
-    while Instant::now() < end {
-        let endpoints = endpoint_ips(&f.client, &f.ns, "vault-active").await?;
-        anyhow::ensure!(
-            endpoints == [ip.clone()],
-            "active Service endpoints {endpoints:?}"
-        );
-        let active = f.vault.labels(i).await?.get("vault-active").cloned();
-        anyhow::ensure!(
-            active.as_deref() == Some("true"),
-            "vault-{i} vault-active {active:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
 
 /// A pod with Vault's labels, Running and Ready, whose address answers as an active Vault:
 /// what anyone allowed to run a pod with the selected labels can make.
@@ -65,7 +44,7 @@ async fn an_impostor_answering_active_does_not_take_or_empty_the_active_service(
 -> anyhow::Result<()> {
     let f = converged_trio("co-impostor").await?;
     let (pod, sim) = impostor(&f).await?;
-    active_holds(&f, 0, HOLD).await?;
+    f.active_holds(0, HOLD).await?;
     anyhow::ensure!(sim.health_requests() > 0, "the impostor was never probed");
     let message = f
         .condition("vault", "Degraded", "True", "MultipleActive")
@@ -99,7 +78,7 @@ async fn answers_that_are_not_vaults_hold_the_labels() -> anyhow::Result<()> {
     for i in 0..3 {
         f.behave(i, Behavior::NotFound).await;
     }
-    active_holds(&f, 0, HOLD).await?;
+    f.active_holds(0, HOLD).await?;
     let message = f
         .condition("vault", "Degraded", "True", "ProbesFailing")
         .await?;
@@ -141,7 +120,7 @@ async fn a_partial_partition_demotes_nothing_but_the_sealed_answer_acts() -> any
         &[Some("false"), Some("false"), Some("true")],
     )
     .await?;
-    active_holds(&f, 0, HOLD).await?;
+    f.active_holds(0, HOLD).await?;
     f.endpoints("vault-standby", &[1]).await?;
     let message = f
         .condition("vault", "Degraded", "True", "ProbesFailing")
@@ -163,7 +142,7 @@ async fn a_partial_partition_demotes_nothing_but_the_sealed_answer_acts() -> any
 async fn a_crashed_active_is_demoted_when_the_kubelet_marks_it_not_ready() -> anyhow::Result<()> {
     let f = converged_trio("co-crash").await?;
     f.behave(0, Behavior::Crash).await;
-    active_holds(&f, 0, Duration::from_secs(2)).await?;
+    f.active_holds(0, Duration::from_secs(2)).await?;
     let marked = Instant::now();
     set_running(&f.client, &f.ns, &f.vault.members[0].pod, false).await?;
     wait::until("vault-0 demoted", LIMIT, || async {

@@ -29,27 +29,6 @@ async fn writes_during(ns: &str, window: Duration) -> Vec<(String, String, Strin
     shared().writes_in_async(ns).await.split_off(before)
 }
 
-/// Checks every 50 ms for `window` that the active Service's only endpoint is `ip` and that
-/// pod `i` keeps `vault-active=true`.
-async fn active_holds(f: &Fixture, i: usize, window: Duration) -> anyhow::Result<()> {
-    let ip = f.vault.ip(i);
-    let end = Instant::now() + window;
-    while Instant::now() < end {
-        let endpoints = endpoint_ips(&f.client, &f.ns, "vault-active").await?;
-        anyhow::ensure!(
-            endpoints == [ip.clone()],
-            "active Service endpoints {endpoints:?}"
-        );
-        let active = f.vault.labels(i).await?.get("vault-active").cloned();
-        anyhow::ensure!(
-            active.as_deref() == Some("true"),
-            "vault-{i} vault-active {active:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 async fn events(f: &Fixture, reason: &str) -> anyhow::Result<Vec<Event>> {
     let api: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
     let list = api.list(&ListParams::default()).await?;
@@ -148,7 +127,7 @@ async fn configuration_errors_hold_labels_and_say_invalid_spec() -> anyhow::Resu
         .condition("vault", "Ready", "False", "InvalidSpec")
         .await?;
     assert!(message.starts_with("spec.health.tls"), "{message}");
-    active_holds(&f, 0, Duration::from_secs(3)).await?;
+    f.active_holds(0, Duration::from_secs(3)).await?;
     f.labels(
         "vault-active",
         &[Some("true"), Some("false"), Some("false")],
@@ -198,7 +177,7 @@ async fn unknown_selector_operator_is_a_spec_problem() -> anyhow::Result<()> {
         message.starts_with("spec.selector.matchExpressions[0].operator: \"Gt\""),
         "{message}"
     );
-    active_holds(&f, 0, Duration::from_secs(2)).await?;
+    f.active_holds(0, Duration::from_secs(2)).await?;
     f.labels(
         "vault-active",
         &[Some("true"), Some("false"), Some("false")],
@@ -219,7 +198,7 @@ async fn cut_off_operator_holds_labels() -> anyhow::Result<()> {
     let ips: Vec<Ipv4Addr> = f.vault.members.iter().map(|m| m.pod.ip).collect();
     let cut = PathCut::new(&ips)?;
     // Three times failureThreshold × interval (2 × 500ms), and more.
-    active_holds(&f, 0, Duration::from_secs(4)).await?;
+    f.active_holds(0, Duration::from_secs(4)).await?;
     let message = f
         .condition("vault", "Degraded", "True", "ProbesFailing")
         .await?;
@@ -234,7 +213,7 @@ async fn cut_off_operator_holds_labels() -> anyhow::Result<()> {
         &[Some("false"), Some("false"), Some("true")],
     )
     .await?;
-    active_holds(&f, 0, Duration::from_secs(1)).await?;
+    f.active_holds(0, Duration::from_secs(1)).await?;
 
     drop(cut);
     f.event("ProbesAnswered").await?;
@@ -539,7 +518,7 @@ async fn secret_read_error_is_retried_without_touching_the_status() -> anyhow::R
         assert_eq!(status.active_pod.as_deref(), Some("vault-0"));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    active_holds(&f, 0, Duration::from_millis(500)).await?;
+    f.active_holds(0, Duration::from_millis(500)).await?;
     assert!(events(&f, "InvalidSpec").await?.is_empty());
     // The bundle read before still verifies the pods: the new spec took effect.
     wait::until("status of the new generation", LIMIT, || async {

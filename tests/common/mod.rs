@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
@@ -181,6 +181,32 @@ impl Fixture {
             .map(|i| Some(if i == to { "true" } else { "false" }))
             .collect();
         self.labels("vault-active", &want).await
+    }
+
+    /// Checks every 50 ms for `window` that the active Service's only endpoint is pod `i`
+    /// and that pod `i` keeps `vault-active=true`.
+    pub async fn active_holds(&self, i: usize, window: Duration) -> anyhow::Result<()> {
+        let ip = self.vault.ip(i);
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            let endpoints = vault_registrar_testkit::cluster::endpoint_ips(
+                &self.client,
+                &self.ns,
+                "vault-active",
+            )
+            .await?;
+            anyhow::ensure!(
+                endpoints == [ip.clone()],
+                "active Service endpoints {endpoints:?}"
+            );
+            let active = self.vault.labels(i).await?.get("vault-active").cloned();
+            anyhow::ensure!(
+                active.as_deref() == Some("true"),
+                "vault-{i} vault-active {active:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     pub async fn set(&self, i: usize, role: Role) {
