@@ -19,13 +19,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use vault_registrar::crd::VaultCluster;
-use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
+use vault_registrar_testkit::cluster::{Operator, SimCluster};
 use vault_registrar_testkit::pods::{SimPod, create_namespace, create_pod, next_pod_ip};
 use vault_registrar_testkit::stage::install_crd;
 use vault_registrar_testkit::vault_sim::Role;
 use vault_registrar_testkit::{shared, wait};
 
-use chart::{chart, helm, kubectl, values};
+use chart::{chart, converged, helm, kubectl, values};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const OWNER: &str = "vault-registrar.dev/cluster";
@@ -418,23 +418,6 @@ async fn create_vc(
     Ok(Api::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &vc)
         .await?)
-}
-
-/// Labels, the active Service's endpoints and the Ready condition.
-async fn converged(client: &kube::Client, vault: &SimCluster, ns: &str) -> anyhow::Result<()> {
-    let want = [Some("true"), Some("false"), Some("false")];
-    vault.wait_labels("vault-active", &want, LIMIT).await?;
-    wait_endpoints(client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "vc/vault",
-        "-n",
-        ns,
-        "--timeout=30s",
-    ])
-    .await?;
-    Ok(())
 }
 
 async fn token_client(namespace: &str, account: &str) -> anyhow::Result<(kube::Client, PathBuf)> {

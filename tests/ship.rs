@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OnceCell;
 use vault_registrar_testkit::certs::Authority;
-use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
+use vault_registrar_testkit::cluster::{Operator, SimCluster};
 use vault_registrar_testkit::pods::{create_namespace, create_namespace_with_labels};
 use vault_registrar_testkit::stage::install_crd as install_crd_file;
 use vault_registrar_testkit::vault_sim::{Role, SimTls};
@@ -20,7 +20,7 @@ use vault_registrar_testkit::{shared, wait};
 
 mod chart;
 
-use chart::{chart, helm, kubectl, values};
+use chart::{chart, converged, helm, kubectl, values};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
@@ -732,23 +732,6 @@ async fn can_i(user: &str, args: &[&str]) -> anyhow::Result<String> {
     cmd.args(["auth", "can-i"]).args(args).args(["--as", user]);
     let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Labels, the active Service's endpoints and the Ready condition of a TLS cluster.
-async fn converged(client: &kube::Client, vault: &SimCluster, ns: &str) -> anyhow::Result<()> {
-    let want = [Some("true"), Some("false"), Some("false")];
-    vault.wait_labels("vault-active", &want, LIMIT).await?;
-    wait_endpoints(client, ns, "vault-active", &[vault.ip(0)], LIMIT).await?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "vc/vault",
-        "-n",
-        ns,
-        "--timeout=30s",
-    ])
-    .await?;
-    Ok(())
 }
 
 /// The chart's ServiceMonitor and PrometheusRule, as each monitoring value set renders them,

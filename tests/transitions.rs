@@ -53,6 +53,22 @@ fn services(f: &Fixture) -> Api<Service> {
     Api::namespaced(f.client.clone(), &f.ns)
 }
 
+/// Waits until the Service `name` is gone.
+async fn service_gone(f: &Fixture, name: &str, limit: Duration) -> anyhow::Result<()> {
+    wait::until(&format!("Service {name} gone"), limit, || async {
+        Ok(services(f).get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+/// Waits until the VaultCluster `name` is gone (its finalizer done).
+async fn cluster_gone(f: &Fixture, name: &str) -> anyhow::Result<()> {
+    wait::until(&format!("VaultCluster {name} gone"), LIMIT, || async {
+        Ok(f.clusters().get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
 /// Waits until pod `name` (of uid `uid` when given) carries the label `key=value`.
 async fn wait_label(
     f: &Fixture,
@@ -132,14 +148,7 @@ async fn every_cache_follows_the_api_server_after_a_restart() -> anyhow::Result<
     )
     .await?;
     wait_label(&f, "vault-3", None, "vault-active", "false", bound).await?;
-    wait::until("vault-standby deleted", bound, || async {
-        Ok(services(&f)
-            .get_opt("vault-standby")
-            .await?
-            .is_none()
-            .then_some(()))
-    })
-    .await?;
+    service_gone(&f, "vault-standby", bound).await?;
     wait::until("vault-active's selector repaired", bound, || async {
         let svc = services(&f).get("vault-active").await?;
         let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
@@ -176,10 +185,7 @@ async fn a_cluster_deleted_while_the_operator_was_down_is_stripped() -> anyhow::
     relay.hold(pod_list, Duration::from_secs(3), 1);
     let kubeconfig = relay.kubeconfig("deleted")?;
     let _operator = operator(&f.ns, Some(&kubeconfig), &[])?;
-    wait::until("VaultCluster gone", LIMIT, || async {
-        Ok(f.clusters().get_opt("vault").await?.is_none().then_some(()))
-    })
-    .await?;
+    cluster_gone(&f, "vault").await?;
     assert_eq!(relay.held(), 1, "the pod LIST was not held");
     for i in 0..3 {
         let labels = f.vault.labels(i).await?;
@@ -306,10 +312,7 @@ async fn deleting_the_older_of_two_overlapping_clusters_leaves_the_younger_its_p
     relay.hold(list_of("vaultclusters"), Duration::from_secs(2), 1);
     let kubeconfig = relay.kubeconfig("overlap")?;
     let _operator = operator(&f.ns, Some(&kubeconfig), &[])?;
-    wait::until("VaultCluster vault gone", LIMIT, || async {
-        Ok(f.clusters().get_opt("vault").await?.is_none().then_some(()))
-    })
-    .await?;
+    cluster_gone(&f, "vault").await?;
     wait::until("younger-active routes to vault-0", LIMIT, || async {
         let ips = endpoint_ips(&f.client, &f.ns, "younger-active").await?;
         Ok((ips == [f.vault.ip(0)]).then_some(()))
@@ -389,14 +392,7 @@ async fn a_spec_edit_cleans_up_after_itself() -> anyhow::Result<()> {
         Ok(left.is_empty().then_some(()))
     })
     .await?;
-    wait::until("vault-standby removed", LIMIT, || async {
-        Ok(services(&f)
-            .get_opt("vault-standby")
-            .await?
-            .is_none()
-            .then_some(()))
-    })
-    .await?;
+    service_gone(&f, "vault-standby", LIMIT).await?;
     f.endpoints("vault-active", &[0]).await?;
     f.endpoints("vault-readers", &[1]).await
 }

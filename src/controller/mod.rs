@@ -405,24 +405,18 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     {
         report::gauges(vc, ctx, &status);
     }
-    let found = rhythm::Found {
+    let mut found = rhythm::Found {
         active: rhythm::settled_active(&acted.written, &decision.claimants),
         roles: roles_signature(&status),
         generation: vc.metadata.generation,
     };
     let published = report::publish(vc, ctx, status).await;
-    // Remember the rhythm: only a round whose writes and report all landed may be
-    // followed by a sentinel round.
-    let landed = failed.is_none() && published.is_ok();
-    let wait = remember_rhythm(
-        vc,
-        ctx,
-        &settings,
-        previous.as_ref(),
-        started,
-        found,
-        landed,
-    );
+    // Only a round whose writes (`settled_active`) and report both landed may be followed
+    // by a sentinel round.
+    if published.is_err() {
+        found.active = None;
+    }
+    let wait = remember_rhythm(vc, ctx, &settings, previous.as_ref(), started, found);
     match (failed, published) {
         (Some(error), _) | (None, Err(error)) => Err(error),
         (None, Ok(())) => Ok(Action::requeue(wait)),
@@ -472,21 +466,15 @@ async fn sentinel_round(
         .then(|| rhythm::after_sentinel(r, Instant::now(), settings.active_interval))
 }
 
-/// Records the rhythm after a full round; the wait until the next round. A round whose
-/// writes or report did not all land leaves no settled active pod behind, so the next
-/// round (at the error backoff) is a full one.
+/// Records the rhythm after a full round; the wait until the next round.
 fn remember_rhythm(
     vc: &VaultCluster,
     ctx: &Context,
     settings: &settings::ProbeSettings,
     previous: Option<&Rhythm>,
     started: Instant,
-    mut found: rhythm::Found,
-    landed: bool,
+    found: rhythm::Found,
 ) -> Duration {
-    if !landed {
-        found.active = None;
-    }
     let uid = vc.uid().unwrap_or_default();
     let (next, mut wait) = rhythm::after_full(
         previous,

@@ -5,6 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
+use vault_registrar_testkit::cluster::{SimCluster, wait_endpoints};
 use vault_registrar_testkit::shared;
 use vault_registrar_testkit::stage::run_blocking;
 
@@ -20,6 +23,25 @@ pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = shared().kubectl();
     cmd.args(args);
     run_blocking(cmd).await
+}
+
+/// Waits for a trio under VaultCluster `vault` to converge: labels, the active Service's
+/// endpoints and the Ready condition.
+pub async fn converged(client: &kube::Client, vault: &SimCluster, ns: &str) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(30);
+    let want = [Some("true"), Some("false"), Some("false")];
+    vault.wait_labels("vault-active", &want, limit).await?;
+    wait_endpoints(client, ns, "vault-active", &[vault.ip(0)], limit).await?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "vc/vault",
+        "-n",
+        ns,
+        "--timeout=30s",
+    ])
+    .await?;
+    Ok(())
 }
 
 pub fn chart() -> PathBuf {

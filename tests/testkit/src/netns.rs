@@ -162,14 +162,7 @@ fn remove_stale_cuts(block: Option<u32>) -> anyhow::Result<()> {
                 .is_ok_and(|a| a.octets()[..3] == [198, 18, b as u8])
         });
         if !held.contains(ip) && (dead.contains(ip) || in_block) {
-            let _ = ip_route(&[
-                "del",
-                &format!("{ip}/32"),
-                "via",
-                DEAD_HOP,
-                "dev",
-                HOST_LINK,
-            ]);
+            let _ = cut_route("del", &ip);
         }
     }
     Ok(())
@@ -256,6 +249,12 @@ fn create() -> anyhow::Result<()> {
 /// silently, as a NetworkPolicy or a failed node network drops them.
 const DEAD_HOP: &str = "198.18.255.1";
 
+/// Adds (`replace`) or removes (`del`) the route that cuts the host's path to `ip`: a /32
+/// via a next hop that never answers.
+fn cut_route(verb: &str, ip: &impl std::fmt::Display) -> anyhow::Result<()> {
+    ip_route(&[verb, &format!("{ip}/32"), "via", DEAD_HOP, "dev", HOST_LINK])
+}
+
 /// The host's path to some pod addresses, cut: routed to a next hop that never answers, so
 /// connections to them time out while the pods stay Running and Ready in the API. Only those
 /// addresses are affected, so tests running beside it keep their network. The routes are
@@ -272,14 +271,7 @@ impl PathCut {
         record_cuts(ips, &[])?;
         let mut cut = Self { ips: Vec::new() };
         for ip in ips {
-            ip_route(&[
-                "replace",
-                &format!("{ip}/32"),
-                "via",
-                DEAD_HOP,
-                "dev",
-                HOST_LINK,
-            ])?;
+            cut_route("replace", &ip)?;
             cut.ips.push(*ip);
         }
         Ok(cut)
@@ -289,14 +281,7 @@ impl PathCut {
 impl Drop for PathCut {
     fn drop(&mut self) {
         for ip in &self.ips {
-            let _ = ip_route(&[
-                "del",
-                &format!("{ip}/32"),
-                "via",
-                DEAD_HOP,
-                "dev",
-                HOST_LINK,
-            ]);
+            let _ = cut_route("del", &ip);
         }
         let _ = record_cuts(&[], &self.ips);
     }
@@ -369,14 +354,7 @@ mod tests {
         );
         let dead_file = format!("{STATE_DIR}/cut-4194999");
         std::fs::write(&dead_file, format!("{dead_ip}\n"))?;
-        ip_route(&[
-            "replace",
-            &format!("{dead_ip}/32"),
-            "via",
-            DEAD_HOP,
-            "dev",
-            HOST_LINK,
-        ])?;
+        cut_route("replace", &dead_ip)?;
         let live = PathCut::new(&[live_ip])?;
         remove_stale_cuts(None)?;
         let routes = output(&["ip", "route", "show", "via", DEAD_HOP]);
