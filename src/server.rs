@@ -129,8 +129,21 @@ pub fn accept_backoff(failures: u32) -> Duration {
     Duration::from_millis(ms.min(100))
 }
 
+/// Connections the kernel completes before the accept loop takes them (capped by
+/// `net.core.somaxconn`). Tokio's default of 1,024 is smaller than a burst of idle
+/// connections: past it the kernel drops the handshake's last ACK, the client believes it
+/// is connected, and the server meets the connection only seconds later, at a SYN-ACK
+/// retransmission, so the per-peer limit would act late.
+const LISTEN_BACKLOG: u32 = 4096;
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Reads a bind address in the form controller-runtime operators take: `:8081` (every

@@ -622,12 +622,17 @@ async fn health_answers_under_2000_idle_connections_of_another_pod() -> anyhow::
     println!("/healthz under 2000 idle connections of another peer: {status} in {took:?}");
     assert_eq!(status, 200);
     assert!(took < Duration::from_secs(1), "{took:?}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let open = held.iter().filter(|s| still_open(s)).count();
-    assert!(
-        open <= vault_registrar::server::MAX_CONNECTIONS_PER_PEER,
-        "{open} connections of one peer kept"
-    );
+    // The accept loop closes the extra connections one by one; well before the held ones'
+    // header-read timeout, no more than the share may still be open.
+    let share = vault_registrar::server::MAX_CONNECTIONS_PER_PEER;
+    let deadline = opened + Duration::from_secs(3);
+    let mut open = held.iter().filter(|s| still_open(s)).count();
+    while open > share && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = held.iter().filter(|s| still_open(s)).count();
+    }
+    println!("connections of that peer still open: {open}");
+    assert!(open <= share, "{open} connections of one peer kept");
     // The header-read timeout frees those it holds.
     tokio::time::sleep(vault_registrar::server::HEADER_READ_TIMEOUT + Duration::from_secs(2)).await;
     let open = held.iter().filter(|s| still_open(s)).count();
