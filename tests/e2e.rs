@@ -179,6 +179,28 @@ async fn perf_standby_gets_its_label_and_service() -> anyhow::Result<()> {
     f.endpoints("vault-active", &[0]).await
 }
 
+/// A DR secondary cluster (Enterprise; simulator only) answers 472 on every node. Vault's own
+/// registration labels its HA leader active, and so do we: the body's `standby` tells the
+/// leader apart, and the leader moves with a failover inside the secondary cluster.
+#[tokio::test]
+async fn dr_secondary_leader_is_labelled_active_as_vault_does() -> anyhow::Result<()> {
+    let standby = Role::DrSecondaryStandby;
+    let f = fixture("dr", &[Role::DrSecondary, standby, standby], None).await?;
+    f.create("vault", FAST).await?;
+    f.converged().await?;
+    f.condition("vault", "Available", "True", "ActivePod")
+        .await?;
+    f.set(0, standby).await;
+    f.set(1, Role::DrSecondary).await;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.endpoints("vault-active", &[1]).await?;
+    f.endpoints("vault-standby", &[0, 2]).await
+}
+
 /// Without an incumbent (none was labelled active before) two claimants cannot be told
 /// apart: neither is labelled. With one, it keeps the label (`tests/corroboration.rs`).
 #[tokio::test]

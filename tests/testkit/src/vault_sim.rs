@@ -44,7 +44,10 @@ pub enum Role {
     Removed,
     /// A standby whose request-forwarding heartbeat to the active node fails (Vault 1.19+).
     HaUnhealthyStandby,
+    /// The HA leader of a DR secondary cluster (Enterprise): 472, `standby: false`.
     DrSecondary,
+    /// A standby of a DR secondary cluster: 472 too, `standby: true`.
+    DrSecondaryStandby,
 }
 
 /// How the node's HTTP listener behaves, independent of its role.
@@ -232,7 +235,7 @@ struct Inner {
 
 impl Inner {
     fn new(addr: SocketAddr, tls: Option<TlsAcceptor>, state: SimState) -> Self {
-        let active_since = if state.role == Role::Active {
+        let active_since = if leads(state.role) {
             unix_now()
         } else {
             0
@@ -254,10 +257,15 @@ impl Inner {
     }
 
     fn note_role(&self, next: Role) {
-        if next == Role::Active && self.state.borrow().role != Role::Active {
+        if leads(next) && !leads(self.state.borrow().role) {
             self.active_since.store(unix_now(), Ordering::SeqCst);
         }
     }
+}
+
+/// Whether the role holds its cluster's HA lock (a DR secondary has a leader too).
+fn leads(role: Role) -> bool {
+    matches!(role, Role::Active | Role::DrSecondary)
 }
 
 /// A bound listener and the task accepting on it.
@@ -514,6 +522,10 @@ impl Facts {
                 dr_secondary: true,
                 ..Facts::default()
             },
+            Role::DrSecondaryStandby => Facts {
+                dr_secondary: true,
+                ..standby
+            },
             Role::Sealed => Facts {
                 initialized: true,
                 sealed: true,
@@ -537,7 +549,11 @@ impl Facts {
 /// standby.
 fn flavour_role(state: &SimState) -> Role {
     match state.role {
-        Role::PerfStandby | Role::HaUnhealthyStandby | Role::Removed | Role::DrSecondary
+        Role::PerfStandby
+        | Role::HaUnhealthyStandby
+        | Role::Removed
+        | Role::DrSecondary
+        | Role::DrSecondaryStandby
             if state.openbao =>
         {
             Role::Standby
@@ -770,7 +786,7 @@ fn leader_reply(inner: &Inner, state: &SimState) -> Reply {
     if !facts.unsealed() {
         return Reply::errors(503, &["Vault is sealed".to_owned()]);
     }
-    let is_self = flavour_role(state) == Role::Active;
+    let is_self = leads(flavour_role(state));
     let (leader_address, leader_cluster_address) = if is_self {
         (inner.url(), cluster_url(inner.addr))
     } else {
@@ -979,6 +995,7 @@ mod tests {
             (Role::Removed, 530),
             (Role::HaUnhealthyStandby, 474),
             (Role::DrSecondary, 472),
+            (Role::DrSecondaryStandby, 472),
         ];
         for (role, code) in expected {
             let resp = health_of(SimState::new(role), "").await;
@@ -1065,8 +1082,11 @@ mod tests {
                 "{role:?}"
             );
         }
-        let dr = health_of(SimState::new(Role::DrSecondary), "").await.json();
-        assert_eq!(dr["replication_dr_mode"], "secondary");
+        for (role, standby) in [(Role::DrSecondary, false), (Role::DrSecondaryStandby, true)] {
+            let dr = health_of(SimState::new(role), "").await.json();
+            assert_eq!(dr["replication_dr_mode"], "secondary", "{role:?}");
+            assert_eq!(dr["standby"], standby, "{role:?}");
+        }
     }
 
     #[tokio::test]
