@@ -357,8 +357,8 @@ mod tests {
     #[test]
     fn flags_and_their_old_names() {
         let a = parse(&[]).unwrap();
-        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(a.health_addr.to_string(), "0.0.0.0:8081");
+        assert_eq!(a.metrics_addr.to_string(), "[::]:8080");
+        assert_eq!(a.health_addr.to_string(), "[::]:8081");
         assert_eq!(a.lease_duration, Duration::from_secs(15));
         let a = parse(&["--metrics-addr=127.0.0.1:9", "--lease-duration=4s"]).unwrap();
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:9");
@@ -371,7 +371,7 @@ mod tests {
             "--leader-elect-retry-period=500ms",
         ])
         .unwrap();
-        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:7000");
+        assert_eq!(a.metrics_addr.to_string(), "[::]:7000");
         assert_eq!(a.health_addr.to_string(), "127.0.0.1:7001");
         assert_eq!(a.renew_deadline, Some(Duration::from_secs(4)));
         assert_eq!(a.retry_period, Some(Duration::from_millis(500)));

@@ -196,8 +196,18 @@ mod tests {
                 vault(true, false, true, false),
                 Role::Standby,
             ),
-            ("dr secondary's active", 472, dr_secondary(false), Role::Active),
-            ("dr secondary's standby", 472, dr_secondary(true), Role::Standby),
+            (
+                "dr secondary's active",
+                472,
+                dr_secondary(false),
+                Role::Active,
+            ),
+            (
+                "dr secondary's standby",
+                472,
+                dr_secondary(true),
+                Role::Standby,
+            ),
             (
                 "perf standby",
                 473,

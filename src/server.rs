@@ -5,7 +5,7 @@
 //! address, and a failing accept (out of file descriptors) backs off instead of spinning.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -136,21 +136,48 @@ pub fn accept_backoff(failures: u32) -> Duration {
 /// retransmission, so the per-peer limit would act late.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Binds `addr`. Every interface (`[::]`, what `:port` means) is bound dual-stack, so the
+/// kubelet's probes reach the server on IPv4, IPv6 and dual-stack clusters alike; on a host
+/// without IPv6 it falls back to IPv4's `0.0.0.0`.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return match listen(addr, true) {
+            Err(e) if no_ipv6(&e) => {
+                warn!(error = %e, "no IPv6 on this host: listening on IPv4 only");
+                listen((Ipv4Addr::UNSPECIFIED, addr.port()).into(), false)
+            }
+            bound => bound,
+        };
+    }
+    listen(addr, false)
+}
+
+fn listen(addr: SocketAddr, dual_stack: bool) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The errors of a kernel without IPv6 (`ipv6.disable=1`) or of an interface-less one.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Reads a bind address in the form controller-runtime operators take: `:8081` (every
-/// interface), `127.0.0.1:8081`, `[::1]:8081` or `localhost:8081`.
+/// interface, IPv4 and IPv6), `127.0.0.1:8081`, `[::1]:8081` or `localhost:8081`.
 pub fn parse_bind_address(text: &str) -> Result<SocketAddr, String> {
     let full = match text.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
+        Some(port) => format!("[::]:{port}"),
         None => text.to_string(),
     };
     full.to_socket_addrs()
@@ -219,7 +246,7 @@ mod tests {
     #[test]
     fn bind_addresses_in_the_controller_runtime_form() {
         let cases = [
-            (":8081", Some("0.0.0.0:8081")),
+            (":8081", Some("[::]:8081")),
             ("127.0.0.1:0", Some("127.0.0.1:0")),
             ("[::1]:9000", Some("[::1]:9000")),
             ("0.0.0.0:8080", Some("0.0.0.0:8080")),
@@ -230,5 +257,25 @@ mod tests {
             let got = parse_bind_address(text).ok().map(|a| a.to_string());
             assert_eq!(got.as_deref(), want, "{text}");
         }
+    }
+
+    /// `:port` serves IPv4 and IPv6 clients from one socket, as an IPv6-only or dual-stack
+    /// cluster's kubelet needs. Skipped parts: none; this machine has IPv6 on loopback.
+    #[tokio::test]
+    async fn every_interface_is_served_on_both_families() {
+        let listener = bind(parse_bind_address(":0").unwrap()).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepting = tokio::spawn(async move {
+            for _ in 0..2 {
+                listener.accept().await.unwrap();
+            }
+        });
+        for ip in ["127.0.0.1", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            tokio::net::TcpStream::connect((ip, port))
+                .await
+                .unwrap_or_else(|e| panic!("{ip}: {e}"));
+        }
+        accepting.await.unwrap();
     }
 }

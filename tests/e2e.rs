@@ -201,6 +201,75 @@ async fn dr_secondary_leader_is_labelled_active_as_vault_does() -> anyhow::Resul
     f.endpoints("vault-standby", &[0, 2]).await
 }
 
+/// Pods whose only address is IPv6 (an IPv6-only cluster) are probed at that address
+/// (`http://[fd00:…]:8200`) and labelled; a failover moves the label. The control plane here
+/// is IPv4 single-stack, so the generated Services get no IPv6 endpoints: only the labels are
+/// checked (see README).
+#[tokio::test]
+async fn ipv6_pods_are_probed_and_labelled() -> anyhow::Result<()> {
+    use std::net::SocketAddr;
+    use vault_registrar_testkit::netns::pod_ip6;
+    use vault_registrar_testkit::pods::{NODE_NAME, ensure_node, pod_labels};
+    use vault_registrar_testkit::vault_sim::{SimState, VaultSim};
+
+    let ns = "e2e-ipv6";
+    let client = namespace(ns).await?;
+    ensure_node(&client).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let mut sims = Vec::new();
+    for (i, role) in [Role::Active, Role::Standby, Role::Standby]
+        .into_iter()
+        .enumerate()
+    {
+        let ip = pod_ip6(900 + i as u32);
+        sims.push(
+            VaultSim::start(SocketAddr::new(ip.into(), 8200), None, SimState::new(role)).await?,
+        );
+        let pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("vault-{i}"), "labels": {"app.kubernetes.io/name": "vault"}},
+            "spec": {"nodeName": NODE_NAME, "containers": [{"name": "vault", "image": "vault",
+                "ports": [{"name": "http", "containerPort": 8200}]}]},
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        let status = json!({"status": {"phase": "Running", "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [{"type": "Ready", "status": "True"}]}});
+        pods.patch_status(
+            &format!("vault-{i}"),
+            &PatchParams::default(),
+            &Patch::Strategic(status),
+        )
+        .await?;
+    }
+    let _operator = operator(ns, None, &[])?;
+    let vc = format!(
+        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  {FAST}\n"
+    );
+    let vc: vault_registrar::crd::VaultCluster = serde_yaml::from_str(&vc)?;
+    Api::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &vc)
+        .await?;
+    let active_is = |want: [&'static str; 3]| {
+        let client = client.clone();
+        async move {
+            wait::until(&format!("vault-active {want:?}"), LIMIT, || async {
+                let mut got = Vec::new();
+                for i in 0..3 {
+                    let labels = pod_labels(&client, ns, &format!("vault-{i}")).await?;
+                    got.push(labels.get("vault-active").cloned().unwrap_or_default());
+                }
+                Ok((got == want).then_some(()))
+            })
+            .await
+        }
+    };
+    active_is(["true", "false", "false"]).await?;
+    sims[0].update(|s| s.role = Role::Standby).await;
+    sims[2].update(|s| s.role = Role::Active).await;
+    active_is(["false", "false", "true"]).await
+}
+
 /// Without an incumbent (none was labelled active before) two claimants cannot be told
 /// apart: neither is labelled. With one, it keeps the label (`tests/corroboration.rs`).
 #[tokio::test]

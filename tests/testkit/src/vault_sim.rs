@@ -235,11 +235,7 @@ struct Inner {
 
 impl Inner {
     fn new(addr: SocketAddr, tls: Option<TlsAcceptor>, state: SimState) -> Self {
-        let active_since = if leads(state.role) {
-            unix_now()
-        } else {
-            0
-        };
+        let active_since = if leads(state.role) { unix_now() } else { 0 };
         Inner {
             addr,
             tls,
