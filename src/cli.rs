@@ -146,14 +146,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let timing = Timing::new(args.lease_duration, args.renew_deadline, args.retry_period)?;
     let config = apiclient::load_config(args.kubeconfig.as_deref()).await?;
-    let client = apiclient::controller_client(&config)?;
+    let metrics = Metrics::new();
+    let client = apiclient::controller_client(&config, &metrics.api)?;
     // Lease rounds and pings: every request bounded well inside the renew deadline.
     let quick = apiclient::client_with(
         &config,
         timing.retry_period.max(Duration::from_secs(1)),
         timing.renew_deadline,
+        &metrics.api,
     )?;
-    let metrics = Metrics::new();
     let leading = Arc::new(AtomicBool::new(false));
     let health = Arc::new(HealthState::new(
         Limits {

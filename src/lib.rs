@@ -1,6 +1,7 @@
 //! vault-registrar: labels Vault and OpenBao pods with their HA role from outside, and keeps
 //! the active and standby Services pointing at the right pods.
 
+pub mod api_metrics;
 pub mod apiclient;
 pub mod cli;
 pub mod controller;

@@ -151,6 +151,38 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
             >= 4.0,
         "{text}"
     );
+    // What it cost the API server, counted by its own clients: the label patches among
+    // them, the pod watch, and no request answered with an error status.
+    let api = |labels: &str| {
+        metric(
+            &text,
+            &format!("vault_registrar_rest_client_requests_total{{{labels}}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        api("code=\"200\",resource=\"pods\",verb=\"patch\"") >= 4.0,
+        "{text}"
+    );
+    assert!(
+        api("code=\"200\",resource=\"pods\",verb=\"watch\"") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        api("code=\"201\",resource=\"vaultclusters/status\",verb=\"patch\"")
+            + api("code=\"200\",resource=\"vaultclusters/status\",verb=\"patch\"")
+            >= 2.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "vault_registrar_rest_client_request_duration_seconds_count{resource=\"pods\",verb=\"patch\"}"
+        )
+        .unwrap_or(0.0)
+            >= 4.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "vault_registrar_leader"), Some(1.0));
     assert_eq!(
         metric(
