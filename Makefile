@@ -8,7 +8,7 @@ OLDEST_K8S_DIR = $(shell tests/controlplane/oldest/build.sh)
 # One test thread per core: the elapsed-time bounds assume the tests do not starve each other.
 TEST_THREADS ?= $(shell nproc)
 
-.PHONY: all build binaries oldest-k8s vault promtool testkit-bins test unit e2e demo demo-raft bench bench-scale crds lint check-tools fuzz
+.PHONY: all build binaries oldest-k8s vault promtool testkit-bins test unit e2e demo demo-raft bench bench-scale bench-smoke crds lint check-tools fuzz
 
 all: build
 
@@ -66,7 +66,17 @@ test: binaries oldest-k8s vault promtool testkit-bins
 		$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_KUBE_DIR="$(OLDEST_K8S_DIR)" \
 		$(CARGO) test $(COMPAT_TESTS) -- --test-threads=$(TEST_THREADS)
+	$(MAKE) --no-print-directory bench-smoke
 	fuzz/run.sh $(FUZZ_TEST_SECONDS)
+
+## bench-scale at a small size with the debug build, so the benchmark cannot rot: it must
+## run to the end and print every figure; no figure is judged.
+bench-smoke: binaries
+	$(CARGO) build --bin vault-registrar -p vault-registrar-testkit --bin bench_scale
+	set -o pipefail; VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
+		$(TESTKIT_BIN_DIR)/bench_scale 50 500 | tee target/bench-smoke.txt
+	@for figure in "cold convergence" "API reads" "API writes" "CPU" "RSS" "probes per second" "failover"; do \
+	  grep -qi "$$figure" target/bench-smoke.txt || { echo "bench-smoke: no figure for $$figure"; exit 1; }; done
 
 ## Coverage-guided fuzzing (libFuzzer, stable toolchain) of the health parser, the duration
 ## parser and selector matching, FUZZ_SECONDS each; the corpus is kept under ~/.cache.
