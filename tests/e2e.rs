@@ -484,6 +484,65 @@ async fn service_drift_is_repaired() -> anyhow::Result<()> {
     f.endpoints("vault-active", &[0]).await
 }
 
+/// The Service settings users ask for reach the Services, and one removed from the spec is
+/// removed from its Service (the API server's default comes back).
+#[tokio::test]
+async fn service_settings_reach_the_services_and_leave_with_the_spec() -> anyhow::Result<()> {
+    let ns = "e2e-svc-settings";
+    let client = namespace(ns).await?;
+    let vault =
+        vault_registrar_testkit::cluster::SimCluster::start(&client, ns, "vault", &TRIO, None)
+            .await?;
+    let _operator = operator(
+        ns,
+        None,
+        &["--allowed-service-types=ClusterIP,NodePort,LoadBalancer"],
+    )?;
+    let f = Fixture {
+        client: client.clone(),
+        ns: ns.into(),
+        vault,
+        operator: _operator,
+    };
+    f.create(
+        "vault",
+        &format!(
+            "{FAST}\nservices:\n  active: {{enabled: true, type: LoadBalancer, externalTrafficPolicy: Local, loadBalancerClass: example.com/internal, loadBalancerSourceRanges: [10.0.0.0/8], sessionAffinity: ClientIP}}\n  standby: {{enabled: true, type: NodePort, externalTrafficPolicy: Local, internalTrafficPolicy: Local, ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4]}}"
+        ),
+    )
+    .await?;
+    f.converged().await?;
+    let svc: Api<Service> = Api::namespaced(client.clone(), ns);
+    let active = svc.get("vault-active").await?.spec.unwrap_or_default();
+    assert_eq!(active.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(active.external_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(
+        active.load_balancer_class.as_deref(),
+        Some("example.com/internal")
+    );
+    assert_eq!(
+        active.load_balancer_source_ranges,
+        Some(vec!["10.0.0.0/8".to_string()])
+    );
+    assert_eq!(active.session_affinity.as_deref(), Some("ClientIP"));
+    let standby = svc.get("vault-standby").await?.spec.unwrap_or_default();
+    assert_eq!(standby.type_.as_deref(), Some("NodePort"));
+    assert_eq!(standby.external_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(standby.internal_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(standby.ip_family_policy.as_deref(), Some("PreferDualStack"));
+    // Taken out of the spec, the affinity goes back to the API server's default.
+    let patch = json!({"spec": {"services": {"active": {"sessionAffinity": null}}}});
+    f.clusters()
+        .patch("vault", &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    wait::until("sessionAffinity back to None", LIMIT, || async {
+        let spec = svc.get("vault-active").await?.spec.unwrap_or_default();
+        Ok((spec.session_affinity.as_deref() == Some("None")).then_some(()))
+    })
+    .await?;
+    f.endpoints("vault-active", &[0]).await
+}
+
 #[tokio::test]
 async fn foreign_service_is_left_alone() -> anyhow::Result<()> {
     let f = fixture("foreign", &TRIO, None).await?;
@@ -735,6 +794,31 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             "serverName not a DNS name",
             "selector: {matchLabels: {a: b}}\nhealth: {scheme: https, tls: {serverName: 'Vault_0'}}",
             "serverName must be a lower-case DNS name",
+        ),
+        (
+            "externalTrafficPolicy on a ClusterIP Service",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, externalTrafficPolicy: Local}}",
+            "externalTrafficPolicy applies to NodePort and LoadBalancer Services only",
+        ),
+        (
+            "loadBalancerSourceRanges on a NodePort Service",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, type: NodePort, loadBalancerSourceRanges: [10.0.0.0/8]}}",
+            "loadBalancerSourceRanges applies to LoadBalancer Services only",
+        ),
+        (
+            "a source range that is not a CIDR",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, type: LoadBalancer, loadBalancerSourceRanges: [everywhere]}}",
+            "spec.services.active.loadBalancerSourceRanges[0]",
+        ),
+        (
+            "an address family twice",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, ipFamilies: [IPv4, IPv4]}}",
+            "ipFamilies may not name a family twice",
+        ),
+        (
+            "unknown sessionAffinity",
+            "selector: {matchLabels: {a: b}}\nservices: {standby: {enabled: true, sessionAffinity: Sticky}}",
+            "spec.services.standby.sessionAffinity",
         ),
         (
             "name with a dot",
