@@ -76,9 +76,10 @@ pub struct RunArgs {
     /// Name of the Lease.
     #[arg(long, default_value = "vault-registrar")]
     pub lease_name: String,
-    /// Namespace of the Lease; defaults to POD_NAMESPACE.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
+    /// Namespace of the Lease; defaults to POD_NAMESPACE, then to the client's namespace
+    /// (in a pod, its ServiceAccount's; else the kubeconfig context's, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
     /// How long followers wait after the last renewal they saw before taking the Lease.
     #[arg(long = "leader-elect-lease-duration", alias = "lease-duration",
           default_value = "15s", value_parser = parse_duration)]
@@ -128,7 +129,7 @@ pub fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.event_format(crate::log_format::FlatJson).init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -200,7 +201,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let settings = LeaseSettings {
         name: args.lease_name.clone(),
-        namespace: args.lease_namespace.clone(),
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone()),
         identity: args.identity.clone().unwrap_or_else(default_identity),
         timing,
     };

@@ -18,6 +18,7 @@ pub mod keepalive;
 pub mod labels;
 pub mod leader;
 pub mod lease;
+pub mod log_format;
 pub mod metrics;
 pub mod probe;
 pub mod rhythm;
