@@ -18,7 +18,7 @@ use crate::lease::Timing;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::server::{self, Endpoints};
-use crate::{apiclient, fdlimit};
+use crate::{apiclient, fdlimit, secure_metrics};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -96,6 +96,14 @@ pub struct RunArgs {
     /// kubelet restarts a replica that cannot start.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub startup_timeout: Duration,
+    /// Serve /metrics over HTTPS, only to bearer tokens the API server authenticates and
+    /// authorises for get on the non-resource URL /metrics (TokenReview, SubjectAccessReview).
+    #[arg(long, env = "METRICS_SECURE")]
+    pub metrics_secure: bool,
+    /// Directory with tls.crt and tls.key for the secure metrics server; a self-signed
+    /// certificate is made at start without it.
+    #[arg(long, requires = "metrics_secure")]
+    pub metrics_cert_dir: Option<PathBuf>,
     /// Test-only fault: SIGUSR1 stops the control loops (see `fault`).
     #[arg(long, hide = true)]
     pub fault_stall_on_sigusr1: bool,
@@ -165,7 +173,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         leading.clone(),
     ));
-    start_servers(&args, &metrics, &health).await?;
+    start_servers(&args, &config, &metrics, &health).await?;
     if args.fault_stall_on_sigusr1 {
         crate::fault::arm_stall_on_sigusr1()?;
     }
@@ -218,17 +226,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A scraper's token review: quick, so a scrape never waits on a slow API server long.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 async fn start_servers(
     args: &RunArgs,
+    config: &kube::Config,
     metrics: &Metrics,
     health: &Arc<HealthState>,
 ) -> anyhow::Result<()> {
     let listener = server::bind(args.metrics_addr).await?;
-    info!(addr = %listener.local_addr()?, "serving /metrics");
-    tokio::spawn(server::serve(listener, Endpoints::Metrics(metrics.clone())));
+    let (gate, tls) = if args.metrics_secure {
+        let client = apiclient::client_with(config, CONNECT_TIMEOUT, REVIEW_TIMEOUT, &metrics.api)?;
+        let tls = secure_metrics::acceptor(args.metrics_cert_dir.as_deref())?;
+        (Some(secure_metrics::Gate::new(client)), Some(tls))
+    } else {
+        (None, None)
+    };
+    info!(addr = %listener.local_addr()?, secure = args.metrics_secure, "serving /metrics");
+    tokio::spawn(server::serve(
+        listener,
+        Endpoints::Metrics(metrics.clone(), gate),
+        tls,
+    ));
     let listener = server::bind(args.health_addr).await?;
     info!(addr = %listener.local_addr()?, "serving /healthz and /readyz");
-    tokio::spawn(server::serve(listener, Endpoints::Health(health.clone())));
+    tokio::spawn(server::serve(
+        listener,
+        Endpoints::Health(health.clone()),
+        None,
+    ));
     Ok(())
 }
 

@@ -22,6 +22,7 @@ pub mod log_format;
 pub mod metrics;
 pub mod probe;
 pub mod rhythm;
+pub mod secure_metrics;
 pub mod selector;
 pub mod server;
 pub mod services;

@@ -16,10 +16,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::health_state::HealthState;
 use crate::metrics::Metrics;
+use crate::secure_metrics::{Gate, Verdict};
 
 /// A client that has not sent its request headers by then is dropped.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,12 +75,13 @@ impl Drop for PeerSlot {
 /// What one server answers.
 #[derive(Clone)]
 pub enum Endpoints {
-    Metrics(Metrics),
+    /// With a gate, only to scrapers the API server authorises (`--metrics-secure`).
+    Metrics(Metrics, Option<Arc<Gate>>),
     Health(Arc<HealthState>),
 }
 
-/// Serves until the process ends.
-pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
+/// Serves until the process ends; over TLS when given an acceptor.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, tls: Option<TlsAcceptor>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let peers = Arc::new(Peers::default());
     let mut failures = 0u32;
@@ -106,20 +109,40 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
             }
         };
         let endpoints = endpoints.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = answer(req.uri().path(), &endpoints);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            match tls {
+                // The handshake is bounded like the headers: a client that starts one and
+                // stalls holds its slot no longer.
+                Some(tls) => {
+                    if let Ok(Ok(stream)) =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await
+                    {
+                        serve_connection(stream, endpoints).await;
+                    }
+                }
+                None => serve_connection(stream, endpoints).await,
+            }
             drop((permit, slot));
         });
     }
+}
+
+/// One request on one connection, then it closes.
+async fn serve_connection<S>(stream: S, endpoints: Endpoints)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let endpoints = endpoints.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&req, &endpoints).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
 }
 
 /// The pause after the n-th accept failure in a row: 10 ms doubling to 100 ms, so an
@@ -186,13 +209,14 @@ pub fn parse_bind_address(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
-fn answer(path: &str, endpoints: &Endpoints) -> Response<Full<Bytes>> {
+async fn answer<B>(req: &Request<B>, endpoints: &Endpoints) -> Response<Full<Bytes>> {
     let verdict = |v: Result<(), String>| match v {
         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     };
-    let (status, body) = match (endpoints, path) {
-        (Endpoints::Metrics(m), "/metrics") => (StatusCode::OK, m.render()),
+    let (status, body) = match (endpoints, req.uri().path()) {
+        (Endpoints::Metrics(m, None), "/metrics") => (StatusCode::OK, m.render()),
+        (Endpoints::Metrics(m, Some(gate)), "/metrics") => gated(req, gate, m).await,
         (Endpoints::Health(h), "/healthz" | "/livez") => verdict(h.live()),
         (Endpoints::Health(h), "/readyz") => verdict(h.ready()),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
@@ -201,6 +225,30 @@ fn answer(path: &str, endpoints: &Endpoints) -> Response<Full<Bytes>> {
         .status(status)
         .body(Full::new(Bytes::from(body)))
         .expect("static response")
+}
+
+/// `/metrics` behind the gate: 401 without a token the API server knows, 403 for an identity
+/// that may not get `/metrics`, 503 when the API server cannot be asked.
+async fn gated<B>(req: &Request<B>, gate: &Gate, metrics: &Metrics) -> (StatusCode, String) {
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match gate.check(header).await {
+        Ok(Verdict::Allowed) => (StatusCode::OK, metrics.render()),
+        Ok(Verdict::Unauthenticated) => (
+            StatusCode::UNAUTHORIZED,
+            "a bearer token the API server authenticates is required\n".into(),
+        ),
+        Ok(Verdict::Forbidden) => (
+            StatusCode::FORBIDDEN,
+            "this identity may not get the non-resource URL /metrics\n".into(),
+        ),
+        Err(e) => {
+            warn!(error = %e, "could not review a scraper's token");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -321,6 +321,56 @@ fn platform_settings_render_as_asked() -> anyhow::Result<()> {
         (Value::Null, json!("50%"))
     );
     assert!(aggregated(&platform, "view").is_empty());
+    // Secure metrics: the flag, the review rights, a reader role and an HTTPS ServiceMonitor.
+    for (set, verified) in [("secure-metrics", false), ("secure-metrics-cert", true)] {
+        let objects = render(set)?;
+        let container = &object(&objects, "Deployment").expect("a Deployment")["spec"]["template"]
+            ["spec"]["containers"][0];
+        assert!(
+            container["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--metrics-secure")),
+            "{set}"
+        );
+        assert_eq!(
+            container["volumeMounts"].is_array(),
+            verified,
+            "{set}: the certificate Secret mounted only when named"
+        );
+        let rules: Vec<&Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole")
+            .flat_map(|o| o["rules"].as_array().into_iter().flatten())
+            .collect();
+        for resource in ["tokenreviews", "subjectaccessreviews"] {
+            assert!(
+                rules.iter().any(|r| r["resources"][0] == resource),
+                "{set}: {resource}"
+            );
+        }
+        assert!(
+            rules.iter().any(|r| r["nonResourceURLs"][0] == "/metrics"),
+            "{set}"
+        );
+        let endpoint =
+            &object(&objects, "ServiceMonitor").expect("a ServiceMonitor")["spec"]["endpoints"][0];
+        assert_eq!(endpoint["scheme"], "https", "{set}");
+        assert_eq!(
+            endpoint["tlsConfig"]["insecureSkipVerify"]
+                .as_bool()
+                .unwrap_or(false),
+            !verified,
+            "{set}"
+        );
+    }
+    let plain = render("defaults")?;
+    assert!(
+        !plain.iter().any(|o| o["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-metrics-auth"))),
+        "review rights only with secure metrics"
+    );
     // A digest that is not one is refused before anything renders.
     let chart = chart();
     let refused = helm(&[

@@ -138,6 +138,17 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "secure-metrics",
+        &["--set", "metrics.secure=true,serviceMonitor.enabled=true"],
+    ),
+    (
+        "secure-metrics-cert",
+        &[
+            "--set",
+            "metrics.secure=true,metrics.certSecret=metrics-tls,serviceMonitor.enabled=true",
+        ],
+    ),
+    (
         "openshift",
         &[
             "--set",
