@@ -72,7 +72,7 @@ test: binaries oldest-k8s vault promtool testkit-bins
 ## bench-scale at a small size with the debug build, so the benchmark cannot rot: it must
 ## run to the end and print every figure; no figure is judged.
 bench-smoke: binaries
-	$(CARGO) build --bin vault-registrar -p vault-registrar-testkit --bin bench_scale
+	$(CARGO) build --workspace --bin vault-registrar --bin bench_scale
 	set -o pipefail; VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
 		$(TESTKIT_BIN_DIR)/bench_scale 50 500 | tee target/bench-smoke.txt
 	@for figure in "cold convergence" "API reads" "API writes" "CPU" "RSS" "probes per second" "failover"; do \
