@@ -676,7 +676,8 @@ struct HealthBody {
     echo_duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_skew_ms: Option<i64>,
-    replication_primary_canary_age_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication_primary_canary_age_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     removed_from_cluster: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -716,7 +717,7 @@ impl HealthBody {
             cluster_id: id,
             echo_duration_ms: Some(0),
             clock_skew_ms: Some(0),
-            replication_primary_canary_age_ms: 0,
+            replication_primary_canary_age_ms: Some(0),
             removed_from_cluster: Some(f.removed),
             ha_connection_healthy: f.ha_healthy,
             // Figures of the kind Vault 1.21 reports: a heartbeat about a second old while
@@ -728,9 +729,17 @@ impl HealthBody {
         if state.openbao { body.openbao() } else { body }
     }
 
-    /// OpenBao forked before performance standbys went open source and before 1.16.
+    /// OpenBao forked before performance standbys went open source and before 1.16; real
+    /// OpenBao 2.7.2 reports its unsealed nodes' performance replication mode as "primary"
+    /// (`tests/testkit/openbao-2.7.2-health.json`).
     fn openbao(self) -> Self {
+        let performance_mode = match self.replication_performance_mode {
+            "disabled" => "primary",
+            other => other,
+        };
         HealthBody {
+            replication_performance_mode: performance_mode,
+            replication_primary_canary_age_ms: None,
             performance_standby: None,
             enterprise: None,
             echo_duration_ms: None,
@@ -1171,6 +1180,34 @@ mod tests {
         assert_eq!(body["version"], "");
         let state = SimState::new(Role::Active).with_version("1.15.2+ent");
         assert_eq!(health_of(state, "").await.json()["version"], "1.15.2+ent");
+    }
+
+    /// The OpenBao flavour answers what real OpenBao 2.7.2 was seen to answer: the same
+    /// code and the same fields with the same values, but for the varying ones.
+    #[tokio::test]
+    async fn openbao_flavour_answers_as_real_openbao_did() {
+        let observed: Value = serde_json::from_str(include_str!("../openbao-2.7.2-health.json"))
+            .expect("the recorded answers");
+        let cases = [
+            ("active", Role::Active),
+            ("standby", Role::Standby),
+            ("sealed", Role::Sealed),
+            ("uninitialized", Role::Uninitialized),
+        ];
+        for (state, role) in cases {
+            let want = &observed["answers"][state];
+            let sim = SimState::new(role)
+                .with_openbao(true)
+                .with_version("2.7.2")
+                .with_cluster_name("vault-registrar-test");
+            let resp = health_of(sim, "").await;
+            assert_eq!(i64::from(resp.status), want["code"], "{state}");
+            let mut body = resp.json();
+            let fields = body.as_object_mut().unwrap();
+            fields.remove("server_time_utc");
+            fields.remove("cluster_id");
+            assert_eq!(&body, &want["body"], "{state}");
+        }
     }
 
     #[tokio::test]
