@@ -376,10 +376,8 @@ async fn real_vault_listeners_requiring_client_certificates() -> anyhow::Result<
         )
         .await?;
     let op = operator(&ns, None, &[])?;
-    let yaml = format!(
-        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {{scheme: https, interval: 1s, timeout: 800ms, failureThreshold: 2, tls: {{caConfigMapRef: {{name: vault-ca}}}}}}\n"
-    );
-    let vc: VaultCluster = serde_yaml::from_str(&yaml)?;
+    let yaml = "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {name: vault}\nspec:\n  selector: {matchLabels: {app.kubernetes.io/name: vault}}\n  health: {scheme: https, interval: 1s, timeout: 800ms, failureThreshold: 2, tls: {caConfigMapRef: {name: vault-ca}}}\n";
+    let vc: VaultCluster = serde_yaml::from_str(yaml)?;
     let clusters = Api::<VaultCluster>::namespaced(client.clone(), &ns);
     clusters.create(&PostParams::default(), &vc).await?;
     let rig = Rig {
