@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde::Deserialize;
 use serde_json::json;
@@ -384,7 +385,9 @@ async fn operator_as_the_chart_service_account_does_the_core_scenario() -> anyho
         !text.contains("forbidden"),
         "the chart's RBAC must be enough:\n{text}"
     );
-    let writes = shared().writes_by(&user("ship-ops", "core-vault-registrar"));
+    let writes = shared()
+        .writes_by_async(&user("ship-ops", "core-vault-registrar"))
+        .await;
     assert!(
         writes.iter().any(|(v, r, _)| v == "patch" && r == "pods"),
         "{writes:?}"
@@ -392,59 +395,301 @@ async fn operator_as_the_chart_service_account_does_the_core_scenario() -> anyho
     Ok(())
 }
 
-/// Every rule of the chart's ClusterRole is needed: without it the operator is refused.
+/// What a scenario does after the operator starts, so that a verb is put to use.
+#[derive(Clone, Copy, Debug)]
+enum Scenario {
+    /// Nothing more: the start and the first round (caches, labels, Services, status, the
+    /// first event, the CA from its ConfigMap) use it.
+    Converge,
+    /// A failover inside Vault and back: the second ActiveChanged about the same pod is a
+    /// repeat, which the event recorder patches (its count) rather than creates.
+    FailoverAndBack,
+    /// The standby Service disabled in the spec: the operator deletes it.
+    DisableStandby,
+}
+
+/// A verb on a resource the chart's ClusterRole (or the Roles of `watchNamespaces`) grants,
+/// and the scenario that fails without it. Every (group, resource, verb) of the rendered
+/// rules has exactly one entry: a verb added to the chart needs its entry here, and an entry
+/// whose verb the chart dropped fails the test too.
+struct Grant {
+    group: &'static str,
+    resource: &'static str,
+    verb: &'static str,
+    scenario: Scenario,
+}
+
+const fn grant(
+    group: &'static str,
+    resource: &'static str,
+    verb: &'static str,
+    scenario: Scenario,
+) -> Grant {
+    Grant {
+        group,
+        resource,
+        verb,
+        scenario,
+    }
+}
+
+const GRANTS: &[Grant] = &[
+    grant(
+        "vault-registrar.dev",
+        "vaultclusters",
+        "list",
+        Scenario::Converge,
+    ),
+    grant(
+        "vault-registrar.dev",
+        "vaultclusters",
+        "watch",
+        Scenario::Converge,
+    ),
+    // The finalizer.
+    grant(
+        "vault-registrar.dev",
+        "vaultclusters",
+        "patch",
+        Scenario::Converge,
+    ),
+    grant(
+        "vault-registrar.dev",
+        "vaultclusters/status",
+        "patch",
+        Scenario::Converge,
+    ),
+    grant("", "pods", "list", Scenario::Converge),
+    grant("", "pods", "watch", Scenario::Converge),
+    grant("", "pods", "patch", Scenario::Converge),
+    // Whether a Service of the name exists that is not ours (not in the labelled cache).
+    grant("", "services", "get", Scenario::Converge),
+    grant("", "services", "list", Scenario::Converge),
+    grant("", "services", "watch", Scenario::Converge),
+    // A server-side apply of a Service that does not exist yet is authorized as a create.
+    grant("", "services", "create", Scenario::Converge),
+    grant("", "services", "patch", Scenario::Converge),
+    grant("", "services", "delete", Scenario::DisableStandby),
+    grant("", "configmaps", "get", Scenario::Converge),
+    grant("events.k8s.io", "events", "create", Scenario::Converge),
+    grant(
+        "events.k8s.io",
+        "events",
+        "patch",
+        Scenario::FailoverAndBack,
+    ),
+    grant(
+        "discovery.k8s.io",
+        "endpointslices",
+        "list",
+        Scenario::Converge,
+    ),
+    grant(
+        "discovery.k8s.io",
+        "endpointslices",
+        "watch",
+        Scenario::Converge,
+    ),
+];
+
+/// The (group, resource, verb) triples a list of RBAC rules grants.
+fn granted(rules: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for rule in rules {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    out.push((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `rules` with one verb taken away from the rules that grant it (a rule left with no verb
+/// goes).
+fn without(rules: &[serde_json::Value], g: &Grant) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for rule in rules {
+        let mut rule = rule.clone();
+        let has = |key: &str, value: &str| {
+            rule[key]
+                .as_array()
+                .is_some_and(|a| a.contains(&json!(value)))
+        };
+        if has("apiGroups", g.group) && has("resources", g.resource) {
+            assert_eq!(
+                (
+                    rule["apiGroups"].as_array().unwrap().len(),
+                    rule["resources"].as_array().unwrap().len()
+                ),
+                (1, 1),
+                "a rule with several groups or resources: split it so one verb can be taken away: {rule}"
+            );
+            let verbs: Vec<serde_json::Value> = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| *v != &json!(g.verb))
+                .cloned()
+                .collect();
+            if verbs.is_empty() {
+                continue;
+            }
+            rule["verbs"] = json!(verbs);
+        }
+        out.push(rule);
+    }
+    out
+}
+
+/// Runs a scenario's steps after the start; each step waits only for what the verb the
+/// scenario is for does not take part in.
+async fn play(
+    scenario: Scenario,
+    client: &kube::Client,
+    ns: &str,
+    vault: &SimCluster,
+) -> anyhow::Result<()> {
+    let labels = |active: usize| {
+        let mut want = [Some("false"); 3];
+        want[active] = Some("true");
+        want
+    };
+    match scenario {
+        Scenario::Converge => {}
+        Scenario::FailoverAndBack => {
+            vault.wait_labels("vault-active", &labels(0), LIMIT).await?;
+            for (from, to) in [(0, 1), (1, 0)] {
+                vault.sim(from).update(|s| s.role = Role::Standby).await;
+                vault.sim(to).update(|s| s.role = Role::Active).await;
+                vault
+                    .wait_labels("vault-active", &labels(to), LIMIT)
+                    .await?;
+            }
+        }
+        Scenario::DisableStandby => {
+            let services = Api::<Service>::namespaced(client.clone(), ns);
+            wait::until("the standby Service", LIMIT, || async {
+                Ok(services.get_opt("vault-standby").await?.map(|_| ()))
+            })
+            .await?;
+            kubectl(&[
+                "patch",
+                "vc/vault",
+                "-n",
+                ns,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"services":{"standby":{"enabled":false}}}}"#,
+            ])
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the audit log holds a 403 for `account` whose message has `needle`. The log
+/// is read twice a second: it is megabytes by now, and several cases wait at once.
+async fn refused_as(account: &str, needle: &str) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(60);
+    let start = Instant::now();
+    loop {
+        let refusals = shared().refusals_by_async(account).await;
+        if refusals.iter().any(|m| m.contains(needle)) {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            anyhow::bail!("no 403 \"{needle}\" within {limit:?}; its 403s: {refusals:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every verb of the chart's ClusterRole is needed: with that one verb taken away, and all
+/// else granted, the operator's scenario for it is refused, as the API server's audit log
+/// shows (a 403 naming the verb and the resource, for the operator's ServiceAccount).
 #[tokio::test]
-async fn every_cluster_role_rule_is_needed() -> anyhow::Result<()> {
+async fn every_verb_the_chart_grants_is_needed() -> anyhow::Result<()> {
     install_release("lp", "ship-lp").await?;
     let client = shared().client().await?;
     let role = kubectl(&["get", "clusterrole", "lp-vault-registrar", "-o", "json"]).await?;
     let rules: Vec<serde_json::Value> =
         serde_json::from_value(serde_json::from_str::<serde_json::Value>(&role)?["rules"].clone())?;
-    assert_eq!(rules.len(), 7, "{rules:?}");
     assert!(
         !rules
             .iter()
             .any(|r| r["resources"].to_string().contains("secrets")),
         "no cluster-wide Secret access: {rules:?}"
     );
-    let mut cases = Vec::new();
-    for (i, rule) in rules.iter().enumerate() {
-        let resource = rule["resources"][0].as_str().unwrap().to_string();
-        let reduced: Vec<&serde_json::Value> = rules
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, r)| r)
-            .collect();
-        let name = format!("lp-without-{i}");
-        let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name}, "rules": reduced},
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "ship-lp"}},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "ship-lp"}]}]});
-        let file = shared().dir().join(format!("{name}.json"));
-        std::fs::write(&file, manifest.to_string())?;
-        kubectl(&["apply", "-f", file.to_str().unwrap()]).await?;
-        let ns = format!("ship-lp-{i}");
-        let vault = tls_vault(&client, &ns).await?;
-        let kubeconfig = token_kubeconfig("ship-lp", &name).await?;
-        let log = shared().dir().join(format!("operator-{name}.log"));
-        let operator = Operator::start(bin(), &kubeconfig, &["--namespace", &ns], &log)?;
-        cases.push((resource, vault, operator));
-    }
-    for (resource, _vault, operator) in &cases {
-        let needle = format!("resource \\\"{resource}\\\"");
-        let plain = format!("resource \"{resource}\"");
-        wait::until(&format!("operator refused {resource}"), LIMIT, || async {
-            let text = operator.log_text();
-            Ok(
-                (text.contains("forbidden") && (text.contains(&needle) || text.contains(&plain)))
-                    .then_some(()),
-            )
-        })
-        .await?;
-    }
+    let mut listed: Vec<(String, String, String)> = GRANTS
+        .iter()
+        .map(|g| (g.group.into(), g.resource.into(), g.verb.into()))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        granted(&rules),
+        listed,
+        "each (group, resource, verb) the chart grants needs one entry in GRANTS, with the scenario that uses it"
+    );
+    let cases = GRANTS.iter().enumerate().map(|(i, g)| {
+        let client = client.clone();
+        let rules = &rules;
+        async move {
+            let what = format!("{} {} ({})", g.verb, g.resource, g.group);
+            let refused = async {
+                let name = format!("lp-without-{i}");
+                let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
+                    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name}, "rules": without(rules, g)},
+                    {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "ship-lp"}},
+                    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                     "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "ship-lp"}]}]});
+                let file = shared().dir().join(format!("{name}.json"));
+                std::fs::write(&file, manifest.to_string())?;
+                kubectl(&["apply", "-f", file.to_str().unwrap()]).await?;
+                let ns = format!("ship-lp-{i}");
+                let vault = tls_vault(&client, &ns).await?;
+                let kubeconfig = token_kubeconfig("ship-lp", &name).await?;
+                let log = shared().dir().join(format!("operator-{name}.log"));
+                let _operator = Operator::start(bin(), &kubeconfig, &["--namespace", &ns], &log)?;
+                play(g.scenario, &client, &ns, &vault).await?;
+                let account = user("ship-lp", &name);
+                // As the API server words a refusal: the resource with its subresource.
+                let needle = format!(
+                    "cannot {} resource \"{}\" in API group \"{}\"",
+                    g.verb, g.resource, g.group
+                );
+                refused_as(&account, &needle).await
+            };
+            refused
+                .await
+                .map_err(|e| anyhow::anyhow!("without {what} ({:?}): {e:#}", g.scenario))
+        }
+    });
+    // A few at a time: each runs an operator and three simulators, and on two shared cores
+    // eighteen at once starve the API server (connects time out, caches sync after 20 s).
+    let failed: Vec<String> = futures::stream::iter(cases)
+        .buffer_unordered(4)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "verbs not shown needed:\n{}",
+        failed.join("\n")
+    );
     Ok(())
 }
 
@@ -531,13 +776,14 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
     tokio::time::sleep(Duration::from_secs(2)).await;
     let follower = user(ops, "le-second");
     assert_eq!(
-        shared().writes_by(&follower),
+        shared().writes_by_async(&follower).await,
         vec![],
         "the follower sent write requests"
     );
     assert!(
         !shared()
-            .writes_by(&user(ops, "le-vault-registrar"))
+            .writes_by_async(&user(ops, "le-vault-registrar"))
+            .await
             .is_empty()
     );
 
@@ -583,12 +829,12 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
         .replace("le-vault-registrar", &PostParams::default(), &lease)
         .await?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let before = shared().writes_by(&follower).len();
+    let before = shared().writes_by_async(&follower).await.len();
     vault.sim(2).update(|s| s.role = Role::Standby).await;
     vault.sim(0).update(|s| s.role = Role::Active).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        shared().writes_by(&follower).len(),
+        shared().writes_by_async(&follower).await.len(),
         before,
         "a holder that lost the lease kept writing"
     );
