@@ -1,5 +1,5 @@
 //! What users meet: the Helm chart on the real control plane, the operator under the
-//! chart's ServiceAccount, least privilege rule by rule, and leader election between two
+//! chart's ServiceAccount, least privilege verb by verb, and leader election between two
 //! operator processes, proven from the API server's audit log.
 
 use std::path::{Path, PathBuf};
