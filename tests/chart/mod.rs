@@ -86,7 +86,7 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         "shared-crd-namespaced",
         &[
             "--set",
-            "crds.enabled=false,watchNamespaces={ship-ns-a}",
+            "crds.enabled=false,watchNamespaces={ship-ns-a,ship-ns-b}",
             "--set",
             SHARED_PLANE,
         ],
