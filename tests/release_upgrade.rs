@@ -22,7 +22,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 
-use chart::{chart, helm, kubectl, values};
+use chart::{chart, deployed_args, helm, kubectl, values};
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::history::LabelHistory;
 use vault_registrar_testkit::pods::create_namespace;
@@ -53,20 +53,6 @@ fn previous_release() -> anyhow::Result<PathBuf> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?.trim().into())
-}
-
-/// The args of the operator's container as the API server holds the Deployment.
-async fn deployed_args() -> anyhow::Result<Vec<String>> {
-    let args = kubectl(&[
-        "get",
-        &format!("deployment/{FULLNAME}"),
-        "-n",
-        OPS,
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ])
-    .await?;
-    Ok(serde_json::from_str(&args)?)
 }
 
 async fn lease_holder(client: &kube::Client) -> anyhow::Result<Option<String>> {
@@ -230,7 +216,7 @@ async fn upgrade_from_the_previous_release_keeps_one_active_endpoint() -> anyhow
 
     let token = kubectl(&["create", "token", FULLNAME, "-n", OPS, "--duration=2h"]).await?;
     let kubeconfig = shared().token_kubeconfig("release-operator", token.trim())?;
-    let old_args = deployed_args().await?;
+    let old_args = deployed_args(OPS, FULLNAME).await?;
     let mut old = [
         replica(&old_bin, &kubeconfig, &old_args, "vr-old-a")?,
         replica(&old_bin, &kubeconfig, &old_args, "vr-old-b")?,
@@ -274,7 +260,7 @@ async fn upgrade_from_the_previous_release_keeps_one_active_endpoint() -> anyhow
     let mut upgrade = vec!["upgrade", RELEASE, current.to_str().unwrap(), "-n", OPS];
     upgrade.extend(values("defaults"));
     helm(&upgrade).await?;
-    let new_args = deployed_args().await?;
+    let new_args = deployed_args(OPS, FULLNAME).await?;
     assert_ne!(old_args, new_args, "the Deployment changed");
 
     // The rolling update of two replicas (maxSurge 1, maxUnavailable 0): a new replica

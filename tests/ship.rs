@@ -21,7 +21,7 @@ use vault_registrar_testkit::{shared, wait};
 
 mod chart;
 
-use chart::{chart, converged, helm, kubectl, values};
+use chart::{chart, converged, deployed_args, helm, kubectl, values};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const TRIO: [Role; 3] = [Role::Active, Role::Standby, Role::Standby];
@@ -851,19 +851,24 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
     Ok(())
 }
 
-/// With `watchNamespaces`, the chart grants Roles in those namespaces only, and the
-/// operator limited to them does its work with nothing cluster-wide.
+/// With `watchNamespaces` listing two namespaces, the chart grants Roles in those two only,
+/// and the operator run with the arguments the chart rendered into its Deployment labels the
+/// pods of both, with nothing cluster-wide; a third namespace, with a VaultCluster of its
+/// own, it neither may nor does touch: no request of the operator there, not even a refused
+/// one, and its pods keep no label.
 #[tokio::test]
 async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
     install_crd().await?;
     let client = shared().client().await?;
-    let (ops, watched) = ("ship-nsops", "ship-ns-a");
+    let (ops, watched, other) = ("ship-nsops", ["ship-ns-a", "ship-ns-b"], "ship-ns-c");
     create_namespace(&client, ops).await?;
-    let vault = tls_vault(&client, watched).await?;
+    let a = tls_vault(&client, watched[0]).await?;
+    let b = tls_vault(&client, watched[1]).await?;
+    let c = tls_vault(&client, other).await?;
     let chart = chart();
     let mut args = vec!["install", "nsr", chart.to_str().unwrap(), "-n", ops];
-    // The value set names this namespace.
-    assert_eq!(watched, "ship-ns-a");
+    // The value set names these namespaces.
+    assert_eq!(watched, ["ship-ns-a", "ship-ns-b"]);
     args.extend(values("shared-crd-namespaced"));
     helm(&args).await?;
     let cluster_roles = kubectl(&[
@@ -880,23 +885,54 @@ async fn namespaced_install_works_with_roles_only() -> anyhow::Result<()> {
         "no ClusterRole expected: {cluster_roles}"
     );
     let account = user(ops, "nsr-vault-registrar");
-    assert_eq!(
-        can_i(&account, &["patch", "pods", "-n", watched]).await?,
-        "yes"
-    );
-    assert_eq!(
-        can_i(&account, &["patch", "pods", "-n", "default"]).await?,
-        "no"
-    );
+    for ns in watched {
+        assert_eq!(can_i(&account, &["patch", "pods", "-n", ns]).await?, "yes");
+        assert_eq!(
+            can_i(&account, &["patch", "services", "-n", ns]).await?,
+            "yes"
+        );
+    }
+    for verb in ["get", "list", "watch", "patch"] {
+        for resource in ["pods", "services", "vaultclusters"] {
+            assert_eq!(
+                can_i(&account, &[verb, resource, "-n", other]).await?,
+                "no",
+                "{verb} {resource} in {other}"
+            );
+        }
+    }
     assert_eq!(
         can_i(&account, &["list", "pods", "--all-namespaces"]).await?,
         "no"
     );
 
+    let args = deployed_args(ops, "nsr-vault-registrar").await?;
+    for ns in watched {
+        assert!(args.contains(&format!("--namespace={ns}")), "{args:?}");
+    }
     let kubeconfig = token_kubeconfig(ops, "nsr-vault-registrar").await?;
     let log = shared().dir().join("operator-nsr.log");
-    let operator = Operator::start(bin(), &kubeconfig, &["--namespace", watched], &log)?;
-    converged(&client, &vault, watched).await?;
+    let operator = Operator::start_deployed(bin(), &kubeconfig, &args, ("nsr-0", ops), &log)?;
+    converged(&client, &a, watched[0]).await?;
+    converged(&client, &b, watched[1]).await?;
+    // Rounds run every 500 ms in the watched namespaces: let several pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let there: Vec<_> = shared()
+        .writes_in_async(other)
+        .await
+        .into_iter()
+        .filter(|(who, ..)| *who == account)
+        .collect();
+    assert_eq!(there, vec![], "the operator wrote in {other}");
+    let refused = shared().refusals_by_async(&account).await;
+    assert_eq!(refused, Vec::<String>::new(), "the operator was refused");
+    for i in 0..3 {
+        let labels = c.labels(i).await?;
+        assert!(
+            !labels.keys().any(|k| k.starts_with("vault-")),
+            "{other}: {labels:?}"
+        );
+    }
     let text = operator.log_text();
     assert!(!text.contains("forbidden"), "{text}");
     Ok(())
