@@ -787,9 +787,21 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
             .is_empty()
     );
 
-    // The holder dies; the follower takes over once the lease expires.
+    // The holder dies; the follower takes over once the lease expires, and not before: the
+    // Lease's last renewal by the dead holder plus its duration comes before the new
+    // holder's acquisition (one clock: every process runs on this machine). How long the
+    // takeover took is a figure (printed; `make bench` measures takeovers), not a bound: on
+    // two loaded cores it varies by seconds.
     let killed = Instant::now();
     first.kill();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ops);
+    let last_renewal = leases
+        .get("le-vault-registrar")
+        .await?
+        .spec
+        .and_then(|s| s.renew_time)
+        .expect("the holder renewed the Lease")
+        .0;
     wait::until("second takes the lease", LIMIT, || async {
         Ok((lease_holder(&client, ops, "le-vault-registrar")
             .await?
@@ -802,9 +814,17 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
     println!(
         "takeover after the holder was killed: {takeover:?} (lease duration 3s, retry period 600ms)"
     );
+    let acquired = leases
+        .get("le-vault-registrar")
+        .await?
+        .spec
+        .and_then(|s| s.acquire_time)
+        .expect("the new holder's acquisition time")
+        .0;
+    let waited = acquired.duration_since(last_renewal);
     assert!(
-        takeover <= Duration::from_millis(3600 + 500),
-        "takeover took {takeover:?}"
+        waited >= k8s_openapi::jiff::SignedDuration::from_secs(3),
+        "the follower took a live Lease: acquired {waited:?} after the last renewal"
     );
     vault.sim(1).update(|s| s.role = Role::Standby).await;
     vault.sim(2).update(|s| s.role = Role::Active).await;
@@ -817,7 +837,6 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
         .await?;
 
     // Someone else takes the lease: the holder stops writing at once.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), ops);
     let mut lease = leases.get("le-vault-registrar").await?;
     let spec = lease.spec.as_mut().unwrap();
     spec.holder_identity = Some("intruder".into());
