@@ -411,7 +411,10 @@ enum Scenario {
 /// A verb on a resource the chart's ClusterRole (or the Roles of `watchNamespaces`) grants,
 /// and the scenario that fails without it. Every (group, resource, verb) of the rendered
 /// rules has exactly one entry: a verb added to the chart needs its entry here, and an entry
-/// whose verb the chart dropped fails the test too.
+/// whose verb the chart dropped fails the test too. A verb only a new behaviour uses gets a
+/// `Scenario` variant whose steps in `play` make the operator use it; the test then waits
+/// for the API server's 403 naming that verb and resource (a subresource as
+/// "pods/eviction").
 struct Grant {
     group: &'static str,
     resource: &'static str,
