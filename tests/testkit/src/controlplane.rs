@@ -456,25 +456,24 @@ impl ControlPlane {
     }
 
     /// Requests by `user` that the API server refused as forbidden (403), any verb, as the
-    /// refusal's message: it names the verb authorization checked, which for a
-    /// server-side apply that would create the object is `create`, not the request's `patch`.
-    pub fn refusals_by(&self, user: &str) -> Vec<String> {
+    /// request's verb and the refusal's message: the message names the verb authorization
+    /// checked, which for a server-side apply that would create the object is `create`, not
+    /// the request's `patch`.
+    pub fn refusals_by(&self, user: &str) -> Vec<(String, String)> {
         let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
             .filter(|e| e["responseStatus"]["code"] == 403)
             .map(|e| {
-                e["responseStatus"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                (text(&e["verb"]), text(&e["responseStatus"]["message"]))
             })
             .collect()
     }
 
     /// `refusals_by`, read off the async runtime.
-    pub async fn refusals_by_async(&'static self, user: &str) -> Vec<String> {
+    pub async fn refusals_by_async(&'static self, user: &str) -> Vec<(String, String)> {
         let user = user.to_string();
         tokio::task::spawn_blocking(move || self.refusals_by(&user))
             .await
