@@ -660,6 +660,17 @@ async fn every_verb_the_chart_grants_is_needed() -> anyhow::Result<()> {
         listed,
         "each (group, resource, verb) the chart grants needs one entry in GRANTS, with the scenario that uses it"
     );
+    // kustomize's ClusterRole grants the same, so the cases prove it too.
+    let kustomize = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rbac/cluster_role.yaml"),
+    )?;
+    let kustomize: serde_json::Value = serde_yaml::from_str(&kustomize)?;
+    let kustomize: Vec<serde_json::Value> = serde_json::from_value(kustomize["rules"].clone())?;
+    assert_eq!(
+        granted(&kustomize),
+        listed,
+        "config/rbac/cluster_role.yaml and the chart grant different verbs"
+    );
     let cases = GRANTS.iter().enumerate().map(|(i, g)| {
         let client = client.clone();
         let rules = &rules;
