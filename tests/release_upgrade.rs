@@ -24,6 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 
 use chart::{chart, deployed_args, helm, kubectl, values};
 use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
+use vault_registrar_testkit::election::http_get;
 use vault_registrar_testkit::history::LabelHistory;
 use vault_registrar_testkit::pods::create_namespace;
 use vault_registrar_testkit::vault_sim::Role;
@@ -161,6 +162,27 @@ fn replica(bin: &Path, kubeconfig: &Path, args: &[String], pod: &str) -> anyhow:
     Operator::start_deployed(bin, kubeconfig, args, (pod, OPS), &log)
 }
 
+/// Waits until a replica of this release answers its readiness probe, as a rolling update
+/// waits for the new pod to be Ready before it removes an old one. The port is the one the
+/// replica logged (it listens on any free one here).
+async fn ready(op: &Operator, name: &str) -> anyhow::Result<()> {
+    wait::until(&format!("{name} ready"), LIMIT, || async {
+        let text = op.log_text();
+        let Some(port) = text
+            .lines()
+            .find(|l| l.contains("serving /healthz and /readyz"))
+            .and_then(|l| l.split("\"addr\":\"127.0.0.1:").nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            return Ok(None);
+        };
+        let (status, _) = http_get(port, "/readyz", Duration::from_secs(2)).await?;
+        Ok((status == 200).then_some(()))
+    })
+    .await
+}
+
 /// Sends SIGTERM, as the kubelet does to a pod the rollout removes, and waits for the exit.
 fn terminate(op: &mut Operator, name: &str) -> anyhow::Result<()> {
     op.terminate();
@@ -273,12 +295,12 @@ async fn upgrade_from_the_previous_release_keeps_one_active_endpoint() -> anyhow
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_vault-registrar").into());
     let new_bin = new_bin.as_path();
     let mut new = vec![replica(new_bin, &kubeconfig, &new_args, "vr-new-a")?];
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    ready(&new[0], "vr-new-a").await?;
     let leader = lease_holder(&client).await?.unwrap_or_default();
     let first = usize::from(leader == "vr-old-b");
     terminate(&mut old[first], "the old leader")?;
     new.push(replica(new_bin, &kubeconfig, &new_args, "vr-new-b")?);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    ready(&new[1], "vr-new-b").await?;
     terminate(&mut old[1 - first], "the other old replica")?;
     wait::until("a new replica holds the Lease", LIMIT, || async {
         Ok(lease_holder(&client)
