@@ -12,7 +12,11 @@ set -euo pipefail
 
 tag="${1:-v0.1.0}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(git -C "$here" rev-parse --show-toplevel)"
+if ! repo="$(git -C "$here" rev-parse --show-toplevel 2>/dev/null)"; then
+  echo "tests/release/build.sh: $here is not in a git clone; the upgrade test builds the" \
+    "previous release ($tag) from the clone's history" >&2
+  exit 1
+fi
 if ! commit="$(git -C "$repo" rev-parse --verify --quiet "refs/tags/$tag^{commit}")"; then
   echo "tests/release/build.sh: tag $tag is not in $repo; fetch it (git fetch --tags origin)," \
     "or clone without --depth: the upgrade test needs the previous release" >&2
