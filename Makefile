@@ -118,16 +118,23 @@ demo-raft: binaries vault
 ## Failover latency (simulator; real Vault beside it), steady-state writes, printed.
 bench: binaries vault
 	$(CARGO) build --release --bin vault-registrar
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
-		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench
+	@mkdir -p bench
+	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench; } | tee bench/failover.txt
+
+## The first line of a figures file: what was measured, on which commit, when, on how many
+## cores. README's figures are copied from these files (bench/), regenerated with any change
+## that moves them.
+FIGURES_HEADER = echo "\# $@ $(if $(filter bench-scale,$@),N=$(N) U=$(U) ,)at $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- src tests || echo +changes), $$(date -u +%Y-%m-%dT%H:%MZ), $$(nproc) cores"
 
 ## N VaultClusters x 3 pods beside U other pods, one operator replica: figures printed.
 N ?= 1000
 U ?= 10000
 bench-scale: binaries
 	$(CARGO) build --release --bin vault-registrar
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
-		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U)
+	@mkdir -p bench
+	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U); } | tee bench/scale-N$(N)-U$(U).txt
 
 ## Regenerate crds/, the chart's CRD template and kustomize's copy from the Rust types.
 crds:
