@@ -65,8 +65,9 @@ pub struct Context {
     /// When each cluster's (by UID) status was last written: changes that can wait are
     /// written at most once per interval.
     status_written: Mutex<HashMap<String, Instant>>,
-    /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Failed reconciles in a row per VaultCluster UID, and when the retry is due, for the
+    /// backoff (see `Streak`).
+    failures: Mutex<HashMap<String, Streak>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
     leading: Arc<AtomicBool>,
     /// Every watched scope (a namespace, or all): a round waits until each has listed.
@@ -297,9 +298,34 @@ fn error_policy(
         .with_label_values(&[kind])
         .inc();
     let mut failures = ctx.failures.lock().unwrap();
-    let count = failures.entry(vc.uid().unwrap_or_default()).or_default();
-    *count = count.saturating_add(1);
-    Action::requeue(retry_after(*count))
+    let streak = failures.entry(vc.uid().unwrap_or_default()).or_default();
+    Action::requeue(streak.failed(Instant::now()))
+}
+
+/// A run of failed reconciles of one cluster. Only a failure at or after the retry's time
+/// lengthens the backoff: rounds that watch events start in between (a pod changing every
+/// second) and fail too say nothing new, and counting them would push a failed write's
+/// retry towards 10 s when the API server is back in one.
+#[derive(Debug, Default)]
+struct Streak {
+    failures: u32,
+    due: Option<Instant>,
+}
+
+impl Streak {
+    /// Records a failure at `now`; the wait before the retry, which a failure before the
+    /// retry's time leaves where it was.
+    fn failed(&mut self, now: Instant) -> Duration {
+        match self.due {
+            Some(due) if now < due => due - now,
+            _ => {
+                self.failures = self.failures.saturating_add(1);
+                let wait = retry_after(self.failures);
+                self.due = Some(now + wait);
+                wait
+            }
+        }
+    }
 }
 
 /// Exponential backoff for failed reconciles: 250ms doubling up to 10s. A watch event still
@@ -557,6 +583,28 @@ mod tests {
             assert!((50..=150).contains(&n), "tenth {tenth}: {n}");
         }
         assert_eq!(spread("uid-1", interval), spread("uid-1", interval));
+    }
+
+    #[test]
+    fn only_failed_retries_lengthen_the_backoff() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut streak = Streak::default();
+        // (when a round fails, the wait it is given)
+        for (at, wait) in [
+            (0, 250),
+            // Event-triggered rounds failing before the retry is due: it stays due then.
+            (100, 150),
+            (200, 50),
+            // The retry fails: doubled.
+            (250, 500),
+            (400, 350),
+            (800, 1000),
+            (900, 900),
+            (1800, 2000),
+        ] {
+            assert_eq!(streak.failed(ms(at)), Duration::from_millis(wait), "at {at} ms");
+        }
     }
 
     #[test]
