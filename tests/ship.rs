@@ -1146,3 +1146,47 @@ async fn create_strictly(ns: &str, path: &Path) -> anyhow::Result<String> {
     ])
     .await
 }
+
+/// Namespace users get VaultCluster rights through the cluster's default roles: whoever is
+/// bound to `view` in a namespace may read its VaultClusters and nothing more, whoever is
+/// bound to `edit` may also change them, not their status (the chart's aggregated roles,
+/// merged by kube-controller-manager's aggregation controller).
+#[tokio::test]
+async fn namespace_users_reach_vaultclusters_through_the_default_roles() -> anyhow::Result<()> {
+    let ns = "ship-agg";
+    install_release("agg", ns).await?;
+    for (binding, role, user) in [("viewer", "view", "alice"), ("editor", "edit", "bob")] {
+        kubectl(&[
+            "create",
+            "rolebinding",
+            binding,
+            &format!("--clusterrole={role}"),
+            &format!("--user={user}"),
+            "-n",
+            ns,
+        ])
+        .await?;
+    }
+    let vc = "vaultclusters.vault-registrar.dev";
+    wait::until(
+        "view and edit aggregate the VaultCluster rights",
+        LIMIT,
+        || async {
+            let alice = can_i("alice", &["list", vc, "-n", ns]).await?;
+            let bob = can_i("bob", &["update", vc, "-n", ns]).await?;
+            Ok((alice == "yes" && bob == "yes").then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(can_i("alice", &["get", vc, "-n", ns]).await?, "yes");
+    assert_eq!(can_i("alice", &["update", vc, "-n", ns]).await?, "no");
+    assert_eq!(can_i("alice", &["delete", vc, "-n", ns]).await?, "no");
+    assert_eq!(can_i("bob", &["delete", vc, "-n", ns]).await?, "yes");
+    assert_eq!(can_i("bob", &["create", vc, "-n", ns]).await?, "yes");
+    assert_eq!(
+        can_i("bob", &["update", vc, "--subresource=status", "-n", ns]).await?,
+        "no",
+        "the status is the operator's to write"
+    );
+    Ok(())
+}

@@ -603,7 +603,11 @@ mod tests {
             (900, 900),
             (1800, 2000),
         ] {
-            assert_eq!(streak.failed(ms(at)), Duration::from_millis(wait), "at {at} ms");
+            assert_eq!(
+                streak.failed(ms(at)),
+                Duration::from_millis(wait),
+                "at {at} ms"
+            );
         }
     }
 
