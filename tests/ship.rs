@@ -199,8 +199,8 @@ async fn kustomize_admission_policy_is_the_charts() -> anyhow::Result<()> {
         Ok(out)
     };
     let (chart_specs, kept_specs) = (specs(&rendered)?, specs(&kept)?);
-    // Five policies and their bindings.
-    assert_eq!(chart_specs.len(), 10, "{rendered}");
+    // Six policies and their bindings.
+    assert_eq!(chart_specs.len(), 12, "{rendered}");
     assert_eq!(
         chart_specs, kept_specs,
         "regenerate config/rbac/admission_policy.yaml"
