@@ -78,6 +78,8 @@ pub struct Context {
     allowed: services::Allowed,
     /// What this term remembers of each cluster's upgrade (see `rollout`).
     rollouts: rollout::Memory,
+    /// The client that evicts (see `apiclient::eviction_client`); `client` when unset.
+    evictions: std::sync::OnceLock<Client>,
 }
 
 impl Context {
@@ -109,7 +111,13 @@ impl Context {
             scopes,
             allowed,
             rollouts: rollout::Memory::default(),
+            evictions: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the client that evicts pods for `spec.upgrade`, once.
+    pub fn set_eviction_client(&self, client: Client) {
+        let _ = self.evictions.set(client);
     }
 
     fn guard(&self, what: &str) -> Result<(), Error> {

@@ -171,7 +171,8 @@ async fn evict(
         plan.evict = None;
         return;
     }
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &vc_ns(vc));
+    let client = ctx.evictions.get().unwrap_or(&ctx.client).clone();
+    let api: Api<Pod> = Api::namespaced(client, &vc_ns(vc));
     let params = EvictParams {
         delete_options: Some(DeleteParams {
             preconditions: Some(Preconditions {
