@@ -418,6 +418,12 @@ async fn standbys_first_then_the_active_pod_one_at_a_time() -> anyhow::Result<()
         Ok(m.ok().filter(|m| m.contains(&done)))
     })
     .await?;
+    // Never two pods away at once, by the API server's audit log and by the kubelet.
+    one_at_a_time(&p.history().await).map_err(anyhow::Error::msg)?;
+    {
+        let node = p.kubelet.node.lock().await;
+        assert!(node.overlaps.is_empty(), "{:?}", node.overlaps);
+    }
     assert_eq!(message, format!("3/3 pods at revision {done}"));
     // `kubectl wait` on the condition, as the README tells users.
     let out = shared()
@@ -431,9 +437,7 @@ async fn standbys_first_then_the_active_pod_one_at_a_time() -> anyhow::Result<()
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(p.evictions().await, ["vault-2", "vault-1", "vault-0"]);
-    one_at_a_time(&p.history().await).map_err(anyhow::Error::msg)?;
     let node = p.kubelet.node.lock().await;
-    assert!(node.overlaps.is_empty(), "{:?}", node.overlaps);
     let roles: Vec<(&str, Role)> = node.stopped.iter().map(|(n, r)| (n.as_str(), *r)).collect();
     assert_eq!(
         roles,
