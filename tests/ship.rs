@@ -400,7 +400,7 @@ async fn every_cluster_role_rule_is_needed() -> anyhow::Result<()> {
     let role = kubectl(&["get", "clusterrole", "lp-vault-registrar", "-o", "json"]).await?;
     let rules: Vec<serde_json::Value> =
         serde_json::from_value(serde_json::from_str::<serde_json::Value>(&role)?["rules"].clone())?;
-    assert_eq!(rules.len(), 7, "{rules:?}");
+    assert_eq!(rules.len(), 9, "{rules:?}");
     assert!(
         !rules
             .iter()
@@ -410,6 +410,11 @@ async fn every_cluster_role_rule_is_needed() -> anyhow::Result<()> {
     let mut cases = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let resource = rule["resources"][0].as_str().unwrap().to_string();
+        // Used only by an upgrade (spec.upgrade): tests/upgrade.rs removes it and sees the
+        // eviction refused.
+        if resource == "pods/eviction" {
+            continue;
+        }
         let reduced: Vec<&serde_json::Value> = rules
             .iter()
             .enumerate()

@@ -20,8 +20,9 @@ use std::time::Duration;
 use common::{LIMIT, namespace, operator};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -202,8 +203,21 @@ struct Plane {
 }
 
 async fn plane(name: &str, strategy: &str) -> anyhow::Result<Plane> {
+    plane_with(name, strategy, None).await
+}
+
+/// As `plane`, the operator running as a ServiceAccount bound to `rules` when given.
+async fn plane_with(
+    name: &str,
+    strategy: &str,
+    rules: Option<Vec<serde_json::Value>>,
+) -> anyhow::Result<Plane> {
     let ns = format!("upgrade-{name}");
     let client = namespace(&ns).await?;
+    let kubeconfig = match rules {
+        Some(rules) => Some(account(&client, &ns, rules).await?),
+        None => None,
+    };
     ensure_node(&client).await?;
     let kubelet = Kubelet::start(&client, &ns);
     let set: StatefulSet = serde_json::from_value(json!({
@@ -233,7 +247,7 @@ async fn plane(name: &str, strategy: &str) -> anyhow::Result<Plane> {
     Api::<StatefulSet>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &set)
         .await?;
-    let operator = operator(&ns, None, &[])?;
+    let operator = operator(&ns, kubeconfig.as_deref(), &[])?;
     Ok(Plane {
         client,
         ns,
@@ -359,6 +373,61 @@ impl Plane {
         })
         .await
     }
+}
+
+/// A ServiceAccount `operator` in `ns` bound to a ClusterRole of `rules`; a kubeconfig
+/// with its token.
+async fn account(
+    client: &Client,
+    ns: &str,
+    rules: Vec<serde_json::Value>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let name = format!("{ns}-operator");
+    let role: ClusterRole =
+        serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))?;
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "operator"}}))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &account)
+        .await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}],
+    }))?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let out = shared()
+        .kubectl()
+        .args(["create", "token", "operator", "-n", ns, "--duration=1h"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shared().token_kubeconfig(&name, String::from_utf8(out.stdout)?.trim())
+}
+
+/// The rules of the chart's ClusterRole, as `helm template` renders them.
+fn chart_rules() -> anyhow::Result<Vec<serde_json::Value>> {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vault-registrar");
+    let out = shared()
+        .helm()
+        .args(["template", "t", chart, "--kube-version=1.35.0"])
+        .args(["--show-only", "templates/clusterrole.yaml"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let role: serde_json::Value = serde_yaml::from_slice(&out.stdout)?;
+    Ok(serde_json::from_value(role["rules"].clone())?)
 }
 
 /// Each eviction waited for the StatefulSet to create the pod evicted before it.
@@ -555,5 +624,42 @@ async fn without_the_opt_in_nothing_is_evicted() -> anyhow::Result<()> {
         "{conditions:?}"
     );
     assert_eq!(p.evictions().await, Vec::<String>::new());
+    Ok(())
+}
+
+/// The chart's ClusterRole is all an upgrade needs (the StatefulSet watch, the evictions),
+/// and without its `pods/eviction` rule the upgrade stops at the refusal, reported.
+#[tokio::test]
+async fn the_charts_rules_upgrade_and_evictions_need_their_rule() -> anyhow::Result<()> {
+    let rules = chart_rules()?;
+    let p = plane_with("rbac", "OnDelete", Some(rules.clone())).await?;
+    p.create_cluster(UPGRADE).await?;
+    p.converged().await?;
+    p.new_revision("2").await?;
+    let limit = LIMIT * 2;
+    wait::until("the upgrade to end", limit, || async {
+        let done = p.evictions().await.len() == 3;
+        Ok(if done {
+            p.upgrading("False", "UpToDate").await.ok()
+        } else {
+            None
+        })
+    })
+    .await?;
+
+    let without: Vec<serde_json::Value> = rules
+        .into_iter()
+        .filter(|r| !r["resources"].to_string().contains("pods/eviction"))
+        .collect();
+    let p = plane_with("rbac-without", "OnDelete", Some(without)).await?;
+    p.create_cluster(UPGRADE).await?;
+    p.converged().await?;
+    p.new_revision("2").await?;
+    let refused = p.upgrading("False", "EvictionFailed").await?;
+    assert!(refused.contains("forbidden"), "{refused}");
+    assert!(
+        refused.starts_with("evicting vault-2 (standby) was refused: "),
+        "{refused}"
+    );
     Ok(())
 }

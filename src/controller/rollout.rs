@@ -215,6 +215,7 @@ async fn evict(
                 kube::Error::Api(e) if e.code == 429 => {
                     (Reason::DisruptionBlocked, e.message.clone(), "blocked")
                 }
+                kube::Error::Api(e) => (Reason::EvictionFailed, e.message.clone(), "failed"),
                 other => (Reason::EvictionFailed, other.to_string(), "failed"),
             };
             warn!(cluster = %cluster_name(vc), %pod, %refusal, "eviction refused");
@@ -232,8 +233,10 @@ async fn evict(
             });
             plan.evict = None;
             plan.reason = reason;
+            // "evicting <pod> (<role>); <progress>", as `upgrade::plan` words a refusal.
+            let step = plan.message.split("; ").next().unwrap_or_default();
             plan.message = format!(
-                "evicting {pod} was refused: {refusal}; retrying; {}",
+                "{step} was refused: {refusal}; retrying; {}",
                 progress(&plan.message)
             );
         }
