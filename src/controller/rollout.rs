@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, Preconditions};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, EvictParams, Preconditions};
+use kube::api::{Api, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
 
@@ -173,17 +175,14 @@ async fn evict(
     }
     let client = ctx.evictions.get().unwrap_or(&ctx.client).clone();
     let api: Api<Pod> = Api::namespaced(client, &vc_ns(vc));
-    let params = EvictParams {
-        delete_options: Some(DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: Some(uid.to_string()),
-                resource_version: None,
-            }),
-            ..Default::default()
-        }),
-        post_options: Default::default(),
-    };
-    let result = api.evict(pod, &params).await;
+    let result = api
+        .create_subresource::<_, serde_json::Value>(
+            "eviction",
+            pod,
+            &PostParams::default(),
+            &eviction(pod, uid),
+        )
+        .await;
     let (ns, name) = (vc_ns(vc), vc.name_any());
     let count = |result: &str| {
         ctx.metrics
@@ -240,6 +239,25 @@ async fn evict(
                 progress(&plan.message)
             );
         }
+    }
+}
+
+/// The Eviction of `pod`, only if its UID is still `uid`. Written out here rather than with
+/// kube's `Api::evict`, whose body names the field `delete_options`: the API server ignores
+/// it, and the precondition with it (found by tests/admission.rs).
+pub fn eviction(pod: &str, uid: &str) -> Eviction {
+    Eviction {
+        metadata: kube::api::ObjectMeta {
+            name: Some(pod.to_string()),
+            ..Default::default()
+        },
+        delete_options: Some(DeleteOptions {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        }),
     }
 }
 
