@@ -51,6 +51,8 @@ struct Node {
     overlaps: Vec<String>,
     /// The pods that went away, in order, with the role each had.
     stopped: Vec<(String, Role)>,
+    /// While set, evicted pods stay terminating (the kubelet does not confirm).
+    hold: bool,
     /// UIDs already handled, as created or as terminating.
     started: BTreeSet<String>,
     terminated: BTreeSet<String>,
@@ -90,6 +92,10 @@ impl Kubelet {
 
     async fn seal_next(&self, pod: &str) {
         self.node.lock().await.sealed_next.insert(pod.into());
+    }
+
+    async fn hold(&self, hold: bool) {
+        self.node.lock().await.hold = hold;
     }
 
     async fn set_role(&self, pod: &str, role: Role) {
@@ -133,6 +139,9 @@ async fn handle(pods: &Api<Pod>, node: &tokio::sync::Mutex<Node>, pod: Pod) -> a
         drop(n);
         // The container takes a moment to stop; then the kubelet confirms the deletion.
         tokio::time::sleep(Duration::from_millis(300)).await;
+        while node.lock().await.hold {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if let Some((_, sim)) = sim {
             sim.stop().await;
         }
@@ -661,5 +670,49 @@ async fn the_charts_rules_upgrade_and_evictions_need_their_rule() -> anyhow::Res
         refused.starts_with("evicting vault-2 (standby) was refused: "),
         "{refused}"
     );
+    Ok(())
+}
+
+/// A new operator (a new leader) while the step it did not take is still in flight, the
+/// evicted pod terminating: it waits for the replacement, evicts nothing more, then goes on.
+#[tokio::test]
+async fn a_new_operator_mid_step_waits_for_the_step_in_flight() -> anyhow::Result<()> {
+    let mut p = plane("takeover", "OnDelete").await?;
+    p.create_cluster(UPGRADE).await?;
+    p.converged().await?;
+    p.upgrading("False", "UpToDate").await?;
+    p.kubelet.hold(true).await;
+    p.new_revision("2").await?;
+    let first = wait::until("the first eviction", LIMIT, || async {
+        let evicted = p.evictions().await;
+        Ok((!evicted.is_empty()).then_some(evicted))
+    })
+    .await?;
+    assert_eq!(first, ["vault-2"]);
+    p.operator.kill();
+    p.operator = operator(&p.ns, None, &[])?;
+    let waiting = p.upgrading("True", "WaitingForReplacement").await?;
+    assert!(
+        waiting.starts_with("vault-2 is being replaced"),
+        "{waiting}"
+    );
+    // Long enough for several full rounds of the new operator.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(p.evictions().await, ["vault-2"]);
+    p.kubelet.hold(false).await;
+    let limit = LIMIT * 2;
+    wait::until("the upgrade to end", limit, || async {
+        let done = p.evictions().await.len() == 3;
+        Ok(if done {
+            p.upgrading("False", "UpToDate").await.ok()
+        } else {
+            None
+        })
+    })
+    .await?;
+    assert_eq!(p.evictions().await, ["vault-2", "vault-1", "vault-0"]);
+    one_at_a_time(&p.history().await).map_err(anyhow::Error::msg)?;
+    let node = p.kubelet.node.lock().await;
+    assert!(node.overlaps.is_empty(), "{:?}", node.overlaps);
     Ok(())
 }
