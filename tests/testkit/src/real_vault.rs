@@ -2,7 +2,8 @@
 //! plane: one Vault process per pod, listening on the pod's IP inside the pod network
 //! namespace (see `netns`), so the operator probes it exactly as it would probe a pod.
 //!
-//! The binary is real Vault built from its Go module by `tests/vault/build.sh`. Every process
+//! The binary is real Vault built from its Go module by `tests/vault/build.sh`, or, in the
+//! OpenBao flavour, OpenBao's official `bao` fetched by `tests/openbao/build.sh`. Every process
 //! is tied to the test process by a parent-death signal and killed on drop, and the data
 //! directories live in a temporary directory removed on drop, so a panicking test leaves
 //! nothing running and nothing on disk.
@@ -27,6 +28,34 @@ const API_PORT: u16 = 8200;
 const CLUSTER_PORT: u16 = 8201;
 /// Long enough for a raft election on a loaded 2-core machine, which takes up to ~6 s.
 const START_LIMIT: Duration = Duration::from_secs(90);
+
+/// The OpenBao release the OpenBao flavour runs; `tests/openbao/build.sh` fetches the same.
+pub const OPENBAO_VERSION: &str = "2.7.2";
+
+/// Which server the raft cluster runs: the same commands, configuration and API, under
+/// another binary and environment prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    Vault,
+    OpenBao,
+}
+
+impl Flavour {
+    fn binary(self) -> Result<PathBuf> {
+        match self {
+            Flavour::Vault => vault_binary(),
+            Flavour::OpenBao => openbao_binary(),
+        }
+    }
+
+    /// The CLI's environment: `VAULT_ADDR`/`VAULT_TOKEN` or `BAO_ADDR`/`BAO_TOKEN`.
+    fn env(self, name: &str) -> String {
+        match self {
+            Flavour::Vault => format!("VAULT_{name}"),
+            Flavour::OpenBao => format!("BAO_{name}"),
+        }
+    }
+}
 
 /// What can go wrong driving real Vault, apart from the Kubernetes side.
 #[derive(Debug, thiserror::Error)]
@@ -71,12 +100,32 @@ pub fn vault_binary() -> Result<PathBuf> {
         return Ok(path.clone());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vault/build.sh");
+    let path = run_build_script(&script)?;
+    Ok(BUILT.get_or_init(|| path).clone())
+}
+
+/// The path of OpenBao's `bao`: `VAULT_REGISTRAR_BAO_BIN` when set, else the cached copy,
+/// fetched first when missing.
+pub fn openbao_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("VAULT_REGISTRAR_BAO_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(path) = FETCHED.get() {
+        return Ok(path.clone());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../openbao/build.sh");
+    let path = run_build_script(&script)?;
+    Ok(FETCHED.get_or_init(|| path).clone())
+}
+
+fn run_build_script(script: &Path) -> Result<PathBuf> {
     let build_error = |detail: String| RealVaultError::Build {
-        script: script.clone(),
+        script: script.to_path_buf(),
         detail,
     };
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| build_error(e.to_string()))?;
@@ -88,7 +137,7 @@ pub fn vault_binary() -> Result<PathBuf> {
     if !path.is_file() {
         return Err(build_error(format!("no binary at {}", path.display())));
     }
-    Ok(BUILT.get_or_init(|| path).clone())
+    Ok(path)
 }
 
 /// One `sys/health` answer: the status code and the JSON body.
@@ -107,22 +156,115 @@ impl HealthAnswer {
 /// Asks `sys/health` at `ip:8200` once, within `timeout`. Plain HTTP/1.1 over a fresh
 /// connection, as a probe does, so that nothing pooled hides a dead node.
 pub async fn health_at(ip: Ipv4Addr, timeout: Duration) -> Result<HealthAnswer> {
+    health_over(ip, timeout, None).await
+}
+
+/// As `health_at`, over TLS when given a connector (with the client certificate a listener
+/// that requires one asks for).
+async fn health_over(
+    ip: Ipv4Addr,
+    timeout: Duration,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<HealthAnswer> {
     let addr = SocketAddr::new(ip.into(), API_PORT);
     let failed = |detail: String| RealVaultError::Health { addr, detail };
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request =
-            format!("GET /v1/sys/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        std::io::Result::Ok(raw)
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        match tls {
+            None => ask_health(tcp, addr).await,
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+                ask_health(connector.connect(name, tcp).await?, addr).await
+            }
+        }
     };
     let raw = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| failed(format!("no answer within {timeout:?}")))?
         .map_err(|e| failed(e.to_string()))?;
     parse_health(&raw).map_err(failed)
+}
+
+async fn ask_health<S>(mut stream: S, addr: SocketAddr) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request =
+        format!("GET /v1/sys/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    // A TLS peer that closes without close_notify ends the read with an error after the
+    // whole answer; what was read is the answer.
+    match stream.read_to_end(&mut raw).await {
+        Ok(_) => Ok(raw),
+        Err(_) if !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e),
+    }
+}
+
+/// Mutual TLS on every node's listener, as `tls_require_and_verify_client_cert = true`
+/// sets it up: a CA of the test's own signs each node's serving certificate (for its IP) and
+/// one client certificate, which the nodes' joins, the CLI and the test's health checks
+/// present.
+pub struct MutualTls {
+    authority: crate::certs::Authority,
+    pub ca_pem: String,
+    /// The client certificate and key that the listeners accept.
+    pub client: crate::certs::Pem,
+    ca_file: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl MutualTls {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let authority = crate::certs::Authority::new("vault-registrar-test-ca")?;
+        let ca_pem = authority.cert_pem();
+        let client = authority.client("vault-registrar-probe", &[])?;
+        let (ca_file, client_cert, client_key) = (
+            dir.join("ca.pem"),
+            dir.join("client.pem"),
+            dir.join("client-key.pem"),
+        );
+        std::fs::write(&ca_file, &ca_pem)?;
+        std::fs::write(&client_cert, &client.cert)?;
+        std::fs::write(&client_key, &client.key)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(client.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client.key.as_bytes())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)?;
+        Ok(Self {
+            authority,
+            ca_pem,
+            client,
+            ca_file,
+            client_cert,
+            client_key,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// The node's serving certificate and key files, for its IP.
+    fn serving(&self, dir: &Path, name: &str, ip: Ipv4Addr) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let pem = self.authority.serving(&[&ip.to_string()])?;
+        let (cert, key) = (
+            dir.join(format!("{name}-cert.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&cert, pem.cert)?;
+        std::fs::write(&key, pem.key)?;
+        Ok((cert, key))
+    }
 }
 
 fn parse_health(raw: &[u8]) -> Result<HealthAnswer, String> {
@@ -182,6 +324,9 @@ pub struct RaftCluster {
     pub namespace: String,
     prefix: String,
     binary: PathBuf,
+    flavour: Flavour,
+    /// Mutual TLS on the listeners; plain HTTP without.
+    pub tls: Option<MutualTls>,
     dir: tempfile::TempDir,
     pub nodes: Vec<VaultNode>,
     keys: Option<InitKeys>,
@@ -197,7 +342,41 @@ impl RaftCluster {
         prefix: &str,
         n: usize,
     ) -> anyhow::Result<Self> {
-        let mut cluster = Self::launch(client, namespace, prefix, n).await?;
+        Self::start_flavour(client, namespace, prefix, n, Flavour::Vault).await
+    }
+
+    /// As `start`, with real OpenBao or real Vault.
+    pub async fn start_flavour(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+        flavour: Flavour,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(client, namespace, prefix, n, flavour, false).await
+    }
+
+    /// As `start`, every listener requiring a client certificate signed by the cluster's
+    /// own CA (`tls_require_and_verify_client_cert`); see `MutualTls`.
+    pub async fn start_mutual_tls(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(client, namespace, prefix, n, Flavour::Vault, true).await
+    }
+
+    async fn start_with(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+        flavour: Flavour,
+        mutual_tls: bool,
+    ) -> anyhow::Result<Self> {
+        let mut cluster =
+            Self::launch_flavour(client, namespace, prefix, n, flavour, mutual_tls).await?;
         cluster.init().await?;
         cluster.unseal(0).await?;
         cluster.wait_code(0, 200, START_LIMIT).await?;
@@ -219,8 +398,19 @@ impl RaftCluster {
         prefix: &str,
         n: usize,
     ) -> anyhow::Result<Self> {
+        Self::launch_flavour(client, namespace, prefix, n, Flavour::Vault, false).await
+    }
+
+    async fn launch_flavour(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+        flavour: Flavour,
+        mutual_tls: bool,
+    ) -> anyhow::Result<Self> {
         crate::netns::ensure()?;
-        let binary = tokio::task::spawn_blocking(vault_binary).await??;
+        let binary = tokio::task::spawn_blocking(move || flavour.binary()).await??;
         let dir = tempfile::Builder::new()
             .prefix("vault-registrar-raft-")
             .tempdir()?;
@@ -229,10 +419,15 @@ impl RaftCluster {
             namespace: namespace.into(),
             prefix: prefix.into(),
             binary,
+            flavour,
+            tls: None,
             dir,
             nodes: Vec::new(),
             keys: None,
         };
+        if mutual_tls {
+            cluster.tls = Some(MutualTls::new(cluster.dir.path())?);
+        }
         let ips: Vec<Ipv4Addr> = (0..n).map(|_| next_pod_ip()).collect();
         for (i, ip) in ips.iter().enumerate() {
             let peers: Vec<Ipv4Addr> = ips.iter().copied().filter(|p| p != ip).collect();
@@ -257,7 +452,21 @@ impl RaftCluster {
         let data = self.dir.path().join(&name);
         std::fs::create_dir_all(&data)?;
         let config = self.dir.path().join(format!("{name}.hcl"));
-        std::fs::write(&config, node_config(&name, ip, &data, peers))?;
+        let tls = match &self.tls {
+            Some(tls) => {
+                let (cert, key) = tls.serving(self.dir.path(), &name, ip)?;
+                Some(ListenerTls {
+                    cert,
+                    key,
+                    ca: tls.ca_file.clone(),
+                    client_cert: tls.client_cert.clone(),
+                    client_key: tls.client_key.clone(),
+                })
+            }
+            None => None,
+        };
+        let text = node_config(&name, ip, &data, peers, self.flavour, tls.as_ref());
+        std::fs::write(&config, text)?;
         let labels = BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]);
         let pod = SimPod { name, labels, ip };
         start_pod(&self.client, &self.namespace, &pod).await?;
@@ -319,7 +528,8 @@ impl RaftCluster {
 
     /// One health answer from node `i`.
     pub async fn health(&self, i: usize) -> Result<HealthAnswer> {
-        health_at(self.nodes[i].ip(), Duration::from_secs(2)).await
+        let tls = self.tls.as_ref().map(|t| &t.connector);
+        health_over(self.nodes[i].ip(), Duration::from_secs(2), tls).await
     }
 
     /// The node answering 200 right now, if exactly one does.
@@ -497,6 +707,10 @@ impl RaftCluster {
         })
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn keys(&self) -> &InitKeys {
         self.keys.as_ref().expect("the cluster is initialised")
     }
@@ -505,13 +719,22 @@ impl RaftCluster {
     async fn cli(&self, i: usize, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args)
-            .env("VAULT_ADDR", format!("http://{}:{API_PORT}", self.ip(i)))
+            .env(
+                self.flavour.env("ADDR"),
+                format!("{}://{}:{API_PORT}", self.scheme(), self.ip(i)),
+            )
             // The CLI keeps a token file under HOME; this keeps it out of the real one.
             .env("HOME", self.dir.path())
             .env_remove("VAULT_TOKEN")
+            .env_remove("BAO_TOKEN")
             .stdin(Stdio::null());
         if let Some(keys) = &self.keys {
-            cmd.env("VAULT_TOKEN", &keys.root_token);
+            cmd.env(self.flavour.env("TOKEN"), &keys.root_token);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.env(self.flavour.env("CACERT"), &tls.ca_file)
+                .env(self.flavour.env("CLIENT_CERT"), &tls.client_cert)
+                .env(self.flavour.env("CLIENT_KEY"), &tls.client_key);
         }
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
@@ -555,23 +778,68 @@ fn voters(list_peers: &str) -> usize {
         })
 }
 
+/// A listener's TLS files, when it requires client certificates.
+struct ListenerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
 /// One node's configuration. `performance_multiplier = 1` makes raft elect a new leader in
 /// seconds instead of tens of seconds after the active node dies, which keeps tests short;
 /// `disable_mlock` because the tests run without the memory-lock capability being granted
-/// per process; plain HTTP because the operator's TLS is tested against the simulator.
-fn node_config(name: &str, ip: Ipv4Addr, data: &Path, peers: &[Ipv4Addr]) -> String {
+/// per process; plain HTTP unless the cluster runs mutual TLS (`MutualTls`), the operator's
+/// other TLS settings being tested against the simulator.
+/// OpenBao has no memory locking to disable and warns about the key.
+fn node_config(
+    name: &str,
+    ip: Ipv4Addr,
+    data: &Path,
+    peers: &[Ipv4Addr],
+    flavour: Flavour,
+    tls: Option<&ListenerTls>,
+) -> String {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // A join is a request to the leader's API: through a listener that requires client
+    // certificates, it needs one too.
+    let join_tls = tls
+        .map(|t| {
+            format!(
+                "    leader_ca_cert_file = \"{}\"\n    leader_client_cert_file = \"{}\"\n    leader_client_key_file = \"{}\"\n",
+                t.ca.display(),
+                t.client_cert.display(),
+                t.client_key.display()
+            )
+        })
+        .unwrap_or_default();
     let joins: String = peers
         .iter()
         .map(|p| {
-            format!("  retry_join {{\n    leader_api_addr = \"http://{p}:{API_PORT}\"\n  }}\n")
+            format!(
+                "  retry_join {{\n    leader_api_addr = \"{scheme}://{p}:{API_PORT}\"\n{join_tls}  }}\n"
+            )
         })
         .collect();
+    let listener_tls = match tls {
+        None => "  tls_disable = true\n".to_string(),
+        Some(t) => format!(
+            "  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n  tls_client_ca_file = \"{}\"\n  tls_require_and_verify_client_cert = true\n",
+            t.cert.display(),
+            t.key.display(),
+            t.ca.display()
+        ),
+    };
+    let mlock = match flavour {
+        Flavour::Vault => "disable_mlock = true\n",
+        Flavour::OpenBao => "",
+    };
     format!(
         r#"ui = false
-disable_mlock = true
-log_level = "info"
+{mlock}log_level = "info"
 cluster_name = "vault-registrar-test"
-api_addr = "http://{ip}:{API_PORT}"
+api_addr = "{scheme}://{ip}:{API_PORT}"
 cluster_addr = "https://{ip}:{CLUSTER_PORT}"
 
 storage "raft" {{
@@ -583,8 +851,7 @@ storage "raft" {{
 listener "tcp" {{
   address = "{ip}:{API_PORT}"
   cluster_address = "{ip}:{CLUSTER_PORT}"
-  tls_disable = true
-}}
+{listener_tls}}}
 "#,
         data = data.display(),
     )
@@ -696,7 +963,7 @@ mod tests {
     fn config_joins_every_peer_but_itself() {
         let ip = Ipv4Addr::new(198, 18, 0, 1);
         let peers = [Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 3)];
-        let text = node_config("vault-0", ip, Path::new("/d"), &peers);
+        let text = node_config("vault-0", ip, Path::new("/d"), &peers, Flavour::Vault, None);
         assert_eq!(text.matches("retry_join").count(), 2);
         assert!(text.contains("leader_api_addr = \"http://198.18.0.2:8200\""));
         assert!(!text.contains("http://198.18.0.1:8200\"\n  }"));
