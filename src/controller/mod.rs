@@ -7,6 +7,7 @@ mod act;
 pub mod cache;
 mod observe;
 mod report;
+mod rollout;
 mod settings;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -75,6 +77,10 @@ pub struct Context {
     /// What a VaultCluster's Services may ask for (`--allowed-service-types`,
     /// `--allowed-service-annotations`).
     allowed: services::Allowed,
+    /// What this term remembers of each cluster's upgrade (see `rollout`).
+    rollouts: rollout::Memory,
+    /// The client that evicts (see `apiclient::eviction_client`); `client` when unset.
+    evictions: std::sync::OnceLock<Client>,
 }
 
 impl Context {
@@ -105,7 +111,14 @@ impl Context {
             leading,
             scopes,
             allowed,
+            rollouts: rollout::Memory::default(),
+            evictions: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the client that evicts pods for `spec.upgrade`, once.
+    pub fn set_eviction_client(&self, client: Client) {
+        let _ = self.evictions.set(client);
     }
 
     fn guard(&self, what: &str) -> Result<(), Error> {
@@ -131,6 +144,7 @@ impl Context {
         self.owned_since.lock().unwrap().clear();
         self.status_written.lock().unwrap().clear();
         self.failures.lock().unwrap().clear();
+        self.rollouts.clear();
         self.metrics.forget_clusters();
     }
 
@@ -233,7 +247,7 @@ fn spawn_watches(
     ));
     let marks = ctx.clone();
     tasks.spawn(cache::drive(
-        watcher(api::<Pod>(client, scope), config),
+        watcher(api::<Pod>(client, scope), config.clone()),
         feed.of(Kind::Pods, cache::pods, cache::slim_pod),
         move |pod: &Pod| concerned(&marks, pod),
         triggers.clone(),
@@ -243,6 +257,13 @@ fn spawn_watches(
         watcher(api::<Service>(client, scope), ours.clone()),
         feed.of(Kind::Services, cache::services, cache::trimmed),
         move |svc: &Service| owners(&marks, svc),
+        triggers.clone(),
+    ));
+    let marks = ctx.clone();
+    tasks.spawn(cache::drive(
+        watcher(api::<StatefulSet>(client, scope), config.clone()),
+        feed.of(Kind::Sets, cache::sets, cache::slim_set),
+        move |set: &StatefulSet| rollout::concerned(&marks, set),
         triggers.clone(),
     ));
     // EndpointSlices carry the labels of their Service, so ours are found by the same
@@ -405,11 +426,12 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let decision = decide(&names, &vc.name_any(), &members);
     // Act, and record what was written.
     let acted = act::act(vc, ctx, &names, &decision, &members, &selection).await;
+    let upgrade = rollout::round(vc, ctx, &members, &selection.candidates).await;
     let (service_problems, failed) = match acted.result {
         Ok(problems) => (problems, None),
         Err(error) => (Vec::new(), Some(error)),
     };
-    let status = build(&Observation {
+    let mut status = build(&Observation {
         generation: vc.metadata.generation,
         members: &members,
         decision: &decision,
@@ -422,6 +444,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         previous: vc.status.as_ref(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
+    rollout::report(vc, ctx, upgrade.as_ref(), &mut status).await;
     // Report. A failed write still gets its status published, so Ready never stays True
     // over it.
     let first = previous.is_none();
@@ -443,6 +466,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         found.active = None;
     }
     let wait = remember_rhythm(vc, ctx, &settings, previous.as_ref(), started, found);
+    let wait = rollout::sooner(wait, upgrade.as_ref());
     match (failed, published) {
         (Some(error), _) | (None, Err(error)) => Err(error),
         (None, Ok(())) => Ok(Action::requeue(wait)),
@@ -559,6 +583,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.forget_cluster(&ns, &vc.name_any());
     ctx.status_written.lock().unwrap().remove(&uid);
     ctx.owned_since.lock().unwrap().remove(&uid);
+    ctx.rollouts.forget(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }
