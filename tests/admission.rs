@@ -923,10 +923,30 @@ async fn pod_tries(t: &mut Tries, c: &Clients, ns: &str) {
                 .await,
         );
     }
+    // Admitted, and harmless: with no VaultCluster in the namespace there is no generated
+    // Service for the pod to join, and the token can create neither. Refusing it would take
+    // a binding that denies when it finds no VaultCluster, and such a binding denies before
+    // reading its match conditions: every principal's pod update in every namespace without
+    // a VaultCluster (a ReplicaSet adopting its pods, kubectl label) would be refused.
+    // Nobody else is fenced where no VaultCluster is: the cluster admin labels a pod there
+    // (the ownership binding refused every principal's pod update there while it denied on
+    // a namespace without VaultClusters).
+    let elsewhere: Api<Pod> = Api::namespaced(c.admin.clone(), &format!("{ns}-empty"));
+    t.record(
+        "the admin labels a pod where no VaultCluster is",
+        Want::Admitted,
+        elsewhere
+            .patch(
+                "stray-0",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+            )
+            .await,
+    );
     let stray: Api<Pod> = Api::namespaced(c.operator.clone(), &format!("{ns}-empty"));
     t.record(
-        "label a pod where no VaultCluster is",
-        ownership,
+        "label a pod where no VaultCluster is (admitted: nothing to join there)",
+        Want::Admitted,
         stray
             .patch(
                 "stray-0",
