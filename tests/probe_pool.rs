@@ -158,7 +158,7 @@ async fn probe(prober: &Prober, addr: SocketAddr) -> Outcome {
         timeout: Duration::from_secs(2),
         tls: None,
     };
-    prober.probe(&target, &prober.cluster_share()).await.0
+    prober.probe(&target, &prober.cluster_share("ns")).await.0
 }
 
 async fn assert_healthy(prober: &Prober, addr: SocketAddr, what: &str) {

@@ -494,13 +494,28 @@ fn vc_ns(vc: &VaultCluster) -> String {
     vc.namespace().unwrap_or_default()
 }
 
-/// Every pod's role and the active pod, as a signature: what a change of the cluster is.
+/// The role of every pod shown, the counts (which also cover the pods the capped
+/// `members` leaves out) and the active pod, as a signature: what a change of the cluster is.
 fn roles_signature(status: &crate::crd::VaultClusterStatus) -> u64 {
     let roles = status
         .members
         .iter()
-        .flat_map(|m| [m.name.as_str(), m.role.as_str()]);
-    rhythm::signature(roles.chain(status.active_pod.as_deref()))
+        .flat_map(|m| [m.name.clone(), m.role.clone()]);
+    let counts = [
+        status.pods,
+        status.active,
+        status.standby,
+        status.perf_standby,
+        status.sealed,
+        status.uninitialized,
+        status.unreachable,
+    ]
+    .map(|n| n.to_string());
+    let all: Vec<String> = roles
+        .chain(counts)
+        .chain(status.active_pod.clone())
+        .collect();
+    rhythm::signature(all.iter().map(String::as_str))
 }
 
 /// A fixed offset within the interval for each cluster, added once after its first round:
