@@ -244,11 +244,29 @@ mod tests {
     #[test]
     fn the_next_slot_goes_to_the_namespace_that_holds_least() {
         // (scenario, total, in use, namespaces (name, held, oldest ticket), granted to)
-        type Case = (&'static str, usize, usize, Vec<(&'static str, Load)>, Option<&'static str>);
+        type Case = (
+            &'static str,
+            usize,
+            usize,
+            Vec<(&'static str, Load)>,
+            Option<&'static str>,
+        );
         let cases: Vec<Case> = vec![
             ("nobody waits", 8, 0, vec![("a", load(0, None))], None),
-            ("alone: up to half", 8, 3, vec![("a", load(3, Some(1)))], Some("a")),
-            ("alone at half: no more", 8, 4, vec![("a", load(4, Some(1)))], None),
+            (
+                "alone: up to half",
+                8,
+                3,
+                vec![("a", load(3, Some(1)))],
+                Some("a"),
+            ),
+            (
+                "alone at half: no more",
+                8,
+                4,
+                vec![("a", load(4, Some(1)))],
+                None,
+            ),
             (
                 "a newcomer is served though the other waited longer",
                 8,
@@ -260,7 +278,11 @@ mod tests {
                 "two hogs at their share leave room for a third",
                 9,
                 6,
-                vec![("a", load(3, Some(1))), ("c", load(3, Some(2))), ("b", load(0, Some(9)))],
+                vec![
+                    ("a", load(3, Some(1))),
+                    ("c", load(3, Some(2))),
+                    ("b", load(0, Some(9))),
+                ],
                 Some("b"),
             ),
             (
@@ -288,7 +310,11 @@ mod tests {
                 "more namespaces than slots: one each, in turn",
                 2,
                 1,
-                vec![("a", load(1, Some(1))), ("b", load(0, Some(2))), ("c", load(0, Some(3)))],
+                vec![
+                    ("a", load(1, Some(1))),
+                    ("b", load(0, Some(2))),
+                    ("c", load(0, Some(3))),
+                ],
                 Some("b"),
             ),
         ];

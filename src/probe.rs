@@ -118,7 +118,11 @@ impl Prober {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + target.timeout;
         let slots = async {
-            let cluster = share.cluster.acquire().await.expect("semaphore never closed");
+            let cluster = share
+                .cluster
+                .acquire()
+                .await
+                .expect("semaphore never closed");
             let global = self.slots.acquire(&share.namespace).await;
             (cluster, global)
         };

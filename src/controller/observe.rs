@@ -96,7 +96,9 @@ pub async fn sentinel(
     settings: &ProbeSettings,
     pod: &SlimPod,
 ) -> bool {
-    let share = ctx.prober.cluster_share(&vc.namespace().unwrap_or_default());
+    let share = ctx
+        .prober
+        .cluster_share(&vc.namespace().unwrap_or_default());
     let Ok(Outcome::Healthy(health)) = probe_pod(ctx, &vc.name_any(), settings, &share, pod).await
     else {
         return false;
@@ -117,7 +119,9 @@ pub async fn probe_all(
     settings: &ProbeSettings,
     pods: &[Arc<SlimPod>],
 ) -> Vec<Member> {
-    let share = ctx.prober.cluster_share(&vc.namespace().unwrap_or_default());
+    let share = ctx
+        .prober
+        .cluster_share(&vc.namespace().unwrap_or_default());
     let cluster = vc.name_any();
     let outcomes = futures::future::join_all(
         pods.iter()

@@ -21,8 +21,8 @@ use crate::decide::{Decision, Member, Written};
 use crate::text::{self, shorten};
 
 use conditions::conditions;
-use members::{capped, keep_first_errors, last_health, member_status};
 pub use members::MAX_MEMBERS;
+use members::{capped, keep_first_errors, last_health, member_status};
 
 /// The conditions every built status carries, in this order. A condition that stops
 /// applying turns False rather than going, so `kubectl wait --for=condition=X=false` and

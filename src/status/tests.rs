@@ -631,9 +631,19 @@ fn members_are_capped_with_the_pods_that_need_an_eye_first() {
     };
     // (scenario, members, rows shown: (name, role) that must be among them, omitted)
     let cases: Vec<(&str, Vec<Member>, Vec<&str>, i32)> = vec![
-        ("under the cap", standbys(3), vec!["s000", "s001", "s002"], 0),
+        (
+            "under the cap",
+            standbys(3),
+            vec!["s000", "s001", "s002"],
+            0,
+        ),
         ("at the cap", standbys(MAX_MEMBERS), vec!["s000", "s024"], 0),
-        ("one over: the last by name goes", standbys(26), vec!["s024"], 1),
+        (
+            "one over: the last by name goes",
+            standbys(26),
+            vec!["s024"],
+            1,
+        ),
         (
             "the active pod, sealed and unreachable pods come first",
             standbys(200)
