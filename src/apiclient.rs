@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use kube::runtime::watcher;
 
+use crate::api_metrics::{ApiMetrics, CountRequests};
+
 /// How long the API server keeps one watch open. Watches end well before the controller
 /// client's read timeout, so a quiet but healthy watch is never mistaken for a dead one.
 pub const WATCH_SECONDS: u32 = 50;
@@ -49,22 +51,29 @@ pub async fn load_config(kubeconfig: Option<&Path>) -> Result<kube::Config, Clie
 
 /// A client whose requests fail once no byte arrived for `read` (counted from when the
 /// request was written, not from when its pooled connection went idle).
+/// Every request it sends is counted and timed in `api`.
 pub fn client_with(
     config: &kube::Config,
     connect: Duration,
     read: Duration,
+    api: &ApiMetrics,
 ) -> Result<kube::Client, ClientError> {
     let mut config = config.clone();
     config.connect_timeout = Some(connect);
     config.read_timeout = Some(read);
     config.write_timeout = Some(WRITE_TIMEOUT.min(read));
     config.reset_reader_on_write = true;
-    Ok(kube::Client::try_from(config)?)
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&CountRequests(api.clone()))
+        .build())
 }
 
 /// The controller's client: watches, lists and writes.
-pub fn controller_client(config: &kube::Config) -> Result<kube::Client, ClientError> {
-    client_with(config, CONNECT_TIMEOUT, CONTROLLER_READ_TIMEOUT)
+pub fn controller_client(
+    config: &kube::Config,
+    api: &ApiMetrics,
+) -> Result<kube::Client, ClientError> {
+    client_with(config, CONNECT_TIMEOUT, CONTROLLER_READ_TIMEOUT, api)
 }
 
 /// Every watch asks the API server to end it after `WATCH_SECONDS`; the watcher then

@@ -18,7 +18,7 @@ use crate::lease::Timing;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::server::{self, Endpoints};
-use crate::{apiclient, fdlimit};
+use crate::{apiclient, fdlimit, secure_metrics};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,9 +77,10 @@ pub struct RunArgs {
     /// Name of the Lease.
     #[arg(long, default_value = "vault-registrar")]
     pub lease_name: String,
-    /// Namespace of the Lease; defaults to POD_NAMESPACE.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
+    /// Namespace of the Lease; defaults to POD_NAMESPACE, then to the client's namespace
+    /// (in a pod, its ServiceAccount's; else the kubeconfig context's, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
     /// How long followers wait after the last renewal they saw before taking the Lease.
     #[arg(long = "leader-elect-lease-duration", alias = "lease-duration",
           default_value = "15s", value_parser = parse_duration)]
@@ -96,6 +97,14 @@ pub struct RunArgs {
     /// kubelet restarts a replica that cannot start.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub startup_timeout: Duration,
+    /// Serve /metrics over HTTPS, only to bearer tokens the API server authenticates and
+    /// authorises for get on the non-resource URL /metrics (TokenReview, SubjectAccessReview).
+    #[arg(long, env = "METRICS_SECURE")]
+    pub metrics_secure: bool,
+    /// Directory with tls.crt and tls.key for the secure metrics server; a self-signed
+    /// certificate is made at start without it.
+    #[arg(long, requires = "metrics_secure")]
+    pub metrics_cert_dir: Option<PathBuf>,
     /// Test-only fault: SIGUSR1 stops the control loops (see `fault`).
     #[arg(long, hide = true)]
     pub fault_stall_on_sigusr1: bool,
@@ -129,7 +138,7 @@ pub fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.event_format(crate::log_format::FlatJson).init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -147,14 +156,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let timing = Timing::new(args.lease_duration, args.renew_deadline, args.retry_period)?;
     let config = apiclient::load_config(args.kubeconfig.as_deref()).await?;
-    let client = apiclient::controller_client(&config)?;
+    let metrics = Metrics::new();
+    let client = apiclient::controller_client(&config, &metrics.api)?;
     // Lease rounds and pings: every request bounded well inside the renew deadline.
     let quick = apiclient::client_with(
         &config,
         timing.retry_period.max(Duration::from_secs(1)),
         timing.renew_deadline,
+        &metrics.api,
     )?;
-    let metrics = Metrics::new();
     let leading = Arc::new(AtomicBool::new(false));
     let health = Arc::new(HealthState::new(
         Limits {
@@ -164,7 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         leading.clone(),
     ));
-    start_servers(&args, &metrics, &health).await?;
+    start_servers(&args, &config, &metrics, &health).await?;
     if args.fault_stall_on_sigusr1 {
         crate::fault::arm_stall_on_sigusr1()?;
     }
@@ -200,7 +210,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let settings = LeaseSettings {
         name: args.lease_name.clone(),
-        namespace: args.lease_namespace.clone(),
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone()),
         identity: args.identity.clone().unwrap_or_else(default_identity),
         timing,
     };
@@ -214,17 +227,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A scraper's token review: quick, so a scrape never waits on a slow API server long.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 async fn start_servers(
     args: &RunArgs,
+    config: &kube::Config,
     metrics: &Metrics,
     health: &Arc<HealthState>,
 ) -> anyhow::Result<()> {
     let listener = server::bind(args.metrics_addr).await?;
-    info!(addr = %listener.local_addr()?, "serving /metrics");
-    tokio::spawn(server::serve(listener, Endpoints::Metrics(metrics.clone())));
+    let (gate, tls) = if args.metrics_secure {
+        let client = apiclient::client_with(config, CONNECT_TIMEOUT, REVIEW_TIMEOUT, &metrics.api)?;
+        let tls = secure_metrics::acceptor(args.metrics_cert_dir.as_deref())?;
+        (Some(secure_metrics::Gate::new(client)), Some(tls))
+    } else {
+        (None, None)
+    };
+    info!(addr = %listener.local_addr()?, secure = args.metrics_secure, "serving /metrics");
+    tokio::spawn(server::serve(
+        listener,
+        Endpoints::Metrics(metrics.clone(), gate),
+        tls,
+    ));
     let listener = server::bind(args.health_addr).await?;
     info!(addr = %listener.local_addr()?, "serving /healthz and /readyz");
-    tokio::spawn(server::serve(listener, Endpoints::Health(health.clone())));
+    tokio::spawn(server::serve(
+        listener,
+        Endpoints::Health(health.clone()),
+        None,
+    ));
     Ok(())
 }
 
@@ -358,8 +391,8 @@ mod tests {
     #[test]
     fn flags_and_their_old_names() {
         let a = parse(&[]).unwrap();
-        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(a.health_addr.to_string(), "0.0.0.0:8081");
+        assert_eq!(a.metrics_addr.to_string(), "[::]:8080");
+        assert_eq!(a.health_addr.to_string(), "[::]:8081");
         assert_eq!(a.lease_duration, Duration::from_secs(15));
         let a = parse(&["--metrics-addr=127.0.0.1:9", "--lease-duration=4s"]).unwrap();
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:9");
@@ -372,7 +405,7 @@ mod tests {
             "--leader-elect-retry-period=500ms",
         ])
         .unwrap();
-        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:7000");
+        assert_eq!(a.metrics_addr.to_string(), "[::]:7000");
         assert_eq!(a.health_addr.to_string(), "127.0.0.1:7001");
         assert_eq!(a.renew_deadline, Some(Duration::from_secs(4)));
         assert_eq!(a.retry_period, Some(Duration::from_millis(500)));

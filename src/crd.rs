@@ -357,6 +357,10 @@ pub struct ServicePortSpec {
 /// One generated Service.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.externalTrafficPolicy) || (has(self.type) && self.type != 'ClusterIP')").message("externalTrafficPolicy applies to NodePort and LoadBalancer Services only"))]
+#[x_kube(validation = Rule::new("!has(self.loadBalancerClass) || (has(self.type) && self.type == 'LoadBalancer')").message("loadBalancerClass applies to LoadBalancer Services only"))]
+#[x_kube(validation = Rule::new("!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0 || (has(self.type) && self.type == 'LoadBalancer')").message("loadBalancerSourceRanges applies to LoadBalancer Services only"))]
+#[x_kube(validation = Rule::new("!has(self.ipFamilies) || size(self.ipFamilies) < 2 || self.ipFamilies[0] != self.ipFamilies[1]").message("ipFamilies may not name a family twice"))]
 pub struct ServiceSpec {
     /// Whether the Service exists. Disabling it deletes the Service.
     #[serde(default)]
@@ -377,7 +381,85 @@ pub struct ServiceSpec {
     /// Extra annotations on the Service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Whether a NodePort or LoadBalancer Service routes external traffic to pods on the
+    /// receiving node only (Local, keeping the client's address) or cluster-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<TrafficPolicy>,
+    /// Whether traffic from inside the cluster goes only to pods on the sending node (Local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<TrafficPolicy>,
+    /// The load balancer implementation of a LoadBalancer Service; the API server refuses to
+    /// change it once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 316),
+        regex(
+            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
+    )]
+    pub load_balancer_class: Option<String>,
+    /// Client CIDRs a LoadBalancer Service accepts, where the provider supports it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(regex(
+            pattern = r"^([0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}|[0-9a-fA-F:]+/[0-9]{1,3})$"
+        ))
+    )]
+    pub load_balancer_source_ranges: Vec<String>,
+    /// SingleStack, PreferDualStack or RequireDualStack; the cluster's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<IpFamilyPolicy>,
+    /// The address families of the Service, first the primary; the cluster's default when
+    /// empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    pub ip_families: Vec<IpFamily>,
+    /// None, or ClientIP to send a client to the same pod each time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
 }
+
+/// externalTrafficPolicy and internalTrafficPolicy values.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionAffinity {
+    None,
+    ClientIP,
+}
+
+/// The names Kubernetes uses, for the Service object.
+macro_rules! api_names {
+    ($($ty:ty),*) => {$(
+        impl $ty {
+            pub fn as_str(self) -> String {
+                serde_json::to_value(self)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .expect("a unit variant serializes as its name")
+            }
+        }
+    )*};
+}
+api_names!(TrafficPolicy, IpFamilyPolicy, IpFamily, SessionAffinity);
 
 impl ServiceSpec {
     fn enabled() -> Self {
@@ -393,6 +475,13 @@ impl ServiceSpec {
             type_: ServiceType::ClusterIP,
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            external_traffic_policy: None,
+            internal_traffic_policy: None,
+            load_balancer_class: None,
+            load_balancer_source_ranges: Vec::new(),
+            ip_family_policy: None,
+            ip_families: Vec::new(),
+            session_affinity: None,
         }
     }
 }

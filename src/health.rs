@@ -85,7 +85,7 @@ pub fn classify(status: u16, body: &[u8]) -> Result<Health, HealthError> {
         reason: excerpt(&e.to_string(), EXCERPT),
     })?;
     let role = role_of(&parsed);
-    if !status_matches(role, status) {
+    if !status_matches(role, is_dr_secondary(&parsed), status) {
         return Err(HealthError::Inconsistent {
             status,
             role: role.as_str(),
@@ -107,9 +107,15 @@ fn role_of(body: &Body) -> Role {
         Role::Removed
     } else if body.sealed {
         Role::Sealed
-    } else if body.replication_dr_mode == "secondary" {
-        // A DR secondary never serves clients, whatever its own HA state: never active.
-        Role::Standby
+    } else if is_dr_secondary(body) {
+        // A DR secondary answers 472 on every node. Vault's own service registration still
+        // labels the secondary cluster's HA leader active, so the body's `standby` decides,
+        // as it does for Vault.
+        if body.standby {
+            Role::Standby
+        } else {
+            Role::Active
+        }
     } else if body.performance_standby {
         Role::PerfStandby
     } else if body.standby {
@@ -119,15 +125,22 @@ fn role_of(body: &Body) -> Role {
     }
 }
 
-fn status_matches(role: Role, status: u16) -> bool {
+fn is_dr_secondary(body: &Body) -> bool {
+    body.replication_dr_mode == "secondary"
+}
+
+/// Whether the status code is the one Vault sends for that role. An unsealed DR secondary
+/// answers 472 and nothing else, and 472 means a DR secondary: a body that disagrees is not
+/// Vault's.
+fn status_matches(role: Role, dr_secondary: bool, status: u16) -> bool {
     match role {
         Role::Uninitialized => status == 501,
         Role::Removed => status == 530,
         Role::Sealed => status == 503,
+        Role::Active | Role::Standby if dr_secondary => status == 472,
         Role::PerfStandby => status == 473,
-        // 474: a standby whose heartbeat to the active fails; 472: a DR secondary, which
-        // never serves clients, so it is no more than a standby here.
-        Role::Standby => matches!(status, 429 | 474 | 472),
+        // 474: a standby whose heartbeat to the active fails.
+        Role::Standby => matches!(status, 429 | 474),
         Role::Active => status == 200,
     }
 }
@@ -159,8 +172,11 @@ mod tests {
             v["removed_from_cluster"] = json!(true);
             v
         };
-        let mut dr_secondary = vault(true, false, false, false);
-        dr_secondary["replication_dr_mode"] = json!("secondary");
+        let dr_secondary = |standby: bool| {
+            let mut v = vault(true, false, standby, false);
+            v["replication_dr_mode"] = json!("secondary");
+            v
+        };
         let cases: Vec<(&str, u16, serde_json::Value, Role)> = vec![
             (
                 "active",
@@ -180,7 +196,18 @@ mod tests {
                 vault(true, false, true, false),
                 Role::Standby,
             ),
-            ("dr secondary", 472, dr_secondary, Role::Standby),
+            (
+                "dr secondary's active",
+                472,
+                dr_secondary(false),
+                Role::Active,
+            ),
+            (
+                "dr secondary's standby",
+                472,
+                dr_secondary(true),
+                Role::Standby,
+            ),
             (
                 "perf standby",
                 473,
@@ -271,6 +298,18 @@ mod tests {
             ),
             ("sealed body, 200", 200, vault(true, true, true, false)),
             ("active body, 299", 299, vault(true, false, false, false)),
+            ("standby body, 472", 472, vault(true, false, true, false)),
+            ("active body, 472", 472, vault(true, false, false, false)),
+            ("dr secondary's active body, 200", 200, {
+                let mut v = vault(true, false, false, false);
+                v["replication_dr_mode"] = json!("secondary");
+                v
+            }),
+            ("dr secondary's standby body, 429", 429, {
+                let mut v = vault(true, false, true, false);
+                v["replication_dr_mode"] = json!("secondary");
+                v
+            }),
         ];
         for (name, status, answer) in cases {
             assert!(

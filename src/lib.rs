@@ -1,6 +1,7 @@
 //! vault-registrar: labels Vault and OpenBao pods with their HA role from outside, and keeps
 //! the active and standby Services pointing at the right pods.
 
+pub mod api_metrics;
 pub mod apiclient;
 pub mod cli;
 pub mod controller;
@@ -18,9 +19,11 @@ pub mod keepalive;
 pub mod labels;
 pub mod leader;
 pub mod lease;
+pub mod log_format;
 pub mod metrics;
 pub mod probe;
 pub mod rhythm;
+pub mod secure_metrics;
 pub mod selector;
 pub mod server;
 pub mod services;

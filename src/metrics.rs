@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use crate::api_metrics::ApiMetrics;
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -37,6 +38,8 @@ pub struct Metrics {
     active_pod: IntGaugeVec,
     pub leader: IntGauge,
     pub probe_connections: IntGauge,
+    /// Every request of this process's Kubernetes clients.
+    pub api: ApiMetrics,
     build_info: IntGaugeVec,
     /// The clusters whose gauges are set, and the pod each one's active_pod series names (so
     /// a change removes the old series).
@@ -146,6 +149,24 @@ impl Metrics {
                 "Idle connections to pods kept for their next probe; closed after a minute unused.",
             )
             .expect("valid gauge"),
+            api: ApiMetrics {
+                requests: counter(
+                    "vault_registrar_rest_client_requests_total",
+                    "Requests to the Kubernetes API server, by verb (get, list, watch, create, update, patch, delete), resource (with its subresource) and status code (error when no answer came).",
+                    &["verb", "resource", "code"],
+                ),
+                latency: HistogramVec::new(
+                    HistogramOpts::new(
+                        "vault_registrar_rest_client_request_duration_seconds",
+                        "Time from sending a request to the Kubernetes API server to its answer's headers, by verb and resource.",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                    &["verb", "resource"],
+                )
+                .expect("valid histogram"),
+            },
             build_info: gauge(
                 "vault_registrar_build_info",
                 "Always 1; the labels tell the operator's version.",
@@ -176,6 +197,8 @@ impl Metrics {
             Box::new(self.active_pod.clone()),
             Box::new(self.leader.clone()),
             Box::new(self.probe_connections.clone()),
+            Box::new(self.api.requests.clone()),
+            Box::new(self.api.latency.clone()),
             Box::new(self.build_info.clone()),
             Box::new(process_collector()),
         ]

@@ -5,7 +5,7 @@
 //! address, and a failing accept (out of file descriptors) backs off instead of spinning.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,10 +16,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::health_state::HealthState;
 use crate::metrics::Metrics;
+use crate::secure_metrics::{Gate, Verdict};
 
 /// A client that has not sent its request headers by then is dropped.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,12 +75,13 @@ impl Drop for PeerSlot {
 /// What one server answers.
 #[derive(Clone)]
 pub enum Endpoints {
-    Metrics(Metrics),
+    /// With a gate, only to scrapers the API server authorises (`--metrics-secure`).
+    Metrics(Metrics, Option<Arc<Gate>>),
     Health(Arc<HealthState>),
 }
 
-/// Serves until the process ends.
-pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
+/// Serves until the process ends; over TLS when given an acceptor.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, tls: Option<TlsAcceptor>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let peers = Arc::new(Peers::default());
     let mut failures = 0u32;
@@ -106,20 +109,40 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
             }
         };
         let endpoints = endpoints.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = answer(req.uri().path(), &endpoints);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            match tls {
+                // The handshake is bounded like the headers: a client that starts one and
+                // stalls holds its slot no longer.
+                Some(tls) => {
+                    if let Ok(Ok(stream)) =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await
+                    {
+                        serve_connection(stream, endpoints).await;
+                    }
+                }
+                None => serve_connection(stream, endpoints).await,
+            }
             drop((permit, slot));
         });
     }
+}
+
+/// One request on one connection, then it closes.
+async fn serve_connection<S>(stream: S, endpoints: Endpoints)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let endpoints = endpoints.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&req, &endpoints).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
 }
 
 /// The pause after the n-th accept failure in a row: 10 ms doubling to 100 ms, so an
@@ -136,21 +159,48 @@ pub fn accept_backoff(failures: u32) -> Duration {
 /// retransmission, so the per-peer limit would act late.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Binds `addr`. Every interface (`[::]`, what `:port` means) is bound dual-stack, so the
+/// kubelet's probes reach the server on IPv4, IPv6 and dual-stack clusters alike; on a host
+/// without IPv6 it falls back to IPv4's `0.0.0.0`.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return match listen(addr, true) {
+            Err(e) if no_ipv6(&e) => {
+                warn!(error = %e, "no IPv6 on this host: listening on IPv4 only");
+                listen((Ipv4Addr::UNSPECIFIED, addr.port()).into(), false)
+            }
+            bound => bound,
+        };
+    }
+    listen(addr, false)
+}
+
+fn listen(addr: SocketAddr, dual_stack: bool) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The errors of a kernel without IPv6 (`ipv6.disable=1`) or of an interface-less one.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Reads a bind address in the form controller-runtime operators take: `:8081` (every
-/// interface), `127.0.0.1:8081`, `[::1]:8081` or `localhost:8081`.
+/// interface, IPv4 and IPv6), `127.0.0.1:8081`, `[::1]:8081` or `localhost:8081`.
 pub fn parse_bind_address(text: &str) -> Result<SocketAddr, String> {
     let full = match text.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
+        Some(port) => format!("[::]:{port}"),
         None => text.to_string(),
     };
     full.to_socket_addrs()
@@ -159,13 +209,14 @@ pub fn parse_bind_address(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
-fn answer(path: &str, endpoints: &Endpoints) -> Response<Full<Bytes>> {
+async fn answer<B>(req: &Request<B>, endpoints: &Endpoints) -> Response<Full<Bytes>> {
     let verdict = |v: Result<(), String>| match v {
         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     };
-    let (status, body) = match (endpoints, path) {
-        (Endpoints::Metrics(m), "/metrics") => (StatusCode::OK, m.render()),
+    let (status, body) = match (endpoints, req.uri().path()) {
+        (Endpoints::Metrics(m, None), "/metrics") => (StatusCode::OK, m.render()),
+        (Endpoints::Metrics(m, Some(gate)), "/metrics") => gated(req, gate, m).await,
         (Endpoints::Health(h), "/healthz" | "/livez") => verdict(h.live()),
         (Endpoints::Health(h), "/readyz") => verdict(h.ready()),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
@@ -174,6 +225,30 @@ fn answer(path: &str, endpoints: &Endpoints) -> Response<Full<Bytes>> {
         .status(status)
         .body(Full::new(Bytes::from(body)))
         .expect("static response")
+}
+
+/// `/metrics` behind the gate: 401 without a token the API server knows, 403 for an identity
+/// that may not get `/metrics`, 503 when the API server cannot be asked.
+async fn gated<B>(req: &Request<B>, gate: &Gate, metrics: &Metrics) -> (StatusCode, String) {
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match gate.check(header).await {
+        Ok(Verdict::Allowed) => (StatusCode::OK, metrics.render()),
+        Ok(Verdict::Unauthenticated) => (
+            StatusCode::UNAUTHORIZED,
+            "a bearer token the API server authenticates is required\n".into(),
+        ),
+        Ok(Verdict::Forbidden) => (
+            StatusCode::FORBIDDEN,
+            "this identity may not get the non-resource URL /metrics\n".into(),
+        ),
+        Err(e) => {
+            warn!(error = %e, "could not review a scraper's token");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -219,7 +294,7 @@ mod tests {
     #[test]
     fn bind_addresses_in_the_controller_runtime_form() {
         let cases = [
-            (":8081", Some("0.0.0.0:8081")),
+            (":8081", Some("[::]:8081")),
             ("127.0.0.1:0", Some("127.0.0.1:0")),
             ("[::1]:9000", Some("[::1]:9000")),
             ("0.0.0.0:8080", Some("0.0.0.0:8080")),
@@ -230,5 +305,25 @@ mod tests {
             let got = parse_bind_address(text).ok().map(|a| a.to_string());
             assert_eq!(got.as_deref(), want, "{text}");
         }
+    }
+
+    /// `:port` serves IPv4 and IPv6 clients from one socket, as an IPv6-only or dual-stack
+    /// cluster's kubelet needs. Skipped parts: none; this machine has IPv6 on loopback.
+    #[tokio::test]
+    async fn every_interface_is_served_on_both_families() {
+        let listener = bind(parse_bind_address(":0").unwrap()).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepting = tokio::spawn(async move {
+            for _ in 0..2 {
+                listener.accept().await.unwrap();
+            }
+        });
+        for ip in ["127.0.0.1", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            tokio::net::TcpStream::connect((ip, port))
+                .await
+                .unwrap_or_else(|e| panic!("{ip}: {e}"));
+        }
+        accepting.await.unwrap();
     }
 }

@@ -218,10 +218,22 @@ fn build(vc: &VaultCluster, kind: Kind) -> Service {
             selector: Some(kind.selector(vc)),
             ports: Some(ports),
             publish_not_ready_addresses: Some(false),
+            external_traffic_policy: spec.external_traffic_policy.map(|p| p.as_str()),
+            internal_traffic_policy: spec.internal_traffic_policy.map(|p| p.as_str()),
+            load_balancer_class: spec.load_balancer_class.clone(),
+            load_balancer_source_ranges: non_empty(&spec.load_balancer_source_ranges),
+            ip_family_policy: spec.ip_family_policy.map(|p| p.as_str()),
+            ip_families: non_empty(&spec.ip_families)
+                .map(|f| f.into_iter().map(|f| f.as_str()).collect()),
+            session_affinity: spec.session_affinity.map(|a| a.as_str()),
             ..Default::default()
         }),
         status: None,
     }
+}
+
+fn non_empty<T: Clone>(items: &[T]) -> Option<Vec<T>> {
+    (!items.is_empty()).then(|| items.to_vec())
 }
 
 /// How long every pod must have carried the ownership label before a Service selects on it:
@@ -298,13 +310,16 @@ pub fn foreign_fields(existing: &Service, want: &Service) -> Option<serde_json::
         spec.load_balancer_ip.is_some_and(|v| !v.is_empty()),
         "loadBalancerIP",
     );
+    let wanted_spec = want.spec.clone().unwrap_or_default();
     drop_if(
         spec.load_balancer_source_ranges
-            .is_some_and(|v| !v.is_empty()),
+            .is_some_and(|v| !v.is_empty())
+            && wanted_spec.load_balancer_source_ranges.is_none(),
         "loadBalancerSourceRanges",
     );
     drop_if(
-        spec.internal_traffic_policy.as_deref() == Some("Local"),
+        spec.internal_traffic_policy.as_deref() == Some("Local")
+            && wanted_spec.internal_traffic_policy.as_deref() != Some("Local"),
         "internalTrafficPolicy",
     );
     let wanted = want.metadata.annotations.clone().unwrap_or_default();
@@ -364,11 +379,33 @@ fn differs(existing: &Service, want: &Service) -> bool {
     };
     e.selector != w.selector
         || ports(&e) != ports(&w)
+        || settings_differ(&e, &w)
         || e.type_.as_deref().unwrap_or("ClusterIP") != w.type_.as_deref().unwrap_or("ClusterIP")
         || e.publish_not_ready_addresses.unwrap_or(false)
         || !contains(&existing.metadata.labels, &want.metadata.labels)
         || !contains(&existing.metadata.annotations, &want.metadata.annotations)
         || existing.metadata.owner_references != want.metadata.owner_references
+}
+
+/// The settings a VaultCluster may give its Services, each compared with what the API server
+/// defaults it to when we leave it unset, so that removing a setting from the spec is a
+/// change too. The address families are compared only when asked for: their default is the
+/// cluster's, which the operator does not know.
+fn settings_differ(e: &K8sServiceSpec, w: &K8sServiceSpec) -> bool {
+    let or = |v: &Option<String>, default: &str| v.clone().unwrap_or_else(|| default.into());
+    let external_default = match w.type_.as_deref() {
+        Some("NodePort" | "LoadBalancer") => "Cluster",
+        _ => "",
+    };
+    or(&e.external_traffic_policy, external_default)
+        != or(&w.external_traffic_policy, external_default)
+        || or(&e.internal_traffic_policy, "Cluster") != or(&w.internal_traffic_policy, "Cluster")
+        || e.load_balancer_class != w.load_balancer_class
+        || e.load_balancer_source_ranges.clone().unwrap_or_default()
+            != w.load_balancer_source_ranges.clone().unwrap_or_default()
+        || or(&e.session_affinity, "None") != or(&w.session_affinity, "None")
+        || w.ip_family_policy.is_some() && e.ip_family_policy != w.ip_family_policy
+        || w.ip_families.is_some() && e.ip_families != w.ip_families
 }
 
 #[cfg(test)]
@@ -483,6 +520,113 @@ mod tests {
             services[1].1.metadata.name.as_deref(),
             Some("vault-perf-standby")
         );
+    }
+
+    const SETTINGS: &str = "services:\n  active:\n    enabled: true\n    type: LoadBalancer\n    externalTrafficPolicy: Local\n    internalTrafficPolicy: Local\n    loadBalancerClass: example.com/internal\n    loadBalancerSourceRanges: [10.0.0.0/8, 'fd00::/8']\n    ipFamilyPolicy: PreferDualStack\n    ipFamilies: [IPv6, IPv4]\n    sessionAffinity: ClientIP";
+
+    #[test]
+    fn service_settings_are_carried() {
+        let vc = cluster(&format!("{BASIC}\n{SETTINGS}"));
+        let active = desired(&vc).remove(0).1;
+        let spec = active.spec.unwrap();
+        let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(
+            spec.load_balancer_class.as_deref(),
+            Some("example.com/internal")
+        );
+        assert_eq!(
+            spec.load_balancer_source_ranges,
+            strings(&["10.0.0.0/8", "fd00::/8"])
+        );
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("PreferDualStack"));
+        assert_eq!(spec.ip_families, strings(&["IPv6", "IPv4"]));
+        assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
+        // Unset, they are left to the API server's defaults.
+        let plain = desired(&cluster(BASIC)).remove(0).1.spec.unwrap();
+        assert_eq!(
+            (
+                plain.external_traffic_policy,
+                plain.session_affinity,
+                plain.ip_families
+            ),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn settings_drift_against_what_the_api_server_defaults() {
+        let set = |s: &mut Service, f: &dyn Fn(&mut K8sServiceSpec)| f(s.spec.as_mut().unwrap());
+        // A plain Service as the API server stores it: its defaults are not drift.
+        let plain = desired(&cluster(BASIC)).remove(0).1;
+        let mut stored = plain.clone();
+        set(&mut stored, &|s| {
+            s.session_affinity = Some("None".into());
+            s.internal_traffic_policy = Some("Cluster".into());
+            s.ip_family_policy = Some("SingleStack".into());
+            s.ip_families = Some(vec!["IPv4".into()]);
+        });
+        assert!(!drifted(&stored, &plain));
+        // A setting removed from the spec is a change, as is one another writer altered.
+        let mut affinity = stored.clone();
+        set(&mut affinity, &|s| {
+            s.session_affinity = Some("ClientIP".into())
+        });
+        assert!(drifted(&affinity, &plain), "sessionAffinity left behind");
+        let asked = desired(&cluster(&format!("{BASIC}\n{SETTINGS}")))
+            .remove(0)
+            .1;
+        assert!(!drifted(&asked, &asked));
+        type Edit = Box<dyn Fn(&mut K8sServiceSpec)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            (
+                "externalTrafficPolicy",
+                Box::new(|s| s.external_traffic_policy = Some("Cluster".into())),
+            ),
+            (
+                "internalTrafficPolicy",
+                Box::new(|s| s.internal_traffic_policy = None),
+            ),
+            (
+                "loadBalancerClass",
+                Box::new(|s| s.load_balancer_class = None),
+            ),
+            (
+                "loadBalancerSourceRanges",
+                Box::new(|s| s.load_balancer_source_ranges = Some(vec!["0.0.0.0/0".into()])),
+            ),
+            (
+                "ipFamilyPolicy",
+                Box::new(|s| s.ip_family_policy = Some("SingleStack".into())),
+            ),
+            (
+                "ipFamilies",
+                Box::new(|s| s.ip_families = Some(vec!["IPv6".into()])),
+            ),
+            (
+                "sessionAffinity",
+                Box::new(|s| s.session_affinity = Some("None".into())),
+            ),
+        ];
+        for (field, edit) in edits {
+            let mut changed = asked.clone();
+            set(&mut changed, &*edit);
+            assert!(drifted(&changed, &asked), "{field}");
+        }
+        // Asked for, they are not another writer's fields to remove.
+        assert_eq!(foreign_fields(&asked, &asked), None);
+        let mut opened = stored.clone();
+        set(&mut opened, &|s| {
+            s.load_balancer_source_ranges = Some(vec!["0.0.0.0/0".into()]);
+            s.internal_traffic_policy = Some("Local".into());
+        });
+        let patch = foreign_fields(&opened, &plain).expect("foreign fields");
+        assert_eq!(
+            patch["spec"]["loadBalancerSourceRanges"],
+            serde_json::Value::Null
+        );
+        assert!(patch["spec"].get("internalTrafficPolicy").is_some());
     }
 
     #[test]

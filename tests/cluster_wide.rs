@@ -151,6 +151,38 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
             >= 4.0,
         "{text}"
     );
+    // What it cost the API server, counted by its own clients: the label patches among
+    // them, the pod watch, and no request answered with an error status.
+    let api = |labels: &str| {
+        metric(
+            &text,
+            &format!("vault_registrar_rest_client_requests_total{{{labels}}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        api("code=\"200\",resource=\"pods\",verb=\"patch\"") >= 4.0,
+        "{text}"
+    );
+    assert!(
+        api("code=\"200\",resource=\"pods\",verb=\"watch\"") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        api("code=\"201\",resource=\"vaultclusters/status\",verb=\"patch\"")
+            + api("code=\"200\",resource=\"vaultclusters/status\",verb=\"patch\"")
+            >= 2.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "vault_registrar_rest_client_request_duration_seconds_count{resource=\"pods\",verb=\"patch\"}"
+        )
+        .unwrap_or(0.0)
+            >= 4.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "vault_registrar_leader"), Some(1.0));
     assert_eq!(
         metric(
@@ -195,11 +227,111 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
     for line in &lines {
         let parsed: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert!(
-            parsed.get("level").is_some() && parsed.get("timestamp").is_some(),
-            "{line}"
-        );
+        // Flat, as zap's production encoder writes: what log pipelines for operators parse.
+        for key in ["ts", "level", "msg", "logger"] {
+            assert!(
+                parsed.get(key).is_some_and(|v| v.is_string()),
+                "{key}: {line}"
+            );
+        }
+        assert!(parsed.get("fields").is_none(), "{line}");
     }
     assert!(logs.contains("labels written"), "{logs}");
+    Ok(())
+}
+
+/// `--metrics-secure`: /metrics over HTTPS with the certificate given, answered only to a
+/// token the API server authenticates and authorises for get on /metrics: 401 without one,
+/// 403 for a ServiceAccount without the right, the metrics for one bound to a reader role.
+#[tokio::test]
+async fn secure_metrics_answer_only_authorised_scrapers() -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use std::sync::Arc;
+    use vault_registrar_testkit::certs::Authority;
+    use vault_registrar_testkit::stage::run;
+
+    let plane = shared();
+    let ns = "wide-secure";
+    let client = plane.client().await?;
+    create_namespace(&client, ns).await?;
+    let manifest = plane.dir().join("metrics-reader.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: prometheus, namespace: {ns}}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: nobody, namespace: {ns}}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: wide-metrics-reader}}\nrules: [{{nonResourceURLs: [/metrics], verbs: [get]}}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: wide-metrics-reader}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: wide-metrics-reader}}\nsubjects: [{{kind: ServiceAccount, name: prometheus, namespace: {ns}}}]\n"
+        ),
+    )?;
+    run(plane.kubectl().args(["apply", "-f"]).arg(&manifest))?;
+    let token = |sa: &str| run(plane.kubectl().args(["create", "token", sa, "-n", ns]));
+    let (reader, nobody) = (token("prometheus")?, token("nobody")?);
+
+    let authority = Authority::new("metrics-ca")?;
+    let pem = authority.serving(&["localhost", "127.0.0.1"])?;
+    let certs = plane.dir().join("metrics-tls");
+    std::fs::create_dir_all(&certs)?;
+    std::fs::write(certs.join("tls.crt"), &pem.cert)?;
+    std::fs::write(certs.join("tls.key"), &pem.key)?;
+    let (port, health_port) = (free_port()?, free_port()?);
+    let args = [
+        format!("--metrics-bind-address=127.0.0.1:{port}"),
+        format!("--health-probe-bind-address=127.0.0.1:{health_port}"),
+        format!("--namespace={ns}"),
+        "--metrics-secure".to_string(),
+        format!("--metrics-cert-dir={}", certs.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _operator = Operator::start(
+        env!("CARGO_BIN_EXE_vault-registrar").as_ref(),
+        &plane.kubeconfig,
+        &args,
+        &plane.dir().join("operator-secure.log"),
+    )?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(authority.cert_pem().as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let scrape = |token: Option<String>| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let mut tls = connector.connect(name, tcp).await?;
+            let auth = token
+                .map(|t| format!("Authorization: Bearer {}\r\n", t.trim()))
+                .unwrap_or_default();
+            tls.write_all(
+                format!(
+                    "GET /metrics HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+            let mut text = String::new();
+            tls.read_to_string(&mut text).await?;
+            anyhow::Ok(text)
+        }
+    };
+    let anonymous = wait::until("the secure metrics server", LIMIT, || async {
+        Ok(scrape(None).await.ok())
+    })
+    .await?;
+    assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+    let refused = scrape(Some(nobody)).await?;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    let bogus = scrape(Some("not-a-token".into())).await?;
+    assert!(bogus.starts_with("HTTP/1.1 401"), "{bogus}");
+    let allowed = scrape(Some(reader)).await?;
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    assert!(allowed.contains("vault_registrar_build_info"), "{allowed}");
+    // Plain HTTP on that port gets no metrics.
+    let plain = get(port, "/metrics").await.unwrap_or_default();
+    assert!(!plain.contains("vault_registrar_build_info"), "{plain}");
     Ok(())
 }

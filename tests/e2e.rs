@@ -179,6 +179,97 @@ async fn perf_standby_gets_its_label_and_service() -> anyhow::Result<()> {
     f.endpoints("vault-active", &[0]).await
 }
 
+/// A DR secondary cluster (Enterprise; simulator only) answers 472 on every node. Vault's own
+/// registration labels its HA leader active, and so do we: the body's `standby` tells the
+/// leader apart, and the leader moves with a failover inside the secondary cluster.
+#[tokio::test]
+async fn dr_secondary_leader_is_labelled_active_as_vault_does() -> anyhow::Result<()> {
+    let standby = Role::DrSecondaryStandby;
+    let f = fixture("dr", &[Role::DrSecondary, standby, standby], None).await?;
+    f.create("vault", FAST).await?;
+    f.converged().await?;
+    f.condition("vault", "Available", "True", "ActivePod")
+        .await?;
+    f.set(0, standby).await;
+    f.set(1, Role::DrSecondary).await;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    f.endpoints("vault-active", &[1]).await?;
+    f.endpoints("vault-standby", &[0, 2]).await
+}
+
+/// Pods whose only address is IPv6 (an IPv6-only cluster) are probed at that address
+/// (`http://[fd00:…]:8200`) and labelled; a failover moves the label. The control plane here
+/// is IPv4 single-stack, so the generated Services get no IPv6 endpoints: only the labels are
+/// checked (see README).
+#[tokio::test]
+async fn ipv6_pods_are_probed_and_labelled() -> anyhow::Result<()> {
+    use std::net::SocketAddr;
+    use vault_registrar_testkit::netns::pod_ip6;
+    use vault_registrar_testkit::pods::{NODE_NAME, ensure_node, pod_labels};
+    use vault_registrar_testkit::vault_sim::{SimState, VaultSim};
+
+    let ns = "e2e-ipv6";
+    let client = namespace(ns).await?;
+    ensure_node(&client).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let mut sims = Vec::new();
+    for (i, role) in [Role::Active, Role::Standby, Role::Standby]
+        .into_iter()
+        .enumerate()
+    {
+        let ip = pod_ip6(900 + i as u32);
+        sims.push(
+            VaultSim::start(SocketAddr::new(ip.into(), 8200), None, SimState::new(role)).await?,
+        );
+        let pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("vault-{i}"), "labels": {"app.kubernetes.io/name": "vault"}},
+            "spec": {"nodeName": NODE_NAME, "containers": [{"name": "vault", "image": "vault",
+                "ports": [{"name": "http", "containerPort": 8200}]}]},
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        let status = json!({"status": {"phase": "Running", "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [{"type": "Ready", "status": "True"}]}});
+        pods.patch_status(
+            &format!("vault-{i}"),
+            &PatchParams::default(),
+            &Patch::Strategic(status),
+        )
+        .await?;
+    }
+    let _operator = operator(ns, None, &[])?;
+    let vc = format!(
+        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  {FAST}\n"
+    );
+    let vc: vault_registrar::crd::VaultCluster = serde_yaml::from_str(&vc)?;
+    Api::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &vc)
+        .await?;
+    let active_is = |want: [&'static str; 3]| {
+        let client = client.clone();
+        async move {
+            wait::until(&format!("vault-active {want:?}"), LIMIT, || async {
+                let mut got = Vec::new();
+                for i in 0..3 {
+                    let labels = pod_labels(&client, ns, &format!("vault-{i}")).await?;
+                    got.push(labels.get("vault-active").cloned().unwrap_or_default());
+                }
+                Ok((got == want).then_some(()))
+            })
+            .await
+        }
+    };
+    active_is(["true", "false", "false"]).await?;
+    sims[0].update(|s| s.role = Role::Standby).await;
+    sims[2].update(|s| s.role = Role::Active).await;
+    active_is(["false", "false", "true"]).await
+}
+
 /// Without an incumbent (none was labelled active before) two claimants cannot be told
 /// apart: neither is labelled. With one, it keeps the label (`tests/corroboration.rs`).
 #[tokio::test]
@@ -388,6 +479,65 @@ async fn service_drift_is_repaired() -> anyhow::Result<()> {
                 && spec.publish_not_ready_addresses != Some(true))
             .then_some(()),
         )
+    })
+    .await?;
+    f.endpoints("vault-active", &[0]).await
+}
+
+/// The Service settings users ask for reach the Services, and one removed from the spec is
+/// removed from its Service (the API server's default comes back).
+#[tokio::test]
+async fn service_settings_reach_the_services_and_leave_with_the_spec() -> anyhow::Result<()> {
+    let ns = "e2e-svc-settings";
+    let client = namespace(ns).await?;
+    let vault =
+        vault_registrar_testkit::cluster::SimCluster::start(&client, ns, "vault", &TRIO, None)
+            .await?;
+    let _operator = operator(
+        ns,
+        None,
+        &["--allowed-service-types=ClusterIP,NodePort,LoadBalancer"],
+    )?;
+    let f = Fixture {
+        client: client.clone(),
+        ns: ns.into(),
+        vault,
+        operator: _operator,
+    };
+    f.create(
+        "vault",
+        &format!(
+            "{FAST}\nservices:\n  active: {{enabled: true, type: LoadBalancer, externalTrafficPolicy: Local, loadBalancerClass: example.com/internal, loadBalancerSourceRanges: [10.0.0.0/8], sessionAffinity: ClientIP}}\n  standby: {{enabled: true, type: NodePort, externalTrafficPolicy: Local, internalTrafficPolicy: Local, ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4]}}"
+        ),
+    )
+    .await?;
+    f.converged().await?;
+    let svc: Api<Service> = Api::namespaced(client.clone(), ns);
+    let active = svc.get("vault-active").await?.spec.unwrap_or_default();
+    assert_eq!(active.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(active.external_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(
+        active.load_balancer_class.as_deref(),
+        Some("example.com/internal")
+    );
+    assert_eq!(
+        active.load_balancer_source_ranges,
+        Some(vec!["10.0.0.0/8".to_string()])
+    );
+    assert_eq!(active.session_affinity.as_deref(), Some("ClientIP"));
+    let standby = svc.get("vault-standby").await?.spec.unwrap_or_default();
+    assert_eq!(standby.type_.as_deref(), Some("NodePort"));
+    assert_eq!(standby.external_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(standby.internal_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(standby.ip_family_policy.as_deref(), Some("PreferDualStack"));
+    // Taken out of the spec, the affinity goes back to the API server's default.
+    let patch = json!({"spec": {"services": {"active": {"sessionAffinity": null}}}});
+    f.clusters()
+        .patch("vault", &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    wait::until("sessionAffinity back to None", LIMIT, || async {
+        let spec = svc.get("vault-active").await?.spec.unwrap_or_default();
+        Ok((spec.session_affinity.as_deref() == Some("None")).then_some(()))
     })
     .await?;
     f.endpoints("vault-active", &[0]).await
@@ -644,6 +794,31 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             "serverName not a DNS name",
             "selector: {matchLabels: {a: b}}\nhealth: {scheme: https, tls: {serverName: 'Vault_0'}}",
             "serverName must be a lower-case DNS name",
+        ),
+        (
+            "externalTrafficPolicy on a ClusterIP Service",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, externalTrafficPolicy: Local}}",
+            "externalTrafficPolicy applies to NodePort and LoadBalancer Services only",
+        ),
+        (
+            "loadBalancerSourceRanges on a NodePort Service",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, type: NodePort, loadBalancerSourceRanges: [10.0.0.0/8]}}",
+            "loadBalancerSourceRanges applies to LoadBalancer Services only",
+        ),
+        (
+            "a source range that is not a CIDR",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, type: LoadBalancer, loadBalancerSourceRanges: [everywhere]}}",
+            "spec.services.active.loadBalancerSourceRanges[0]",
+        ),
+        (
+            "an address family twice",
+            "selector: {matchLabels: {a: b}}\nservices: {active: {enabled: true, ipFamilies: [IPv4, IPv4]}}",
+            "ipFamilies may not name a family twice",
+        ),
+        (
+            "unknown sessionAffinity",
+            "selector: {matchLabels: {a: b}}\nservices: {standby: {enabled: true, sessionAffinity: Sticky}}",
+            "spec.services.standby.sessionAffinity",
         ),
         (
             "name with a dot",

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use chart::{KUBE_VERSION, VALUE_SETS, chart, values};
-use serde_json::Value;
+use serde_json::{Value, json};
 use vault_registrar_testkit::controlplane::Binaries;
 use vault_registrar_testkit::tools::promtool;
 
@@ -258,6 +258,138 @@ fn pod_settings_are_overridable_and_restricted_by_default() -> anyhow::Result<()
     Ok(())
 }
 
+/// What platform teams expect of an operator chart: no Service links, the image by digest,
+/// the PDB either way, probes they can slow down, and VaultCluster rights aggregated into
+/// view, edit and admin unless turned off.
+#[test]
+fn platform_settings_render_as_asked() -> anyhow::Result<()> {
+    let default = render("defaults")?;
+    let pod = &object(&default, "Deployment").expect("a Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["enableServiceLinks"], false);
+    let container = &pod["containers"][0];
+    assert!(
+        container["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("ghcr.io/vault-registrar/vault-registrar:")),
+        "{container}"
+    );
+    assert_eq!(container["livenessProbe"]["periodSeconds"], 10);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["failureThreshold"], 3);
+    let pdb = &object(&default, "PodDisruptionBudget").expect("a PDB")["spec"];
+    assert_eq!(
+        (pdb["minAvailable"].clone(), pdb["maxUnavailable"].clone()),
+        (json!(1), Value::Null)
+    );
+    let aggregated = |objects: &[Value], role: &str| -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| {
+                o["kind"] == "ClusterRole"
+                    && o["metadata"]["labels"]
+                        [format!("rbac.authorization.k8s.io/aggregate-to-{role}")]
+                        == "true"
+            })
+            .flat_map(|o| o["rules"].as_array().cloned().unwrap_or_default())
+            .flat_map(|r| r["verbs"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect()
+    };
+    let view = aggregated(&default, "view");
+    assert!(
+        view.contains(&"list".to_string()) && !view.contains(&"update".to_string()),
+        "{view:?}"
+    );
+    let edit = aggregated(&default, "edit");
+    assert!(
+        edit.contains(&"update".to_string()) && edit.contains(&"list".to_string()),
+        "{edit:?}"
+    );
+
+    let platform = render("platform")?;
+    let pod = &object(&platform, "Deployment").expect("a Deployment")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["image"],
+        "ghcr.io/vault-registrar/vault-registrar@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+    assert_eq!(container["livenessProbe"]["periodSeconds"], 30);
+    assert_eq!(container["readinessProbe"]["failureThreshold"], 6);
+    let pdb = &object(&platform, "PodDisruptionBudget").expect("a PDB")["spec"];
+    assert_eq!(
+        (pdb["minAvailable"].clone(), pdb["maxUnavailable"].clone()),
+        (Value::Null, json!("50%"))
+    );
+    assert!(aggregated(&platform, "view").is_empty());
+    // Secure metrics: the flag, the review rights, a reader role and an HTTPS ServiceMonitor.
+    for (set, verified) in [("secure-metrics", false), ("secure-metrics-cert", true)] {
+        let objects = render(set)?;
+        let container = &object(&objects, "Deployment").expect("a Deployment")["spec"]["template"]
+            ["spec"]["containers"][0];
+        assert!(
+            container["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--metrics-secure")),
+            "{set}"
+        );
+        assert_eq!(
+            container["volumeMounts"].is_array(),
+            verified,
+            "{set}: the certificate Secret mounted only when named"
+        );
+        let rules: Vec<&Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole")
+            .flat_map(|o| o["rules"].as_array().into_iter().flatten())
+            .collect();
+        for resource in ["tokenreviews", "subjectaccessreviews"] {
+            assert!(
+                rules.iter().any(|r| r["resources"][0] == resource),
+                "{set}: {resource}"
+            );
+        }
+        assert!(
+            rules.iter().any(|r| r["nonResourceURLs"][0] == "/metrics"),
+            "{set}"
+        );
+        let endpoint =
+            &object(&objects, "ServiceMonitor").expect("a ServiceMonitor")["spec"]["endpoints"][0];
+        assert_eq!(endpoint["scheme"], "https", "{set}");
+        assert_eq!(
+            endpoint["tlsConfig"]["insecureSkipVerify"]
+                .as_bool()
+                .unwrap_or(false),
+            !verified,
+            "{set}"
+        );
+    }
+    let plain = render("defaults")?;
+    assert!(
+        !plain.iter().any(|o| o["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-metrics-auth"))),
+        "review rights only with secure metrics"
+    );
+    // A digest that is not one is refused before anything renders.
+    let chart = chart();
+    let refused = helm(&[
+        "template",
+        "vr",
+        chart.to_str().unwrap(),
+        KUBE_VERSION,
+        "--set",
+        "image.digest=latest",
+    ]);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("image.digest")),
+        "{refused:?}"
+    );
+    Ok(())
+}
+
 /// The rules as a rule file, from the PrometheusRule the chart renders.
 fn rule_groups() -> anyhow::Result<Value> {
     let objects = render("monitoring")?;
@@ -456,8 +588,15 @@ fn dashboard_and_alerts_query_only_what_the_operator_exports() -> anyhow::Result
     Ok(())
 }
 
-/// The README's table rows: key → (default, description).
-fn documented(readme: &str) -> BTreeMap<String, (String, String)> {
+/// One row of the README's table.
+struct Documented {
+    kind: String,
+    default: String,
+    description: String,
+}
+
+/// The README's table rows: key → type, default, description.
+fn documented(readme: &str) -> BTreeMap<String, Documented> {
     readme
         .lines()
         .filter_map(|line| {
@@ -467,13 +606,60 @@ fn documented(readme: &str) -> BTreeMap<String, (String, String)> {
                 .split(" | ")
                 .collect();
             let key = cells.first()?.trim().strip_prefix('`')?.strip_suffix('`')?;
-            let default = cells.get(1)?.trim().strip_prefix('`')?.strip_suffix('`')?;
+            let default = cells.get(2)?.trim().strip_prefix('`')?.strip_suffix('`')?;
             Some((
                 key.to_string(),
-                (default.to_string(), cells.get(2)?.trim().to_string()),
+                Documented {
+                    kind: cells.get(1)?.trim().to_string(),
+                    default: default.to_string(),
+                    description: cells.get(3)?.trim().to_string(),
+                },
             ))
         })
         .collect()
+}
+
+/// A schema node with its `$ref`s followed.
+fn resolved<'a>(schema: &'a Value, root: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(r) => resolved(
+            &root["definitions"][r.rsplit('/').next().unwrap_or("")],
+            root,
+        ),
+        None => schema,
+    }
+}
+
+/// The type a reader is told: the schema's `type`, or the types of its `anyOf` alternatives
+/// joined with "or".
+fn type_of(schema: &Value, root: &Value) -> String {
+    let schema = resolved(schema, root);
+    match &schema["type"] {
+        Value::String(t) => return t.clone(),
+        Value::Array(ts) => {
+            return ts
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" or ");
+        }
+        _ => {}
+    }
+    let Some(alternatives) = schema["anyOf"].as_array() else {
+        return "any".into();
+    };
+    let mut kinds: Vec<String> = Vec::new();
+    for kind in alternatives.iter().flat_map(|a| {
+        type_of(a, root)
+            .split(" or ")
+            .map(String::from)
+            .collect::<Vec<_>>()
+    }) {
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    kinds.join(" or ")
 }
 
 /// Walks values.yaml along the schema. A key the schema describes with `properties` is
@@ -481,12 +667,13 @@ fn documented(readme: &str) -> BTreeMap<String, (String, String)> {
 fn walk(
     path: &str,
     value: &Value,
-    schema: &Value,
-    leaves: &mut BTreeMap<String, Value>,
+    (schema, root): (&Value, &Value),
+    leaves: &mut BTreeMap<String, (Value, String)>,
     problems: &mut Vec<String>,
 ) {
+    let schema = resolved(schema, root);
     let Some(properties) = schema["properties"].as_object() else {
-        leaves.insert(path.to_string(), value.clone());
+        leaves.insert(path.to_string(), (value.clone(), type_of(schema, root)));
         return;
     };
     let Some(map) = value.as_object() else {
@@ -502,7 +689,7 @@ fn walk(
             format!("{path}.{key}")
         };
         match properties.get(key) {
-            Some(s) => walk(&at, child, s, leaves, problems),
+            Some(s) => walk(&at, child, (s, root), leaves, problems),
             None => problems.push(format!("{at} is in values.yaml, not in the schema")),
         }
     }
@@ -528,18 +715,23 @@ fn every_value_is_documented_and_the_schema_agrees() -> anyhow::Result<()> {
     let readme = std::fs::read_to_string(dir.join("README.md"))?;
     let mut leaves = BTreeMap::new();
     let mut problems = Vec::new();
-    walk("", &values, &schema, &mut leaves, &mut problems);
+    walk("", &values, (&schema, &schema), &mut leaves, &mut problems);
     let docs = documented(&readme);
-    for (key, default) in &leaves {
+    for (key, (default, kind)) in &leaves {
         let want = serde_json::to_string(default)?;
         match docs.get(key) {
             None => problems.push(format!(
-                "{key} is not in the chart README (default `{want}`)"
+                "{key} is not in the chart README (type {kind}, default `{want}`)"
             )),
-            Some((shown, _)) if *shown != want => problems.push(format!(
-                "{key}: README says `{shown}`, values.yaml has `{want}`"
+            Some(row) if row.default != want => problems.push(format!(
+                "{key}: README says `{}`, values.yaml has `{want}`",
+                row.default
             )),
-            Some((_, description)) if description.is_empty() => {
+            Some(row) if row.kind != *kind => problems.push(format!(
+                "{key}: README says type {}, the schema {kind}",
+                row.kind
+            )),
+            Some(row) if row.description.is_empty() => {
                 problems.push(format!("{key} has no description in the README"))
             }
             Some(_) => {}

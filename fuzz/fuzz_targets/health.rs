@@ -1,6 +1,7 @@
 //! `health::classify` on any status code and body. Beyond not panicking: only a coherent
-//! answer is a role (active needs 200, an initialised and unsealed body), a version is a
-//! valid label value, and an error quotes no more than a short, printable excerpt.
+//! answer is a role (active needs an initialised, unsealed, non-standby body and 200, or 472
+//! from a DR secondary), a version is a valid label value, and an error quotes no more than a
+//! short, printable excerpt.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,6 +12,8 @@ struct Flags {
     initialized: bool,
     sealed: bool,
     standby: bool,
+    #[serde(default)]
+    replication_dr_mode: Option<String>,
 }
 
 /// The codes Vault answers with, and a few it never does; the rest of the input is the body.
@@ -27,6 +30,8 @@ fuzz_target!(|data: &[u8]| {
             // JSON allows, even escapes serde_json's Value refuses.
             let flags: Flags = serde_json::from_slice(body).expect("a role from JSON flags");
             let expected = match health.role {
+                // A DR secondary's leader answers 472, and only it.
+                Role::Active if flags.replication_dr_mode.as_deref() == Some("secondary") => 472,
                 Role::Active => 200,
                 Role::Standby => {
                     assert!(matches!(status, 429 | 472 | 474));

@@ -124,6 +124,30 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
             "allowedServiceTypes={ClusterIP,LoadBalancer},allowedServiceAnnotations={prometheus.io/*,example.com/team}",
         ],
     ),
+    // What a platform team sets: the image by digest, the PDB as maxUnavailable, slower
+    // probes, no aggregation into the default roles.
+    (
+        "platform",
+        &[
+            "--set",
+            "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "--set",
+            "podDisruptionBudget.maxUnavailable=50%,livenessProbe.periodSeconds=30,readinessProbe.failureThreshold=6",
+            "--set",
+            "rbac.aggregateToDefaultRoles=false",
+        ],
+    ),
+    (
+        "secure-metrics",
+        &["--set", "metrics.secure=true,serviceMonitor.enabled=true"],
+    ),
+    (
+        "secure-metrics-cert",
+        &[
+            "--set",
+            "metrics.secure=true,metrics.certSecret=metrics-tls,serviceMonitor.enabled=true",
+        ],
+    ),
     (
         "openshift",
         &[

@@ -70,7 +70,11 @@ Name of the leader-election Lease, and of the Role that grants access to it.
 The image reference; the tag defaults to the chart's appVersion.
 */}}
 {{- define "vault-registrar.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -5,7 +5,7 @@
 //! simulators create their sockets inside that namespace; the operator reaches them as it
 //! would reach pods. Nothing leaves the machine. Needs root, as CI and sessions here have.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -18,10 +18,25 @@ const POD_LINK: &str = "vrpods-p";
 const HOST_ADDR: &str = "198.18.255.254/16";
 const GATEWAY: &str = "198.18.255.253";
 const POD_RANGE: &str = "198.18.0.0/17";
+/// The IPv6 side of the same network, for IPv6 pods: a unique-local /64 for the pods and
+/// another for the link. Added beside the IPv4 set-up, never instead of it, so a network
+/// other runs are using is extended in place.
+const POD_RANGE_V6: &str = "fd00:198:18::/64";
+const HOST_ADDR_V6: &str = "fd00:198:18:ffff::fe/64";
+const GATEWAY_V6: &str = "fd00:198:18:ffff::fd";
 
 /// Whether an address belongs to the simulated pod range.
 pub fn is_pod_ip(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 198 && v4.octets()[1] == 18 && v4.octets()[2] < 128)
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 198 && v4.octets()[1] == 18 && v4.octets()[2] < 128,
+        IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0x198, 0x18, 0],
+    }
+}
+
+/// The IPv6 pod address with index `n` for this process, in its block (as `pod_ip`).
+pub fn pod_ip6(n: u32) -> Ipv6Addr {
+    ensure_v6().expect("the IPv6 pod network");
+    Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, block() as u16, n as u16 + 1)
 }
 
 /// The pod address with index `n` for this process: in the block of 250 addresses this
@@ -102,6 +117,100 @@ fn set_up() -> anyhow::Result<()> {
         create()?;
     }
     remove_stale_cuts(None)
+}
+
+/// Adds the IPv6 addresses and routes to the network, once; idempotent, so a network another
+/// run set up without them gains them without being rebuilt.
+pub fn ensure_v6() -> anyhow::Result<()> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            ensure().map_err(|e| format!("{e:#}"))?;
+            set_up_v6().map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn set_up_v6() -> anyhow::Result<()> {
+    let host_route = output(&["ip", "-6", "route", "show", POD_RANGE_V6]);
+    if host_route.contains(&format!("via {GATEWAY_V6} dev {HOST_LINK}")) {
+        return Ok(());
+    }
+    let in_ns = |args: &[&str]| -> Vec<String> {
+        ["ip", "netns", "exec", NAMESPACE]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // `nodad`: the addresses are usable at once, not after duplicate address detection.
+    let steps = [
+        svec(&[
+            "ip",
+            "-6",
+            "addr",
+            "replace",
+            HOST_ADDR_V6,
+            "dev",
+            HOST_LINK,
+            "nodad",
+        ]),
+        in_ns(&[
+            "ip",
+            "-6",
+            "addr",
+            "replace",
+            &format!("{GATEWAY_V6}/64"),
+            "dev",
+            POD_LINK,
+            "nodad",
+        ]),
+        in_ns(&[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            "local",
+            POD_RANGE_V6,
+            "dev",
+            "lo",
+        ]),
+        in_ns(&["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"]),
+        svec(&[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            POD_RANGE_V6,
+            "via",
+            GATEWAY_V6,
+            "dev",
+            HOST_LINK,
+        ]),
+    ];
+    for step in steps {
+        run(&step.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+fn svec(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn run(step: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(step[0])
+        .args(&step[1..])
+        .output()
+        .with_context(|| format!("running {step:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{step:?} failed: {} (the simulated pod network needs root and iproute2)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Output of a command, empty when it fails.
@@ -231,16 +340,7 @@ fn create() -> anyhow::Result<()> {
         ],
     ];
     for step in steps {
-        let out = Command::new(step[0])
-            .args(&step[1..])
-            .output()
-            .with_context(|| format!("running {step:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{step:?} failed: {} (the simulated pod network needs root and iproute2)",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        run(step)?;
     }
     Ok(())
 }
@@ -312,16 +412,18 @@ pub fn socket_for(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
             tokio::net::TcpSocket::new_v6()
         };
     }
-    ensure().map_err(std::io::Error::other)?;
-    let fd = std::thread::spawn(|| -> std::io::Result<OwnedFd> {
+    let v4 = addr.is_ipv4();
+    if v4 { ensure() } else { ensure_v6() }.map_err(std::io::Error::other)?;
+    let fd = std::thread::spawn(move || -> std::io::Result<OwnedFd> {
         let ns = std::fs::File::open(format!("/var/run/netns/{NAMESPACE}"))?;
         // SAFETY: setns on this short-lived thread only; socket() returns a new descriptor we own.
         unsafe {
             if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            let family = if v4 { libc::AF_INET } else { libc::AF_INET6 };
             let fd = libc::socket(
-                libc::AF_INET,
+                family,
                 libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 0,
             );

@@ -2,7 +2,8 @@
 //! plane: one Vault process per pod, listening on the pod's IP inside the pod network
 //! namespace (see `netns`), so the operator probes it exactly as it would probe a pod.
 //!
-//! The binary is real Vault built from its Go module by `tests/vault/build.sh`. Every process
+//! The binary is real Vault built from its Go module by `tests/vault/build.sh`, or, in the
+//! OpenBao flavour, OpenBao's official `bao` fetched by `tests/openbao/build.sh`. Every process
 //! is tied to the test process by a parent-death signal and killed on drop, and the data
 //! directories live in a temporary directory removed on drop, so a panicking test leaves
 //! nothing running and nothing on disk.
@@ -27,6 +28,34 @@ const API_PORT: u16 = 8200;
 const CLUSTER_PORT: u16 = 8201;
 /// Long enough for a raft election on a loaded 2-core machine, which takes up to ~6 s.
 const START_LIMIT: Duration = Duration::from_secs(90);
+
+/// The OpenBao release the OpenBao flavour runs; `tests/openbao/build.sh` fetches the same.
+pub const OPENBAO_VERSION: &str = "2.7.2";
+
+/// Which server the raft cluster runs: the same commands, configuration and API, under
+/// another binary and environment prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    Vault,
+    OpenBao,
+}
+
+impl Flavour {
+    fn binary(self) -> Result<PathBuf> {
+        match self {
+            Flavour::Vault => vault_binary(),
+            Flavour::OpenBao => openbao_binary(),
+        }
+    }
+
+    /// The CLI's environment: `VAULT_ADDR`/`VAULT_TOKEN` or `BAO_ADDR`/`BAO_TOKEN`.
+    fn env(self, name: &str) -> String {
+        match self {
+            Flavour::Vault => format!("VAULT_{name}"),
+            Flavour::OpenBao => format!("BAO_{name}"),
+        }
+    }
+}
 
 /// What can go wrong driving real Vault, apart from the Kubernetes side.
 #[derive(Debug, thiserror::Error)]
@@ -71,12 +100,32 @@ pub fn vault_binary() -> Result<PathBuf> {
         return Ok(path.clone());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vault/build.sh");
+    let path = run_build_script(&script)?;
+    Ok(BUILT.get_or_init(|| path).clone())
+}
+
+/// The path of OpenBao's `bao`: `VAULT_REGISTRAR_BAO_BIN` when set, else the cached copy,
+/// fetched first when missing.
+pub fn openbao_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("VAULT_REGISTRAR_BAO_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(path) = FETCHED.get() {
+        return Ok(path.clone());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../openbao/build.sh");
+    let path = run_build_script(&script)?;
+    Ok(FETCHED.get_or_init(|| path).clone())
+}
+
+fn run_build_script(script: &Path) -> Result<PathBuf> {
     let build_error = |detail: String| RealVaultError::Build {
-        script: script.clone(),
+        script: script.to_path_buf(),
         detail,
     };
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| build_error(e.to_string()))?;
@@ -88,7 +137,7 @@ pub fn vault_binary() -> Result<PathBuf> {
     if !path.is_file() {
         return Err(build_error(format!("no binary at {}", path.display())));
     }
-    Ok(BUILT.get_or_init(|| path).clone())
+    Ok(path)
 }
 
 /// One `sys/health` answer: the status code and the JSON body.
@@ -182,6 +231,7 @@ pub struct RaftCluster {
     pub namespace: String,
     prefix: String,
     binary: PathBuf,
+    flavour: Flavour,
     dir: tempfile::TempDir,
     pub nodes: Vec<VaultNode>,
     keys: Option<InitKeys>,
@@ -197,7 +247,18 @@ impl RaftCluster {
         prefix: &str,
         n: usize,
     ) -> anyhow::Result<Self> {
-        let mut cluster = Self::launch(client, namespace, prefix, n).await?;
+        Self::start_flavour(client, namespace, prefix, n, Flavour::Vault).await
+    }
+
+    /// As `start`, with real OpenBao or real Vault.
+    pub async fn start_flavour(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+        flavour: Flavour,
+    ) -> anyhow::Result<Self> {
+        let mut cluster = Self::launch_flavour(client, namespace, prefix, n, flavour).await?;
         cluster.init().await?;
         cluster.unseal(0).await?;
         cluster.wait_code(0, 200, START_LIMIT).await?;
@@ -219,8 +280,18 @@ impl RaftCluster {
         prefix: &str,
         n: usize,
     ) -> anyhow::Result<Self> {
+        Self::launch_flavour(client, namespace, prefix, n, Flavour::Vault).await
+    }
+
+    async fn launch_flavour(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+        flavour: Flavour,
+    ) -> anyhow::Result<Self> {
         crate::netns::ensure()?;
-        let binary = tokio::task::spawn_blocking(vault_binary).await??;
+        let binary = tokio::task::spawn_blocking(move || flavour.binary()).await??;
         let dir = tempfile::Builder::new()
             .prefix("vault-registrar-raft-")
             .tempdir()?;
@@ -229,6 +300,7 @@ impl RaftCluster {
             namespace: namespace.into(),
             prefix: prefix.into(),
             binary,
+            flavour,
             dir,
             nodes: Vec::new(),
             keys: None,
@@ -257,7 +329,7 @@ impl RaftCluster {
         let data = self.dir.path().join(&name);
         std::fs::create_dir_all(&data)?;
         let config = self.dir.path().join(format!("{name}.hcl"));
-        std::fs::write(&config, node_config(&name, ip, &data, peers))?;
+        std::fs::write(&config, node_config(&name, ip, &data, peers, self.flavour))?;
         let labels = BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]);
         let pod = SimPod { name, labels, ip };
         start_pod(&self.client, &self.namespace, &pod).await?;
@@ -505,13 +577,17 @@ impl RaftCluster {
     async fn cli(&self, i: usize, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args)
-            .env("VAULT_ADDR", format!("http://{}:{API_PORT}", self.ip(i)))
+            .env(
+                self.flavour.env("ADDR"),
+                format!("http://{}:{API_PORT}", self.ip(i)),
+            )
             // The CLI keeps a token file under HOME; this keeps it out of the real one.
             .env("HOME", self.dir.path())
             .env_remove("VAULT_TOKEN")
+            .env_remove("BAO_TOKEN")
             .stdin(Stdio::null());
         if let Some(keys) = &self.keys {
-            cmd.env("VAULT_TOKEN", &keys.root_token);
+            cmd.env(self.flavour.env("TOKEN"), &keys.root_token);
         }
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
@@ -559,17 +635,27 @@ fn voters(list_peers: &str) -> usize {
 /// seconds instead of tens of seconds after the active node dies, which keeps tests short;
 /// `disable_mlock` because the tests run without the memory-lock capability being granted
 /// per process; plain HTTP because the operator's TLS is tested against the simulator.
-fn node_config(name: &str, ip: Ipv4Addr, data: &Path, peers: &[Ipv4Addr]) -> String {
+/// OpenBao has no memory locking to disable and warns about the key.
+fn node_config(
+    name: &str,
+    ip: Ipv4Addr,
+    data: &Path,
+    peers: &[Ipv4Addr],
+    flavour: Flavour,
+) -> String {
     let joins: String = peers
         .iter()
         .map(|p| {
             format!("  retry_join {{\n    leader_api_addr = \"http://{p}:{API_PORT}\"\n  }}\n")
         })
         .collect();
+    let mlock = match flavour {
+        Flavour::Vault => "disable_mlock = true\n",
+        Flavour::OpenBao => "",
+    };
     format!(
         r#"ui = false
-disable_mlock = true
-log_level = "info"
+{mlock}log_level = "info"
 cluster_name = "vault-registrar-test"
 api_addr = "http://{ip}:{API_PORT}"
 cluster_addr = "https://{ip}:{CLUSTER_PORT}"
@@ -696,7 +782,7 @@ mod tests {
     fn config_joins_every_peer_but_itself() {
         let ip = Ipv4Addr::new(198, 18, 0, 1);
         let peers = [Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 3)];
-        let text = node_config("vault-0", ip, Path::new("/d"), &peers);
+        let text = node_config("vault-0", ip, Path::new("/d"), &peers, Flavour::Vault);
         assert_eq!(text.matches("retry_join").count(), 2);
         assert!(text.contains("leader_api_addr = \"http://198.18.0.2:8200\""));
         assert!(!text.contains("http://198.18.0.1:8200\"\n  }"));

@@ -44,7 +44,10 @@ pub enum Role {
     Removed,
     /// A standby whose request-forwarding heartbeat to the active node fails (Vault 1.19+).
     HaUnhealthyStandby,
+    /// The HA leader of a DR secondary cluster (Enterprise): 472, `standby: false`.
     DrSecondary,
+    /// A standby of a DR secondary cluster: 472 too, `standby: true`.
+    DrSecondaryStandby,
 }
 
 /// How the node's HTTP listener behaves, independent of its role.
@@ -232,11 +235,7 @@ struct Inner {
 
 impl Inner {
     fn new(addr: SocketAddr, tls: Option<TlsAcceptor>, state: SimState) -> Self {
-        let active_since = if state.role == Role::Active {
-            unix_now()
-        } else {
-            0
-        };
+        let active_since = if leads(state.role) { unix_now() } else { 0 };
         Inner {
             addr,
             tls,
@@ -254,10 +253,15 @@ impl Inner {
     }
 
     fn note_role(&self, next: Role) {
-        if next == Role::Active && self.state.borrow().role != Role::Active {
+        if leads(next) && !leads(self.state.borrow().role) {
             self.active_since.store(unix_now(), Ordering::SeqCst);
         }
     }
+}
+
+/// Whether the role holds its cluster's HA lock (a DR secondary has a leader too).
+fn leads(role: Role) -> bool {
+    matches!(role, Role::Active | Role::DrSecondary)
 }
 
 /// A bound listener and the task accepting on it.
@@ -514,6 +518,10 @@ impl Facts {
                 dr_secondary: true,
                 ..Facts::default()
             },
+            Role::DrSecondaryStandby => Facts {
+                dr_secondary: true,
+                ..standby
+            },
             Role::Sealed => Facts {
                 initialized: true,
                 sealed: true,
@@ -537,7 +545,11 @@ impl Facts {
 /// standby.
 fn flavour_role(state: &SimState) -> Role {
     match state.role {
-        Role::PerfStandby | Role::HaUnhealthyStandby | Role::Removed | Role::DrSecondary
+        Role::PerfStandby
+        | Role::HaUnhealthyStandby
+        | Role::Removed
+        | Role::DrSecondary
+        | Role::DrSecondaryStandby
             if state.openbao =>
         {
             Role::Standby
@@ -664,7 +676,8 @@ struct HealthBody {
     echo_duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_skew_ms: Option<i64>,
-    replication_primary_canary_age_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication_primary_canary_age_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     removed_from_cluster: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -704,7 +717,7 @@ impl HealthBody {
             cluster_id: id,
             echo_duration_ms: Some(0),
             clock_skew_ms: Some(0),
-            replication_primary_canary_age_ms: 0,
+            replication_primary_canary_age_ms: Some(0),
             removed_from_cluster: Some(f.removed),
             ha_connection_healthy: f.ha_healthy,
             // Figures of the kind Vault 1.21 reports: a heartbeat about a second old while
@@ -716,9 +729,17 @@ impl HealthBody {
         if state.openbao { body.openbao() } else { body }
     }
 
-    /// OpenBao forked before performance standbys went open source and before 1.16.
+    /// OpenBao forked before performance standbys went open source and before 1.16; real
+    /// OpenBao 2.7.2 reports its unsealed nodes' performance replication mode as "primary"
+    /// (`tests/testkit/openbao-2.7.2-health.json`).
     fn openbao(self) -> Self {
+        let performance_mode = match self.replication_performance_mode {
+            "disabled" => "primary",
+            other => other,
+        };
         HealthBody {
+            replication_performance_mode: performance_mode,
+            replication_primary_canary_age_ms: None,
             performance_standby: None,
             enterprise: None,
             echo_duration_ms: None,
@@ -770,7 +791,7 @@ fn leader_reply(inner: &Inner, state: &SimState) -> Reply {
     if !facts.unsealed() {
         return Reply::errors(503, &["Vault is sealed".to_owned()]);
     }
-    let is_self = flavour_role(state) == Role::Active;
+    let is_self = leads(flavour_role(state));
     let (leader_address, leader_cluster_address) = if is_self {
         (inner.url(), cluster_url(inner.addr))
     } else {
@@ -979,6 +1000,7 @@ mod tests {
             (Role::Removed, 530),
             (Role::HaUnhealthyStandby, 474),
             (Role::DrSecondary, 472),
+            (Role::DrSecondaryStandby, 472),
         ];
         for (role, code) in expected {
             let resp = health_of(SimState::new(role), "").await;
@@ -1065,8 +1087,11 @@ mod tests {
                 "{role:?}"
             );
         }
-        let dr = health_of(SimState::new(Role::DrSecondary), "").await.json();
-        assert_eq!(dr["replication_dr_mode"], "secondary");
+        for (role, standby) in [(Role::DrSecondary, false), (Role::DrSecondaryStandby, true)] {
+            let dr = health_of(SimState::new(role), "").await.json();
+            assert_eq!(dr["replication_dr_mode"], "secondary", "{role:?}");
+            assert_eq!(dr["standby"], standby, "{role:?}");
+        }
     }
 
     #[tokio::test]
@@ -1155,6 +1180,34 @@ mod tests {
         assert_eq!(body["version"], "");
         let state = SimState::new(Role::Active).with_version("1.15.2+ent");
         assert_eq!(health_of(state, "").await.json()["version"], "1.15.2+ent");
+    }
+
+    /// The OpenBao flavour answers what real OpenBao 2.7.2 was seen to answer: the same
+    /// code and the same fields with the same values, but for the varying ones.
+    #[tokio::test]
+    async fn openbao_flavour_answers_as_real_openbao_did() {
+        let observed: Value = serde_json::from_str(include_str!("../openbao-2.7.2-health.json"))
+            .expect("the recorded answers");
+        let cases = [
+            ("active", Role::Active),
+            ("standby", Role::Standby),
+            ("sealed", Role::Sealed),
+            ("uninitialized", Role::Uninitialized),
+        ];
+        for (state, role) in cases {
+            let want = &observed["answers"][state];
+            let sim = SimState::new(role)
+                .with_openbao(true)
+                .with_version("2.7.2")
+                .with_cluster_name("vault-registrar-test");
+            let resp = health_of(sim, "").await;
+            assert_eq!(i64::from(resp.status), want["code"], "{state}");
+            let mut body = resp.json();
+            let fields = body.as_object_mut().unwrap();
+            fields.remove("server_time_utc");
+            fields.remove("cluster_id");
+            assert_eq!(&body, &want["body"], "{state}");
+        }
     }
 
     #[tokio::test]
