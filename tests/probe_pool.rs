@@ -1,7 +1,7 @@
-//! The probe connection pool against real servers on loopback (and one cut path on the pod
-//! network, for the connect timeout): a kept connection the server
+//! The probe connection pool against real servers on loopback: a kept connection the server
 //! broke is replaced without a failure, kept connections expire so the pool follows the pods
-//! still probed, and probe sockets carry TCP keepalive.
+//! still probed, and probe sockets carry TCP keepalive; and, over a cut path on the pod
+//! network, a connect that is never answered gives up before the probe's timeout.
 //!
 //! The servers speak just enough HTTP/1.1 by hand to break a connection at a chosen moment
 //! (after reading a request, with a reset or a FIN), which a full server does not offer.
