@@ -6,10 +6,11 @@ VAULT_BIN = $(shell tests/vault/build.sh)
 BAO_BIN = $(shell tests/openbao/build.sh)
 PROMTOOL = $(shell tests/promtool/build.sh)
 OLDEST_K8S_DIR = $(shell tests/controlplane/oldest/build.sh)
+RELEASE_DIR = $(shell tests/release/build.sh)
 # One test thread per core: the elapsed-time bounds assume the tests do not starve each other.
 TEST_THREADS ?= $(shell nproc)
 
-.PHONY: all build binaries oldest-k8s vault openbao promtool testkit-bins test unit e2e demo demo-raft bench bench-scale bench-smoke crds lint check-tools fuzz
+.PHONY: all build binaries oldest-k8s previous-release vault openbao promtool testkit-bins test unit e2e demo demo-raft bench bench-scale bench-smoke crds lint check-tools fuzz
 
 all: build
 
@@ -49,6 +50,13 @@ promtool: check-tools
 oldest-k8s: check-tools
 	@tests/controlplane/oldest/build.sh >/dev/null
 
+## The operator and chart of the previous release (git tag v0.1.0), for the upgrade test
+## (tests/release_upgrade.rs): built once from `git archive` of the tag into a scratch
+## directory, cached by commit. Cold: about 6 minutes on 2 cores (375 s CPU, 1 GB peak
+## memory). Fails, saying why, when the clone lacks the tag or its commit.
+previous-release:
+	@tests/release/build.sh >/dev/null
+
 build:
 	$(CARGO) build --workspace --all-targets
 
@@ -63,14 +71,15 @@ TESTKIT_BIN_DIR = $(CURDIR)/target/debug
 ## Every test: unit tests, CRD drift, smoke tests of the control plane, end-to-end tests,
 ## the chart on a real node (tests/node.rs), the chart's alerts (promtool); then the
 ## compatibility pass: what talks to the API server (the smoke, end-to-end, chart and chart
-## upgrade tests) again against the oldest Kubernetes release the chart admits; then a
-## bounded fuzz run of each parser (replaying every saved regression first).
+## upgrade tests, the upgrade from the previous release) again against the oldest Kubernetes
+## release the chart admits; then a bounded fuzz run of each parser (replaying every saved
+## regression first).
 FUZZ_TEST_SECONDS ?= 20
-COMPAT_TESTS = --test smoke --test e2e --test ship --test admission --test chart_upgrade
-test: binaries oldest-k8s vault openbao promtool testkit-bins
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BAO_BIN="$(BAO_BIN)" VAULT_REGISTRAR_PROMTOOL="$(PROMTOOL)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" \
+COMPAT_TESTS = --test smoke --test e2e --test ship --test admission --test chart_upgrade --test release_upgrade
+test: binaries oldest-k8s previous-release vault openbao promtool testkit-bins
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BAO_BIN="$(BAO_BIN)" VAULT_REGISTRAR_PROMTOOL="$(PROMTOOL)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" VAULT_REGISTRAR_RELEASE_DIR="$(RELEASE_DIR)" \
 		$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_KUBE_DIR="$(OLDEST_K8S_DIR)" \
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_KUBE_DIR="$(OLDEST_K8S_DIR)" VAULT_REGISTRAR_RELEASE_DIR="$(RELEASE_DIR)" \
 		$(CARGO) test $(COMPAT_TESTS) -- --test-threads=$(TEST_THREADS)
 	$(MAKE) --no-print-directory bench-smoke
 	fuzz/run.sh $(FUZZ_TEST_SECONDS)
@@ -109,16 +118,23 @@ demo-raft: binaries vault
 ## Failover latency (simulator; real Vault beside it), steady-state writes, printed.
 bench: binaries vault
 	$(CARGO) build --release --bin vault-registrar
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
-		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench
+	@mkdir -p bench
+	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench; } | tee bench/failover.txt
+
+## The first line of a figures file: what was measured, on which commit, when, on how many
+## cores. README's figures are copied from these files (bench/), regenerated with any change
+## that moves them.
+FIGURES_HEADER = echo "\# $@ $(if $(filter bench-scale,$@),N=$(N) U=$(U) ,)at $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- src tests || echo +changes), $$(date -u +%Y-%m-%dT%H:%MZ), $$(nproc) cores"
 
 ## N VaultClusters x 3 pods beside U other pods, one operator replica: figures printed.
 N ?= 1000
 U ?= 10000
 bench-scale: binaries
 	$(CARGO) build --release --bin vault-registrar
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
-		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U)
+	@mkdir -p bench
+	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U); } | tee bench/scale-N$(N)-U$(U).txt
 
 ## Regenerate crds/, the chart's CRD template and kustomize's copy from the Rust types.
 crds:

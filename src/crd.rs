@@ -267,6 +267,26 @@ pub struct TlsSpec {
     /// Skip certificate verification. Only for tests: anyone on the path can then answer.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+
+    /// Secret in this namespace (kubernetes.io/tls: tls.crt and tls.key) with the client
+    /// certificate the probe presents, for listeners with tls_require_and_verify_client_cert.
+    /// Same rules as caSecretRef: readable only in the namespaces the chart lists in
+    /// tls.secretNamespaces. Read again at most 5 minutes after a change, and at once when
+    /// every probe fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the VaultCluster's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
 }
 
 /// A key of a ConfigMap or Secret in the VaultCluster's namespace.

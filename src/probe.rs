@@ -190,13 +190,14 @@ impl Prober {
                 Err(Attempt::Failed(failure)) => return Err(failure),
             }
         }
-        let sender = connect(target).await?;
+        let (sender, ended) = connect(target).await?;
         match request(sender, target).await {
             Ok((answer, sender)) => {
                 self.pool.put(key, sender);
                 Ok(answer)
             }
-            Err(Attempt::Broken(failure) | Attempt::Failed(failure)) => Err(failure),
+            Err(Attempt::Broken(failure)) => Err(with_cause(failure, ended).await),
+            Err(Attempt::Failed(failure)) => Err(failure),
         }
     }
 
@@ -206,8 +207,24 @@ impl Prober {
     }
 }
 
+/// Why a connection's driver ended, when it ended with an error.
+type Ended = tokio::sync::oneshot::Receiver<String>;
+
+/// A fresh connection closed before its answer: the request sees only that, the driver saw
+/// why (a TLS alert the listener sent after the handshake, as TLS 1.3 listeners that require
+/// a client certificate do).
+async fn with_cause(failure: Failure, ended: Ended) -> Failure {
+    match tokio::time::timeout(Duration::from_millis(100), ended).await {
+        Ok(Ok(cause)) if !failure.message.contains(&cause) => hinted(Failure::new(
+            failure.kind,
+            format!("{}: {cause}", failure.message),
+        )),
+        _ => failure,
+    }
+}
+
 /// A new connection, TLS included, ready to send on. Its driver runs until it closes.
-async fn connect(target: &Target) -> Result<Sender, Failure> {
+async fn connect(target: &Target) -> Result<(Sender, Ended), Failure> {
     let within = connect_timeout(target.timeout);
     let tcp = tokio::time::timeout(within, TcpStream::connect((target.ip, target.port)))
         .await
@@ -228,21 +245,26 @@ async fn connect(target: &Target) -> Result<Sender, Failure> {
             let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name.clone(), tcp)
                 .await
-                .map_err(|e| io_failure("tls", e))?;
+                .map_err(|e| hinted(io_failure("tls", e)))?;
             handshake(tls).await
         }
     }
 }
 
-async fn handshake<S>(stream: S) -> Result<Sender, Failure>
+async fn handshake<S>(stream: S) -> Result<(Sender, Ended), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| Failure::new(FailureKind::Transport, format!("http: {e}")))?;
-    tokio::spawn(connection);
-    Ok(sender)
+    let (tell, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            let _ = tell.send(error_chain(&e));
+        }
+    });
+    Ok((sender, ended))
 }
 
 /// Why a request on a connection got no answer.
@@ -302,7 +324,11 @@ async fn request(mut sender: Sender, target: &Target) -> Result<((u16, Bytes), S
         }
         Err(e) => {
             let broke = connection_broke(&e);
-            let failure = Failure::new(FailureKind::Transport, format!("http: {e}"));
+            // hyper's Display stops at its own layer; the TLS alert is in the source chain.
+            let failure = hinted(Failure::new(
+                FailureKind::Transport,
+                format!("http: {}", error_chain(&e)),
+            ));
             return Err(if broke {
                 Attempt::Broken(failure)
             } else {
@@ -331,21 +357,22 @@ fn body_failure(status: u16, error: &(dyn std::error::Error + 'static)) -> Attem
     }
 }
 
-/// TLS client settings for a cluster: its CA bundle, or the built-in trust roots, or no
-/// verification at all when the user asked for that.
+/// TLS client settings for a cluster: its CA bundle, or no verification at all when the
+/// user asked for that; with a client certificate (PEM certificates and key) when the
+/// listener requires one.
 pub fn tls_config(
     ca_pem: Option<&[u8]>,
     insecure: bool,
+    client_pem: Option<&[u8]>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let config = if insecure {
+    let builder = if insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_no_client_auth()
     } else {
         let mut roots = rustls::RootCertStore::empty();
         match ca_pem {
@@ -368,9 +395,77 @@ pub fn tls_config(
                 );
             }
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    let config = match client_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let (certs, key) = client_identity(pem)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate and key do not match: {e}"))?
+        }
     };
     Ok(Arc::new(config))
+}
+
+type ClientIdentity = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The certificates and the private key of a client identity, both PEM in one bundle.
+fn client_identity(pem: &[u8]) -> Result<ClientIdentity, String> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("client certificate is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no client certificate in tls.crt".into());
+    }
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("no private key in tls.key: {e}"))?;
+    Ok((certs, key))
+}
+
+/// The failure with the spec setting its TLS alert points at, put first so that bounding
+/// the message keeps it.
+fn hinted(failure: Failure) -> Failure {
+    match tls_hint(&failure.message) {
+        Some(hint) if !failure.message.starts_with(hint) => {
+            Failure::new(failure.kind, format!("{hint}: {}", failure.message))
+        }
+        _ => failure,
+    }
+}
+
+/// An error and its causes, "outer: inner: ...".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// What a TLS alert from the listener means for the spec: a refused or missing client
+/// certificate is named after the setting that provides it.
+pub fn tls_hint(message: &str) -> Option<&'static str> {
+    if message.contains("CertificateRequired") {
+        Some("the listener requires a client certificate: set spec.health.tls.clientCertSecretRef")
+    } else if message.contains("BadCertificate")
+        || message.contains("UnknownCA")
+        || message.contains("CertificateExpired")
+        || message.contains("CertificateUnknown")
+    {
+        Some("the listener refused the client certificate of spec.health.tls.clientCertSecretRef")
+    } else {
+        None
+    }
 }
 
 /// Accepts any certificate: only for `insecureSkipVerify`.
@@ -588,9 +683,11 @@ mod tests {
 
     #[test]
     fn tls_config_needs_a_usable_ca() {
-        assert!(tls_config(Some(b"not pem"), false).is_err());
-        assert!(tls_config(None, false).is_err());
-        assert!(tls_config(None, true).is_ok());
+        assert!(tls_config(Some(b"not pem"), false, None).is_err());
+        assert!(tls_config(None, false, None).is_err());
+        assert!(tls_config(None, true, None).is_ok());
+        let missing_key = tls_config(None, true, Some(b"not pem")).unwrap_err();
+        assert!(missing_key.contains("client certificate"), "{missing_key}");
     }
 }
 

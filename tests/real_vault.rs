@@ -341,3 +341,94 @@ async fn real_vault_uninitialized_and_removed_nodes_leave_the_services() -> anyh
     rig.pod_labels_are(u, "false", "false", "true").await?;
     Ok(())
 }
+
+/// Listeners with `tls_require_and_verify_client_cert = true`, where Vault's own health
+/// checks break: without `clientCertSecretRef` every probe fails with an error that names the
+/// setting and no pod is labelled; with it, the labels follow a step-down.
+#[tokio::test]
+async fn real_vault_listeners_requiring_client_certificates() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Patch, PatchParams};
+
+    let turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let ns = "rv-mtls".to_string();
+    let client = namespace(&ns).await?;
+    let vault = RaftCluster::start_mutual_tls(&client, &ns, "vault", 3).await?;
+    let tls = vault.tls.as_ref().expect("mutual TLS");
+    let objects: Vec<serde_json::Value> = vec![
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "vault-ca"},
+            "data": {"ca.crt": tls.ca_pem}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-probe"},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": tls.client.cert, "tls.key": tls.client.key}}),
+    ];
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(objects[0].clone())?,
+    )
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(objects[1].clone())?,
+        )
+        .await?;
+    let op = operator(&ns, None, &[])?;
+    let yaml = "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {name: vault}\nspec:\n  selector: {matchLabels: {app.kubernetes.io/name: vault}}\n  health: {scheme: https, interval: 1s, timeout: 800ms, failureThreshold: 2, tls: {caConfigMapRef: {name: vault-ca}}}\n";
+    let vc: VaultCluster = serde_yaml::from_str(yaml)?;
+    let clusters = Api::<VaultCluster>::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &vc).await?;
+    let rig = Rig {
+        _turn: turn,
+        client: client.clone(),
+        ns: ns.clone(),
+        vault,
+        _operator: op,
+    };
+
+    // Without the certificate: the listener refuses the probe, the error names the setting.
+    let a = rig.vault.wait_active(LIMIT).await?;
+    let pod = rig.vault.pod_name(a).to_string();
+    let error = wait::until(
+        "a probe error naming clientCertSecretRef",
+        LIMIT,
+        || async {
+            let status = clusters.get("vault").await?.status.unwrap_or_default();
+            let error = status
+                .members
+                .into_iter()
+                .find(|m| m.name == pod)
+                .map(|m| m.last_probe_error)
+                .unwrap_or_default();
+            Ok(error.contains("clientCertSecretRef").then_some(error))
+        },
+    )
+    .await?;
+    eprintln!("probe without a client certificate: {error}");
+    for i in 0..3 {
+        let labels = rig.vault.labels(i).await?;
+        assert!(
+            !labels.contains_key("vault-active"),
+            "vault-{i}: {labels:?}"
+        );
+    }
+
+    // With it: labelled and routed, and a step-down is followed.
+    let patch = serde_json::json!({"spec": {"health": {"tls": {"clientCertSecretRef": {"name": "vault-probe"}}}}});
+    clusters
+        .patch("vault", &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    if let Err(e) = rig.routed(a, &others(3, &[a])).await {
+        let status = clusters.get("vault").await?.status.unwrap_or_default();
+        anyhow::bail!(
+            "{e}: conditions {:?}, members {:?}",
+            status.conditions,
+            status.members
+        );
+    }
+    rig.vault.step_down(a).await?;
+    let b = new_active(&rig.vault, a).await?;
+    rig.routed(b, &others(3, &[b])).await
+}

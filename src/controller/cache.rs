@@ -31,7 +31,7 @@ use kube::runtime::watcher;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::settings::CaSource;
+use super::settings::{CaKind, CaSource};
 use crate::crd::VaultCluster;
 use crate::index::{ClusterIndex, LabelledIndex, PodIndex, SlimPod};
 
@@ -98,6 +98,9 @@ struct CaEntry {
 
 /// A CA bundle older than this is read again when every probe failed its TLS handshake.
 const CA_RETRY: Duration = Duration::from_secs(30);
+/// A client certificate is read again this often: it is renewed (cert-manager, Vault PKI)
+/// well before it expires, and the listener refuses the old one only once it has.
+const CLIENT_CERT_AGE: Duration = Duration::from_secs(300);
 
 impl Caches {
     /// Starts a new term of leadership: forgets every object, sync mark and CA bundle of
@@ -180,7 +183,8 @@ impl Caches {
         let cache = self.ca.lock().unwrap();
         let entry = cache.get(key)?;
         let stale = entry.seen.get(uid) != Some(&generation)
-            || (tls_failing && entry.read.elapsed() >= CA_RETRY);
+            || (tls_failing && entry.read.elapsed() >= CA_RETRY)
+            || (key.1.kind == CaKind::ClientCert && entry.read.elapsed() >= CLIENT_CERT_AGE);
         (!stale).then(|| (entry.pem.clone(), entry.problem.clone()))
     }
 

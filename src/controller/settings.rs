@@ -59,7 +59,7 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
             let tls = h.tls.clone().unwrap_or_default();
             check_server_name(&tls.server_name).map_err(spec)?;
             let source = CaSource::of(&tls);
-            let ca = match &source {
+            let bundle = match &source {
                 Some(source) => {
                     let (pem, problem) = ca(vc, ctx, source).await?;
                     warning = problem;
@@ -67,19 +67,41 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
                 }
                 None => None,
             };
-            let config = tls_config(ca.as_deref(), tls.insecure_skip_verify).map_err(|e| {
-                spec(match source.as_ref().filter(|s| s.kind == CaKind::Secret) {
+            let client_source = CaSource::client(&tls);
+            let client = match &client_source {
+                Some(source) => {
+                    let (pem, problem) = ca(vc, ctx, source).await?;
+                    warning = warning.or(problem);
+                    Some(pem)
+                }
+                None => None,
+            };
+            let config = tls_config(
+                bundle.as_deref(),
+                tls.insecure_skip_verify,
+                client.as_deref(),
+            )
+            .map_err(|e| {
+                let secret = match (&client_source, &source) {
+                    (Some(client), _) if e.contains("client") || e.contains("key") => Some(client),
+                    (_, Some(ca)) if ca.kind == CaKind::Secret => Some(ca),
+                    _ => None,
+                };
+                spec(match secret {
                     Some(secret) => secret_unusable(secret),
                     None => format!("spec.health.tls: {e}"),
                 })
             })?;
-            let pem = String::from_utf8_lossy(ca.as_deref().unwrap_or_default());
+            let pem = String::from_utf8_lossy(bundle.as_deref().unwrap_or_default());
+            let client_pem = String::from_utf8_lossy(client.as_deref().unwrap_or_default());
             let insecure = if tls.insecure_skip_verify {
                 "insecure"
             } else {
                 "verify"
             };
-            let id = crate::rhythm::signature([pem.as_ref(), insecure].into_iter());
+            // A new bundle or client certificate makes new connections; old ones are not reused.
+            let id =
+                crate::rhythm::signature([pem.as_ref(), client_pem.as_ref(), insecure].into_iter());
             Some((config, id, tls.server_name))
         }
     };
@@ -107,6 +129,9 @@ pub struct CaSource {
 pub enum CaKind {
     ConfigMap,
     Secret,
+    /// A kubernetes.io/tls Secret: the probe's client certificate and key, read as one PEM
+    /// bundle (tls.crt then tls.key).
+    ClientCert,
 }
 
 impl CaSource {
@@ -123,18 +148,28 @@ impl CaSource {
         })
     }
 
+    /// Where the client certificate lives, when the listener asks for one.
+    fn client(tls: &TlsSpec) -> Option<Self> {
+        tls.client_cert_secret_ref.as_ref().map(|r| Self {
+            kind: CaKind::ClientCert,
+            name: r.name.clone(),
+            key: "tls.crt".into(),
+        })
+    }
+
     /// The spec field that names it, for messages.
     fn field(&self) -> &'static str {
         match self.kind {
             CaKind::ConfigMap => "spec.health.tls.caConfigMapRef",
             CaKind::Secret => "spec.health.tls.caSecretRef",
+            CaKind::ClientCert => "spec.health.tls.clientCertSecretRef",
         }
     }
 
     fn kind_name(&self) -> &'static str {
         match self.kind {
             CaKind::ConfigMap => "ConfigMap",
-            CaKind::Secret => "Secret",
+            CaKind::Secret | CaKind::ClientCert => "Secret",
         }
     }
 }
@@ -171,7 +206,7 @@ async fn ca(
                 Ok((pem, None))
             }
             None if forbidden(&error) => Err(Unusable::Spec(match source.kind {
-                CaKind::Secret => secret_unusable(source),
+                CaKind::Secret | CaKind::ClientCert => secret_unusable(source),
                 CaKind::ConfigMap => format!(
                     "{}: {error}; the operator needs get on configmaps",
                     source.field()
@@ -196,6 +231,15 @@ async fn ca(
 /// the key, holding no certificate, or one the operator may not read): the VaultCluster's
 /// author learns nothing of Secrets they may not read themselves.
 fn secret_unusable(source: &CaSource) -> String {
+    if source.kind == CaKind::ClientCert {
+        return format!(
+            "spec.health.tls.clientCertSecretRef: Secret {} gives no client certificate and key \
+             the operator can use (missing, without tls.crt or tls.key, not PEM, or forbidden \
+             to it): list the namespace in the chart's tls.secretNamespaces (and the name in \
+             tls.secretNames when set)",
+            source.name
+        );
+    }
     format!(
         "spec.health.tls.caSecretRef: Secret {} key {} gives no CA bundle the operator can use \
          (missing, without the key or a certificate, or forbidden to it): use caConfigMapRef, \
@@ -260,6 +304,17 @@ async fn read_ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<
                         .and_then(|d| d.get(&source.key).map(|b| b.0.clone()))
                 })
         }
+        CaKind::ClientCert => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            api.get_opt(&source.name)
+                .await
+                .map_err(api_error)?
+                .map(|secret| {
+                    let data = secret.data.unwrap_or_default();
+                    let (cert, key) = (data.get("tls.crt")?, data.get("tls.key")?);
+                    Some([cert.0.as_slice(), b"\n", key.0.as_slice()].concat())
+                })
+        }
     };
     let (field, kind, name, key) = (
         source.field(),
@@ -269,7 +324,7 @@ async fn read_ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<
     );
     match data {
         Some(Some(pem)) => Ok(pem),
-        _ if source.kind == CaKind::Secret => Err(Unusable::Spec(secret_unusable(source))),
+        _ if source.kind != CaKind::ConfigMap => Err(Unusable::Spec(secret_unusable(source))),
         None => Err(Unusable::Spec(format!("{field}: {kind} {name} not found"))),
         Some(None) => Err(Unusable::Spec(format!(
             "{field}: {kind} {name} has no key {key}"

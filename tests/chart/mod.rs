@@ -44,6 +44,21 @@ pub async fn converged(client: &kube::Client, vault: &SimCluster, ns: &str) -> a
     Ok(())
 }
 
+/// The args of the first container of a Deployment as the API server holds it: what the
+/// chart rendered, for running the operator as its pod would.
+pub async fn deployed_args(ns: &str, deployment: &str) -> anyhow::Result<Vec<String>> {
+    let args = kubectl(&[
+        "get",
+        &format!("deployment/{deployment}"),
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])
+    .await?;
+    Ok(serde_json::from_str(&args)?)
+}
+
 pub fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vault-registrar")
 }
@@ -86,7 +101,7 @@ pub const VALUE_SETS: &[(&str, &[&str])] = &[
         "shared-crd-namespaced",
         &[
             "--set",
-            "crds.enabled=false,watchNamespaces={ship-ns-a}",
+            "crds.enabled=false,watchNamespaces={ship-ns-a,ship-ns-b}",
             "--set",
             SHARED_PLANE,
         ],

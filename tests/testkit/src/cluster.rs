@@ -224,6 +224,46 @@ impl Operator {
         })
     }
 
+    /// The operator as a Deployment's container runs it: exactly the container's `args`
+    /// (`run` included, as the API server holds them), with the pod's `POD_NAME` and
+    /// `POD_NAMESPACE`. What a pod has and a process beside others does not is given here:
+    /// a kubeconfig instead of the in-cluster one, and any free loopback port for the
+    /// listening addresses (each pod has its own network namespace; these processes share
+    /// the host's).
+    pub fn start_deployed(
+        bin: &Path,
+        kubeconfig: &Path,
+        args: &[String],
+        pod: (&str, &str),
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        const LISTENERS: [&str; 3] = [
+            "--metrics-bind-address=",
+            "--health-probe-bind-address=",
+            "--metrics-addr=",
+        ];
+        let file = std::fs::File::create(log)?;
+        let mut cmd = Command::new(bin);
+        for arg in args {
+            match LISTENERS.iter().find(|l| arg.starts_with(*l)) {
+                Some(flag) => cmd.arg(format!("{flag}127.0.0.1:0")),
+                None => cmd.arg(arg),
+            };
+        }
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .env("POD_NAME", pod.0)
+            .env("POD_NAMESPACE", pod.1)
+            .env("RUST_LOG", "info,kube=warn")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        Ok(Self {
+            child: spawn_tied_to_process(cmd)?,
+            log: log.to_path_buf(),
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

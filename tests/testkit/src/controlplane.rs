@@ -455,6 +455,31 @@ impl ControlPlane {
             .expect("reading the audit log")
     }
 
+    /// Requests by `user` that the API server refused as forbidden (403), any verb, as the
+    /// request's verb and the refusal's message: the message names the verb authorization
+    /// checked, which for a server-side apply that would create the object is `create`, not
+    /// the request's `patch`.
+    pub fn refusals_by(&self, user: &str) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user)
+            .filter(|e| e["responseStatus"]["code"] == 403)
+            .map(|e| {
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                (text(&e["verb"]), text(&e["responseStatus"]["message"]))
+            })
+            .collect()
+    }
+
+    /// `refusals_by`, read off the async runtime.
+    pub async fn refusals_by_async(&'static self, user: &str) -> Vec<(String, String)> {
+        let user = user.to_string();
+        tokio::task::spawn_blocking(move || self.refusals_by(&user))
+            .await
+            .expect("reading the audit log")
+    }
+
     /// `timed_writes_by`, read off the async runtime.
     pub async fn timed_writes_by_async(
         &'static self,
@@ -623,8 +648,10 @@ impl PkiFiles {
     }
 }
 
-/// Records who wrote what, so tests can prove which process sent writes.
-const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection, get, list]\n- level: None\n";
+/// Records who wrote what, so tests can prove which process sent writes; and the watches
+/// of ServiceAccounts (the operators under test), so that a refused watch shows too
+/// (tests/ship.rs proves each verb the chart grants is needed by its 403).
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection, get, list]\n- level: Metadata\n  verbs: [watch]\n  userGroups: [system:serviceaccounts]\n- level: None\n";
 
 /// The verbs of the audit log that change something.
 const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];

@@ -156,22 +156,115 @@ impl HealthAnswer {
 /// Asks `sys/health` at `ip:8200` once, within `timeout`. Plain HTTP/1.1 over a fresh
 /// connection, as a probe does, so that nothing pooled hides a dead node.
 pub async fn health_at(ip: Ipv4Addr, timeout: Duration) -> Result<HealthAnswer> {
+    health_over(ip, timeout, None).await
+}
+
+/// As `health_at`, over TLS when given a connector (with the client certificate a listener
+/// that requires one asks for).
+async fn health_over(
+    ip: Ipv4Addr,
+    timeout: Duration,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<HealthAnswer> {
     let addr = SocketAddr::new(ip.into(), API_PORT);
     let failed = |detail: String| RealVaultError::Health { addr, detail };
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request =
-            format!("GET /v1/sys/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        std::io::Result::Ok(raw)
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        match tls {
+            None => ask_health(tcp, addr).await,
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+                ask_health(connector.connect(name, tcp).await?, addr).await
+            }
+        }
     };
     let raw = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| failed(format!("no answer within {timeout:?}")))?
         .map_err(|e| failed(e.to_string()))?;
     parse_health(&raw).map_err(failed)
+}
+
+async fn ask_health<S>(mut stream: S, addr: SocketAddr) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request =
+        format!("GET /v1/sys/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    // A TLS peer that closes without close_notify ends the read with an error after the
+    // whole answer; what was read is the answer.
+    match stream.read_to_end(&mut raw).await {
+        Ok(_) => Ok(raw),
+        Err(_) if !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e),
+    }
+}
+
+/// Mutual TLS on every node's listener, as `tls_require_and_verify_client_cert = true`
+/// sets it up: a CA of the test's own signs each node's serving certificate (for its IP) and
+/// one client certificate, which the nodes' joins, the CLI and the test's health checks
+/// present.
+pub struct MutualTls {
+    authority: crate::certs::Authority,
+    pub ca_pem: String,
+    /// The client certificate and key that the listeners accept.
+    pub client: crate::certs::Pem,
+    ca_file: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl MutualTls {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let authority = crate::certs::Authority::new("vault-registrar-test-ca")?;
+        let ca_pem = authority.cert_pem();
+        let client = authority.client("vault-registrar-probe", &[])?;
+        let (ca_file, client_cert, client_key) = (
+            dir.join("ca.pem"),
+            dir.join("client.pem"),
+            dir.join("client-key.pem"),
+        );
+        std::fs::write(&ca_file, &ca_pem)?;
+        std::fs::write(&client_cert, &client.cert)?;
+        std::fs::write(&client_key, &client.key)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(client.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client.key.as_bytes())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)?;
+        Ok(Self {
+            authority,
+            ca_pem,
+            client,
+            ca_file,
+            client_cert,
+            client_key,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// The node's serving certificate and key files, for its IP.
+    fn serving(&self, dir: &Path, name: &str, ip: Ipv4Addr) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let pem = self.authority.serving(&[&ip.to_string()])?;
+        let (cert, key) = (
+            dir.join(format!("{name}-cert.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&cert, pem.cert)?;
+        std::fs::write(&key, pem.key)?;
+        Ok((cert, key))
+    }
 }
 
 fn parse_health(raw: &[u8]) -> Result<HealthAnswer, String> {
@@ -232,6 +325,8 @@ pub struct RaftCluster {
     prefix: String,
     binary: PathBuf,
     flavour: Flavour,
+    /// Mutual TLS on the listeners; plain HTTP without.
+    pub tls: Option<MutualTls>,
     dir: tempfile::TempDir,
     pub nodes: Vec<VaultNode>,
     keys: Option<InitKeys>,
@@ -258,7 +353,30 @@ impl RaftCluster {
         n: usize,
         flavour: Flavour,
     ) -> anyhow::Result<Self> {
-        let mut cluster = Self::launch_flavour(client, namespace, prefix, n, flavour).await?;
+        Self::start_with(client, namespace, prefix, n, flavour, false).await
+    }
+
+    /// As `start`, every listener requiring a client certificate signed by the cluster's
+    /// own CA (`tls_require_and_verify_client_cert`); see `MutualTls`.
+    pub async fn start_mutual_tls(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(client, namespace, prefix, n, Flavour::Vault, true).await
+    }
+
+    async fn start_with(
+        client: &kube::Client,
+        namespace: &str,
+        prefix: &str,
+        n: usize,
+        flavour: Flavour,
+        mutual_tls: bool,
+    ) -> anyhow::Result<Self> {
+        let mut cluster =
+            Self::launch_flavour(client, namespace, prefix, n, flavour, mutual_tls).await?;
         cluster.init().await?;
         cluster.unseal(0).await?;
         cluster.wait_code(0, 200, START_LIMIT).await?;
@@ -280,7 +398,7 @@ impl RaftCluster {
         prefix: &str,
         n: usize,
     ) -> anyhow::Result<Self> {
-        Self::launch_flavour(client, namespace, prefix, n, Flavour::Vault).await
+        Self::launch_flavour(client, namespace, prefix, n, Flavour::Vault, false).await
     }
 
     async fn launch_flavour(
@@ -289,6 +407,7 @@ impl RaftCluster {
         prefix: &str,
         n: usize,
         flavour: Flavour,
+        mutual_tls: bool,
     ) -> anyhow::Result<Self> {
         crate::netns::ensure()?;
         let binary = tokio::task::spawn_blocking(move || flavour.binary()).await??;
@@ -301,10 +420,14 @@ impl RaftCluster {
             prefix: prefix.into(),
             binary,
             flavour,
+            tls: None,
             dir,
             nodes: Vec::new(),
             keys: None,
         };
+        if mutual_tls {
+            cluster.tls = Some(MutualTls::new(cluster.dir.path())?);
+        }
         let ips: Vec<Ipv4Addr> = (0..n).map(|_| next_pod_ip()).collect();
         for (i, ip) in ips.iter().enumerate() {
             let peers: Vec<Ipv4Addr> = ips.iter().copied().filter(|p| p != ip).collect();
@@ -329,7 +452,21 @@ impl RaftCluster {
         let data = self.dir.path().join(&name);
         std::fs::create_dir_all(&data)?;
         let config = self.dir.path().join(format!("{name}.hcl"));
-        std::fs::write(&config, node_config(&name, ip, &data, peers, self.flavour))?;
+        let tls = match &self.tls {
+            Some(tls) => {
+                let (cert, key) = tls.serving(self.dir.path(), &name, ip)?;
+                Some(ListenerTls {
+                    cert,
+                    key,
+                    ca: tls.ca_file.clone(),
+                    client_cert: tls.client_cert.clone(),
+                    client_key: tls.client_key.clone(),
+                })
+            }
+            None => None,
+        };
+        let text = node_config(&name, ip, &data, peers, self.flavour, tls.as_ref());
+        std::fs::write(&config, text)?;
         let labels = BTreeMap::from([(APP_LABEL.0.to_string(), APP_LABEL.1.to_string())]);
         let pod = SimPod { name, labels, ip };
         start_pod(&self.client, &self.namespace, &pod).await?;
@@ -391,7 +528,8 @@ impl RaftCluster {
 
     /// One health answer from node `i`.
     pub async fn health(&self, i: usize) -> Result<HealthAnswer> {
-        health_at(self.nodes[i].ip(), Duration::from_secs(2)).await
+        let tls = self.tls.as_ref().map(|t| &t.connector);
+        health_over(self.nodes[i].ip(), Duration::from_secs(2), tls).await
     }
 
     /// The node answering 200 right now, if exactly one does.
@@ -569,6 +707,10 @@ impl RaftCluster {
         })
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn keys(&self) -> &InitKeys {
         self.keys.as_ref().expect("the cluster is initialised")
     }
@@ -579,7 +721,7 @@ impl RaftCluster {
         cmd.args(args)
             .env(
                 self.flavour.env("ADDR"),
-                format!("http://{}:{API_PORT}", self.ip(i)),
+                format!("{}://{}:{API_PORT}", self.scheme(), self.ip(i)),
             )
             // The CLI keeps a token file under HOME; this keeps it out of the real one.
             .env("HOME", self.dir.path())
@@ -588,6 +730,11 @@ impl RaftCluster {
             .stdin(Stdio::null());
         if let Some(keys) = &self.keys {
             cmd.env(self.flavour.env("TOKEN"), &keys.root_token);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.env(self.flavour.env("CACERT"), &tls.ca_file)
+                .env(self.flavour.env("CLIENT_CERT"), &tls.client_cert)
+                .env(self.flavour.env("CLIENT_KEY"), &tls.client_key);
         }
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
@@ -631,10 +778,20 @@ fn voters(list_peers: &str) -> usize {
         })
 }
 
+/// A listener's TLS files, when it requires client certificates.
+struct ListenerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
 /// One node's configuration. `performance_multiplier = 1` makes raft elect a new leader in
 /// seconds instead of tens of seconds after the active node dies, which keeps tests short;
 /// `disable_mlock` because the tests run without the memory-lock capability being granted
-/// per process; plain HTTP because the operator's TLS is tested against the simulator.
+/// per process; plain HTTP unless the cluster runs mutual TLS (`MutualTls`), the operator's
+/// other TLS settings being tested against the simulator.
 /// OpenBao has no memory locking to disable and warns about the key.
 fn node_config(
     name: &str,
@@ -642,13 +799,38 @@ fn node_config(
     data: &Path,
     peers: &[Ipv4Addr],
     flavour: Flavour,
+    tls: Option<&ListenerTls>,
 ) -> String {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // A join is a request to the leader's API: through a listener that requires client
+    // certificates, it needs one too.
+    let join_tls = tls
+        .map(|t| {
+            format!(
+                "    leader_ca_cert_file = \"{}\"\n    leader_client_cert_file = \"{}\"\n    leader_client_key_file = \"{}\"\n",
+                t.ca.display(),
+                t.client_cert.display(),
+                t.client_key.display()
+            )
+        })
+        .unwrap_or_default();
     let joins: String = peers
         .iter()
         .map(|p| {
-            format!("  retry_join {{\n    leader_api_addr = \"http://{p}:{API_PORT}\"\n  }}\n")
+            format!(
+                "  retry_join {{\n    leader_api_addr = \"{scheme}://{p}:{API_PORT}\"\n{join_tls}  }}\n"
+            )
         })
         .collect();
+    let listener_tls = match tls {
+        None => "  tls_disable = true\n".to_string(),
+        Some(t) => format!(
+            "  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n  tls_client_ca_file = \"{}\"\n  tls_require_and_verify_client_cert = true\n",
+            t.cert.display(),
+            t.key.display(),
+            t.ca.display()
+        ),
+    };
     let mlock = match flavour {
         Flavour::Vault => "disable_mlock = true\n",
         Flavour::OpenBao => "",
@@ -657,7 +839,7 @@ fn node_config(
         r#"ui = false
 {mlock}log_level = "info"
 cluster_name = "vault-registrar-test"
-api_addr = "http://{ip}:{API_PORT}"
+api_addr = "{scheme}://{ip}:{API_PORT}"
 cluster_addr = "https://{ip}:{CLUSTER_PORT}"
 
 storage "raft" {{
@@ -669,8 +851,7 @@ storage "raft" {{
 listener "tcp" {{
   address = "{ip}:{API_PORT}"
   cluster_address = "{ip}:{CLUSTER_PORT}"
-  tls_disable = true
-}}
+{listener_tls}}}
 "#,
         data = data.display(),
     )
@@ -782,7 +963,7 @@ mod tests {
     fn config_joins_every_peer_but_itself() {
         let ip = Ipv4Addr::new(198, 18, 0, 1);
         let peers = [Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 3)];
-        let text = node_config("vault-0", ip, Path::new("/d"), &peers, Flavour::Vault);
+        let text = node_config("vault-0", ip, Path::new("/d"), &peers, Flavour::Vault, None);
         assert_eq!(text.matches("retry_join").count(), 2);
         assert!(text.contains("leader_api_addr = \"http://198.18.0.2:8200\""));
         assert!(!text.contains("http://198.18.0.1:8200\"\n  }"));

@@ -23,6 +23,8 @@ use vault_registrar_testkit::stage::{install_crd, run};
 use vault_registrar_testkit::vault_sim::{Role, SimState, VaultSim};
 
 const NS: &str = "scale";
+/// The operator's probe slots in this benchmark (its default is 64).
+const PROBE_CONCURRENCY: &str = "256";
 /// Requests in flight from this client while setting up, and for the plain-client baseline.
 const PARALLEL: usize = 32;
 
@@ -36,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(10_000);
     let bin = std::env::var("VAULT_REGISTRAR_BIN")?;
-    println!("bench-scale: {n} VaultClusters x 3 pods, {u} other pods, interval 2s");
+    println!(
+        "bench-scale: {n} VaultClusters x 3 pods, {u} other pods, interval 2s, activeInterval 500ms, --probe-concurrency {PROBE_CONCURRENCY}"
+    );
 
     let plane = ControlPlane::start()?;
     let client = plane.client().await?;
@@ -59,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut operator = Operator::start(
         bin.as_ref(),
         &kubeconfig,
-        &["--namespace", NS, "--probe-concurrency", "256"],
+        &["--namespace", NS, "--probe-concurrency", PROBE_CONCURRENCY],
         &plane.dir().join("operator-scale.log"),
     )?;
     let pid = operator.pid();

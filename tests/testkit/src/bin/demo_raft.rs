@@ -116,7 +116,16 @@ async fn labelled(vault: &RaftCluster, key: &str, want: &[&str]) -> anyhow::Resu
 
 fn show(stage: &Stage, title: &str) -> anyhow::Result<()> {
     println!("-- {title}");
-    print!("{}", stage.kubectl(&["get", "vc"])?);
+    print!("{}", stage.kubectl(&["get", "vaultcluster", "-o", "wide"])?);
+    print!(
+        "{}",
+        stage.kubectl(&[
+            "get",
+            "vaultcluster",
+            "-o",
+            "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}",
+        ])?
+    );
     print!(
         "{}",
         stage.kubectl(&[
