@@ -99,7 +99,10 @@ fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<(
     );
     print!("{}", kubectl(&["get", "endpointslices", "-n", VAULT_NS])?);
     // What users read: the VaultCluster, wide, and its conditions.
-    print!("{}", kubectl(&["get", "vaultcluster", "-n", VAULT_NS, "-o", "wide"])?);
+    print!(
+        "{}",
+        kubectl(&["get", "vaultcluster", "-n", VAULT_NS, "-o", "wide"])?
+    );
     print!(
         "{}",
         kubectl(&["get", "vaultcluster", "-n", VAULT_NS, "-o", CONDITIONS])?
@@ -108,5 +111,4 @@ fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<(
 }
 
 /// Each condition of the VaultClusters on a line: type=status reason: message.
-const CONDITIONS: &str =
-    "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}";
+const CONDITIONS: &str = "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}";
