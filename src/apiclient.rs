@@ -76,6 +76,18 @@ pub fn controller_client(
     client_with(config, CONNECT_TIMEOUT, CONTROLLER_READ_TIMEOUT, api)
 }
 
+/// The client of `spec.upgrade`'s evictions: without kube's retries, which would repeat a
+/// PodDisruptionBudget's 429 for minutes inside one request and stall the round; the
+/// upgrade retries a refusal itself, with backoff, and reports it meanwhile.
+pub fn eviction_client(
+    config: &kube::Config,
+    api: &ApiMetrics,
+) -> Result<kube::Client, ClientError> {
+    let mut config = config.clone();
+    config.default_retry = false;
+    client_with(&config, CONNECT_TIMEOUT, WRITE_TIMEOUT, api)
+}
+
 /// Every watch asks the API server to end it after `WATCH_SECONDS`; the watcher then
 /// resumes from the last resourceVersion.
 pub fn watch_config() -> watcher::Config {

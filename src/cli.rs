@@ -202,6 +202,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             annotations: args.allowed_service_annotations.clone(),
         },
     );
+    ctx.set_eviction_client(apiclient::eviction_client(&config, &metrics.api)?);
     let work = work(ctx, namespaces, health.clone(), stop.clone());
     if !args.leader_elect {
         leading.store(true, Ordering::SeqCst);

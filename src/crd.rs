@@ -121,6 +121,40 @@ pub struct VaultClusterSpec {
     /// The Services generated for the cluster.
     #[serde(default)]
     pub services: ServicesSpec,
+
+    /// Opt-in: replace the pods of an outdated StatefulSet revision by role, standbys
+    /// first and the active pod last. Without it the operator never deletes or evicts a
+    /// pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeSpec>,
+}
+
+/// How the operator replaces the pods of an outdated StatefulSet revision. The pods'
+/// controller must be a StatefulSet with updateStrategy OnDelete, so that the StatefulSet
+/// controller does not replace them itself.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeSpec {
+    /// RoleOrdered: evict outdated standbys one at a time, each only once the pod before
+    /// it answers as an unsealed standby at the new revision, and the active pod last.
+    pub strategy: UpgradeStrategy,
+
+    /// Pods evicted or not yet replaced at any one time. Only 1: raft keeps its quorum
+    /// with one node of three away, not with two.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1, max = 1))]
+    pub max_unavailable: i32,
+}
+
+fn default_max_unavailable() -> i32 {
+    1
+}
+
+/// The order in which outdated pods are replaced.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeStrategy {
+    /// Standbys first, the active pod last.
+    RoleOrdered,
 }
 
 fn default_label_prefix() -> String {

@@ -16,6 +16,7 @@ use crate::labels::{
     LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, PREFIX_LABEL, written_prefix,
 };
 use crate::selector;
+use crate::upgrade::REVISION_LABEL;
 
 /// What a round needs of a pod, and nothing else: a full Pod is tens of kilobytes, and a
 /// namespace may hold thousands that are not Vault.
@@ -43,11 +44,13 @@ impl From<&Pod> for SlimPod {
 }
 
 /// The label keys the operator itself reads on any pod: the ownership label, the prefix
-/// label, and the role labels of the prefix the pod says they were written with (they are
-/// removed when the prefix changes or the pod leaves its cluster).
+/// label, the role labels of the prefix the pod says they were written with (they are
+/// removed when the prefix changes or the pod leaves its cluster), and the StatefulSet
+/// revision a `spec.upgrade` compares (a short hash, on StatefulSet pods only).
 fn ours(key: &str, prefix: Option<&str>) -> bool {
     key == OWNER_LABEL
         || key == PREFIX_LABEL
+        || key == REVISION_LABEL
         || prefix.is_some_and(|p| LabelNames::new(p).all().contains(&key))
 }
 
@@ -669,8 +672,15 @@ mod tests {
                     ("team", "a"),
                     ("x".repeat(60).leak(), "y"),
                     (OWNER_LABEL, "x"),
+                    (REVISION_LABEL, "vault-5d9c8b7f6"),
                 ],
-                vec!["app", "instance", "vault-active", OWNER_LABEL],
+                vec![
+                    "app",
+                    "instance",
+                    "vault-active",
+                    OWNER_LABEL,
+                    REVISION_LABEL,
+                ],
             ),
             (
                 "the role labels of the prefix the pod says, read by no selector",

@@ -30,6 +30,7 @@ pub mod services;
 pub mod status;
 pub mod text;
 pub mod tracker;
+pub mod upgrade;
 
 /// The CRD as YAML, as `vault-registrar crd` prints it and `crds/` holds it.
 pub fn crd_yaml() -> String {

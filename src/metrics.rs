@@ -33,6 +33,7 @@ pub struct Metrics {
     pub status_writes: IntCounter,
     pub service_writes: IntCounter,
     pub active_changes: IntCounterVec,
+    pub upgrade_steps: IntCounterVec,
     pub cluster_pods: IntGaugeVec,
     pub cluster_condition: IntGaugeVec,
     active_pod: IntGaugeVec,
@@ -124,6 +125,11 @@ impl Metrics {
                 "Changes of a VaultCluster's active pod (failovers, and losing or finding one).",
                 &CLUSTER_LABELS,
             ),
+            upgrade_steps: counter(
+                "vault_registrar_upgrade_steps_total",
+                "Evictions of spec.upgrade, by result (evicted, blocked by a PodDisruptionBudget, failed).",
+                &cluster_labels("result"),
+            ),
             cluster_pods: gauge(
                 "vault_registrar_cluster_pods",
                 "A VaultCluster's selected pods, by role (all, active, standby, perf-standby, sealed, uninitialized, unreachable).",
@@ -192,6 +198,7 @@ impl Metrics {
             Box::new(self.status_writes.clone()),
             Box::new(self.service_writes.clone()),
             Box::new(self.active_changes.clone()),
+            Box::new(self.upgrade_steps.clone()),
             Box::new(self.cluster_pods.clone()),
             Box::new(self.cluster_condition.clone()),
             Box::new(self.active_pod.clone()),
@@ -262,6 +269,7 @@ impl Metrics {
         }
         remove_cluster(&self.probes, ns, cluster);
         remove_cluster(&self.active_changes, ns, cluster);
+        remove_cluster(&self.upgrade_steps, ns, cluster);
         remove_cluster(&self.cluster_pods, ns, cluster);
         remove_cluster(&self.cluster_condition, ns, cluster);
     }
@@ -273,6 +281,7 @@ impl Metrics {
         self.active_pod.reset();
         self.probes.reset();
         self.active_changes.reset();
+        self.upgrade_steps.reset();
         self.cluster_pods.reset();
         self.cluster_condition.reset();
     }

@@ -292,6 +292,7 @@ async fn type_checked(prefix: &str) -> anyhow::Result<()> {
         "ownership",
         "services",
         "vaultclusters",
+        "evictions",
         "ownership-label",
     ] {
         let name = format!("{prefix}-{policy}");
@@ -948,6 +949,60 @@ async fn pod_tries(t: &mut Tries, c: &Clients, ns: &str) {
         "delete a pod",
         Want::Rbac,
         pods.delete("db-0", &DeleteParams::default()).await,
+    );
+    eviction_tries(t, c, ns).await;
+}
+
+/// Evictions (the chart grants pods/eviction for spec.upgrade), all as dry runs, which
+/// admission judges as it would the real ones. The body is written out: kube's
+/// `Api::evict` names the field `delete_options`, which the API server ignores.
+async fn eviction_tries(t: &mut Tries, c: &Clients, ns: &str) {
+    let evictions = Want::Refused("evictions");
+    let evict = |ns: String, pod: &'static str, with_uid: bool| {
+        let (admin, operator) = (c.admin.clone(), c.operator.clone());
+        async move {
+            let uid = Api::<Pod>::namespaced(admin, &ns)
+                .get(pod)
+                .await
+                .ok()
+                .and_then(|p| p.metadata.uid)
+                .filter(|_| with_uid);
+            let body = json!({
+                "apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": pod},
+                "deleteOptions": {"preconditions": {"uid": uid}},
+            });
+            let dry = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            Api::<Pod>::namespaced(operator, &ns)
+                .create_subresource::<_, Value>("eviction", pod, &dry, &body)
+                .await
+        }
+    };
+    t.record(
+        "evict a pod of a VaultCluster without spec.upgrade",
+        evictions,
+        evict(ns.to_string(), "vault-0", true).await,
+    );
+    t.record(
+        "evict a pod without a UID precondition",
+        evictions,
+        evict(ns.to_string(), "db-0", false).await,
+    );
+    // What the policy cannot refuse: where no VaultCluster is, it has no param and must
+    // allow (a missing param denies before the match conditions, so everyone's evictions
+    // would be refused); an Eviction shows no labels of its pod.
+    t.record(
+        "evict a pod where no VaultCluster is (the policy cannot act)",
+        Want::Admitted,
+        evict(format!("{ns}-empty"), "stray-0", false).await,
+    );
+    t.record(
+        "evict a pod no VaultCluster lists (the policy cannot tell)",
+        Want::Admitted,
+        evict(ns.to_string(), "db-0", true).await,
     );
 }
 

@@ -390,22 +390,38 @@ async fn real_vault_listeners_requiring_client_certificates() -> anyhow::Result<
 
     // Without the certificate: the listener refuses the probe, the error names the setting.
     let a = rig.vault.wait_active(LIMIT).await?;
-    let pod = rig.vault.pod_name(a).to_string();
-    let error = wait::until(
-        "a probe error naming clientCertSecretRef",
-        LIMIT,
-        || async {
-            let status = clusters.get("vault").await?.status.unwrap_or_default();
-            let error = status
+    let errors = || async {
+        let status = clusters.get("vault").await?.status.unwrap_or_default();
+        anyhow::Ok(
+            status
                 .members
                 .into_iter()
-                .find(|m| m.name == pod)
                 .map(|m| m.last_probe_error)
-                .unwrap_or_default();
-            Ok(error.contains("clientCertSecretRef").then_some(error))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let named = |errors: &[String]| {
+        errors.len() == 3 && errors.iter().all(|e| e.contains("clientCertSecretRef"))
+    };
+    let error = wait::until(
+        "every probe error naming clientCertSecretRef",
+        LIMIT,
+        || async {
+            let errors = errors().await?;
+            Ok(named(&errors).then(|| errors[0].clone()))
         },
     )
     .await?;
+    // And it keeps naming it: every refused probe says why, not only some.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let errors = errors().await?;
+        anyhow::ensure!(
+            named(&errors),
+            "a probe error without the setting: {errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     eprintln!("probe without a client certificate: {error}");
     for i in 0..3 {
         let labels = rig.vault.labels(i).await?;

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -200,8 +201,8 @@ async fn kustomize_admission_policy_is_the_charts() -> anyhow::Result<()> {
         Ok(out)
     };
     let (chart_specs, kept_specs) = (specs(&rendered)?, specs(&kept)?);
-    // Five policies and their bindings.
-    assert_eq!(chart_specs.len(), 10, "{rendered}");
+    // Six policies and their bindings.
+    assert_eq!(chart_specs.len(), 12, "{rendered}");
     assert_eq!(
         chart_specs, kept_specs,
         "regenerate config/rbac/admission_policy.yaml"
@@ -406,6 +407,9 @@ enum Scenario {
     FailoverAndBack,
     /// The standby Service disabled in the spec: the operator deletes it.
     DisableStandby,
+    /// spec.upgrade set, the pods adopted by an OnDelete StatefulSet whose update revision
+    /// they do not carry: the operator evicts the standby vault-2.
+    Upgrade,
 }
 
 /// A verb on a resource the chart's ClusterRole (or the Roles of `watchNamespaces`) grants,
@@ -493,6 +497,10 @@ const GRANTS: &[Grant] = &[
         "watch",
         Scenario::Converge,
     ),
+    // spec.upgrade: the pods' StatefulSet, watched whether or not a VaultCluster opts in.
+    grant("apps", "statefulsets", "list", Scenario::Converge),
+    grant("apps", "statefulsets", "watch", Scenario::Converge),
+    grant("", "pods/eviction", "create", Scenario::Upgrade),
 ];
 
 /// The (group, resource, verb) triples a list of RBAC rules grants.
@@ -597,7 +605,50 @@ async fn play(
             ])
             .await?;
         }
+        Scenario::Upgrade => outdated_statefulset(client, ns).await?,
     }
+    Ok(())
+}
+
+/// Makes the pods of `ns` look like those of an outdated revision of an OnDelete
+/// StatefulSet `vault` (which adopts them), and opts the VaultCluster in to spec.upgrade.
+async fn outdated_statefulset(client: &kube::Client, ns: &str) -> anyhow::Result<()> {
+    let set: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "vault"},
+        "spec": {
+            "replicas": 3,
+            "serviceName": "vault-internal",
+            "updateStrategy": {"type": "OnDelete"},
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "vault"}},
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": "vault"}},
+                "spec": {"containers": [{"name": "vault", "image": "hashicorp/vault:1.17"}]},
+            },
+        },
+    }))?;
+    Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &set)
+        .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let old = json!({"metadata": {"labels": {"controller-revision-hash": "vault-old"}}});
+    for i in 0..3 {
+        pods.patch(
+            &format!("vault-{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(&old),
+        )
+        .await?;
+    }
+    kubectl(&[
+        "patch",
+        "vc/vault",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"upgrade":{"strategy":"RoleOrdered"}}}"#,
+    ])
+    .await?;
     Ok(())
 }
 
@@ -1145,4 +1196,48 @@ async fn create_strictly(ns: &str, path: &Path) -> anyhow::Result<String> {
         path,
     ])
     .await
+}
+
+/// Namespace users get VaultCluster rights through the cluster's default roles: whoever is
+/// bound to `view` in a namespace may read its VaultClusters and nothing more, whoever is
+/// bound to `edit` may also change them, not their status (the chart's aggregated roles,
+/// merged by kube-controller-manager's aggregation controller).
+#[tokio::test]
+async fn namespace_users_reach_vaultclusters_through_the_default_roles() -> anyhow::Result<()> {
+    let ns = "ship-agg";
+    install_release("agg", ns).await?;
+    for (binding, role, user) in [("viewer", "view", "alice"), ("editor", "edit", "bob")] {
+        kubectl(&[
+            "create",
+            "rolebinding",
+            binding,
+            &format!("--clusterrole={role}"),
+            &format!("--user={user}"),
+            "-n",
+            ns,
+        ])
+        .await?;
+    }
+    let vc = "vaultclusters.vault-registrar.dev";
+    wait::until(
+        "view and edit aggregate the VaultCluster rights",
+        LIMIT,
+        || async {
+            let alice = can_i("alice", &["list", vc, "-n", ns]).await?;
+            let bob = can_i("bob", &["update", vc, "-n", ns]).await?;
+            Ok((alice == "yes" && bob == "yes").then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(can_i("alice", &["get", vc, "-n", ns]).await?, "yes");
+    assert_eq!(can_i("alice", &["update", vc, "-n", ns]).await?, "no");
+    assert_eq!(can_i("alice", &["delete", vc, "-n", ns]).await?, "no");
+    assert_eq!(can_i("bob", &["delete", vc, "-n", ns]).await?, "yes");
+    assert_eq!(can_i("bob", &["create", vc, "-n", ns]).await?, "yes");
+    assert_eq!(
+        can_i("bob", &["update", vc, "--subresource=status", "-n", ns]).await?,
+        "no",
+        "the status is the operator's to write"
+    );
+    Ok(())
 }

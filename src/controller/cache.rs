@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 use futures::{SinkExt, Stream, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
@@ -42,6 +43,8 @@ pub enum Kind {
     Services,
     Slices,
     Clusters,
+    /// StatefulSets, for `spec.upgrade`.
+    Sets,
 }
 
 /// What every round reads, for all watched namespaces.
@@ -50,6 +53,8 @@ pub struct Caches {
     pub clusters: RwLock<ClusterIndex>,
     pub services: RwLock<LabelledIndex<Service>>,
     pub slices: RwLock<LabelledIndex<EndpointSlice>>,
+    /// StatefulSets without their pod templates (see `slim_set`), for `spec.upgrade`.
+    pub sets: RwLock<LabelledIndex<StatefulSet>>,
     /// The term of leadership the indexes belong to.
     term: AtomicU64,
     synced: Mutex<HashSet<(Kind, Option<String>)>>,
@@ -68,6 +73,7 @@ impl Default for Caches {
             clusters: RwLock::default(),
             services: RwLock::default(),
             slices: RwLock::default(),
+            sets: RwLock::default(),
             term: AtomicU64::default(),
             synced: Mutex::default(),
             learned: Mutex::default(),
@@ -120,6 +126,7 @@ impl Caches {
         drop(clusters);
         *self.services.write().unwrap() = LabelledIndex::default();
         *self.slices.write().unwrap() = LabelledIndex::default();
+        *self.sets.write().unwrap() = LabelledIndex::default();
         term
     }
 
@@ -131,9 +138,15 @@ impl Caches {
     pub fn synced(&self, scopes: &[Option<String>]) -> bool {
         let synced = self.synced.lock().unwrap();
         scopes.iter().all(|scope| {
-            [Kind::Pods, Kind::Services, Kind::Slices, Kind::Clusters]
-                .iter()
-                .all(|kind| synced.contains(&(*kind, scope.clone())))
+            [
+                Kind::Pods,
+                Kind::Services,
+                Kind::Slices,
+                Kind::Clusters,
+                Kind::Sets,
+            ]
+            .iter()
+            .all(|kind| synced.contains(&(*kind, scope.clone())))
         })
     }
 
@@ -501,6 +514,11 @@ pub fn slices(caches: &Caches, term: u64, update: Update<EndpointSlice>) {
     });
 }
 
+/// Applies updates to the StatefulSet index.
+pub fn sets(caches: &Caches, term: u64, update: Update<StatefulSet>) {
+    within_term(caches, &caches.sets, term, |index| labelled(index, update));
+}
+
 fn labelled<K: ResourceExt>(index: &mut LabelledIndex<K>, update: Update<K>) {
     match update {
         Update::Relisted(scope, all) => {
@@ -516,6 +534,17 @@ fn labelled<K: ResourceExt>(index: &mut LabelledIndex<K>, update: Update<K>) {
 pub fn slim_pod(caches: &Caches, pod: &Pod) -> SlimPod {
     let clusters = caches.clusters.read().unwrap();
     SlimPod::trimmed(pod, |key| clusters.wants(key))
+}
+
+/// What the caches keep of a StatefulSet: what `upgrade::SetView` reads, not the pod
+/// template, which can be most of its size.
+pub fn slim_set(set: &StatefulSet) -> StatefulSet {
+    let mut slim = trimmed(set);
+    if let Some(spec) = slim.spec.as_mut() {
+        spec.template = Default::default();
+        spec.volume_claim_templates = None;
+    }
+    slim
 }
 
 /// What the caches keep of a Service or EndpointSlice: no managed fields, which are most
@@ -604,7 +633,7 @@ mod tests {
         assert!(caches.synced.lock().unwrap().is_empty());
         pods(&caches, new, Update::Applied(pod("c")));
         assert_eq!(caches.pods.read().unwrap().len(), 1);
-        for kind in [Kind::Pods, Kind::Services, Kind::Slices] {
+        for kind in [Kind::Pods, Kind::Services, Kind::Slices, Kind::Sets] {
             caches.mark_synced(new, kind, &scope);
             assert!(
                 !caches.synced(&[None]),

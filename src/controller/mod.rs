@@ -7,6 +7,7 @@ mod act;
 pub mod cache;
 mod observe;
 mod report;
+mod rollout;
 mod settings;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -64,8 +66,9 @@ pub struct Context {
     /// When each cluster's (by UID) status was last written: changes that can wait are
     /// written at most once per interval.
     status_written: Mutex<HashMap<String, Instant>>,
-    /// Consecutive failed reconciles per VaultCluster UID, for the retry backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Failed reconciles in a row per VaultCluster UID, and when the retry is due, for the
+    /// backoff (see `Streak`).
+    failures: Mutex<HashMap<String, Streak>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
     leading: Arc<AtomicBool>,
     /// Every watched scope (a namespace, or all): a round waits until each has listed.
@@ -73,6 +76,10 @@ pub struct Context {
     /// What a VaultCluster's Services may ask for (`--allowed-service-types`,
     /// `--allowed-service-annotations`).
     allowed: services::Allowed,
+    /// What this term remembers of each cluster's upgrade (see `rollout`).
+    rollouts: rollout::Memory,
+    /// The client that evicts (see `apiclient::eviction_client`); `client` when unset.
+    evictions: std::sync::OnceLock<Client>,
 }
 
 impl Context {
@@ -103,7 +110,14 @@ impl Context {
             leading,
             scopes,
             allowed,
+            rollouts: rollout::Memory::default(),
+            evictions: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the client that evicts pods for `spec.upgrade`, once.
+    pub fn set_eviction_client(&self, client: Client) {
+        let _ = self.evictions.set(client);
     }
 
     fn guard(&self, what: &str) -> Result<(), Error> {
@@ -129,6 +143,7 @@ impl Context {
         self.owned_since.lock().unwrap().clear();
         self.status_written.lock().unwrap().clear();
         self.failures.lock().unwrap().clear();
+        self.rollouts.clear();
         self.metrics.forget_clusters();
     }
 
@@ -263,6 +278,17 @@ fn spawn_watches(
         move |svc: &Service| owners(&marks, svc),
         triggers.clone(),
     ));
+    let marks = ctx.clone();
+    let mut sets = Some(watcher(api::<StatefulSet>(client, scope), config.clone()));
+    tasks.spawn(cache::drive(
+        move || {
+            sets.take()
+                .expect("the StatefulSet watch never starts over")
+        },
+        feed.of(Kind::Sets, cache::sets, |_, s| cache::slim_set(s)),
+        move |set: &StatefulSet| rollout::concerned(&marks, set),
+        triggers.clone(),
+    ));
     // EndpointSlices carry the labels of their Service, so ours are found by the same
     // label. They trigger nothing: a round only waits on them.
     let mut slices = Some(watcher(api::<EndpointSlice>(client, scope), ours));
@@ -322,9 +348,34 @@ fn error_policy(
         .with_label_values(&[kind])
         .inc();
     let mut failures = ctx.failures.lock().unwrap();
-    let count = failures.entry(vc.uid().unwrap_or_default()).or_default();
-    *count = count.saturating_add(1);
-    Action::requeue(retry_after(*count))
+    let streak = failures.entry(vc.uid().unwrap_or_default()).or_default();
+    Action::requeue(streak.failed(Instant::now()))
+}
+
+/// A run of failed reconciles of one cluster. Only a failure at or after the retry's time
+/// lengthens the backoff: rounds that watch events start in between (a pod changing every
+/// second) and fail too say nothing new, and counting them would push a failed write's
+/// retry towards 10 s when the API server is back in one.
+#[derive(Debug, Default)]
+struct Streak {
+    failures: u32,
+    due: Option<Instant>,
+}
+
+impl Streak {
+    /// Records a failure at `now`; the wait before the retry, which a failure before the
+    /// retry's time leaves where it was.
+    fn failed(&mut self, now: Instant) -> Duration {
+        match self.due {
+            Some(due) if now < due => due - now,
+            _ => {
+                self.failures = self.failures.saturating_add(1);
+                let wait = retry_after(self.failures);
+                self.due = Some(now + wait);
+                wait
+            }
+        }
+    }
 }
 
 /// Exponential backoff for failed reconciles: 250ms doubling up to 10s. A watch event still
@@ -408,11 +459,12 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let decision = decide(&names, &vc.name_any(), &members);
     // Act, and record what was written.
     let acted = act::act(vc, ctx, &names, &decision, &members, &selection).await;
+    let upgrade = rollout::round(vc, ctx, &members, &selection.candidates).await;
     let (service_problems, failed) = match acted.result {
         Ok(problems) => (problems, None),
         Err(error) => (Vec::new(), Some(error)),
     };
-    let status = build(&Observation {
+    let mut status = build(&Observation {
         generation: vc.metadata.generation,
         members: &members,
         decision: &decision,
@@ -425,6 +477,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         previous: vc.status.as_ref(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
+    rollout::report(vc, ctx, upgrade.as_ref(), &mut status).await;
     // Report. A failed write still gets its status published, so Ready never stays True
     // over it.
     let first = previous.is_none();
@@ -446,6 +499,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         found.active = None;
     }
     let wait = remember_rhythm(vc, ctx, &settings, previous.as_ref(), started, found);
+    let wait = rollout::sooner(wait, upgrade.as_ref());
     match (failed, published) {
         (Some(error), _) | (None, Err(error)) => Err(error),
         (None, Ok(())) => Ok(Action::requeue(wait)),
@@ -577,6 +631,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.forget_cluster(&ns, &vc.name_any());
     ctx.status_written.lock().unwrap().remove(&uid);
     ctx.owned_since.lock().unwrap().remove(&uid);
+    ctx.rollouts.forget(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }
@@ -601,6 +656,32 @@ mod tests {
             assert!((50..=150).contains(&n), "tenth {tenth}: {n}");
         }
         assert_eq!(spread("uid-1", interval), spread("uid-1", interval));
+    }
+
+    #[test]
+    fn only_failed_retries_lengthen_the_backoff() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut streak = Streak::default();
+        // (when a round fails, the wait it is given)
+        for (at, wait) in [
+            (0, 250),
+            // Event-triggered rounds failing before the retry is due: it stays due then.
+            (100, 150),
+            (200, 50),
+            // The retry fails: doubled.
+            (250, 500),
+            (400, 350),
+            (800, 1000),
+            (900, 900),
+            (1800, 2000),
+        ] {
+            assert_eq!(
+                streak.failed(ms(at)),
+                Duration::from_millis(wait),
+                "at {at} ms"
+            );
+        }
     }
 
     #[test]

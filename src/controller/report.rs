@@ -75,7 +75,7 @@ fn waits(vc: &VaultCluster, ctx: &Context, status: &VaultClusterStatus) -> bool 
             .is_some_and(|at| at.elapsed() < interval(vc))
 }
 
-async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
+pub(super) async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
     let event = KubeEvent {
         type_: if notice.warning {

@@ -107,6 +107,14 @@ ClusterRole (all namespaces) or into one Role per watched namespace.
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
+# spec.upgrade (opt-in): the pods' StatefulSet and its update revision, watched; outdated
+# pods replaced through the Eviction API, so PodDisruptionBudgets apply. Never a delete.
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/eviction"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*

@@ -230,10 +230,15 @@ impl ControlPlane {
     fn start_controller_manager(&mut self, f: &PkiFiles, layout: &Layout) -> anyhow::Result<()> {
         let port = free_port()?;
         // validatingadmissionpolicy-status-controller type-checks the admission policies
-        // into their status, which tests/admission.rs reads.
-        let mut controllers = "endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,validatingadmissionpolicy-status-controller".to_string();
+        // into their status, which tests/admission.rs reads; clusterrole-aggregation merges
+        // the chart's aggregated roles into view, edit and admin (tests/ship.rs). The
+        // StatefulSet and disruption controllers make the pods and PodDisruptionBudget
+        // status that tests/upgrade.rs upgrades through.
+        let mut controllers = "endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,validatingadmissionpolicy-status-controller,clusterrole-aggregation-controller,statefulset-controller".to_string();
         if layout.bridge_ip.is_some() {
             controllers.push_str(NODE_CONTROLLERS);
+        } else {
+            controllers.push_str(",disruption-controller");
         }
         let mut cmd = Command::new(&self.bins.kube_controller_manager);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
