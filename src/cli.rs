@@ -60,7 +60,8 @@ pub struct RunArgs {
     #[arg(long = "health-probe-bind-address", default_value = ":8081",
           env = "HEALTH_PROBE_ADDR", value_parser = server::parse_bind_address)]
     pub health_addr: SocketAddr,
-    /// Most health probes in flight at once, over all clusters.
+    /// Most health probes in flight at once, over all clusters; shared fairly between
+    /// namespaces, one alone taking at most half.
     #[arg(long, default_value_t = 64)]
     pub probe_concurrency: usize,
     /// Log format.

@@ -601,9 +601,19 @@ pub struct VaultClusterStatus {
     /// Vault versions reported, comma-separated.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
-    /// Each selected pod as last probed.
+    /// Selected pods as last probed: at most 25, the active pod first, then pods that
+    /// cannot serve or whose probes fail, then standbys (by name); the counts above cover
+    /// every pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 25))]
     pub members: Vec<MemberStatus>,
+    /// Selected pods left out of `members` by its cap.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub members_omitted: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// One pod as last probed.

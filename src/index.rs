@@ -12,8 +12,11 @@ use kube::ResourceExt;
 use kube::core::SelectorExt;
 
 use crate::crd::{PodSelector, VaultCluster};
-use crate::labels::{LEGACY_OWNER_ANNOTATION, OWNER_LABEL};
+use crate::labels::{
+    LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, PREFIX_LABEL, written_prefix,
+};
 use crate::selector;
+use crate::upgrade::REVISION_LABEL;
 
 /// What a round needs of a pod, and nothing else: a full Pod is tens of kilobytes, and a
 /// namespace may hold thousands that are not Vault.
@@ -36,6 +39,56 @@ pub struct SlimPod {
 
 impl From<&Pod> for SlimPod {
     fn from(pod: &Pod) -> Self {
+        Self::trimmed(pod, |_| true)
+    }
+}
+
+/// The label keys the operator itself reads on any pod: the ownership label, the prefix
+/// label, the role labels of the prefix the pod says they were written with (they are
+/// removed when the prefix changes or the pod leaves its cluster), and the StatefulSet
+/// revision a `spec.upgrade` compares (a short hash, on StatefulSet pods only).
+fn ours(key: &str, prefix: Option<&str>) -> bool {
+    key == OWNER_LABEL
+        || key == PREFIX_LABEL
+        || key == REVISION_LABEL
+        || prefix.is_some_and(|p| LabelNames::new(p).all().contains(&key))
+}
+
+/// The labels a cache keeps of a pod: those `wanted` (the keys some VaultCluster's selector
+/// or label prefix uses) and the operator's own. Nothing reads the others, and a pod may
+/// carry hundreds of kilobytes of them.
+pub fn trim_labels<'a>(
+    labels: impl Iterator<Item = (&'a String, &'a String)> + Clone,
+    wanted: impl Fn(&str) -> bool,
+) -> BTreeMap<String, String> {
+    let prefix = labels
+        .clone()
+        .find(|(k, _)| *k == PREFIX_LABEL)
+        .map(|(k, v)| BTreeMap::from([(k.clone(), v.clone())]));
+    let prefix = prefix.as_ref().and_then(written_prefix);
+    labels
+        .filter(|(k, _)| wanted(k) || ours(k, prefix))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Every label key a VaultCluster reads on pods: its selector's and its role labels'.
+pub fn keys_of(vc: &VaultCluster) -> BTreeSet<String> {
+    let selector = &vc.spec.selector;
+    let names = LabelNames::new(&vc.spec.label_prefix);
+    selector
+        .match_labels
+        .keys()
+        .cloned()
+        .chain(selector.match_expressions.iter().map(|e| e.key.clone()))
+        .chain(names.all().iter().map(|n| n.to_string()))
+        .collect()
+}
+
+impl SlimPod {
+    /// What a round needs of `pod`, keeping only the labels `wanted` and the operator's own
+    /// (see `trim_labels`).
+    pub fn trimmed(pod: &Pod, wanted: impl Fn(&str) -> bool) -> Self {
         let status = pod.status.as_ref();
         let ready = status
             .and_then(|s| s.conditions.as_ref())
@@ -45,7 +98,7 @@ impl From<&Pod> for SlimPod {
             namespace: pod.namespace().unwrap_or_default(),
             uid: pod.uid().unwrap_or_default(),
             resource_version: pod.resource_version().unwrap_or_default(),
-            labels: pod.labels().clone(),
+            labels: trim_labels(pod.labels().iter(), wanted),
             legacy_owner: pod.annotations().get(LEGACY_OWNER_ANNOTATION).cloned(),
             terminating: pod.metadata.deletion_timestamp.is_some(),
             phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
@@ -309,41 +362,123 @@ fn cluster_keys(vc: &VaultCluster) -> Vec<(String, String)> {
         .collect()
 }
 
-/// VaultClusters by namespace and one required pair.
+/// VaultClusters by namespace and one required pair, and the pod label keys they read.
 #[derive(Debug)]
-pub struct ClusterIndex(Postings<VaultCluster>);
+pub struct ClusterIndex {
+    clusters: Postings<VaultCluster>,
+    /// How many VaultClusters read each label key (`keys_of`).
+    counts: HashMap<String, usize>,
+    /// The keys some VaultCluster reads, each with the epoch it was last added at: the pod
+    /// cache keeps these labels, and a list of pods started at a later epoch has them all.
+    wanted: HashMap<String, u64>,
+    /// Grows each time a key joins `wanted`.
+    epoch: u64,
+}
 
 impl Default for ClusterIndex {
     fn default() -> Self {
-        Self(Postings::new(cluster_keys))
+        Self::starting_at(0)
     }
 }
 
 impl ClusterIndex {
+    /// An empty index whose epochs continue from `epoch`, so that they only ever grow.
+    pub fn starting_at(epoch: u64) -> Self {
+        Self {
+            clusters: Postings::new(cluster_keys),
+            counts: HashMap::new(),
+            wanted: HashMap::new(),
+            epoch,
+        }
+    }
+
     pub fn apply(&mut self, vc: VaultCluster) {
         let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
-        self.0.insert(&ns, &name, vc);
+        // The new keys are counted before the old ones are let go, so that a key both
+        // read never looks unread.
+        self.count(&keys_of(&vc), 1);
+        self.delete(&ns, &name);
+        self.clusters.insert(&ns, &name, vc);
     }
 
     pub fn delete(&mut self, ns: &str, name: &str) {
-        self.0.remove(ns, name);
+        if let Some(old) = self.clusters.get(ns, name) {
+            self.count(&keys_of(&old), -1);
+        }
+        self.clusters.remove(ns, name);
     }
 
     pub fn clear_scope(&mut self, scope: Option<&str>) {
-        self.0.clear_scope(scope);
+        let gone: Vec<(String, String)> = self
+            .clusters
+            .objects
+            .keys()
+            .filter(|(ns, _)| scope.is_none_or(|s| s == ns))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.delete(&ns, &name);
+        }
+    }
+
+    fn count(&mut self, keys: &BTreeSet<String>, by: isize) {
+        for key in keys {
+            let n = self.counts.entry(key.clone()).or_default();
+            *n = n.saturating_add_signed(by);
+        }
+    }
+
+    /// Brings `wanted` in line with the counts after a change (one event, or a whole
+    /// relist): a key read again within the change was never unread, so it keeps its
+    /// epoch; keys read for the first time get a new one. Returns whether keys were added.
+    pub fn settle(&mut self) -> bool {
+        self.counts.retain(|_, n| *n > 0);
+        self.wanted.retain(|k, _| self.counts.contains_key(k));
+        let new: Vec<String> = self
+            .counts
+            .keys()
+            .filter(|k| !self.wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return false;
+        }
+        self.epoch += 1;
+        for key in new {
+            self.wanted.insert(key, self.epoch);
+        }
+        true
+    }
+
+    /// Whether some VaultCluster reads this pod label key.
+    pub fn wants(&self, key: &str) -> bool {
+        self.wanted.contains_key(key)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The epoch from which a list of pods holds every label `vc` reads; None while one of
+    /// them is not yet wanted (the index has not seen this version of `vc`).
+    pub fn keys_epoch(&self, vc: &VaultCluster) -> Option<u64> {
+        keys_of(vc)
+            .iter()
+            .map(|k| self.wanted.get(k).copied())
+            .try_fold(0, |max, e| Some(max.max(e?)))
     }
 
     pub fn get(&self, ns: &str, name: &str) -> Option<Arc<VaultCluster>> {
-        self.0.get(ns, name)
+        self.clusters.get(ns, name)
     }
 
     /// The VaultClusters in `ns` whose selector selects these labels.
     pub fn selecting(&self, ns: &str, labels: &BTreeMap<String, String>) -> Vec<Arc<VaultCluster>> {
         labels
             .iter()
-            .filter_map(|(k, v)| self.0.posting(ns, k, v))
+            .filter_map(|(k, v)| self.clusters.posting(ns, k, v))
             .flatten()
-            .filter_map(|name| self.0.get(ns, name))
+            .filter_map(|name| self.clusters.get(ns, name))
             .filter(|vc| selector::matches(&vc.spec.selector, labels))
             .collect()
     }
@@ -520,6 +655,148 @@ mod tests {
         assert_eq!(slim.ip, Some("10.0.0.7".parse().unwrap()));
         assert!(slim.serving());
         assert_eq!(slim.owner().map(String::as_str), Some("x"));
+    }
+
+    #[test]
+    fn a_cached_pod_keeps_exactly_the_labels_someone_reads() {
+        let wanted = ["app", "instance", "tier", "vault-active", "vault-sealed"];
+        let wants = |k: &str| wanted.contains(&k);
+        // (scenario, labels, kept)
+        let cases: Vec<(&str, Vec<(&str, &str)>, Vec<&str>)> = vec![
+            (
+                "selector keys and our own; the rest goes",
+                vec![
+                    ("app", "vault"),
+                    ("instance", "x"),
+                    ("vault-active", "true"),
+                    ("team", "a"),
+                    ("x".repeat(60).leak(), "y"),
+                    (OWNER_LABEL, "x"),
+                    (REVISION_LABEL, "vault-5d9c8b7f6"),
+                ],
+                vec![
+                    "app",
+                    "instance",
+                    "vault-active",
+                    OWNER_LABEL,
+                    REVISION_LABEL,
+                ],
+            ),
+            (
+                "the role labels of the prefix the pod says, read by no selector",
+                vec![
+                    ("app", "vault"),
+                    (PREFIX_LABEL, "old"),
+                    ("old-active", "true"),
+                    ("old-version", "1.17.2"),
+                    ("older-active", "true"),
+                ],
+                vec!["app", PREFIX_LABEL, "old-active", "old-version"],
+            ),
+            (
+                "a prefix label no VaultCluster could have written names nothing",
+                vec![(PREFIX_LABEL, "Bad_Prefix"), ("Bad_Prefix-active", "true")],
+                vec![PREFIX_LABEL],
+            ),
+            (
+                "an unrelated pod keeps nothing",
+                vec![("web", "x"), ("big", "y")],
+                vec![],
+            ),
+        ];
+        for (scenario, labels, want) in cases {
+            let labels: BTreeMap<String, String> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let kept = trim_labels(labels.iter(), wants);
+            let mut want: Vec<&str> = want;
+            want.sort();
+            assert_eq!(kept.keys().collect::<Vec<_>>(), want, "{scenario}");
+            assert!(
+                kept.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                "{scenario}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_keys_clusters_read_are_counted_and_new_ones_start_an_epoch() {
+        let mut index = ClusterIndex::default();
+        let epoch_of = |index: &ClusterIndex, selector: &str, prefix: &str| {
+            let mut vc = cluster("a", "probe", selector);
+            vc.spec.label_prefix = prefix.into();
+            index.keys_epoch(&vc)
+        };
+        index.apply(cluster(
+            "a",
+            "x",
+            "{matchLabels: {app: vault, instance: x}}",
+        ));
+        assert!(index.settle(), "keys read for the first time");
+        assert_eq!(index.epoch(), 1);
+        for key in ["app", "instance", "vault-active", "vault-version"] {
+            assert!(index.wants(key), "{key}");
+        }
+        assert!(!index.wants("tier"));
+        // An update reading the same keys (a status write) starts no epoch.
+        index.apply(cluster(
+            "a",
+            "x",
+            "{matchLabels: {app: vault, instance: x}}",
+        ));
+        assert!(!index.settle());
+        // A second cluster on a new key: a new epoch, which only it waits for.
+        index.apply(cluster(
+            "b",
+            "y",
+            "{matchLabels: {app: vault}, matchExpressions: [{key: tier, operator: Exists}]}",
+        ));
+        assert!(index.settle());
+        assert_eq!(
+            epoch_of(&index, "{matchLabels: {app: vault, instance: x}}", "vault"),
+            Some(1)
+        );
+        assert_eq!(
+            epoch_of(
+                &index,
+                "{matchLabels: {app: vault}, matchExpressions: [{key: tier, operator: Exists}]}",
+                "vault"
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            epoch_of(&index, "{matchLabels: {zone: z}}", "vault"),
+            None,
+            "not wanted yet"
+        );
+        assert_eq!(
+            epoch_of(&index, "{matchLabels: {app: vault}}", "openbao"),
+            None
+        );
+        // A relist that brings the same clusters back keeps the keys and their epochs.
+        let all = [
+            cluster("a", "x", "{matchLabels: {app: vault, instance: x}}"),
+            cluster(
+                "b",
+                "y",
+                "{matchLabels: {app: vault}, matchExpressions: [{key: tier, operator: Exists}]}",
+            ),
+        ];
+        index.clear_scope(None);
+        all.into_iter().for_each(|vc| index.apply(vc));
+        assert!(!index.settle());
+        assert_eq!(index.epoch(), 2);
+        // The key let go, then read again: pods updated meanwhile lost it, so a new epoch.
+        index.delete("b", "y");
+        assert!(!index.settle());
+        assert!(!index.wants("tier"));
+        index.apply(cluster("b", "y", "{matchLabels: {tier: t}}"));
+        assert!(index.settle());
+        assert_eq!(
+            epoch_of(&index, "{matchLabels: {tier: t}}", "vault"),
+            Some(3)
+        );
     }
 
     #[test]

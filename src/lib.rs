@@ -9,6 +9,7 @@ pub mod crd;
 pub mod decide;
 pub mod error;
 pub mod fail_static;
+pub mod fair;
 pub mod fault;
 pub mod fdlimit;
 pub mod health;

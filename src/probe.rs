@@ -1,7 +1,8 @@
 //! Probing one pod's health endpoint over HTTP or HTTPS. Deliberately small: one request,
 //! no redirects followed, no credentials sent, a cap on the body, a deadline on the whole
-//! exchange, a global bound on probes in flight and a bounded share of it per cluster, so
-//! that one cluster's slow pods cannot starve the others.
+//! exchange (and a shorter one on the connect), a global bound on probes in flight shared
+//! fairly between namespaces (`fair`) and a bounded share of it per cluster, so that one
+//! tenant's slow pods cannot starve the others.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+
+use crate::fair::FairPool;
 
 use crate::health::classify;
 use crate::keepalive::{IDLE_EXPIRY, Key, Pool, Sender};
@@ -58,10 +61,21 @@ impl Target {
     }
 }
 
+/// Longest wait for a TCP connection, whatever the probe's timeout: a pod network answers
+/// a SYN in milliseconds, and a pod whose SYNs go unanswered must not hold a slot for a
+/// whole 30 s timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connect's own deadline: half the probe's timeout, at most `CONNECT_TIMEOUT`, so
+/// that an answer still has time to come over a connection made late.
+pub fn connect_timeout(timeout: Duration) -> Duration {
+    (timeout / 2).min(CONNECT_TIMEOUT)
+}
+
 /// Runs probes with a bound on how many are in flight at once, over all clusters.
 #[derive(Clone)]
 pub struct Prober {
-    permits: Arc<Semaphore>,
+    slots: FairPool,
     share: usize,
     pool: Pool,
 }
@@ -75,7 +89,7 @@ impl Prober {
     pub fn with_idle_expiry(concurrency: usize, expiry: Duration) -> Self {
         let concurrency = concurrency.max(1);
         Self {
-            permits: Arc::new(Semaphore::new(concurrency)),
+            slots: FairPool::new(concurrency),
             // A quarter of the pool: at least four clusters can always probe side by side.
             share: (concurrency / 4).clamp(1, 16),
             pool: Pool::new(expiry),
@@ -88,24 +102,28 @@ impl Prober {
         self
     }
 
-    /// The bound on one cluster's probes in flight; one per probe round.
-    pub fn cluster_share(&self) -> Semaphore {
-        Semaphore::new(self.share)
+    /// The bound on one cluster's probes in flight, and the namespace whose fair share
+    /// of the pool they take; one per probe round.
+    pub fn cluster_share(&self, namespace: &str) -> Share {
+        Share {
+            cluster: Semaphore::new(self.share),
+            namespace: namespace.to_string(),
+        }
     }
 
     /// Probes once; the outcome and how long it took. The deadline covers the wait for a
     /// slot, so a probe never outlives its timeout; a slot that never came is our shortage,
     /// not the pod's failure.
-    pub async fn probe(&self, target: &Target, share: &Semaphore) -> (Outcome, Duration) {
+    pub async fn probe(&self, target: &Target, share: &Share) -> (Outcome, Duration) {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + target.timeout;
         let slots = async {
-            let cluster = share.acquire().await.expect("semaphore never closed");
-            let global = self
-                .permits
+            let cluster = share
+                .cluster
                 .acquire()
                 .await
                 .expect("semaphore never closed");
+            let global = self.slots.acquire(&share.namespace).await;
             (cluster, global)
         };
         let Ok(_slots) = tokio::time::timeout_at(deadline, slots).await else {
@@ -128,6 +146,12 @@ impl Prober {
         };
         (outcome, start.elapsed())
     }
+}
+
+/// One probe round's share of the pool: its cluster's bound, and its namespace.
+pub struct Share {
+    cluster: Semaphore,
+    namespace: String,
 }
 
 /// Errors of our own process: the pod is not to blame for them.
@@ -201,8 +225,15 @@ async fn with_cause(failure: Failure, ended: Ended) -> Failure {
 
 /// A new connection, TLS included, ready to send on. Its driver runs until it closes.
 async fn connect(target: &Target) -> Result<(Sender, Ended), Failure> {
-    let tcp = TcpStream::connect((target.ip, target.port))
+    let within = connect_timeout(target.timeout);
+    let tcp = tokio::time::timeout(within, TcpStream::connect((target.ip, target.port)))
         .await
+        .map_err(|_| {
+            Failure::new(
+                FailureKind::Transport,
+                format!("connect: no connection within {within:?}"),
+            )
+        })?
         .map_err(|e| io_failure("connect", e))?;
     let _ = tcp.set_nodelay(true);
     // Without it the probe still works; only a dead peer is found later.
@@ -614,8 +645,8 @@ mod tests {
     #[tokio::test]
     async fn a_probe_that_finds_no_slot_in_time_is_our_shortage() {
         let prober = Prober::new(1);
-        let share = prober.cluster_share();
-        let _held = share.acquire().await.unwrap();
+        let share = prober.cluster_share("ns");
+        let _held = share.cluster.acquire().await.unwrap();
         let target = Target {
             ip: "127.0.0.1".parse().unwrap(),
             port: 9,
@@ -638,6 +669,15 @@ mod tests {
     fn one_cluster_gets_a_quarter_of_the_pool() {
         for (pool, share) in [(1, 1), (8, 2), (64, 16), (1000, 16)] {
             assert_eq!(Prober::new(pool).share, share, "pool {pool}");
+        }
+    }
+
+    #[test]
+    fn the_connect_gives_up_before_the_probe() {
+        // (probe timeout, connect timeout)
+        for (timeout, connect) in [(300, 150), (1000, 500), (4000, 2000), (30000, 2000)] {
+            let got = connect_timeout(Duration::from_millis(timeout));
+            assert_eq!(got, Duration::from_millis(connect), "timeout {timeout} ms");
         }
     }
 
@@ -676,7 +716,7 @@ mod reuse_tests {
         .await
         .unwrap();
         let prober = Prober::new(4);
-        let share = prober.cluster_share();
+        let share = prober.cluster_share("ns");
         let target = target(sim.addr());
         for _ in 0..3 {
             let (outcome, _) = prober.probe(&target, &share).await;

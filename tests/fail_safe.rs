@@ -382,6 +382,78 @@ async fn a_hanging_cluster_cannot_starve_the_others() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Case 6b: a tenant's namespace of many VaultClusters whose every pod accepts the
+/// connection and never answers, for the longest timeout the schema allows (30 s), does
+/// not delay another namespace's failover: the probe slots are shared between namespaces,
+/// not only between clusters. Without that, eight such clusters hold all eight slots
+/// (two each) and the queue behind them, and the other namespace's probes find no slot
+/// within their 300 ms for half a minute at a time.
+#[tokio::test]
+async fn a_hanging_namespace_cannot_delay_another_namespaces_failover() -> anyhow::Result<()> {
+    let (hog, ns) = ("fs-fair-hog", "fs-fair-calm");
+    let hog_client = namespace(hog).await?;
+    let client = namespace(ns).await?;
+    let vault = SimCluster::start(&client, ns, "vault", &TRIO, None).await?;
+    let operator = operator(&format!("{hog},{ns}"), None, &["--probe-concurrency", "8"])?;
+    let f = Fixture {
+        client,
+        ns: ns.into(),
+        vault,
+        operator,
+    };
+    f.create("vault", FAST).await?;
+    f.converged().await?;
+    let mut hung = Vec::new();
+    for c in 0..8 {
+        let name = format!("h{c}");
+        let pods = SimCluster::start_labelled(
+            &hog_client,
+            hog,
+            &name,
+            &[Role::Standby; 3],
+            None,
+            &[("tier", name.as_str())],
+        )
+        .await?;
+        for i in 0..3 {
+            pods.sim(i).update(|s| s.behavior = Behavior::Hang).await;
+        }
+        let spec = format!(
+            "selector: {{matchLabels: {{tier: {name}}}}}\nhealth: {{interval: 40s, timeout: 30s}}"
+        );
+        create_vc(&hog_client, hog, &name, &spec).await?;
+        hung.push(pods);
+    }
+    let in_flight = || {
+        hung.iter()
+            .flat_map(|c| (0..3).map(move |i| c.sim(i).health_requests()))
+            .sum::<u64>()
+    };
+    wait::until("the hog's probes hanging", LIMIT, || async {
+        Ok((in_flight() >= 4).then_some(()))
+    })
+    .await?;
+    // Let the hog's clusters all come round and queue for slots.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    f.set(0, Role::Standby).await;
+    f.set(1, Role::Active).await;
+    let bound = Duration::from_secs(10);
+    let routed = wait_endpoints(&f.client, ns, "vault-active", &[f.vault.ip(1)], bound).await;
+    let took = started.elapsed();
+    println!(
+        "failover routed after {took:?} beside {} hung probes of {hog}",
+        in_flight()
+    );
+    routed?;
+    f.labels(
+        "vault-active",
+        &[Some("false"), Some("true"), Some("false")],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Case 7: a pod replaced under the same name between a round's observation and its write
 /// does not receive the labels meant for the pod it replaced.
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The probe connection pool against real servers on loopback: a kept connection the server
 //! broke is replaced without a failure, kept connections expire so the pool follows the pods
-//! still probed, and probe sockets carry TCP keepalive.
+//! still probed, and probe sockets carry TCP keepalive; and, over a cut path on the pod
+//! network, a connect that is never answered gives up before the probe's timeout.
 //!
 //! The servers speak just enough HTTP/1.1 by hand to break a connection at a chosen moment
 //! (after reading a request, with a reset or a FIN), which a full server does not offer.
@@ -158,7 +159,7 @@ async fn probe(prober: &Prober, addr: SocketAddr) -> Outcome {
         timeout: Duration::from_secs(2),
         tls: None,
     };
-    prober.probe(&target, &prober.cluster_share()).await.0
+    prober.probe(&target, &prober.cluster_share("ns")).await.0
 }
 
 async fn assert_healthy(prober: &Prober, addr: SocketAddr, what: &str) {
@@ -275,4 +276,36 @@ fn keepalive_of_socket_to(peer: SocketAddr) -> Option<(bool, Duration)> {
         return Some((socket.keepalive().ok()?, socket.tcp_keepalive_time().ok()?));
     }
     None
+}
+
+/// A pod whose SYNs go unanswered (its path cut, as on a vanished node) holds a probe slot
+/// for the connect timeout, half the probe's timeout and at most 2 s, not for the whole
+/// timeout: with 10 s, the kernel's own verdict (no route to host, after about 3 s of
+/// unanswered neighbour probes) would come first, and the slot would be held until then.
+#[tokio::test]
+async fn an_unanswered_connect_gives_up_before_the_probe() {
+    let ip = vault_registrar_testkit::pods::next_pod_ip();
+    let _cut = vault_registrar_testkit::netns::PathCut::new(&[ip]).unwrap();
+    let prober = Prober::new(4);
+    let target = Target {
+        ip: ip.into(),
+        port: 8200,
+        path: "/v1/sys/health".into(),
+        timeout: Duration::from_secs(10),
+        tls: None,
+    };
+    let (outcome, took) = prober.probe(&target, &prober.cluster_share("ns")).await;
+    match outcome {
+        Outcome::Failed(f) => {
+            assert_eq!(f.kind, FailureKind::Transport, "{}", f.message);
+            assert!(
+                f.message.contains("no connection within 2s"),
+                "{}",
+                f.message
+            );
+        }
+        other => panic!("a cut path answered: {other:?}"),
+    }
+    println!("an unanswered connect gave up after {took:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
 }

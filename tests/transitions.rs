@@ -446,3 +446,118 @@ fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
+
+/// A selector edit onto a label key no VaultCluster read before: the pod cache had dropped
+/// that label, so until the pods are listed again it cannot tell which pods the new
+/// selector takes. The cluster's rounds wait for that list: its pods, which all carry the
+/// key, are never taken for pods that left (which would strip them and empty the active
+/// Service), and after the list a failover is followed as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_onto_a_new_label_key_waits_for_the_pods_to_be_listed_again()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let f = converged_trio("tr-newkey").await?;
+    for i in 0..3 {
+        pods(&f)
+            .patch(
+                f.vault.pod_name(i),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"zone": "z1"}}})),
+            )
+            .await?;
+    }
+    let owners = record_owners(pods(&f));
+    f.clusters()
+        .patch(
+            "vault",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "vault", "zone": "z1"}},
+            }})),
+        )
+        .await?;
+    f.active_holds(0, Duration::from_secs(4)).await?;
+    let lost: Vec<_> = owners
+        .finish()
+        .await
+        .into_iter()
+        .filter(|(_, owner)| owner.is_none())
+        .collect();
+    assert!(lost.is_empty(), "pods stripped after the edit: {lost:?}");
+    f.fail_over_to(1).await?;
+    f.endpoints("vault-active", &[1]).await
+}
+
+/// The operator's memory against pods it does not care about: 100 pods that no selector
+/// takes, each with about 200 KB of labels, arriving while it runs. The pod cache keeps
+/// only the label keys VaultClusters read, so the resident memory grows by less than half
+/// of those 20 MB: what remains is the allocator's from parsing the events, which arrive
+/// as whole pods (a cache that kept every label grew by more than twice the labels' size:
+/// the pods and the index each hold them). An operator started beside them, which lists
+/// them all in one page, stays within the same bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrelated_pods_with_big_labels_do_not_grow_the_operator() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut f = converged_trio("tr-memory").await?;
+    let rss = |pid: u32| -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+        let kib: u64 = line.split_whitespace().nth(1).unwrap_or("0").parse()?;
+        Ok(kib * 1024)
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = rss(f.operator.pid())?;
+    // 1,600 labels of 63-character keys and values: about 200 KB of labels a pod.
+    let labels: serde_json::Map<String, serde_json::Value> = (0..1600)
+        .map(|i| (format!("k{i:04}-{}", "x".repeat(57)), json!("v".repeat(63))))
+        .collect();
+    let per_pod: usize = labels
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().unwrap().len())
+        .sum();
+    for i in 0..100 {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("big-{i}"), "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "unused"}]},
+        }))?;
+        pods(&f).create(&Default::default(), &pod).await?;
+    }
+    // A pod the cluster selects, created after them: once it is labelled, the operator's
+    // pod watch has taken in every big pod before it.
+    let (_sim, late) = add_pod(&f, "vault-late", Role::Standby).await?;
+    wait_label(&f, &late.name, None, "vault-active", "false", LIMIT).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss(f.operator.pid())?;
+    let total = per_pod * 100;
+    let grew = after.saturating_sub(before);
+    println!(
+        "operator RSS {:.1} MiB before, {:.1} MiB after 100 pods of {:.0} KB labels ({:.1} MB in all): grew {:.1} MiB",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        per_pod as f64 / 1000.0,
+        total as f64 / 1e6,
+        grew as f64 / 1048576.0,
+    );
+    assert!(
+        grew < total as u64 / 2,
+        "RSS grew by {grew} bytes for {total} bytes of labels no one reads"
+    );
+    // A start beside them lists them all at once (one page of 20 MB).
+    f.operator.kill();
+    f.operator = operator(&f.ns, None, &[])?;
+    f.fail_over_to(1).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fresh = rss(f.operator.pid())?;
+    println!(
+        "a new operator started beside them: RSS {:.1} MiB",
+        fresh as f64 / 1048576.0
+    );
+    assert!(
+        fresh.saturating_sub(before) < total as u64 / 2,
+        "a start beside them: RSS {fresh} bytes, against {before} without them"
+    );
+    Ok(())
+}

@@ -226,11 +226,8 @@ async fn patch_pod(
         .await
     {
         Ok(written) => {
-            ctx.caches
-                .pods
-                .write()
-                .unwrap()
-                .apply_written(SlimPod::from(&written));
+            let slim = super::cache::slim_pod(&ctx.caches, &written);
+            ctx.caches.pods.write().unwrap().apply_written(slim);
             ctx.metrics.label_writes.inc();
             info!(cluster = %cluster_name(vc), pod = %name, "labels written");
             Ok(Patched::Written)

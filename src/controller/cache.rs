@@ -5,6 +5,13 @@
 //! the cluster failed its TLS handshake, so that a rotated CA is picked up without a read
 //! every round.
 //!
+//! The pod cache keeps only the label keys some VaultCluster reads (its selector's and its
+//! role labels') and the operator's own: a namespace may hold pods with hundreds of
+//! kilobytes of labels that no one here reads. When a VaultCluster starts reading a key
+//! the cache dropped, the pods are listed again, and that cluster's rounds wait until a
+//! list started after the key was wanted is whole (`learned`): a round must never take a
+//! pod for unselected because the cache had not kept the label that selects it.
+//!
 //! Everything here belongs to one term of leadership: `new_term` empties the indexes and
 //! the sync marks, and a watch task of an older term can no longer write into them. A
 //! round reads the caches only once every kind has listed in the current term.
@@ -22,6 +29,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::settings::{CaKind, CaSource};
@@ -40,7 +48,6 @@ pub enum Kind {
 }
 
 /// What every round reads, for all watched namespaces.
-#[derive(Default)]
 pub struct Caches {
     pub pods: RwLock<PodIndex>,
     pub clusters: RwLock<ClusterIndex>,
@@ -51,8 +58,34 @@ pub struct Caches {
     /// The term of leadership the indexes belong to.
     term: AtomicU64,
     synced: Mutex<HashSet<(Kind, Option<String>)>>,
+    /// Per scope, the key epoch (`ClusterIndex::epoch`) at which the last whole pod list
+    /// began: the cache holds every label key wanted by then.
+    learned: Mutex<HashMap<Option<String>, u64>>,
+    /// The key epoch, sent each time a VaultCluster starts reading a new label key.
+    keys: watch::Sender<u64>,
     ca: Mutex<HashMap<CaKey, CaEntry>>,
 }
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self {
+            pods: RwLock::default(),
+            clusters: RwLock::default(),
+            services: RwLock::default(),
+            slices: RwLock::default(),
+            sets: RwLock::default(),
+            term: AtomicU64::default(),
+            synced: Mutex::default(),
+            learned: Mutex::default(),
+            keys: watch::Sender::new(0),
+            ca: Mutex::default(),
+        }
+    }
+}
+
+/// Least time between the starts of two pod lists that learn new label keys, so that
+/// VaultCluster edits cannot make the operator list every pod back to back.
+const RELEARN_GAP: Duration = Duration::from_secs(1);
 
 /// (namespace, where the bundle is)
 type CaKey = (String, CaSource);
@@ -85,9 +118,12 @@ impl Caches {
         // by the clearing below.
         let term = self.term.fetch_add(1, Ordering::SeqCst) + 1;
         self.synced.lock().unwrap().clear();
+        self.learned.lock().unwrap().clear();
         self.ca.lock().unwrap().clear();
         *self.pods.write().unwrap() = PodIndex::default();
-        *self.clusters.write().unwrap() = ClusterIndex::default();
+        let mut clusters = self.clusters.write().unwrap();
+        *clusters = ClusterIndex::starting_at(clusters.epoch());
+        drop(clusters);
         *self.services.write().unwrap() = LabelledIndex::default();
         *self.slices.write().unwrap() = LabelledIndex::default();
         *self.sets.write().unwrap() = LabelledIndex::default();
@@ -119,6 +155,32 @@ impl Caches {
         if self.term() == term {
             synced.insert((kind, scope.clone()));
         }
+    }
+
+    fn listed(&self, kind: Kind, scope: &Option<String>) -> bool {
+        self.synced.lock().unwrap().contains(&(kind, scope.clone()))
+    }
+
+    /// The current key epoch.
+    fn key_epoch(&self) -> u64 {
+        self.clusters.read().unwrap().epoch()
+    }
+
+    fn mark_learned(&self, term: u64, scope: &Option<String>, epoch: u64) {
+        let mut learned = self.learned.lock().unwrap();
+        if self.term() == term {
+            learned.insert(scope.clone(), epoch);
+        }
+    }
+
+    /// Whether the pod cache of `scope` holds every label `vc` reads: a pod list begun
+    /// after the cluster index wanted them all is whole.
+    pub fn learned(&self, scope: &Option<String>, vc: &VaultCluster) -> bool {
+        let Some(needed) = self.clusters.read().unwrap().keys_epoch(vc) else {
+            return false;
+        };
+        let learned = self.learned.lock().unwrap().get(scope).copied();
+        learned.is_some_and(|epoch| epoch >= needed)
     }
 
     /// The cached CA bundle, unless this VaultCluster (`uid`) changed since it took it,
@@ -199,7 +261,7 @@ pub struct Feed<T, K> {
     /// Applies a change to the kind's index.
     pub update: fn(&Caches, u64, Update<T>),
     /// What the index keeps of an object.
-    pub slim: fn(&K) -> T,
+    pub slim: fn(&Caches, &K) -> T,
 }
 
 /// What every watch of one scope and term shares.
@@ -214,7 +276,7 @@ impl Feeds {
         &self,
         kind: Kind,
         update: fn(&Caches, u64, Update<T>),
-        slim: fn(&K) -> T,
+        slim: fn(&Caches, &K) -> T,
     ) -> Feed<T, K> {
         Feed {
             caches: self.caches.clone(),
@@ -232,42 +294,124 @@ impl Feeds {
 /// already reads what triggered it. A failing watch waits `backoff` and goes on by itself:
 /// it never pauses the other watches or the controller, and after the API server comes
 /// back it resumes (or, on 410 Gone, relists) within one backoff step.
-pub async fn drive<K, T>(
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+///
+/// The pod watch starts once the VaultClusters of its scope have listed, so that its first
+/// list keeps the labels they read, and starts over (`watch` again: a new list) when they
+/// read a label key it has not kept.
+pub async fn drive<K, T, S>(
+    mut watch: impl FnMut() -> S,
     feed: Feed<T, K>,
     mut triggered: impl FnMut(&K) -> Vec<ObjectRef<VaultCluster>>,
     mut triggers: Triggers,
 ) where
     K: ResourceExt,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
-    let mut stream = std::pin::pin!(stream);
-    let mut listing: Vec<T> = Vec::new();
+    let pods = feed.kind == Kind::Pods;
+    let mut keys = feed.caches.keys.subscribe();
     let mut failures = 0u32;
-    while let Some(event) = stream.next().await {
-        let event = match event {
-            Ok(event) => {
-                failures = 0;
-                event
-            }
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                let wait = backoff(failures);
-                if failures == 1 {
-                    warn!(kind = ?feed.kind, scope = ?feed.scope, %error, "watch failed; retrying");
-                } else {
-                    debug!(kind = ?feed.kind, scope = ?feed.scope, %error, ?wait, "watch still failing");
+    loop {
+        if pods && !clusters_listed(&feed).await {
+            return; // the term is over
+        }
+        let started = tokio::time::Instant::now();
+        let mut stream = std::pin::pin!(watch());
+        let mut list = List {
+            objects: Vec::new(),
+            began: None,
+            learned: None,
+            listing: true,
+        };
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                // While the watch follows, a new key: list again.
+                Ok(()) = keys.changed(), if pods && list.whole() => {
+                    if feed.caches.key_epoch() > list.learned.unwrap_or(0) {
+                        break;
+                    }
+                    continue;
                 }
-                tokio::time::sleep(wait).await;
-                continue;
+            };
+            let Some(event) = event else { return };
+            let event = match event {
+                Ok(event) => {
+                    failures = 0;
+                    event
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures);
+                    if failures == 1 {
+                        warn!(kind = ?feed.kind, scope = ?feed.scope, %error, "watch failed; retrying");
+                    } else {
+                        debug!(kind = ?feed.kind, scope = ?feed.scope, %error, ?wait, "watch still failing");
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            list.follow(&feed, &event);
+            let object = apply(&feed, &mut list.objects, &event);
+            for cluster in object.map(&mut triggered).unwrap_or_default() {
+                if triggers.send(cluster).await.is_err() {
+                    return; // the controller is gone: so is the term
+                }
             }
-        };
-        let Some(object) = apply(&feed, &mut listing, &event) else {
-            continue;
-        };
-        for cluster in triggered(object) {
-            if triggers.send(cluster).await.is_err() {
-                return; // the controller is gone: so is the term
+            // A list just whole, begun before keys were added: list again.
+            if pods
+                && matches!(event, watcher::Event::InitDone)
+                && feed.caches.key_epoch() > list.learned.unwrap_or(0)
+            {
+                break;
             }
+        }
+        debug!(scope = ?feed.scope, "pods listed again for new label keys");
+        tokio::time::sleep_until(started + RELEARN_GAP).await;
+    }
+}
+
+/// Waits until the VaultClusters of the feed's scope have listed; false if the term ended.
+async fn clusters_listed<T, K>(feed: &Feed<T, K>) -> bool {
+    while !feed.caches.listed(Kind::Clusters, &feed.scope) {
+        if feed.caches.term() != feed.term {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// One watch's list in progress, and what the last whole one learned.
+struct List<T> {
+    objects: Vec<T>,
+    /// The key epoch when the list in progress began.
+    began: Option<u64>,
+    /// The key epoch when the last whole list began.
+    learned: Option<u64>,
+    listing: bool,
+}
+
+impl<T> List<T> {
+    fn whole(&self) -> bool {
+        self.learned.is_some() && !self.listing
+    }
+
+    /// Notes a list's start and end; a whole pod list tells the caches what it learned.
+    fn follow<K>(&mut self, feed: &Feed<T, K>, event: &watcher::Event<K>) {
+        match event {
+            watcher::Event::Init => {
+                self.listing = true;
+                self.began = Some(feed.caches.key_epoch());
+            }
+            watcher::Event::InitDone => {
+                self.listing = false;
+                self.learned = self.began;
+                if let (Kind::Pods, Some(epoch)) = (feed.kind, self.began) {
+                    feed.caches.mark_learned(feed.term, &feed.scope, epoch);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -282,7 +426,7 @@ fn apply<'e, K: ResourceExt, T>(
     match event {
         watcher::Event::Init => listing.clear(),
         watcher::Event::InitApply(object) => {
-            listing.push((feed.slim)(object));
+            listing.push((feed.slim)(&feed.caches, object));
             return Some(object);
         }
         watcher::Event::InitDone => {
@@ -290,7 +434,7 @@ fn apply<'e, K: ResourceExt, T>(
             feed.caches.mark_synced(feed.term, feed.kind, &feed.scope);
         }
         watcher::Event::Apply(object) => {
-            update(Update::Applied((feed.slim)(object)));
+            update(Update::Applied((feed.slim)(&feed.caches, object)));
             return Some(object);
         }
         watcher::Event::Delete(object) => {
@@ -331,16 +475,29 @@ pub fn pods(caches: &Caches, term: u64, update: Update<SlimPod>) {
     });
 }
 
-/// Applies updates to the VaultCluster index.
+/// Applies updates to the VaultCluster index; when they read a label key no cluster read
+/// before, the pod watches list again to learn it.
 pub fn clusters(caches: &Caches, term: u64, update: Update<VaultCluster>) {
-    within_term(caches, &caches.clusters, term, |index| match update {
-        Update::Relisted(scope, all) => {
-            index.clear_scope(scope.as_deref());
-            all.into_iter().for_each(|vc| index.apply(vc));
+    let mut grew = None;
+    within_term(caches, &caches.clusters, term, |index| {
+        match update {
+            Update::Relisted(scope, all) => {
+                index.clear_scope(scope.as_deref());
+                all.into_iter().for_each(|vc| index.apply(vc));
+            }
+            Update::Applied(vc) => index.apply(vc),
+            Update::Deleted(ns, name) => index.delete(&ns, &name),
         }
-        Update::Applied(vc) => index.apply(vc),
-        Update::Deleted(ns, name) => index.delete(&ns, &name),
+        grew = index.settle().then(|| index.epoch());
     });
+    if let Some(epoch) = grew {
+        caches.keys.send_replace(epoch);
+    }
+}
+
+/// What the VaultCluster index keeps: all but the managed fields (see `run`).
+pub fn cluster(_: &Caches, vc: &VaultCluster) -> VaultCluster {
+    vc.clone()
 }
 
 /// Applies updates to the Service index.
@@ -373,9 +530,10 @@ fn labelled<K: ResourceExt>(index: &mut LabelledIndex<K>, update: Update<K>) {
     }
 }
 
-/// What the caches keep of a pod.
-pub fn slim_pod(pod: &Pod) -> SlimPod {
-    SlimPod::from(pod)
+/// What the caches keep of a pod: the labels some VaultCluster reads, and ours.
+pub fn slim_pod(caches: &Caches, pod: &Pod) -> SlimPod {
+    let clusters = caches.clusters.read().unwrap();
+    SlimPod::trimmed(pod, |key| clusters.wants(key))
 }
 
 /// What the caches keep of a StatefulSet: what `upgrade::SetView` reads, not the pod
@@ -545,6 +703,93 @@ mod tests {
         assert_eq!(index(&feed), ["b", "c"]);
         apply(&feed, &mut listing, &watcher::Event::Delete(full("b")));
         assert_eq!(index(&feed), ["c"]);
+    }
+
+    #[tokio::test]
+    async fn a_cluster_reading_a_new_key_waits_until_the_pods_are_listed_again() {
+        let caches = std::sync::Arc::new(Caches::default());
+        let term = caches.new_term();
+        let scope = None;
+        let vc = |name: &str, selector: &str| -> VaultCluster {
+            let spec = serde_yaml::from_str(&format!("selector: {selector}")).unwrap();
+            let mut vc = VaultCluster::new(name, spec);
+            vc.metadata.namespace = Some("ns".into());
+            vc
+        };
+        let old = vc("old", "{matchLabels: {app: vault}}");
+        clusters(&caches, term, Update::Relisted(&scope, vec![old.clone()]));
+        caches.mark_synced(term, Kind::Clusters, &scope);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "p", "resourceVersion": "1",
+                "labels": {"app": "vault", "tier": "t", "junk": "x".repeat(60)}},
+        }))
+        .unwrap();
+        // Each start of the watch is a new list, sent by the test.
+        let (starts, mut lists) = mpsc::unbounded();
+        let watch = move || {
+            let (tx, rx) = mpsc::unbounded::<Result<watcher::Event<Pod>, watcher::Error>>();
+            starts.unbounded_send(tx).unwrap();
+            rx
+        };
+        let (triggers, _reconciles) = mpsc::channel(16);
+        let feed = Feed {
+            caches: caches.clone(),
+            term,
+            kind: Kind::Pods,
+            scope: None,
+            update: pods,
+            slim: slim_pod,
+        };
+        let task = tokio::spawn(drive(watch, feed, |_| Vec::new(), triggers));
+        let list = |tx: &mpsc::UnboundedSender<_>| {
+            for event in [
+                watcher::Event::Init,
+                watcher::Event::InitApply(pod.clone()),
+                watcher::Event::InitDone,
+            ] {
+                tx.unbounded_send(Ok(event)).unwrap();
+            }
+        };
+        let labels = || {
+            let index = caches.pods.read().unwrap();
+            let p = index.get("ns", "p").unwrap();
+            p.labels.keys().cloned().collect::<Vec<_>>()
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        let first = lists.next().await.unwrap();
+        list(&first);
+        settle().await;
+        assert_eq!(labels(), ["app"], "only what a selector reads");
+        assert!(caches.learned(&scope, &old));
+        // A cluster that selects on `tier`: the pods are listed again, and it waits.
+        let new = vc("new", "{matchLabels: {tier: t}}");
+        clusters(&caches, term, Update::Applied(new.clone()));
+        assert!(!caches.learned(&scope, &new), "tier was dropped");
+        assert!(caches.learned(&scope, &old), "the old cluster goes on");
+        let second = tokio::time::timeout(Duration::from_secs(3), lists.next())
+            .await
+            .expect("a new list")
+            .unwrap();
+        second.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+        second
+            .unbounded_send(Ok(watcher::Event::InitApply(pod.clone())))
+            .unwrap();
+        settle().await;
+        assert!(
+            !caches.learned(&scope, &new),
+            "not before the list is whole"
+        );
+        second.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        settle().await;
+        assert!(caches.learned(&scope, &new));
+        assert_eq!(labels(), ["app", "tier"]);
+        // A status write of a cluster reads no new key: no list.
+        let mut written = new.clone();
+        written.metadata.resource_version = Some("2".into());
+        clusters(&caches, term, Update::Applied(written));
+        settle().await;
+        assert!(lists.try_recv().is_err(), "no third list");
+        task.abort();
     }
 
     #[test]

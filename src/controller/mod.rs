@@ -34,7 +34,6 @@ use crate::crd::{FINALIZER, VaultCluster};
 use crate::decide::decide;
 use crate::error::Error;
 use crate::fail_static;
-use crate::index::SlimPod;
 use crate::labels::{LabelNames, diff, full_removal};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
@@ -148,6 +147,15 @@ impl Context {
         self.metrics.forget_clusters();
     }
 
+    /// The watched scope a namespace's objects come from.
+    fn scope_of(&self, ns: &str) -> Option<String> {
+        if self.scopes.contains(&None) {
+            None
+        } else {
+            Some(ns.to_string())
+        }
+    }
+
     /// Whether every cache has listed in every watched scope during this term.
     pub fn synced(&self) -> bool {
         self.caches.synced(&self.scopes)
@@ -239,38 +247,58 @@ fn spawn_watches(
     // never read: a thousand of them cost a hundred megabytes.
     let clusters = watcher(api::<VaultCluster>(client, scope), config.clone())
         .modify(|vc| vc.managed_fields_mut().clear());
+    let mut clusters = Some(reflector::reflector(writer, clusters));
     tasks.spawn(cache::drive(
-        reflector::reflector(writer, clusters),
-        feed.of(Kind::Clusters, cache::clusters, Clone::clone),
+        move || {
+            clusters
+                .take()
+                .expect("the VaultCluster watch never starts over")
+        },
+        feed.of(Kind::Clusters, cache::clusters, cache::cluster),
         |vc: &VaultCluster| vec![ObjectRef::from_obj(vc)],
         triggers.clone(),
     ));
     let marks = ctx.clone();
+    let (pods, pod_config) = (api::<Pod>(client, scope), config.clone());
     tasks.spawn(cache::drive(
-        watcher(api::<Pod>(client, scope), config.clone()),
+        move || watcher(pods.clone(), pod_config.clone()),
         feed.of(Kind::Pods, cache::pods, cache::slim_pod),
         move |pod: &Pod| concerned(&marks, pod),
         triggers.clone(),
     ));
     let marks = ctx.clone();
+    let mut services = Some(watcher(api::<Service>(client, scope), ours.clone()));
     tasks.spawn(cache::drive(
-        watcher(api::<Service>(client, scope), ours.clone()),
-        feed.of(Kind::Services, cache::services, cache::trimmed),
+        move || {
+            services
+                .take()
+                .expect("the Service watch never starts over")
+        },
+        feed.of(Kind::Services, cache::services, |_, s| cache::trimmed(s)),
         move |svc: &Service| owners(&marks, svc),
         triggers.clone(),
     ));
     let marks = ctx.clone();
+    let mut sets = Some(watcher(api::<StatefulSet>(client, scope), config.clone()));
     tasks.spawn(cache::drive(
-        watcher(api::<StatefulSet>(client, scope), config.clone()),
-        feed.of(Kind::Sets, cache::sets, cache::slim_set),
+        move || {
+            sets.take()
+                .expect("the StatefulSet watch never starts over")
+        },
+        feed.of(Kind::Sets, cache::sets, |_, s| cache::slim_set(s)),
         move |set: &StatefulSet| rollout::concerned(&marks, set),
         triggers.clone(),
     ));
     // EndpointSlices carry the labels of their Service, so ours are found by the same
     // label. They trigger nothing: a round only waits on them.
+    let mut slices = Some(watcher(api::<EndpointSlice>(client, scope), ours));
     tasks.spawn(cache::drive(
-        watcher(api::<EndpointSlice>(client, scope), ours),
-        feed.of(Kind::Slices, cache::slices, cache::trimmed),
+        move || {
+            slices
+                .take()
+                .expect("the EndpointSlice watch never starts over")
+        },
+        feed.of(Kind::Slices, cache::slices, |_, s| cache::trimmed(s)),
         |_: &EndpointSlice| Vec::new(),
         triggers,
     ));
@@ -292,8 +320,9 @@ fn owners(ctx: &Context, svc: &Service) -> Vec<ObjectRef<VaultCluster>> {
 /// The VaultClusters a pod change concerns: those selecting it and the one that labelled
 /// it. Their next round is a full one.
 fn concerned(ctx: &Context, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
+    let slim = cache::slim_pod(&ctx.caches, pod);
     let index = ctx.caches.clusters.read().unwrap();
-    let clusters = index.concerned(&SlimPod::from(pod));
+    let clusters = index.concerned(&slim);
     for vc in &clusters {
         ctx.mark_dirty(&vc.uid().unwrap_or_default());
     }
@@ -371,6 +400,10 @@ async fn reconcile(
     // Neither apply nor cleanup on a partial view: a pod cache still listing shows a
     // cluster with no pods, and its deletion would strip nothing.
     if !ctx.synced() {
+        return Ok(Action::requeue(UNSYNCED_RETRY));
+    }
+    // Nor before the pod cache holds the labels this cluster reads (a new selector key).
+    if !ctx.caches.learned(&ctx.scope_of(&vc_ns(&vc)), &vc) {
         return Ok(Action::requeue(UNSYNCED_RETRY));
     }
     let result = finalizer(&api, FINALIZER, vc, |event| async {
@@ -544,13 +577,28 @@ fn vc_ns(vc: &VaultCluster) -> String {
     vc.namespace().unwrap_or_default()
 }
 
-/// Every pod's role and the active pod, as a signature: what a change of the cluster is.
+/// The role of every pod shown, the counts (which also cover the pods the capped
+/// `members` leaves out) and the active pod, as a signature: what a change of the cluster is.
 fn roles_signature(status: &crate::crd::VaultClusterStatus) -> u64 {
     let roles = status
         .members
         .iter()
-        .flat_map(|m| [m.name.as_str(), m.role.as_str()]);
-    rhythm::signature(roles.chain(status.active_pod.as_deref()))
+        .flat_map(|m| [m.name.clone(), m.role.clone()]);
+    let counts = [
+        status.pods,
+        status.active,
+        status.standby,
+        status.perf_standby,
+        status.sealed,
+        status.uninitialized,
+        status.unreachable,
+    ]
+    .map(|n| n.to_string());
+    let all: Vec<String> = roles
+        .chain(counts)
+        .chain(status.active_pod.clone())
+        .collect();
+    rhythm::signature(all.iter().map(String::as_str))
 }
 
 /// A fixed offset within the interval for each cluster, added once after its first round:

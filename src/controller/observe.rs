@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use kube::ResourceExt;
 use kube::core::SelectorExt;
-use tokio::sync::Semaphore;
 
 use super::Context;
 use super::settings::ProbeSettings;
@@ -15,7 +14,7 @@ use crate::crd::VaultCluster;
 use crate::decide::{Member, Reach};
 use crate::health::Health;
 use crate::index::SlimPod;
-use crate::probe::{Target, server_name};
+use crate::probe::{Share, Target, server_name};
 use crate::selector;
 use crate::tracker::{Failure, FailureKind, Outcome};
 
@@ -97,7 +96,9 @@ pub async fn sentinel(
     settings: &ProbeSettings,
     pod: &SlimPod,
 ) -> bool {
-    let share = ctx.prober.cluster_share();
+    let share = ctx
+        .prober
+        .cluster_share(&vc.namespace().unwrap_or_default());
     let Ok(Outcome::Healthy(health)) = probe_pod(ctx, &vc.name_any(), settings, &share, pod).await
     else {
         return false;
@@ -118,7 +119,9 @@ pub async fn probe_all(
     settings: &ProbeSettings,
     pods: &[Arc<SlimPod>],
 ) -> Vec<Member> {
-    let share = ctx.prober.cluster_share();
+    let share = ctx
+        .prober
+        .cluster_share(&vc.namespace().unwrap_or_default());
     let cluster = vc.name_any();
     let outcomes = futures::future::join_all(
         pods.iter()
@@ -166,7 +169,7 @@ async fn probe_pod(
     ctx: &Context,
     cluster: &str,
     settings: &ProbeSettings,
-    share: &Semaphore,
+    share: &Share,
     pod: &SlimPod,
 ) -> Result<Outcome, String> {
     if pod.terminating {

@@ -1,5 +1,5 @@
 //! One row of `status.members` per pod: its role as last seen, and the error that began a
-//! streak of failures.
+//! streak of failures; at most `MAX_MEMBERS` rows, those that need a reader's eye first.
 
 use crate::crd::{MemberStatus, VaultClusterStatus};
 use crate::decide::Member;
@@ -51,4 +51,46 @@ pub(super) fn member_status(m: &Member) -> MemberStatus {
         version: health.map(|h| h.version.clone()).unwrap_or_default(),
         last_probe_error: error,
     }
+}
+
+/// Most rows `status.members` holds, however many pods the selector takes in: a status is
+/// written on every change and read by every `kubectl get`, so it must stay small. The
+/// counts (`pods`, `sealed`, ...) still cover every pod.
+pub const MAX_MEMBERS: usize = 25;
+
+/// Which rows a reader needs first: the active pod, then pods that cannot serve (no
+/// answer, sealed, not initialised, removed, not yet probed), then pods whose probes are
+/// failing, then the serving standbys.
+fn rank(m: &MemberStatus) -> u8 {
+    match m.role.as_str() {
+        "active" => 0,
+        "unreachable" => 1,
+        "sealed" | "uninitialized" | "removed" | "pending" => 2,
+        _ if m.sealed || !m.last_probe_error.is_empty() => 3,
+        _ => 4,
+    }
+}
+
+/// The rows to publish, in their original (pod name) order, and how many were left out:
+/// the `MAX_MEMBERS` of lowest rank, ties broken by name so that the same pods give the
+/// same rows every round.
+pub(super) fn capped(members: Vec<MemberStatus>) -> (Vec<MemberStatus>, usize) {
+    if members.len() <= MAX_MEMBERS {
+        return (members, 0);
+    }
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by(|&a, &b| {
+        (rank(&members[a]), &members[a].name).cmp(&(rank(&members[b]), &members[b].name))
+    });
+    let mut keep = vec![false; members.len()];
+    for &i in order.iter().take(MAX_MEMBERS) {
+        keep[i] = true;
+    }
+    let omitted = members.len() - MAX_MEMBERS;
+    let shown = members
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(m, kept)| kept.then_some(m))
+        .collect();
+    (shown, omitted)
 }

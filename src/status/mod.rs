@@ -21,7 +21,8 @@ use crate::decide::{Decision, Member, Written};
 use crate::text::{self, shorten};
 
 use conditions::conditions;
-use members::{keep_first_errors, last_health, member_status};
+pub use members::MAX_MEMBERS;
+use members::{capped, keep_first_errors, last_health, member_status};
 
 /// The conditions every built status carries, in this order. A condition that stops
 /// applying turns False rather than going, so `kubectl wait --for=condition=X=false` and
@@ -82,8 +83,13 @@ pub fn build(o: &Observation) -> VaultClusterStatus {
         uninitialized: count(&["uninitialized"]),
         unreachable: count(&["unreachable"]),
         version: shorten(versions.into_iter().collect::<Vec<_>>().join(","), VERSIONS),
-        members,
+        members: Vec::new(),
+        members_omitted: 0,
     };
+    // The counts above cover every pod; the rows are capped.
+    let (shown, omitted) = capped(members);
+    status.members = shown;
+    status.members_omitted = omitted as i32;
     status.conditions = conditions(o, &status);
     status
 }

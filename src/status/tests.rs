@@ -614,3 +614,89 @@ fn a_refused_promotion_names_no_active_pod() {
     assert!(available.message.starts_with("v0 answers as active"));
     assert_eq!(cond(&status, "Ready").reason, "WriteFailed");
 }
+
+#[test]
+fn members_are_capped_with_the_pods_that_need_an_eye_first() {
+    let down = |name: &str| Member {
+        verdict: Verdict::Down {
+            reason: "connection refused".into(),
+            last: None,
+        },
+        ..healthy(name, Role::Standby)
+    };
+    let standbys = |n: usize| -> Vec<Member> {
+        (0..n)
+            .map(|i| healthy(&format!("s{i:03}"), Role::Standby))
+            .collect()
+    };
+    // (scenario, members, rows shown: (name, role) that must be among them, omitted)
+    let cases: Vec<(&str, Vec<Member>, Vec<&str>, i32)> = vec![
+        (
+            "under the cap",
+            standbys(3),
+            vec!["s000", "s001", "s002"],
+            0,
+        ),
+        ("at the cap", standbys(MAX_MEMBERS), vec!["s000", "s024"], 0),
+        (
+            "one over: the last by name goes",
+            standbys(26),
+            vec!["s024"],
+            1,
+        ),
+        (
+            "the active pod, sealed and unreachable pods come first",
+            standbys(200)
+                .into_iter()
+                .chain([
+                    healthy("zz-active", Role::Active),
+                    healthy("zz-sealed", Role::Sealed),
+                    down("zz-down"),
+                ])
+                .collect(),
+            vec!["zz-active", "zz-sealed", "zz-down", "s000", "s021"],
+            178,
+        ),
+    ];
+    for (scenario, mut members, must, omitted) in cases {
+        // As a round lists them: by pod name.
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        let total = members.len() as i32;
+        let s = status_of(members, None, vec![], 100);
+        assert!(s.members.len() <= MAX_MEMBERS, "{scenario}");
+        assert_eq!(s.members_omitted, omitted, "{scenario}");
+        assert_eq!(s.members.len() as i32 + omitted, total, "{scenario}");
+        assert_eq!(s.pods, total, "{scenario}: the counts cover every pod");
+        let names: Vec<&str> = s.members.iter().map(|m| m.name.as_str()).collect();
+        for name in must {
+            assert!(names.contains(&name), "{scenario}: {name} missing");
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "{scenario}: rows keep the pods' order");
+    }
+    // Many pods that cannot serve: the active pod keeps its row, and the counts say the rest.
+    let mut members: Vec<Member> = (0..60).map(|i| down(&format!("d{i:02}"))).collect();
+    members.push(healthy("v-active", Role::Active));
+    let s = status_of(members.clone(), None, vec![], 100);
+    assert_eq!(s.members[0].name, "d00");
+    assert!(s.members.iter().any(|m| m.name == "v-active"));
+    assert_eq!((s.unreachable, s.members_omitted), (60, 36));
+    // The same pods give the same status: no write from the cap alone.
+    assert_eq!(status_of(members, Some(&s), vec![], 200), s);
+}
+
+#[test]
+fn the_schema_caps_members_as_the_status_does() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(crate::crd::VaultCluster::crd()).unwrap();
+    let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+    assert_eq!(
+        status["properties"]["members"]["maxItems"],
+        serde_json::json!(MAX_MEMBERS)
+    );
+    assert_eq!(
+        status["properties"]["membersOmitted"]["type"],
+        serde_json::json!("integer")
+    );
+}
