@@ -183,15 +183,18 @@ impl<T> Postings<T> {
 
     /// Drops every object of a watch's scope (a namespace, or all), for a fresh list.
     fn clear_scope(&mut self, scope: Option<&str>) {
-        let gone: Vec<(String, String)> = self
-            .objects
+        for (ns, name) in self.names_in(scope) {
+            self.remove(&ns, &name);
+        }
+    }
+
+    /// The (namespace, name) of every object in a watch's scope.
+    fn names_in(&self, scope: Option<&str>) -> Vec<(String, String)> {
+        self.objects
             .keys()
             .filter(|(ns, _)| scope.is_none_or(|s| s == ns))
             .cloned()
-            .collect();
-        for (ns, name) in gone {
-            self.remove(&ns, &name);
-        }
+            .collect()
     }
 
     fn posting(&self, ns: &str, k: &str, v: &str) -> Option<&BTreeSet<String>> {
@@ -409,14 +412,8 @@ impl ClusterIndex {
     }
 
     pub fn clear_scope(&mut self, scope: Option<&str>) {
-        let gone: Vec<(String, String)> = self
-            .clusters
-            .objects
-            .keys()
-            .filter(|(ns, _)| scope.is_none_or(|s| s == ns))
-            .cloned()
-            .collect();
-        for (ns, name) in gone {
+        // Through `delete`, so the key counts follow.
+        for (ns, name) in self.clusters.names_in(scope) {
             self.delete(&ns, &name);
         }
     }

@@ -59,23 +59,9 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
             let tls = h.tls.clone().unwrap_or_default();
             check_server_name(&tls.server_name).map_err(spec)?;
             let source = CaSource::of(&tls);
-            let bundle = match &source {
-                Some(source) => {
-                    let (pem, problem) = ca(vc, ctx, source).await?;
-                    warning = problem;
-                    Some(pem)
-                }
-                None => None,
-            };
+            let bundle = read_pem(vc, ctx, source.as_ref(), &mut warning).await?;
             let client_source = CaSource::client(&tls);
-            let client = match &client_source {
-                Some(source) => {
-                    let (pem, problem) = ca(vc, ctx, source).await?;
-                    warning = warning.or(problem);
-                    Some(pem)
-                }
-                None => None,
-            };
+            let client = read_pem(vc, ctx, client_source.as_ref(), &mut warning).await?;
             let config = tls_config(
                 bundle.as_deref(),
                 tls.insecure_skip_verify,
@@ -115,6 +101,24 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         tls,
         warning,
     })
+}
+
+/// The PEM a source holds, when the spec names one; a problem read with it (a source gone
+/// while the copy read before stands in) goes to `warning`, the first one kept.
+async fn read_pem(
+    vc: &VaultCluster,
+    ctx: &Context,
+    source: Option<&CaSource>,
+    warning: &mut Option<String>,
+) -> Result<Option<Vec<u8>>, Unusable> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let (pem, problem) = ca(vc, ctx, source).await?;
+    if warning.is_none() {
+        *warning = problem;
+    }
+    Ok(Some(pem))
 }
 
 /// Where a cluster's CA bundle lives.
