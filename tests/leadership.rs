@@ -19,7 +19,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, OnceCell};
 use vault_registrar::crd::VaultCluster;
-use vault_registrar_testkit::cluster::{Operator, SimCluster};
+use vault_registrar_testkit::api_relay::{ApiRelay, pod_list};
+use vault_registrar_testkit::cluster::{Operator, SimCluster, wait_endpoints};
 use vault_registrar_testkit::election::{Replica, http_get, lease_holder, wait_gauge, wait_holder};
 use vault_registrar_testkit::history::{History, LabelHistory};
 use vault_registrar_testkit::pods::create_namespace;
@@ -109,6 +110,12 @@ struct Pair {
 }
 
 async fn pair(ns: &str, lease: &str) -> anyhow::Result<Pair> {
+    pair_with(ns, lease, None).await
+}
+
+/// As `pair`, "a" reaching the API server through `api` (behind its own TCP relay) when
+/// given, so that the test can hold a's requests; a then acts with the relay's rights.
+async fn pair_with(ns: &str, lease: &str, api: Option<&ApiRelay>) -> anyhow::Result<Pair> {
     install_crd().await?;
     let client = shared().client().await?;
     create_namespace(&client, ns).await?;
@@ -123,14 +130,26 @@ async fn pair(ns: &str, lease: &str) -> anyhow::Result<Pair> {
         "--namespace",
         ns,
     ];
-    let a = Replica::start(
-        shared(),
-        bin(),
-        &account(&client, ns, "a").await?,
-        "a",
-        &args,
-    )
-    .await?;
+    let a = match api {
+        None => {
+            Replica::start(
+                shared(),
+                bin(),
+                &account(&client, ns, "a").await?,
+                "a",
+                &args,
+            )
+            .await?
+        }
+        Some(api) => Replica::start_via(
+            shared(),
+            bin(),
+            (&api.kubeconfig(&format!("{ns}-a"))?, &api.server()),
+            "a",
+            &args,
+            Relay::start(server_addr(&api.server())?).await?,
+        )?,
+    };
     wait_holder(&client, ns, LEASE_NAME, "a", LIMIT).await?;
     vault
         .wait_labels(
@@ -324,6 +343,61 @@ async fn blackholed_leader_steps_down_and_never_writes_after_the_takeover() -> a
         Vec::<String>::new(),
         "a wrote after b took over at {takeover}"
     );
+    Ok(())
+}
+
+/// One process loses the Lease and later wins it again: its second term decides only from
+/// caches listed in that term, not from what its first term saw. While it follows, the
+/// cluster fails over twice: once under the other leader, once with no leader at all; and
+/// the second term's pod list is held for 3 s. Deciding from the first term's pods would
+/// leave the pod the other leader promoted labelled active beside the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_the_lease_leads_again_from_what_it_lists_anew() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let api = ApiRelay::start(shared()).await?;
+    let mut p = pair_with("lead-regain", "4s", Some(&api)).await?;
+    let watcher = watch_pods(&p).await?;
+    let pid = p.a.operator.pid();
+    p.a.relay.blackhole();
+    wait_gauge(&p.a, 0.0, LIMIT).await?;
+    wait_holder(&p.client, &p.ns, LEASE_NAME, "b", LIMIT).await?;
+    p.fail_over(0, 1).await;
+    p.wait_active(1, LIMIT).await?;
+    p.a.relay.restore();
+    wait::until("a ready again as a follower", LIMIT, || async {
+        Ok((p.a.health("/readyz").await == Some(200)).then_some(()))
+    })
+    .await?;
+    api.hold(pod_list, Duration::from_secs(3), 1);
+    p.b.operator.kill();
+    // With no leader the labels hold: pod 1 stays labelled active while Vault moved on.
+    p.fail_over(1, 2).await;
+    let lost = Instant::now();
+    tokio::time::sleep(LEASE / 2).await;
+    assert_eq!(
+        p.vault
+            .labels(1)
+            .await?
+            .get("vault-active")
+            .map(String::as_str),
+        Some("true"),
+        "a follower wrote the labels"
+    );
+    wait_holder(&p.client, &p.ns, LEASE_NAME, "a", LIMIT).await?;
+    p.wait_active(2, LIMIT).await?;
+    let regained = lost.elapsed();
+    assert_eq!(api.held(), 1, "the second term's pod list was not held");
+    assert!(p.a.operator.running(), "a exited instead of leading again");
+    assert_eq!(p.a.operator.pid(), pid, "a was restarted");
+    assert_eq!(p.a.leader_gauge().await, Some(1.0));
+    assert!(
+        p.a.cluster_series().await.unwrap_or(0) > 0,
+        "a's second term shows no cluster series"
+    );
+    wait_endpoints(&p.client, &p.ns, "vault-active", &[p.vault.ip(2)], LIMIT).await?;
+    println!("a led again and routed pod 2 {regained:?} after b's kill");
+    let (history, ..) = watcher.finish(0).await?;
+    assert_eq!(history.most, 1, "two pods were labelled active at once");
     Ok(())
 }
 

@@ -102,6 +102,11 @@ impl ApiRelay {
         });
     }
 
+    /// The URL a kubeconfig names to reach the API server through this relay.
+    pub fn server(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
     /// How many requests were held so far.
     pub fn held(&self) -> usize {
         self.holds.lock().unwrap().held
@@ -113,8 +118,8 @@ impl ApiRelay {
         std::fs::write(&ca, &self.ca_pem)?;
         let path = self.dir.join(format!("kubeconfig-api-relay-{name}"));
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: relay\n  cluster:\n    server: https://{}\n    certificate-authority: {}\nusers:\n- name: relayed\n  user: {{}}\ncontexts:\n- name: relay\n  context: {{cluster: relay, user: relayed}}\ncurrent-context: relay\n",
-            self.addr,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: relay\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: relayed\n  user: {{}}\ncontexts:\n- name: relay\n  context: {{cluster: relay, user: relayed}}\ncurrent-context: relay\n",
+            self.server(),
             ca.display()
         );
         std::fs::write(&path, text)?;

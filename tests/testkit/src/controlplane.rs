@@ -394,6 +394,21 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Write requests to objects in `namespace`, by anyone, with the time the API server
+    /// completed each (its stageTimestamp), as (at, verb, resource, name).
+    pub fn completed_writes_in(&self, namespace: &str) -> Vec<(Timestamp, String, String, String)> {
+        self.audited_writes()
+            .into_iter()
+            .filter(|e| e["objectRef"]["namespace"] == namespace)
+            .filter_map(|e| {
+                let at: Timestamp = e["stageTimestamp"].as_str()?.parse().ok()?;
+                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+                let verb = e["verb"].as_str().unwrap_or_default().to_string();
+                Some((at, verb, field("resource"), field("name")))
+            })
+            .collect()
+    }
+
     /// Write requests in the audit log by `user`, as (verb, resource, name) triples.
     pub fn writes_by(&self, user: &str) -> Vec<(String, String, String)> {
         self.audited_writes()

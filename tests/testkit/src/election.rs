@@ -43,8 +43,21 @@ impl Replica {
         args: &[&str],
         relay: Relay,
     ) -> anyhow::Result<Self> {
+        Self::start_via(plane, bin, (kubeconfig, &plane.server), id, args, relay)
+    }
+
+    /// As `start_with`, `kubeconfig` naming `server` (the API server, or a relay in front
+    /// of it) that `relay` forwards to.
+    pub fn start_via(
+        plane: &ControlPlane,
+        bin: &Path,
+        (kubeconfig, server): (&Path, &str),
+        id: &str,
+        args: &[&str],
+        relay: Relay,
+    ) -> anyhow::Result<Self> {
         let via = plane.dir().join(format!("kubeconfig-relay-{id}"));
-        relay.kubeconfig(kubeconfig, &plane.server, &via)?;
+        relay.kubeconfig(kubeconfig, server, &via)?;
         let (metrics_port, health_port) = (free_port()?, free_port()?);
         let mut all = vec![
             format!("--identity={id}"),

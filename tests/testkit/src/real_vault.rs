@@ -749,6 +749,13 @@ impl RaftCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Each time node `i` logged "post-unseal setup complete", by its own clock: the last
+    /// step before a node taking over as active serves clients (it answers 200 from then).
+    pub fn became_active_at(&self, i: usize) -> Vec<k8s_openapi::jiff::Timestamp> {
+        let text = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        active_times(&text)
+    }
+
     /// The last lines of node `i`'s log, for failure messages.
     pub fn log_tail(&self, i: usize) -> String {
         self.nodes[i].log_tail()
@@ -934,6 +941,15 @@ async fn poll_node(ip: Ipv4Addr, every: Duration, nodes: Arc<Vec<Mutex<NodeLog>>
     }
 }
 
+/// The times of the "post-unseal setup complete" lines of a Vault log, whose lines start
+/// with an RFC 3339 timestamp.
+pub fn active_times(log: &str) -> Vec<k8s_openapi::jiff::Timestamp> {
+    log.lines()
+        .filter(|l| l.contains("post-unseal setup complete"))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -944,6 +960,19 @@ mod tests {
         let answer = parse_health(raw).unwrap();
         assert_eq!(answer.code, 474);
         assert_eq!(answer.flag("ha_connection_healthy"), Some(false));
+    }
+
+    #[test]
+    fn reads_the_times_vault_took_over_from_its_log() {
+        let log = "2026-12-02T03:40:01.123Z [INFO]  core: acquired lock, enabling active operation\n\
+                   2026-12-02T03:40:01.180Z [INFO]  core: post-unseal setup complete\n\
+                   garbage post-unseal setup complete\n\
+                   2026-12-02T03:41:00.004Z [INFO]  core: post-unseal setup complete\n";
+        let times: Vec<String> = active_times(log).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            times,
+            ["2026-12-02T03:40:01.18Z", "2026-12-02T03:41:00.004Z"]
+        );
     }
 
     #[test]
