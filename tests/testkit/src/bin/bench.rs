@@ -289,11 +289,12 @@ fn spans(
         })?;
     let routed = writes
         .iter()
+        .rev()
         .filter(|(at, _, resource, name)| {
             after(at) && resource == "endpointslices" && name.starts_with("vault-active-")
         })
         .map(|w| w.0)
-        .last()
+        .next()
         .ok_or_else(|| anyhow::anyhow!("no EndpointSlice write after {}", step.asked))?;
     let ms = |from: Timestamp, to: Timestamp| to.duration_since(from).as_millis() as i64;
     Ok(Spans {
