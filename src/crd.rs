@@ -139,10 +139,11 @@ pub struct UpgradeSpec {
     /// it answers as an unsealed standby at the new revision, and the active pod last.
     pub strategy: UpgradeStrategy,
 
-    /// Pods evicted or not yet replaced at any one time. Only 1: raft keeps its quorum
-    /// with one node of three away, not with two.
+    /// The most pods one step evicts (standbys only; the active pod always goes alone).
+    /// Above 1 only where raft keeps its quorum: at most (n-1)/2 of the StatefulSet's n
+    /// replicas, e.g. 2 of 5, 3 of 7; otherwise the Upgrading condition reports InvalidSpec.
     #[serde(default = "default_max_unavailable")]
-    #[schemars(range(min = 1, max = 1))]
+    #[schemars(range(min = 1, max = 3))]
     pub max_unavailable: i32,
 }
 

@@ -5,8 +5,9 @@
 //! evicted but not yet replaced counts as the step in flight.
 //!
 //! The order is HashiCorp's: standbys first, the active pod last (Vault steps down on
-//! SIGTERM). One pod at a time, and a step starts only when every pod answers unsealed and
-//! one answers active.
+//! SIGTERM). A step evicts at most `maxUnavailable` standbys together, or the active pod
+//! alone, and starts only when no pod is away, every pod answers unsealed and one answers
+//! active. More than one at a time only where raft keeps its quorum without them.
 
 use std::collections::BTreeMap;
 
@@ -130,9 +131,11 @@ pub struct Input<'a> {
     /// The StatefulSets of the namespace, looked up by name.
     pub set: &'a dyn Fn(&str) -> Option<SetView>,
     pub pods: &'a [PodView],
-    /// The UID of a pod this operator evicted that the pod cache still shows as it was:
-    /// the eviction is in flight even though the cache has not caught up.
-    pub evicted: Option<&'a str>,
+    /// The UIDs of pods this operator evicted that the pod cache still shows as they were:
+    /// those evictions are in flight even though the cache has not caught up.
+    pub evicted: &'a [String],
+    /// `spec.upgrade.maxUnavailable`: the most pods one step evicts.
+    pub max_unavailable: usize,
     /// A refused eviction of this pod whose retry is not due yet, and the refusal.
     pub blocked: Option<(&'a str, &'a str)>,
 }
@@ -201,8 +204,8 @@ pub struct Plan {
     /// The pod the condition is about, if one.
     pub pod: Option<String>,
     pub message: String,
-    /// Evict this pod (by name, with its UID as precondition) now.
-    pub evict: Option<(String, String)>,
+    /// Evict these pods (by name, with each UID as precondition) now, in this order.
+    pub evict: Vec<(String, String)>,
     /// The revision the pods are moving to, when known.
     pub revision: Option<String>,
 }
@@ -213,7 +216,7 @@ impl Plan {
             reason,
             pod: pod.map(String::from),
             message,
-            evict: None,
+            evict: Vec::new(),
             revision: None,
         }
     }
@@ -225,7 +228,7 @@ pub fn plan(input: &Input) -> Plan {
     if pods.is_empty() {
         return Plan::new(Reason::NoPods, None, "no pod matches the selector".into());
     }
-    let set = match controller(input) {
+    let set = match controller(input).and_then(|set| within_quorum(set, input.max_unavailable)) {
         Ok(set) => set,
         Err(problem) => return Plan::new(Reason::InvalidSpec, None, problem),
     };
@@ -288,6 +291,20 @@ fn controller(input: &Input) -> Result<SetView, String> {
     Ok(set)
 }
 
+/// Raft keeps its quorum with at most (n-1)/2 of n voters away: more than one pod per step
+/// only within that. One is always allowed, or a cluster of one or two could never upgrade.
+fn within_quorum(set: SetView, max_unavailable: usize) -> Result<SetView, String> {
+    let replicas = usize::try_from(set.replicas).unwrap_or(0);
+    let tolerated = replicas.saturating_sub(1) / 2;
+    if max_unavailable > 1 && max_unavailable > tolerated {
+        return Err(format!(
+            "spec.upgrade.maxUnavailable is {max_unavailable}, but raft keeps its quorum with at most {tolerated} of StatefulSet {}'s {replicas} voters away",
+            set.name
+        ));
+    }
+    Ok(set)
+}
+
 /// The step, the pods being those of `set` and `revision` its update revision.
 fn step(input: &Input, set: &SetView, revision: &str) -> Plan {
     let pods = input.pods;
@@ -304,7 +321,7 @@ fn step(input: &Input, set: &SetView, revision: &str) -> Plan {
     let missing = expected.iter().find(|n| !by_name.contains_key(n.as_str()));
     let leaving = pods
         .iter()
-        .find(|p| p.terminating || Some(p.uid.as_str()) == input.evicted);
+        .find(|p| p.terminating || input.evicted.contains(&p.uid));
     if let Some(pod) = leaving {
         return Plan::new(
             Reason::WaitingForReplacement,
@@ -368,34 +385,48 @@ fn step(input: &Input, set: &SetView, revision: &str) -> Plan {
             format!("no pod is evicted while no pod answers active; {progress}"),
         );
     }
-    // Standbys first, highest ordinal first as the StatefulSet controller would; the active
-    // pod only once it is the last outdated pod.
-    let next = outdated
+    let batch = next_batch(&outdated, input.max_unavailable.max(1));
+    let named: Vec<String> = batch
         .iter()
-        .filter(|p| p.answer == Answer::Standby)
-        .max_by_key(|p| ordinal(&p.name))
-        .or_else(|| outdated.first())
-        .expect("outdated is not empty");
-    let role = next.answer.describe();
+        .map(|p| format!("{} ({})", p.name, p.answer.describe()))
+        .collect();
+    let named = named.join(", ");
     if let Some((pod, refusal)) = input.blocked
-        && pod == next.name
+        && batch.iter().any(|p| p.name == pod)
     {
         return Plan::new(
             Reason::DisruptionBlocked,
-            Some(&next.name),
-            format!(
-                "evicting {} ({role}) was refused: {refusal}; retrying; {progress}",
-                next.name
-            ),
+            Some(pod),
+            format!("evicting {named} was refused: {refusal}; retrying; {progress}"),
         );
     }
     let mut plan = Plan::new(
         Reason::Evicting,
-        Some(&next.name),
-        format!("evicting {} ({role}); {progress}", next.name),
+        Some(&batch[0].name),
+        format!("evicting {named}; {progress}"),
     );
-    plan.evict = Some((next.name.clone(), next.uid.clone()));
+    plan.evict = batch
+        .iter()
+        .map(|p| (p.name.clone(), p.uid.clone()))
+        .collect();
     plan
+}
+
+/// Up to `most` outdated standbys, highest ordinal first as the StatefulSet controller
+/// would; the active pod alone once it is the last outdated pod.
+fn next_batch<'p>(outdated: &[&'p PodView], most: usize) -> Vec<&'p PodView> {
+    let mut standbys: Vec<&PodView> = outdated
+        .iter()
+        .copied()
+        .filter(|p| p.answer == Answer::Standby)
+        .collect();
+    standbys.sort_by_key(|p| std::cmp::Reverse(ordinal(&p.name)));
+    standbys.truncate(most);
+    if standbys.is_empty() {
+        outdated.iter().copied().take(1).collect()
+    } else {
+        standbys
+    }
 }
 
 fn ordinal(pod: &str) -> u64 {
@@ -438,14 +469,24 @@ mod tests {
     }
 
     fn run(sets: &[SetView], pods: &[PodView]) -> Plan {
-        run_with(sets, pods, None, None)
+        run_with(sets, pods, &[], None)
     }
 
     fn run_with(
         sets: &[SetView],
         pods: &[PodView],
-        evicted: Option<&str>,
+        evicted: &[String],
         blocked: Option<(&str, &str)>,
+    ) -> Plan {
+        run_batch(sets, pods, evicted, blocked, 1)
+    }
+
+    fn run_batch(
+        sets: &[SetView],
+        pods: &[PodView],
+        evicted: &[String],
+        blocked: Option<(&str, &str)>,
+        max_unavailable: usize,
     ) -> Plan {
         let lookup = |name: &str| sets.iter().find(|s| s.name == name).cloned();
         plan(&Input {
@@ -453,6 +494,7 @@ mod tests {
             pods,
             evicted,
             blocked,
+            max_unavailable,
         })
     }
 
@@ -611,11 +653,8 @@ mod tests {
             let got = run(&s, &pods);
             assert_eq!(got.reason, reason, "{case}: {got:?}");
             assert_eq!(got.pod.as_deref(), named, "{case}: {got:?}");
-            assert_eq!(
-                got.evict.as_ref().map(|(n, _)| n.as_str()),
-                evicted,
-                "{case}: {got:?}"
-            );
+            let names: Vec<&str> = got.evict.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, Vec::from_iter(evicted), "{case}: {got:?}");
         }
     }
 
@@ -628,15 +667,15 @@ mod tests {
             pod(2, OLD, Standby),
         ];
         // The cache has not caught up with our own eviction of vault-2.
-        let got = run_with(&s, &pods, Some("uid-2-vault-old"), None);
+        let got = run_with(&s, &pods, &["uid-2-vault-old".into()], None);
         assert_eq!(got.reason, Reason::WaitingForReplacement);
         assert_eq!(got.pod.as_deref(), Some("vault-2"));
-        assert_eq!(got.evict, None);
+        assert!(got.evict.is_empty(), "{got:?}");
         // A new leader sees it terminating: the same, without any memory.
         pods[2].terminating = true;
         let got = run(&s, &pods);
         assert_eq!(got.reason, Reason::WaitingForReplacement);
-        assert_eq!(got.evict, None);
+        assert!(got.evict.is_empty(), "{got:?}");
         assert!(got.reason.upgrading());
         assert_eq!(
             got.message,
@@ -676,13 +715,13 @@ mod tests {
             pod(1, OLD, Standby),
             pod(2, OLD, Standby),
         ];
-        let got = run_with(&s, &pods, None, Some(("vault-2", "PDB vault allows 0")));
+        let got = run_with(&s, &pods, &[], Some(("vault-2", "PDB vault allows 0")));
         assert_eq!(got.reason, Reason::DisruptionBlocked);
-        assert_eq!(got.evict, None);
+        assert!(got.evict.is_empty(), "{got:?}");
         assert!(!got.reason.upgrading());
         assert!(got.message.contains("PDB vault allows 0"), "{got:?}");
         // A refusal about another pod does not hold this one.
-        let got = run_with(&s, &pods, None, Some(("vault-1", "x")));
+        let got = run_with(&s, &pods, &[], Some(("vault-1", "x")));
         assert_eq!(got.reason, Reason::Evicting);
     }
 
@@ -696,7 +735,7 @@ mod tests {
         let got = run(&[set("RollingUpdate", 3)], &pods);
         assert_eq!(got.reason, Reason::InvalidSpec);
         assert!(got.message.contains("RollingUpdate"), "{got:?}");
-        assert_eq!(got.evict, None);
+        assert!(got.evict.is_empty(), "{got:?}");
         // No StatefulSet of that name (a Deployment's pods, say).
         let got = run(&[], &pods);
         assert_eq!(got.reason, Reason::InvalidSpec);
@@ -735,8 +774,99 @@ mod tests {
         unlabelled[1].labels.remove(REVISION_LABEL);
         let got = run(&[set("OnDelete", 3)], &unlabelled);
         assert_eq!(got.reason, Reason::RevisionUnknown);
-        assert_eq!(got.evict, None);
+        assert!(got.evict.is_empty(), "{got:?}");
         assert_eq!(run(&[set("OnDelete", 3)], &[]).reason, Reason::NoPods);
+    }
+
+    /// Five voters with maxUnavailable 2: two standbys per step, the active pod alone, and
+    /// nothing while any pod of the step is away.
+    #[test]
+    fn steps_of_two_standbys_then_the_active_pod_alone() {
+        let s = [set("OnDelete", 5)];
+        let evicted =
+            |plan: &Plan| -> Vec<String> { plan.evict.iter().map(|(n, _)| n.clone()).collect() };
+        let mut pods = vec![
+            pod(0, OLD, Standby),
+            pod(1, OLD, Active),
+            pod(2, OLD, Standby),
+            pod(3, OLD, Standby),
+            pod(4, OLD, Standby),
+        ];
+        let got = run_batch(&s, &pods, &[], None, 2);
+        assert_eq!(got.reason, Reason::Evicting);
+        assert_eq!(evicted(&got), ["vault-4", "vault-3"]);
+        assert_eq!(
+            got.message,
+            "evicting vault-4 (standby), vault-3 (standby); 0/5 pods at revision vault-new"
+        );
+        // One of the two still in flight: no next step.
+        pods[3].terminating = true;
+        pods[4] = pod(4, NEW, Standby);
+        let got = run_batch(&s, &pods, &[], None, 2);
+        assert_eq!(got.reason, Reason::WaitingForReplacement);
+        assert!(got.evict.is_empty());
+        // One standby left beside the active pod: it goes alone, then the active pod.
+        pods[3] = pod(3, NEW, Standby);
+        pods[2] = pod(2, NEW, Standby);
+        let got = run_batch(&s, &pods, &[], None, 2);
+        assert_eq!(evicted(&got), ["vault-0"]);
+        pods[0] = pod(0, NEW, Standby);
+        let got = run_batch(&s, &pods, &[], None, 2);
+        assert_eq!(evicted(&got), ["vault-1"]);
+        // A refusal of either pod of a step holds the whole step.
+        let pods = [
+            pod(0, OLD, Active),
+            pod(1, OLD, Standby),
+            pod(2, OLD, Standby),
+            pod(3, OLD, Standby),
+            pod(4, OLD, Standby),
+        ];
+        let got = run_batch(&s, &pods, &[], Some(("vault-3", "PDB")), 2);
+        assert_eq!(got.reason, Reason::DisruptionBlocked);
+        assert!(got.evict.is_empty());
+        // Our own evictions the cache has not shown yet hold the next step.
+        let got = run_batch(&s, &pods, &["uid-3-vault-old".into()], None, 2);
+        assert_eq!(got.reason, Reason::WaitingForReplacement);
+        assert_eq!(got.pod.as_deref(), Some("vault-3"));
+    }
+
+    #[test]
+    fn more_than_one_pod_per_step_only_within_raft_quorum() {
+        let pods = |n: usize| -> Vec<PodView> {
+            (0..n)
+                .map(|i| pod(i, OLD, if i == 0 { Active } else { Standby }))
+                .collect()
+        };
+        let got = run_batch(&[set("OnDelete", 3)], &pods(3), &[], None, 2);
+        assert_eq!(got.reason, Reason::InvalidSpec);
+        assert_eq!(
+            got.message,
+            "spec.upgrade.maxUnavailable is 2, but raft keeps its quorum with at most 1 of StatefulSet vault's 3 voters away"
+        );
+        assert!(got.evict.is_empty());
+        assert_eq!(
+            run_batch(&[set("OnDelete", 4)], &pods(4), &[], None, 2).reason,
+            Reason::InvalidSpec
+        );
+        assert_eq!(
+            run_batch(&[set("OnDelete", 5)], &pods(5), &[], None, 3).reason,
+            Reason::InvalidSpec
+        );
+        let got = run_batch(&[set("OnDelete", 7)], &pods(7), &[], None, 3);
+        assert_eq!(got.evict.len(), 3, "{got:?}");
+        // One at a time is always allowed, however few the voters.
+        for n in 1..=2 {
+            let got = run_batch(&[set("OnDelete", n as i32)], &pods(n), &[], None, 1);
+            assert_eq!(got.evict.len(), 1, "{n} voters: {got:?}");
+        }
+        // Fewer outdated standbys than allowed: those there are, without the active pod.
+        let mut few = pods(7);
+        for p in &mut few[1..6] {
+            *p = pod(ordinal(&p.name) as usize, NEW, Standby);
+        }
+        let got = run_batch(&[set("OnDelete", 7)], &few, &[], None, 3);
+        let names: Vec<&str> = got.evict.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["vault-6"]);
     }
 
     #[test]

@@ -821,6 +821,11 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             "spec.services.standby.sessionAffinity",
         ),
         (
+            "more pods per upgrade step than raft clusters allow",
+            "selector: {matchLabels: {a: b}}\nupgrade: {strategy: RoleOrdered, maxUnavailable: 4}",
+            "spec.upgrade.maxUnavailable",
+        ),
+        (
             "name with a dot",
             "name=vault.prod\nselector: {matchLabels: {a: b}}",
             "metadata.name must be a DNS label of at most 50 characters",

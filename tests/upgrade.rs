@@ -202,17 +202,18 @@ async fn handle(pods: &Api<Pod>, node: &tokio::sync::Mutex<Node>, pod: Pod) -> a
     Ok(())
 }
 
-/// A namespace with a 3-pod StatefulSet `vault` of `strategy`, the kubelet, and the
-/// operator.
+/// A namespace with a StatefulSet `vault` of `strategy` (3 pods unless said), the kubelet,
+/// and the operator.
 struct Plane {
     client: Client,
     ns: String,
+    replicas: usize,
     kubelet: Kubelet,
     operator: Operator,
 }
 
 async fn plane(name: &str, strategy: &str) -> anyhow::Result<Plane> {
-    plane_with(name, strategy, None).await
+    plane_with(name, strategy, None, 3).await
 }
 
 /// As `plane`, the operator running as a ServiceAccount bound to `rules` when given.
@@ -220,6 +221,7 @@ async fn plane_with(
     name: &str,
     strategy: &str,
     rules: Option<Vec<serde_json::Value>>,
+    replicas: usize,
 ) -> anyhow::Result<Plane> {
     let ns = format!("upgrade-{name}");
     let client = namespace(&ns).await?;
@@ -232,7 +234,7 @@ async fn plane_with(
     let set: StatefulSet = serde_json::from_value(json!({
         "metadata": {"name": "vault"},
         "spec": {
-            "replicas": 3,
+            "replicas": replicas,
             "serviceName": "vault-internal",
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": strategy},
@@ -260,6 +262,7 @@ async fn plane_with(
     Ok(Plane {
         client,
         ns,
+        replicas,
         kubelet,
         operator,
     })
@@ -298,24 +301,23 @@ impl Plane {
         got.map_err(|e| anyhow::anyhow!("{e}; last seen: {}", last.lock().unwrap()))
     }
 
-    /// Waits until the three pods run and answer, vault-0 labelled active.
+    /// Waits until the pods run and answer, vault-0 labelled active, the others standby.
     async fn converged(&self) -> anyhow::Result<()> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
-        wait::until(
-            "vault-0 active, vault-1 and vault-2 standby",
-            LIMIT,
-            || async {
-                let mut roles = Vec::new();
-                for i in 0..3 {
-                    let labels = match pods.get_opt(&format!("vault-{i}")).await? {
-                        Some(pod) => pod.labels().clone(),
-                        None => return Ok(None),
-                    };
-                    roles.push(labels.get("vault-active").cloned().unwrap_or_default());
-                }
-                Ok((roles == ["true", "false", "false"]).then_some(()))
-            },
-        )
+        let want: Vec<&str> = (0..self.replicas)
+            .map(|i| if i == 0 { "true" } else { "false" })
+            .collect();
+        wait::until("vault-0 active, the other pods standby", LIMIT, || async {
+            let mut roles = Vec::new();
+            for i in 0..self.replicas {
+                let labels = match pods.get_opt(&format!("vault-{i}")).await? {
+                    Some(pod) => pod.labels().clone(),
+                    None => return Ok(None),
+                };
+                roles.push(labels.get("vault-active").cloned().unwrap_or_default());
+            }
+            Ok((roles == want).then_some(()))
+        })
         .await
     }
 
@@ -441,20 +443,35 @@ fn chart_rules() -> anyhow::Result<Vec<serde_json::Value>> {
 
 /// Each eviction waited for the StatefulSet to create the pod evicted before it.
 fn one_at_a_time(history: &[(String, String)]) -> Result<(), String> {
-    let mut pending: Option<&str> = None;
+    match away_at_evictions(history)
+        .into_iter()
+        .find(|(_, away)| *away > 1)
+    {
+        Some((pod, _)) => Err(format!(
+            "{pod} evicted before the pod evicted before it was created again: {history:?}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// For each eviction, the pod and how many pods were then evicted and not yet created
+/// again, itself included.
+fn away_at_evictions(history: &[(String, String)]) -> Vec<(String, usize)> {
+    let mut away = BTreeSet::new();
+    let mut out = Vec::new();
     for (what, pod) in history {
-        match (what.as_str(), pending) {
-            ("evict", Some(away)) => {
-                return Err(format!(
-                    "{pod} evicted before {away} was created again: {history:?}"
-                ));
+        match what.as_str() {
+            "evict" => {
+                away.insert(pod.as_str());
+                out.push((pod.clone(), away.len()));
             }
-            ("evict", None) => pending = Some(pod),
-            ("create", Some(away)) if away == pod => pending = None,
+            "create" => {
+                away.remove(pod.as_str());
+            }
             _ => {}
         }
     }
-    Ok(())
+    out
 }
 
 #[test]
@@ -467,6 +484,18 @@ fn one_at_a_time_reads_the_history() {
     };
     assert!(one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-2"), ("evict", "v-1")])).is_ok());
     assert!(one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-1"), ("evict", "v-1")])).is_err());
+    let pairs = h(&[
+        ("evict", "v-4"),
+        ("evict", "v-3"),
+        ("create", "v-4"),
+        ("create", "v-3"),
+        ("evict", "v-0"),
+    ]);
+    let away: Vec<usize> = away_at_evictions(&pairs)
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(away, [1, 2, 1]);
 }
 
 /// An annotation change of the pod template: the operator replaces the standbys first,
@@ -641,7 +670,7 @@ async fn without_the_opt_in_nothing_is_evicted() -> anyhow::Result<()> {
 #[tokio::test]
 async fn the_charts_rules_upgrade_and_evictions_need_their_rule() -> anyhow::Result<()> {
     let rules = chart_rules()?;
-    let p = plane_with("rbac", "OnDelete", Some(rules.clone())).await?;
+    let p = plane_with("rbac", "OnDelete", Some(rules.clone()), 3).await?;
     p.create_cluster(UPGRADE).await?;
     p.converged().await?;
     p.new_revision("2").await?;
@@ -660,7 +689,7 @@ async fn the_charts_rules_upgrade_and_evictions_need_their_rule() -> anyhow::Res
         .into_iter()
         .filter(|r| !r["resources"].to_string().contains("pods/eviction"))
         .collect();
-    let p = plane_with("rbac-without", "OnDelete", Some(without)).await?;
+    let p = plane_with("rbac-without", "OnDelete", Some(without), 3).await?;
     p.create_cluster(UPGRADE).await?;
     p.converged().await?;
     p.new_revision("2").await?;
@@ -714,5 +743,65 @@ async fn a_new_operator_mid_step_waits_for_the_step_in_flight() -> anyhow::Resul
     one_at_a_time(&p.history().await).map_err(anyhow::Error::msg)?;
     let node = p.kubelet.node.lock().await;
     assert!(node.overlaps.is_empty(), "{:?}", node.overlaps);
+    Ok(())
+}
+
+/// Five voters with maxUnavailable 2: standbys two at a time, the active pod last and
+/// alone; never more than two pods away, by the API server's audit log.
+#[tokio::test]
+async fn five_voters_go_two_standbys_at_a_time_and_the_active_pod_alone() -> anyhow::Result<()> {
+    let p = plane_with("pairs", "OnDelete", None, 5).await?;
+    p.create_cluster("upgrade: {strategy: RoleOrdered, maxUnavailable: 2}")
+        .await?;
+    p.converged().await?;
+    p.upgrading("False", "UpToDate").await?;
+    p.new_revision("2").await?;
+    let limit = LIMIT * 2;
+    wait::until("the upgrade to end", limit, || async {
+        let done = p.evictions().await.len() == 5;
+        Ok(if done {
+            p.upgrading("False", "UpToDate").await.ok()
+        } else {
+            None
+        })
+    })
+    .await?;
+    let history = p.history().await;
+    let away = away_at_evictions(&history);
+    println!("evictions, with the pods away at each: {away:?}");
+    assert_eq!(
+        away.iter().map(|(_, n)| *n).max(),
+        Some(2),
+        "steps of two, never three: {history:?}"
+    );
+    assert_eq!(
+        away.last(),
+        Some(&("vault-0".to_string(), 1)),
+        "the active pod last and alone: {history:?}"
+    );
+    let mut standbys: Vec<&str> = away[..4].iter().map(|(pod, _)| pod.as_str()).collect();
+    standbys.sort();
+    assert_eq!(standbys, ["vault-1", "vault-2", "vault-3", "vault-4"]);
+    let node = p.kubelet.node.lock().await;
+    assert_eq!(node.stopped.last().map(|(_, r)| *r), Some(Role::Active));
+    Ok(())
+}
+
+/// Two of three voters away would cost raft its quorum: a spec problem, nothing evicted.
+#[tokio::test]
+async fn more_pods_per_step_than_the_quorum_allows_is_a_spec_problem() -> anyhow::Result<()> {
+    let p = plane("quorum", "OnDelete").await?;
+    p.create_cluster("upgrade: {strategy: RoleOrdered, maxUnavailable: 2}")
+        .await?;
+    p.converged().await?;
+    p.new_revision("2").await?;
+    let message = p.upgrading("False", "InvalidSpec").await?;
+    assert!(
+        message
+            .contains("spec.upgrade.maxUnavailable is 2, but raft keeps its quorum with at most 1"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(p.evictions().await, Vec::<String>::new());
     Ok(())
 }

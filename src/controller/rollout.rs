@@ -2,8 +2,8 @@
 //! answers (from this round's probes), decide with `upgrade::plan`, act by one eviction,
 //! and report the `Upgrading` condition, an event per step and the steps metric.
 //!
-//! What is remembered between rounds belongs to the term, like the caches: the pod this
-//! term evicted (until the pod cache shows it leaving) and a refused eviction's backoff. A
+//! What is remembered between rounds belongs to the term, like the caches: the pods this
+//! term evicted (until the pod cache shows them leaving) and a refused eviction's backoff. A
 //! new leader starts with neither and decides from what the cluster shows.
 
 use std::collections::HashMap;
@@ -34,8 +34,8 @@ pub struct Memory(Mutex<HashMap<String, Remembered>>);
 
 #[derive(Default, Clone)]
 struct Remembered {
-    /// UID of the pod this term evicted last.
-    evicted: Option<String>,
+    /// UIDs of the pods of this term's last step.
+    evicted: Vec<String>,
     blocked: Option<Blocked>,
 }
 
@@ -94,24 +94,32 @@ pub async fn round(
     let views = views(members, pods);
     let mut memory = ctx.rollouts.get(&uid);
     // Our own eviction is over for the decision once the cache shows the pod leaving.
-    memory.evicted = memory
+    memory
         .evicted
-        .filter(|evicted| views.iter().any(|p| &p.uid == evicted && !p.terminating));
+        .retain(|evicted| views.iter().any(|p| &p.uid == evicted && !p.terminating));
     let now = Instant::now();
     let blocked = memory.blocked.as_ref().filter(|b| b.retry_at > now);
+    let most = vc
+        .spec
+        .upgrade
+        .as_ref()
+        .map_or(1, |u| usize::try_from(u.max_unavailable).unwrap_or(1));
     let mut plan = decide(
         ctx,
         &vc_ns(vc),
         &views,
-        memory.evicted.as_deref(),
+        (&memory.evicted, most),
         blocked.map(|b| (b.pod.as_str(), b.refusal.as_str())),
     );
     if let (Reason::DisruptionBlocked, Some(b)) = (plan.reason, blocked) {
         // Keep the reason the refusal had (a PDB, or another failure).
         plan.reason = b.reason;
     }
-    if let Some((pod, pod_uid)) = plan.evict.clone() {
-        evict(vc, ctx, &mut memory, &mut plan, &pod, &pod_uid).await;
+    for (pod, pod_uid) in std::mem::take(&mut plan.evict) {
+        // A refusal stops the step: the pods evicted so far are its whole.
+        if !evict(vc, ctx, &mut memory, &mut plan, &pod, &pod_uid).await {
+            break;
+        }
     }
     let retry = memory
         .blocked
@@ -126,7 +134,7 @@ fn decide(
     ctx: &Context,
     ns: &str,
     pods: &[PodView],
-    evicted: Option<&str>,
+    (evicted, max_unavailable): (&[String], usize),
     blocked: Option<(&str, &str)>,
 ) -> Plan {
     let sets = ctx.caches.sets.read().unwrap();
@@ -136,6 +144,7 @@ fn decide(
         pods,
         evicted,
         blocked,
+        max_unavailable,
     })
 }
 
@@ -161,6 +170,7 @@ fn views(members: &[Member], pods: &[Arc<SlimPod>]) -> Vec<PodView> {
 
 /// Evicts one pod through the Eviction API, so PodDisruptionBudgets apply; the UID
 /// precondition makes sure it is the pod the round saw, not a replacement of the same name.
+/// What was done goes to `plan.evict` and `memory`; false when the step stops here.
 async fn evict(
     vc: &VaultCluster,
     ctx: &Context,
@@ -168,10 +178,9 @@ async fn evict(
     plan: &mut Plan,
     pod: &str,
     uid: &str,
-) {
+) -> bool {
     if ctx.guard(&format!("eviction of {pod}")).is_err() {
-        plan.evict = None;
-        return;
+        return false;
     }
     let client = ctx.evictions.get().unwrap_or(&ctx.client).clone();
     let api: Api<Pod> = Api::namespaced(client, &vc_ns(vc));
@@ -194,8 +203,12 @@ async fn evict(
         Ok(_) => {
             info!(cluster = %cluster_name(vc), %pod, "evicted for the upgrade");
             count("evicted");
-            memory.evicted = Some(uid.to_string());
+            if plan.evict.is_empty() {
+                memory.evicted.clear();
+            }
+            memory.evicted.push(uid.to_string());
             memory.blocked = None;
+            plan.evict.push((pod.to_string(), uid.to_string()));
             let notice = Notice {
                 warning: false,
                 reason: "UpgradeStep",
@@ -203,11 +216,14 @@ async fn evict(
                 pod: Some(pod.to_string()),
             };
             super::report::event(vc, ctx, notice).await;
+            true
         }
         // Gone, or replaced since the cache saw it: the step is in flight already.
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
-            plan.evict = None;
-            plan.reason = Reason::WaitingForReplacement;
+            if plan.evict.is_empty() {
+                plan.reason = Reason::WaitingForReplacement;
+            }
+            true
         }
         Err(error) => {
             let (reason, refusal, result) = match &error {
@@ -230,14 +246,21 @@ async fn evict(
                 attempts,
                 retry_at: Instant::now() + retry_after(attempts),
             });
-            plan.evict = None;
-            plan.reason = reason;
-            // "evicting <pod> (<role>); <progress>", as `upgrade::plan` words a refusal.
-            let step = plan.message.split("; ").next().unwrap_or_default();
-            plan.message = format!(
-                "{step} was refused: {refusal}; retrying; {}",
-                progress(&plan.message)
-            );
+            let progress = progress(&plan.message).to_string();
+            if plan.evict.is_empty() {
+                plan.reason = reason;
+                // "evicting <pods>; <progress>", as `upgrade::plan` words a refusal.
+                let step = plan.message.split("; ").next().unwrap_or_default();
+                plan.message = format!("{step} was refused: {refusal}; retrying; {progress}");
+            } else {
+                // Part of the step is under way: the rest is retried after it.
+                let done: Vec<&str> = plan.evict.iter().map(|(n, _)| n.as_str()).collect();
+                plan.message = format!(
+                    "evicted {}; evicting {pod} was refused: {refusal}; retrying after them; {progress}",
+                    done.join(", ")
+                );
+            }
+            false
         }
     }
 }
@@ -384,7 +407,7 @@ mod tests {
             reason,
             pod: Some("vault-2".into()),
             message: "m; 1/3 pods at revision r".into(),
-            evict: None,
+            evict: Vec::new(),
             revision: Some("r".into()),
         }
     }
