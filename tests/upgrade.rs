@@ -321,6 +321,19 @@ impl Plane {
         .await
     }
 
+    /// Waits until `evictions` pods were evicted and the condition says UpToDate.
+    async fn upgraded(&self, evictions: usize) -> anyhow::Result<()> {
+        wait::until("the upgrade to end", LIMIT * 2, || async {
+            Ok(if self.evictions().await.len() == evictions {
+                self.upgrading("False", "UpToDate").await.ok()
+            } else {
+                None
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Changes the pod template: a new revision of the StatefulSet.
     async fn new_revision(&self, value: &str) -> anyhow::Result<()> {
         let patch = json!({"spec": {"template": {"metadata": {"annotations": {"example.com/revision": value}}}}});
@@ -674,16 +687,7 @@ async fn the_charts_rules_upgrade_and_evictions_need_their_rule() -> anyhow::Res
     p.create_cluster(UPGRADE).await?;
     p.converged().await?;
     p.new_revision("2").await?;
-    let limit = LIMIT * 2;
-    wait::until("the upgrade to end", limit, || async {
-        let done = p.evictions().await.len() == 3;
-        Ok(if done {
-            p.upgrading("False", "UpToDate").await.ok()
-        } else {
-            None
-        })
-    })
-    .await?;
+    p.upgraded(3).await?;
 
     let without: Vec<serde_json::Value> = rules
         .into_iter()
@@ -729,16 +733,7 @@ async fn a_new_operator_mid_step_waits_for_the_step_in_flight() -> anyhow::Resul
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(p.evictions().await, ["vault-2"]);
     p.kubelet.hold(false).await;
-    let limit = LIMIT * 2;
-    wait::until("the upgrade to end", limit, || async {
-        let done = p.evictions().await.len() == 3;
-        Ok(if done {
-            p.upgrading("False", "UpToDate").await.ok()
-        } else {
-            None
-        })
-    })
-    .await?;
+    p.upgraded(3).await?;
     assert_eq!(p.evictions().await, ["vault-2", "vault-1", "vault-0"]);
     one_at_a_time(&p.history().await).map_err(anyhow::Error::msg)?;
     let node = p.kubelet.node.lock().await;
@@ -756,16 +751,7 @@ async fn five_voters_go_two_standbys_at_a_time_and_the_active_pod_alone() -> any
     p.converged().await?;
     p.upgrading("False", "UpToDate").await?;
     p.new_revision("2").await?;
-    let limit = LIMIT * 2;
-    wait::until("the upgrade to end", limit, || async {
-        let done = p.evictions().await.len() == 5;
-        Ok(if done {
-            p.upgrading("False", "UpToDate").await.ok()
-        } else {
-            None
-        })
-    })
-    .await?;
+    p.upgraded(5).await?;
     let history = p.history().await;
     let away = away_at_evictions(&history);
     println!("evictions, with the pods away at each: {away:?}");

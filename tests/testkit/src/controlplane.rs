@@ -385,12 +385,7 @@ impl ControlPlane {
         self.audited_writes()
             .into_iter()
             .filter(|e| e["user"]["username"] == user)
-            .filter_map(|e| {
-                let at: Timestamp = e["requestReceivedTimestamp"].as_str()?.parse().ok()?;
-                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
-                let verb = e["verb"].as_str().unwrap_or_default().to_string();
-                Some((at, verb, field("resource"), field("name")))
-            })
+            .filter_map(|e| timed(&e, "requestReceivedTimestamp"))
             .collect()
     }
 
@@ -400,12 +395,7 @@ impl ControlPlane {
         self.audited_writes()
             .into_iter()
             .filter(|e| e["objectRef"]["namespace"] == namespace)
-            .filter_map(|e| {
-                let at: Timestamp = e["stageTimestamp"].as_str()?.parse().ok()?;
-                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
-                let verb = e["verb"].as_str().unwrap_or_default().to_string();
-                Some((at, verb, field("resource"), field("name")))
-            })
+            .filter_map(|e| timed(&e, "stageTimestamp"))
             .collect()
     }
 
@@ -672,6 +662,14 @@ impl PkiFiles {
 /// of ServiceAccounts (the operators under test), so that a refused watch shows too
 /// (tests/ship.rs proves each verb the chart grants is needed by its 403).
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection, get, list]\n- level: Metadata\n  verbs: [watch]\n  userGroups: [system:serviceaccounts]\n- level: None\n";
+
+/// An audit event as (the time in its field `stamp`, verb, resource, name).
+fn timed(e: &serde_json::Value, stamp: &str) -> Option<(Timestamp, String, String, String)> {
+    let at: Timestamp = e[stamp].as_str()?.parse().ok()?;
+    let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+    let verb = e["verb"].as_str().unwrap_or_default().to_string();
+    Some((at, verb, field("resource"), field("name")))
+}
 
 /// The verbs of the audit log that change something.
 const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
