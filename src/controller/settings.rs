@@ -1,8 +1,9 @@
 //! How a round probes its cluster's pods, from the spec and the CA it references; what
 //! cannot be used is told apart as the spec's problem or a transient API error.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
@@ -62,7 +63,7 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
             let bundle = read_pem(vc, ctx, source.as_ref(), &mut warning).await?;
             let client_source = CaSource::client(&tls);
             let client = read_pem(vc, ctx, client_source.as_ref(), &mut warning).await?;
-            let config = tls_config(
+            let config = built_config(
                 bundle.as_deref(),
                 tls.insecure_skip_verify,
                 client.as_deref(),
@@ -101,6 +102,48 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         tls,
         warning,
     })
+}
+
+/// What a TLS client configuration was built from: the CA bundle, the client certificate
+/// and key, whether verification is off.
+type Inputs = (Vec<u8>, Vec<u8>, bool);
+
+/// Configurations built before, with when each was last asked for.
+type Built = HashMap<Inputs, (Arc<rustls::ClientConfig>, Instant)>;
+
+/// A configuration nobody asked for in this long is dropped.
+const UNUSED_TTL: Duration = Duration::from_secs(600);
+
+/// The TLS client configuration for these inputs, built once and shared: building it
+/// parses every certificate and the key, which every TLS cluster would otherwise pay for
+/// every round. Keyed by the inputs themselves, so a changed bundle always builds anew.
+fn built_config(
+    bundle: Option<&[u8]>,
+    insecure: bool,
+    client: Option<&[u8]>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    static BUILT: Mutex<Option<Built>> = Mutex::new(None);
+    let inputs = (
+        bundle.unwrap_or_default().to_vec(),
+        client.unwrap_or_default().to_vec(),
+        insecure,
+    );
+    let now = Instant::now();
+    let mut built = BUILT.lock().unwrap();
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some((config, used)) = built.get_mut(&inputs) {
+        *used = now;
+        return Ok(config.clone());
+    }
+    let config = tls_config(bundle, insecure, client)?;
+    prune(built, now);
+    built.insert(inputs, (config.clone(), now));
+    Ok(config)
+}
+
+/// Forgets the configurations unused for `UNUSED_TTL`.
+fn prune(built: &mut Built, now: Instant) {
+    built.retain(|_, (_, used)| now.saturating_duration_since(*used) < UNUSED_TTL);
 }
 
 /// The PEM a source holds, when the spec names one; a problem read with it (a source gone
@@ -333,5 +376,42 @@ async fn read_ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<
         Some(None) => Err(Unusable::Spec(format!(
             "{field}: {kind} {name} has no key {key}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> Vec<u8> {
+        let made = rcgen::generate_simple_self_signed(vec!["vault".to_owned()]).unwrap();
+        made.cert.pem().into_bytes()
+    }
+
+    #[test]
+    fn one_configuration_per_distinct_input() {
+        let (a, b) = (ca(), ca());
+        let first = built_config(Some(&a), false, None).unwrap();
+        let again = built_config(Some(&a), false, None).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "built twice from the same CA");
+        let other = built_config(Some(&b), false, None).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other), "another CA shares a configuration");
+        let insecure = built_config(Some(&a), true, None).unwrap();
+        assert!(!Arc::ptr_eq(&first, &insecure), "verification off shares one");
+        // A failure is not remembered: the same bad input fails again.
+        assert!(built_config(Some(b"not pem"), false, None).is_err());
+        assert!(built_config(Some(b"not pem"), false, None).is_err());
+    }
+
+    #[test]
+    fn configurations_unused_for_a_while_are_dropped() {
+        let config = tls_config(None, true, None).unwrap();
+        let now = Instant::now();
+        let mut built: Built = HashMap::new();
+        built.insert((b"old".to_vec(), vec![], false), (config.clone(), now));
+        built.insert((b"new".to_vec(), vec![], false), (config, now + UNUSED_TTL));
+        prune(&mut built, now + UNUSED_TTL + Duration::from_secs(1));
+        let left: Vec<&[u8]> = built.keys().map(|(ca, ..)| ca.as_slice()).collect();
+        assert_eq!(left, [b"new".as_slice()]);
     }
 }

@@ -1,7 +1,7 @@
 //! The stage the demo and the benchmark share: a control plane, the CRD, the operator
 //! binary, and a VaultCluster over simulated Vault pods.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cluster::{Operator, SimCluster};
@@ -41,7 +41,8 @@ impl Stage {
         ]))?;
         create_namespace(&client, namespace).await?;
         let vault = SimCluster::start(&client, namespace, "vault", roles, None).await?;
-        let operator = start_operator_as_chart_account(&plane, namespace)?;
+        let log = plane.dir().join("operator.log");
+        let operator = start_operator_as_chart_account(&plane, namespace, true, &log)?;
         let timeout = if interval.ends_with("ms") {
             "100ms"
         } else {
@@ -71,9 +72,9 @@ impl Stage {
         run(self.plane.kubectl().args(args).args(["-n", namespace]))
     }
 
-    /// Another namespace on the stage's plane, watched by an operator of its own (admin
-    /// credentials, `--namespace`), with VaultCluster `vault` probing at `interval`. The pods
-    /// are the caller's to create.
+    /// Another namespace on the stage's plane, watched by an operator of its own (the
+    /// chart's ServiceAccount, `--namespace`, no election), with VaultCluster `vault` probing
+    /// at `interval`. The pods are the caller's to create.
     pub async fn watched_namespace(
         &self,
         namespace: &str,
@@ -81,12 +82,7 @@ impl Stage {
     ) -> anyhow::Result<Operator> {
         create_namespace(&self.client, namespace).await?;
         let log = self.plane.dir().join(format!("operator-{namespace}.log"));
-        let operator = Operator::start(
-            &operator_bin(),
-            &self.plane.kubeconfig,
-            &["--namespace", namespace],
-            &log,
-        )?;
+        let operator = start_operator_as_chart_account(&self.plane, namespace, false, &log)?;
         let vc = format!(
             "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault}}}}\n  health: {{interval: {interval}, timeout: 1s}}\n"
         );
@@ -120,9 +116,14 @@ pub const OPERATOR_NAMESPACE: &str = "vault-registrar";
 
 /// The operator binary, run with a token of the chart's ServiceAccount and the chart's
 /// leader-election settings, as the chart's Deployment would run it.
+/// The operator with the chart's ServiceAccount token, as the admission policies expect of
+/// whoever writes the labels, watching `namespace`; with leader election on the chart's
+/// Lease when `elect`.
 fn start_operator_as_chart_account(
     plane: &ControlPlane,
     namespace: &str,
+    elect: bool,
+    log: &Path,
 ) -> anyhow::Result<Operator> {
     let token = run(plane.kubectl().args([
         "create",
@@ -134,14 +135,12 @@ fn start_operator_as_chart_account(
     let kubeconfig = plane.token_kubeconfig("vault-registrar", token.trim())?;
     let bin = operator_bin();
     let lease_namespace = format!("--lease-namespace={OPERATOR_NAMESPACE}");
-    let args = [
-        "--leader-elect",
-        "--lease-name=vault-registrar",
-        &lease_namespace,
-        "--namespace",
-        namespace,
-    ];
-    Operator::start(&bin, &kubeconfig, &args, &plane.dir().join("operator.log"))
+    let election = ["--leader-elect", "--lease-name=vault-registrar", &lease_namespace];
+    let mut args = vec!["--namespace", namespace];
+    if elect {
+        args.extend(election);
+    }
+    Operator::start(&bin, &kubeconfig, &args, log)
 }
 
 /// The operator binary: `VAULT_REGISTRAR_BIN` (the Makefile sets it), else the debug build.
