@@ -84,14 +84,19 @@ test: binaries oldest-k8s previous-release vault openbao promtool testkit-bins
 	$(MAKE) --no-print-directory bench-smoke
 	fuzz/run.sh $(FUZZ_TEST_SECONDS)
 
-## bench-scale at a small size with the debug build, so the benchmark cannot rot: it must
+## Both benchmarks small, with the debug build, so that they cannot rot: bench-scale at
+## N=50, U=500, and `make bench` with a few samples of each figure (`--smoke`). Each must
 ## run to the end and print every figure; no figure is judged.
-bench-smoke: binaries
-	$(CARGO) build --workspace --bin vault-registrar --bin bench_scale
+bench-smoke: binaries vault
+	$(CARGO) build --workspace --bin vault-registrar --bin bench_scale --bin bench
 	set -o pipefail; VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
 		$(TESTKIT_BIN_DIR)/bench_scale 50 500 | tee target/bench-smoke.txt
 	@for figure in "cold convergence" "API reads" "API writes" "CPU" "RSS" "probes per second" "failover"; do \
 	  grep -qi "$$figure" target/bench-smoke.txt || { echo "bench-smoke: no figure for $$figure"; exit 1; }; done
+	set -o pipefail; VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
+		$(TESTKIT_BIN_DIR)/bench --smoke | tee target/bench-failover-smoke.txt
+	@for figure in "failover convergence" "steady state" "every pod sealed" "every pod unreachable" "takeover after Kill" "takeover after Blackhole" "takeover after Terminate" "what a client waits" "our share" "labelled active" "simulator"; do \
+	  grep -qi "$$figure" target/bench-failover-smoke.txt || { echo "bench-smoke: no figure for $$figure"; exit 1; }; done
 
 ## Coverage-guided fuzzing (libFuzzer, stable toolchain) of the health parser, the duration
 ## parser and selector matching, FUZZ_SECONDS each; the corpus is kept under ~/.cache.

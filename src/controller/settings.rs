@@ -395,9 +395,15 @@ mod tests {
         let again = built_config(Some(&a), false, None).unwrap();
         assert!(Arc::ptr_eq(&first, &again), "built twice from the same CA");
         let other = built_config(Some(&b), false, None).unwrap();
-        assert!(!Arc::ptr_eq(&first, &other), "another CA shares a configuration");
+        assert!(
+            !Arc::ptr_eq(&first, &other),
+            "another CA shares a configuration"
+        );
         let insecure = built_config(Some(&a), true, None).unwrap();
-        assert!(!Arc::ptr_eq(&first, &insecure), "verification off shares one");
+        assert!(
+            !Arc::ptr_eq(&first, &insecure),
+            "verification off shares one"
+        );
         // A failure is not remembered: the same bad input fails again.
         assert!(built_config(Some(b"not pem"), false, None).is_err());
         assert!(built_config(Some(b"not pem"), false, None).is_err());

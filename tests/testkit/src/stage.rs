@@ -135,7 +135,11 @@ fn start_operator_as_chart_account(
     let kubeconfig = plane.token_kubeconfig("vault-registrar", token.trim())?;
     let bin = operator_bin();
     let lease_namespace = format!("--lease-namespace={OPERATOR_NAMESPACE}");
-    let election = ["--leader-elect", "--lease-name=vault-registrar", &lease_namespace];
+    let election = [
+        "--leader-elect",
+        "--lease-name=vault-registrar",
+        &lease_namespace,
+    ];
     let mut args = vec!["--namespace", namespace];
     if elect {
         args.extend(election);

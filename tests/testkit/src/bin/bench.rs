@@ -22,7 +22,40 @@ use vault_registrar_testkit::stage::Stage;
 use vault_registrar_testkit::takeover::{self, Fault};
 use vault_registrar_testkit::vault_sim::Role;
 
-const FLIPS: usize = 20;
+/// How much is measured: in full, or with `--smoke` a few samples of each figure, so that
+/// `make test` runs every part and the bench cannot rot unnoticed.
+#[derive(Clone, Copy)]
+struct Sizes {
+    flips: usize,
+    steady: Duration,
+    sim_samples: usize,
+    real_samples: usize,
+    leases: &'static [&'static str],
+}
+
+fn sizes() -> Sizes {
+    static SIZES: std::sync::OnceLock<Sizes> = std::sync::OnceLock::new();
+    *SIZES.get_or_init(|| {
+        if std::env::args().any(|a| a == "--smoke") {
+            Sizes {
+                flips: 3,
+                steady: Duration::from_secs(10),
+                sim_samples: 2,
+                real_samples: 2,
+                leases: &["4s"],
+            }
+        } else {
+            // 20 real step-downs per interval, so that p99 is read off 20 samples.
+            Sizes {
+                flips: 20,
+                steady: Duration::from_secs(60),
+                sim_samples: 5,
+                real_samples: 20,
+                leases: &["15s", "4s"],
+            }
+        }
+    })
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -30,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
     stage.wait_ready().await?;
     let mut latencies = Vec::new();
     let mut label_latencies = Vec::new();
-    for flip in 0..FLIPS {
+    let flips = sizes().flips;
+    for flip in 0..flips {
         let (from, to) = if flip % 2 == 0 { (0, 1) } else { (1, 0) };
         tokio::time::sleep(Duration::from_millis(300 + (flip as u64 * 137) % 700)).await;
         let start = Instant::now();
@@ -78,14 +112,14 @@ async fn main() -> anyhow::Result<()> {
     label_latencies.sort();
     let p = |v: &[Duration], q: f64| v[((v.len() as f64 * q).ceil() as usize).saturating_sub(1)];
     println!(
-        "label written over {FLIPS} flips: p50 {:?}, p99 {:?}",
+        "label written over {flips} flips: p50 {:?}, p99 {:?}",
         p(&label_latencies, 0.5),
         p(&label_latencies, 0.99)
     );
     latencies.sort();
     let pct = |q: f64| p(&latencies, q);
     println!(
-        "failover convergence over {FLIPS} flips at interval 1s: p50 {:?}, p99 {:?}, max {:?} (target p99 <= 1.3s)",
+        "failover convergence over {flips} flips at interval 1s: p50 {:?}, p99 {:?}, max {:?} (target p99 <= 1.3s)",
         pct(0.50),
         pct(0.99),
         latencies.last().unwrap()
@@ -93,11 +127,12 @@ async fn main() -> anyhow::Result<()> {
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = writes(&stage)?;
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(sizes().steady).await;
     let after = writes(&stage)?;
     let total = ours(&before, &after);
     println!(
-        "write requests to pods, services, vaultclusters and events during 60 s of steady state: {total} (target 0)"
+        "write requests to pods, services, vaultclusters and events during {} s of steady state: {total} (target 0)",
+        sizes().steady.as_secs()
     );
 
     for i in 0..3 {
@@ -127,16 +162,16 @@ async fn main() -> anyhow::Result<()> {
     vault_speed(&stage).await
 }
 
-/// Simulator failovers measured per interval (polled).
-const SPEED_SAMPLES: usize = 5;
-/// Real Vault step-downs measured per interval: 20, so that p99 is read off 20 samples.
-const REAL_SAMPLES: usize = 20;
-
 /// Real Vault (step-downs, timed by the audit log and Vault's own log) and the simulator
 /// (role switches, timed by polling), side by side.
 async fn vault_speed(stage: &Stage) -> anyhow::Result<()> {
+    let Sizes {
+        real_samples,
+        sim_samples,
+        ..
+    } = sizes();
     println!(
-        "\nfailover at Vault's speed, real Vault {VAULT_VERSION}, {REAL_SAMPLES} step-downs per interval; times from the API server's audit log (stageTimestamp) and Vault's log (\"post-unseal setup complete\", after which it answers 200); p99 of 20 samples is their maximum"
+        "\nfailover at Vault's speed, real Vault {VAULT_VERSION}, {real_samples} step-downs per interval; times from the API server's audit log (stageTimestamp) and Vault's log (\"post-unseal setup complete\", after which it answers 200); with fewer than 100 samples p99 is the highest"
     );
     for interval in ["2s", "5s"] {
         let spans = real_vault_speed(stage, interval).await?;
@@ -155,7 +190,7 @@ async fn vault_speed(stage: &Stage) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nfailover, simulator: ms from the new active node's first 200 (polled every 10 ms) to its pod labelled active and sole endpoint of the active Service, {SPEED_SAMPLES} failovers each"
+        "\nfailover, simulator: ms from the new active node's first 200 (polled every 10 ms) to its pod labelled active and sole endpoint of the active Service, {sim_samples} failovers each"
     );
     for interval in ["2s", "5s"] {
         let sim = simulator_speed(stage, interval).await?;
@@ -228,7 +263,7 @@ async fn real_vault_speed(stage: &Stage, interval: &str) -> anyhow::Result<Vec<S
         &ips,
     );
     let mut steps = Vec::new();
-    for k in 0..REAL_SAMPLES {
+    for k in 0..sizes().real_samples {
         let from = vault.wait_active(Duration::from_secs(60)).await?;
         settle(stage, &pods, from, k).await?;
         let asked = Timestamp::now();
@@ -317,7 +352,7 @@ async fn simulator_speed(stage: &Stage, interval: &str) -> anyhow::Result<Vec<Du
     );
     let log = HealthLog::start(&ips, Duration::from_millis(10));
     let mut samples = Vec::new();
-    for k in 0..SPEED_SAMPLES {
+    for k in 0..sizes().sim_samples {
         let (from, to) = (k % 3, (k + 1) % 3);
         settle(stage, &pods, from, k).await?;
         let asked = Instant::now();
@@ -415,7 +450,7 @@ async fn takeovers(stage: &Stage) -> anyhow::Result<()> {
     let bin = std::env::var_os("VAULT_REGISTRAR_BIN")
         .map(std::path::PathBuf::from)
         .ok_or_else(|| anyhow::anyhow!("VAULT_REGISTRAR_BIN is not set"))?;
-    for lease in ["15s", "4s"] {
+    for &lease in sizes().leases {
         for (n, fault) in [Fault::Kill, Fault::Blackhole, Fault::Terminate]
             .into_iter()
             .enumerate()
