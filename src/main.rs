@@ -61,11 +61,13 @@ impl Drop for HeapProfile {
 }
 
 // mimalloc's own setter (mimalloc.h), linked in with the allocator.
+#[cfg(not(feature = "dhat-heap"))]
 unsafe extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3 alike).
+#[cfg(not(feature = "dhat-heap"))]
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 /// mimalloc gives freed pages back to the system only after a delay, and only when the

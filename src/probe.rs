@@ -267,16 +267,7 @@ async fn handshake<S>(stream: S) -> Result<(Sender, Ended), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // EXPERIMENT(remove): A/B of hyper's read buffer.
-    let mut builder = hyper::client::conn::http1::Builder::new();
-    if let Some(size) = std::env::var("VR_EXP_READ_BUF")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        builder.read_buf_exact_size(Some(size));
-    }
-    let (sender, connection) = builder
-        .handshake(TokioIo::new(stream))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| Failure::new(FailureKind::Transport, format!("http: {e}")))?;
     let (tell, ended) = tokio::sync::oneshot::channel();

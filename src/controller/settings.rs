@@ -47,10 +47,6 @@ impl ProbeSettings {
     /// `activeInterval`; a TLS handshake costs about a millisecond of CPU. A plain HTTP
     /// standby, probed once an interval, costs less in a TCP handshake.
     pub fn keep_connection(&self, pod: &SlimPod) -> bool {
-        // EXPERIMENT(remove): A/B of the keeping rule.
-        if std::env::var_os("VR_EXP_KEEP_ALL").is_some() {
-            return true;
-        }
         self.tls.is_some() || pod.labels.get(&self.active_label).map(String::as_str) == Some("true")
     }
 }

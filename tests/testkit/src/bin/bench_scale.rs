@@ -415,7 +415,8 @@ async fn converge(client: &kube::Client, pods: &[SimPod], n: usize) -> anyhow::R
 /// Waits for full convergence and returns the time since `start`: every pod carries its
 /// role label, each cluster's active Service has exactly its active pod as ready endpoint
 /// and its standby Service exactly the two standbys, and every VaultCluster's status says
-/// Ready. Polled every 200 ms.
+/// Ready. Polled every 200 ms. After 15 minutes it says what is missing and returns the
+/// time so far, so that the other figures are still taken.
 async fn converged(
     client: &kube::Client,
     pods: &[SimPod],
@@ -428,10 +429,13 @@ async fn converged(
         if missing.is_empty() {
             return Ok(start.elapsed());
         }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(900),
-            "not converged in 15 min: {missing:?}"
-        );
+        if start.elapsed() >= Duration::from_secs(900) {
+            println!(
+                "NOT CONVERGED within 15 min ({}): {missing:?}",
+                what.clusters
+            );
+            return Ok(start.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
