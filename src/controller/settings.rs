@@ -349,3 +349,48 @@ async fn read_ca(vc: &VaultCluster, ctx: &Context, source: &CaSource) -> Result<
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(tls: bool) -> ProbeSettings {
+        let config = tls.then(|| (tls_config(None, true, None).unwrap(), 1, "{pod}".into()));
+        ProbeSettings {
+            port: 8200,
+            path: "/v1/sys/health".into(),
+            timeout: Duration::from_secs(1),
+            interval: Duration::from_secs(2),
+            active_interval: Duration::from_millis(500),
+            threshold: 1,
+            tls: config,
+            warning: None,
+            active_label: "vault-active".into(),
+        }
+    }
+
+    fn pod(labels: serde_json::Value) -> SlimPod {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "p", "labels": labels},
+        }))
+        .unwrap();
+        SlimPod::from(&pod)
+    }
+
+    #[test]
+    fn a_connection_is_kept_for_the_active_pod_and_for_tls_only() {
+        // (https, the pod's labels, kept)
+        let cases = [
+            (false, serde_json::json!({"vault-active": "true"}), true),
+            (false, serde_json::json!({"vault-active": "false"}), false),
+            (false, serde_json::json!({}), false),
+            (false, serde_json::json!({"other-active": "true"}), false),
+            (true, serde_json::json!({"vault-active": "false"}), true),
+            (true, serde_json::json!({}), true),
+        ];
+        for (tls, labels, kept) in cases {
+            let got = settings(tls).keep_connection(&pod(labels.clone()));
+            assert_eq!(got, kept, "tls {tls}, labels {labels}");
+        }
+    }
+}
