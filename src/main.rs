@@ -3,21 +3,71 @@ use vault_registrar::cli::{Cli, Command, init_logging, run};
 
 /// mimalloc returns freed memory to the system where glibc's per-thread arenas keep it:
 /// the initial lists of a large namespace would otherwise stay in the RSS for good.
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// With `--features dhat-heap`, every allocation is recorded by dhat instead (see
+/// `heap_profile`).
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
+
 fn main() -> anyhow::Result<()> {
     no_huge_pages();
+    #[cfg(not(feature = "dhat-heap"))]
     purge_at_once();
+    #[cfg(feature = "dhat-heap")]
+    let _profile = heap_profile();
     operator()
 }
 
+/// Starts dhat's heap profile, which is written when the profiler is dropped: at exit, or,
+/// with `VAULT_REGISTRAR_DHAT_SECONDS`, that many seconds after the start if the operator
+/// still runs, so that its "at end" figures are the steady state and not what is left once
+/// the shutdown freed the caches. `VAULT_REGISTRAR_DHAT_FILE` names the file (default
+/// `dhat-heap.json`).
+#[cfg(feature = "dhat-heap")]
+fn heap_profile() -> HeapProfile {
+    static PROFILER: std::sync::Mutex<Option<dhat::Profiler>> = std::sync::Mutex::new(None);
+    let file = std::env::var("VAULT_REGISTRAR_DHAT_FILE").unwrap_or("dhat-heap.json".into());
+    // Deep enough to get past serde and hyper to the operator's own frames.
+    let profiler = dhat::Profiler::builder()
+        .file_name(file)
+        .trim_backtraces(Some(32))
+        .build();
+    *PROFILER.lock().unwrap() = Some(profiler);
+    if let Some(after) = std::env::var("VAULT_REGISTRAR_DHAT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(after));
+            PROFILER.lock().unwrap().take();
+        });
+    }
+    HeapProfile(&PROFILER)
+}
+
+/// Writes the profile at exit, unless it was written already.
+#[cfg(feature = "dhat-heap")]
+struct HeapProfile(&'static std::sync::Mutex<Option<dhat::Profiler>>);
+
+#[cfg(feature = "dhat-heap")]
+impl Drop for HeapProfile {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().take();
+    }
+}
+
 // mimalloc's own setter (mimalloc.h), linked in with the allocator.
+#[cfg(not(feature = "dhat-heap"))]
 unsafe extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3 alike).
+#[cfg(not(feature = "dhat-heap"))]
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 /// mimalloc gives freed pages back to the system only after a delay, and only when the
@@ -25,6 +75,7 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 /// kilobytes of labels (a list page of tens of megabytes, parsed, then slimmed) an idle
 /// watch thread kept about 100 MiB resident for good. Purged at once, the RSS comes back
 /// to what the caches hold.
+#[cfg(not(feature = "dhat-heap"))]
 fn purge_at_once() {
     // SAFETY: sets one integer option before any other thread runs; the index is checked
     // against the header of the mimalloc version the lock file pins.

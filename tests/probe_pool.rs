@@ -158,6 +158,7 @@ async fn probe(prober: &Prober, addr: SocketAddr) -> Outcome {
         path: "/v1/sys/health".into(),
         timeout: Duration::from_secs(2),
         tls: None,
+        keep: true,
     };
     prober.probe(&target, &prober.cluster_share("ns")).await.0
 }
@@ -293,6 +294,7 @@ async fn an_unanswered_connect_gives_up_before_the_probe() {
         path: "/v1/sys/health".into(),
         timeout: Duration::from_secs(10),
         tls: None,
+        keep: true,
     };
     let (outcome, took) = prober.probe(&target, &prober.cluster_share("ns")).await;
     match outcome {

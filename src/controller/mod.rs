@@ -69,6 +69,10 @@ pub struct Context {
     /// Failed reconciles in a row per VaultCluster UID, and when the retry is due, for the
     /// backoff (see `Streak`).
     failures: Mutex<HashMap<String, Streak>>,
+    /// VaultClusters (by UID) this term gave our finalizer: a reconcile that starts before
+    /// the watch brings the patched object back must not add it again, which fails (422:
+    /// the patch tests the finalizers it read) and retries.
+    finalized: Mutex<std::collections::HashSet<String>>,
     /// Cleared the moment leadership is lost, before the controller is stopped.
     leading: Arc<AtomicBool>,
     /// Every watched scope (a namespace, or all): a round waits until each has listed.
@@ -107,6 +111,7 @@ impl Context {
             status_written: Mutex::new(HashMap::new()),
             owned_since: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            finalized: Mutex::default(),
             leading,
             scopes,
             allowed,
@@ -143,6 +148,7 @@ impl Context {
         self.owned_since.lock().unwrap().clear();
         self.status_written.lock().unwrap().clear();
         self.failures.lock().unwrap().clear();
+        self.finalized.lock().unwrap().clear();
         self.rollouts.clear();
         self.metrics.forget_clusters();
     }
@@ -406,6 +412,17 @@ async fn reconcile(
     if !ctx.caches.learned(&ctx.scope_of(&vc_ns(&vc)), &vc) {
         return Ok(Action::requeue(UNSYNCED_RETRY));
     }
+    let adds_finalizer =
+        vc.metadata.deletion_timestamp.is_none() && !vc.finalizers().iter().any(|f| f == FINALIZER);
+    // Once the cache shows the finalizer, its absence again means someone removed it.
+    let added = {
+        let mut finalized = ctx.finalized.lock().unwrap();
+        if !adds_finalizer {
+            finalized.remove(&uid);
+        }
+        adds_finalizer && finalized.contains(&uid)
+    };
+    let vc = if added { with_finalizer(&vc) } else { vc };
     let result = finalizer(&api, FINALIZER, vc, |event| async {
         match event {
             Finalized::Apply(vc) => apply(&vc, &ctx).await,
@@ -422,8 +439,18 @@ async fn reconcile(
         .inc();
     if result.is_ok() {
         ctx.failures.lock().unwrap().remove(&uid);
+        if adds_finalizer {
+            ctx.finalized.lock().unwrap().insert(uid);
+        }
     }
     result
+}
+
+/// The cluster as it is since we gave it our finalizer, when the cache is not there yet.
+fn with_finalizer(vc: &VaultCluster) -> Arc<VaultCluster> {
+    let mut vc = vc.clone();
+    vc.finalizers_mut().push(FINALIZER.into());
+    Arc::new(vc)
 }
 
 fn interval(vc: &VaultCluster) -> Duration {
@@ -632,6 +659,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     ctx.status_written.lock().unwrap().remove(&uid);
     ctx.owned_since.lock().unwrap().remove(&uid);
     ctx.rollouts.forget(&uid);
+    ctx.finalized.lock().unwrap().remove(&uid);
     info!(cluster = %cluster_name(vc), "labels removed; VaultCluster may go");
     Ok(Action::await_change())
 }

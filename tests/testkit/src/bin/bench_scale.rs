@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
@@ -23,8 +25,8 @@ use vault_registrar_testkit::stage::{install_crd, run};
 use vault_registrar_testkit::vault_sim::{Role, SimState, VaultSim};
 
 const NS: &str = "scale";
-/// The operator's probe slots in this benchmark (its default is 64).
-const PROBE_CONCURRENCY: &str = "256";
+/// The operator's probe slots in this benchmark: its default, which the targets are set at.
+const PROBE_CONCURRENCY: &str = "64";
 /// Requests in flight from this client while setting up, and for the plain-client baseline.
 const PARALLEL: usize = 32;
 
@@ -58,7 +60,17 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed()
     );
 
-    let bare = bare_patches(&client, &pods).await?;
+    let writes = |from: &BTreeMap<_, _>| -> anyhow::Result<f64> {
+        let now = plane.requests()?;
+        Ok(delta(from, &now, &["POST", "PUT", "PATCH", "DELETE", "APPLY"]) as f64 / n as f64)
+    };
+    let before = plane.requests()?;
+    let bare = baseline(&client, &pods, n).await?;
+    println!(
+        "a plain client's writes for {n} clusters ({PARALLEL} clusters in flight), to full convergence: {bare:?}; writes per cluster (the API server's count, all clients): {:.2}",
+        writes(&before)?
+    );
+    undo_baseline(&client, &pods, n).await?;
     let kubeconfig = operator_identity(&plane)?;
     let mut operator = Operator::start(
         bin.as_ref(),
@@ -67,10 +79,16 @@ async fn main() -> anyhow::Result<()> {
         &plane.dir().join("operator-scale.log"),
     )?;
     let pid = operator.pid();
-    let cold = converge(&client, n).await?;
+    let before = plane.requests()?;
+    let cold = converge(&client, &pods, n).await?;
     println!(
-        "cold convergence of {n} clusters: {cold:?}; a plain client's {} label PATCHes ({PARALLEL} in flight): {bare:?}; ratio {:.2}",
-        pods.len(),
+        "  writes per cluster during cold convergence (the API server's count, all clients): {:.2}",
+        writes(&before)?
+    );
+    let failed = operator.log_text().matches("reconcile failed").count();
+    println!("  failed reconciles during cold convergence (the operator's log): {failed}");
+    println!(
+        "cold convergence of {n} clusters (every pod labelled, both Services' endpoints, every status Ready): {cold:?}; the plain client's: {bare:?}; ratio {:.2}",
         cold.as_secs_f64() / bare.as_secs_f64()
     );
 
@@ -120,7 +138,11 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "one failover under load: new active labelled after {label:?}, the only endpoint after {endpoint:?}"
     );
-    operator.kill();
+    // A clean stop, so that an operator built with `--features dhat-heap` writes its profile.
+    operator.terminate();
+    if operator.wait_exit(Duration::from_secs(60)).is_none() {
+        operator.kill();
+    }
     Ok(())
 }
 
@@ -211,71 +233,304 @@ async fn vault_pods(
     Ok((sims, pods))
 }
 
-/// What a plain client takes to PATCH one label on every Vault pod, then take it off again
-/// (timed: the first pass).
-async fn bare_patches(client: &kube::Client, pods: &[SimPod]) -> anyhow::Result<Duration> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let pass = |value: serde_json::Value| {
-        let api = api.clone();
-        async move {
-            futures::stream::iter(pods)
-                .map(|pod| {
-                    let (api, value) = (api.clone(), value.clone());
-                    async move {
-                        let patch = json!({"metadata": {"labels": {"bench-bare": value}}});
-                        api.patch(&pod.name, &PatchParams::default(), &Patch::Merge(patch))
-                            .await
-                    }
-                })
-                .buffer_unordered(PARALLEL)
-                .try_collect::<Vec<_>>()
-                .await
-        }
-    };
-    let start = Instant::now();
-    pass(json!("x")).await?;
-    let took = start.elapsed();
-    pass(serde_json::Value::Null).await?;
-    Ok(took)
+/// What a converged cluster looks like to a reader, for the operator or the baseline.
+struct Converged {
+    /// The VaultClusters' name prefix (`vc-N` for the operator).
+    clusters: &'static str,
+    /// The role label's prefix on the pods.
+    labels: &'static str,
+    /// Selects the EndpointSlices of the Services written.
+    slices: &'static str,
 }
 
-/// Creates the VaultClusters and waits until every cluster has its one active pod labelled.
-async fn converge(client: &kube::Client, n: usize) -> anyhow::Result<Duration> {
+const OPERATOR_WRITES: Converged = Converged {
+    clusters: "vc-",
+    labels: "vault",
+    slices: "app.kubernetes.io/managed-by=vault-registrar",
+};
+
+const BASELINE_WRITES: Converged = Converged {
+    clusters: "base-",
+    labels: "base",
+    slices: "bench=baseline",
+};
+
+fn vault_cluster(resource: &ApiResource, name: &str, c: usize) -> DynamicObject {
+    let mut vc = DynamicObject::new(name, resource).within(NS);
+    vc.data = json!({"spec": {
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "vault", "app.kubernetes.io/instance": format!("vc-{c}")}},
+        "health": {"interval": "2s", "timeout": "1s"},
+    }});
+    vc
+}
+
+fn cluster_api(client: &kube::Client) -> (Api<DynamicObject>, ApiResource) {
     let gvk = GroupVersionKind::gvk("vault-registrar.dev", "v1alpha1", "VaultCluster");
     let resource = ApiResource::from_gvk(&gvk);
-    let clusters: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
+    (
+        Api::namespaced_with(client.clone(), NS, &resource),
+        resource,
+    )
+}
+
+/// A plain client sending the writes the operator needs for each cluster, PARALLEL clusters
+/// in flight: create the VaultCluster, one label PATCH per pod, the active and standby
+/// Services (server-side apply), one status PATCH. Timed until everything has converged as
+/// `converged` sees it (`undo_baseline` takes it away again).
+async fn baseline(client: &kube::Client, pods: &[SimPod], n: usize) -> anyhow::Result<Duration> {
+    let (clusters, resource) = cluster_api(client);
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|c| {
+            let (clusters, pod_api, services) = (clusters.clone(), pod_api.clone(), services.clone());
+            let resource = resource.clone();
+            async move {
+                let name = format!("base-{c}");
+                clusters
+                    .create(&PostParams::default(), &vault_cluster(&resource, &name, c))
+                    .await?;
+                for (i, pod) in pods[3 * c..3 * c + 3].iter().enumerate() {
+                    let patch = json!({"metadata": {"labels": role_labels("base", i == 0, &name)}});
+                    pod_api
+                        .patch(&pod.name, &PatchParams::default(), &Patch::Merge(patch))
+                        .await?;
+                }
+                for (role, active) in [("active", "true"), ("standby", "false")] {
+                    let service = format!("{name}-{role}");
+                    let body = json!({"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": service, "labels": {"bench": "baseline"}},
+                        "spec": {"selector": {"app.kubernetes.io/instance": format!("vc-{c}"), "base-active": active},
+                            "ports": [{"name": "http", "port": 8200}, {"name": "https-internal", "port": 8201}]}});
+                    services
+                        .patch(&service, &PatchParams::apply("bench").force(), &Patch::Apply(body))
+                        .await?;
+                }
+                let status = json!({"status": {"observedGeneration": 1, "pods": 3, "active": 1, "standby": 2, "unsealed": 3,
+                    "activePod": pods[3 * c].name,
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "Converged", "message": "",
+                        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}]}});
+                clusters
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    converged(client, pods, n, &BASELINE_WRITES, start).await
+}
+
+/// The labels the operator writes on a pod, under another prefix.
+fn role_labels(prefix: &str, active: bool, owner: &str) -> serde_json::Value {
+    json!({
+        format!("{prefix}-active"): active.to_string(),
+        format!("{prefix}-initialized"): "true",
+        format!("{prefix}-perf-standby"): "false",
+        format!("{prefix}-sealed"): "false",
+        format!("{prefix}-version"): "1.17.0",
+        format!("bench.{prefix}/cluster"): owner,
+    })
+}
+
+/// Takes the baseline's objects and labels away again, and waits until its EndpointSlices
+/// are gone, so the operator starts on the same state.
+async fn undo_baseline(client: &kube::Client, pods: &[SimPod], n: usize) -> anyhow::Result<()> {
+    let (clusters, _) = cluster_api(client);
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let ours = ListParams::default().labels("bench=baseline");
+    services
+        .delete_collection(&Default::default(), &ours)
+        .await?;
+    futures::stream::iter(0..n)
+        .map(|c| {
+            let clusters = clusters.clone();
+            async move {
+                clusters
+                    .delete(&format!("base-{c}"), &Default::default())
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let mut removal = role_labels("base", false, "");
+    for value in removal
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|m| m.values_mut())
+    {
+        *value = serde_json::Value::Null;
+    }
+    futures::stream::iter(pods)
+        .map(|pod| {
+            let (pod_api, patch) = (
+                pod_api.clone(),
+                json!({"metadata": {"labels": removal.clone()}}),
+            );
+            async move {
+                pod_api
+                    .patch(&pod.name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let start = Instant::now();
+    while !slices.list_metadata(&ours).await?.items.is_empty() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(300),
+            "baseline slices left"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// Creates the VaultClusters and waits until the operator has converged them all.
+async fn converge(client: &kube::Client, pods: &[SimPod], n: usize) -> anyhow::Result<Duration> {
+    let (clusters, resource) = cluster_api(client);
     let start = Instant::now();
     futures::stream::iter(0..n)
         .map(|c| {
             let (clusters, resource) = (clusters.clone(), resource.clone());
             async move {
-                let mut vc = DynamicObject::new(&format!("vc-{c}"), &resource).within(NS);
-                vc.data = json!({"spec": {
-                    "selector": {"matchLabels": {"app.kubernetes.io/name": "vault", "app.kubernetes.io/instance": format!("vc-{c}")}},
-                    "health": {"interval": "2s", "timeout": "1s"},
-                }});
+                let vc = vault_cluster(&resource, &format!("vc-{c}"), c);
                 clusters.create(&PostParams::default(), &vc).await
             }
         })
         .buffer_unordered(PARALLEL)
         .try_collect::<Vec<_>>()
         .await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    converged(client, pods, n, &OPERATOR_WRITES, start).await
+}
+
+/// Waits for full convergence and returns the time since `start`: every pod carries its
+/// role label, each cluster's active Service has exactly its active pod as ready endpoint
+/// and its standby Service exactly the two standbys, and every VaultCluster's status says
+/// Ready. Polled every 200 ms. After 15 minutes it says what is missing and returns the
+/// time so far, so that the other figures are still taken.
+async fn converged(
+    client: &kube::Client,
+    pods: &[SimPod],
+    n: usize,
+    what: &Converged,
+    start: Instant,
+) -> anyhow::Result<Duration> {
     loop {
-        let active = pods
-            .list_metadata(&ListParams::default().labels("vault-active=true"))
-            .await?
-            .items
-            .len();
-        if active >= n {
+        let missing = not_converged(client, pods, n, what).await?;
+        if missing.is_empty() {
             return Ok(start.elapsed());
         }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(900),
-            "{active} of {n} converged in 15 min"
-        );
+        if start.elapsed() >= Duration::from_secs(900) {
+            println!(
+                "NOT CONVERGED within 15 min ({}): {missing:?}",
+                what.clusters
+            );
+            return Ok(start.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// What is not converged yet: counts of pods, Services and statuses still wrong.
+async fn not_converged(
+    client: &kube::Client,
+    pods: &[SimPod],
+    n: usize,
+    what: &Converged,
+) -> anyhow::Result<Vec<String>> {
+    let mut missing = Vec::new();
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let vault = ListParams::default().labels("app.kubernetes.io/name=vault");
+    let labels: BTreeMap<String, String> = pod_api
+        .list_metadata(&vault)
+        .await?
+        .items
+        .into_iter()
+        .map(|p| {
+            let value = p.labels().get(&format!("{}-active", what.labels)).cloned();
+            (p.name_any(), value.unwrap_or_default())
+        })
+        .collect();
+    let unlabelled = (0..3 * n)
+        .filter(|i| {
+            labels.get(&pods[*i].name).map(String::as_str)
+                != Some(if i % 3 == 0 { "true" } else { "false" })
+        })
+        .count();
+    if unlabelled > 0 {
+        missing.push(format!("{unlabelled} pods unlabelled"));
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let mut endpoints: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for slice in slices
+        .list(&ListParams::default().labels(what.slices))
+        .await?
+        .items
+    {
+        let service = slice
+            .labels()
+            .get("kubernetes.io/service-name")
+            .cloned()
+            .unwrap_or_default();
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+            .flat_map(|e| e.addresses.iter().cloned());
+        endpoints.entry(service).or_default().extend(ready);
+    }
+    let wrong = (0..n)
+        .filter(|c| {
+            let ips = |i: &[usize]| {
+                let mut ips: Vec<String> =
+                    i.iter().map(|i| pods[3 * c + i].ip.to_string()).collect();
+                ips.sort();
+                ips
+            };
+            let got = |role: &str| {
+                let mut ips = endpoints
+                    .get(&format!("{}{c}-{role}", what.clusters))
+                    .cloned()
+                    .unwrap_or_default();
+                ips.sort();
+                ips
+            };
+            got("active") != ips(&[0]) || got("standby") != ips(&[1, 2])
+        })
+        .count();
+    if wrong > 0 {
+        missing.push(format!(
+            "{wrong} clusters' Services without their endpoints"
+        ));
+    }
+    let (clusters, _) = cluster_api(client);
+    let ready = clusters
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|vc| vc.name_any().starts_with(what.clusters))
+        .filter(|vc| {
+            vc.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .count();
+    if ready < n {
+        missing.push(format!("{} statuses not Ready", n - ready));
+    }
+    Ok(missing)
 }
 
 /// Requests of these verbs between two readings; each resource with any is printed.
