@@ -136,6 +136,9 @@ pub struct Input<'a> {
     pub evicted: &'a [String],
     /// `spec.upgrade.maxUnavailable`: the most pods one step evicts.
     pub max_unavailable: usize,
+    /// Whether the condition last written says an upgrade is under way: then its last step
+    /// is over only when the last replacement serves, as every other step.
+    pub finishing: bool,
     /// A refused eviction of this pod whose retry is not due yet, and the refusal.
     pub blocked: Option<(&'a str, &'a str)>,
 }
@@ -340,32 +343,23 @@ fn step(input: &Input, set: &SetView, revision: &str) -> Plan {
         .iter()
         .filter(|p| p.revision() != Some(revision))
         .collect();
-    if outdated.is_empty() {
-        return Plan::new(Reason::UpToDate, None, progress);
+    // The replacements first: a step is over only when its pods answer unsealed and one
+    // pod answers active, the last step too. Once done, a pod sealed later is not the
+    // upgrade's business.
+    if (!outdated.is_empty() || input.finishing)
+        && let Some(plan) = unsettled(pods, revision, &progress)
+    {
+        return plan;
     }
-    // The replacements first: a step is over only when its pod answers unsealed.
-    for pod in pods.iter().filter(|p| p.revision() == Some(revision)) {
-        match &pod.answer {
-            Answer::Sealed | Answer::Uninitialized => {
-                return Plan::new(
-                    Reason::WaitingForUnseal,
-                    Some(&pod.name),
-                    format!(
-                        "{} runs the new revision but is {}; the upgrade resumes once it is unsealed; {progress}",
-                        pod.name,
-                        pod.answer.describe()
-                    ),
-                );
-            }
-            Answer::Silent(_) => {
-                return Plan::new(
-                    Reason::WaitingForReplacement,
-                    Some(&pod.name),
-                    format!("{} is {}; {progress}", pod.name, pod.answer.describe()),
-                );
-            }
-            Answer::Active | Answer::Standby => {}
+    if outdated.is_empty() {
+        if input.finishing && !pods.iter().any(|p| p.answer == Answer::Active) {
+            return Plan::new(
+                Reason::NoActivePod,
+                None,
+                format!("the upgrade ends once a pod answers active; {progress}"),
+            );
         }
+        return Plan::new(Reason::UpToDate, None, progress);
     }
     if let Some(pod) = pods.iter().find(|p| !p.answer.unsealed()) {
         return Plan::new(
@@ -427,6 +421,30 @@ fn next_batch<'p>(outdated: &[&'p PodView], most: usize) -> Vec<&'p PodView> {
     } else {
         standbys
     }
+}
+
+/// A pod at the update revision that does not yet serve: why the step is not over.
+fn unsettled(pods: &[PodView], revision: &str, progress: &str) -> Option<Plan> {
+    let pod = pods
+        .iter()
+        .filter(|p| p.revision() == Some(revision))
+        .find(|p| !p.answer.unsealed())?;
+    Some(match &pod.answer {
+        Answer::Silent(_) => Plan::new(
+            Reason::WaitingForReplacement,
+            Some(&pod.name),
+            format!("{} is {}; {progress}", pod.name, pod.answer.describe()),
+        ),
+        _ => Plan::new(
+            Reason::WaitingForUnseal,
+            Some(&pod.name),
+            format!(
+                "{} runs the new revision but is {}; the upgrade resumes once it is unsealed; {progress}",
+                pod.name,
+                pod.answer.describe()
+            ),
+        ),
+    })
 }
 
 fn ordinal(pod: &str) -> u64 {
@@ -495,6 +513,7 @@ mod tests {
             evicted,
             blocked,
             max_unavailable,
+            finishing: false,
         })
     }
 
@@ -828,6 +847,42 @@ mod tests {
         let got = run_batch(&s, &pods, &["uid-3-vault-old".into()], None, 2);
         assert_eq!(got.reason, Reason::WaitingForReplacement);
         assert_eq!(got.pod.as_deref(), Some("vault-3"));
+    }
+
+    /// The last step is over, as every other, only when its replacement serves and a pod
+    /// answers active; after an upgrade that was over, a sealed pod is not its business.
+    #[test]
+    fn the_last_step_waits_for_its_replacement_too() {
+        let s = [set("OnDelete", 3)];
+        let lookup = |name: &str| s.iter().find(|s| s.name == name).cloned();
+        let finish = |pods: &[PodView], finishing: bool| {
+            plan(&Input {
+                set: &lookup,
+                pods,
+                evicted: &[],
+                blocked: None,
+                max_unavailable: 1,
+                finishing,
+            })
+        };
+        let mut pods = vec![
+            pod(0, NEW, Sealed),
+            pod(1, NEW, Active),
+            pod(2, NEW, Standby),
+        ];
+        let got = finish(&pods, true);
+        assert_eq!(got.reason, Reason::WaitingForUnseal, "{got:?}");
+        assert_eq!(got.pod.as_deref(), Some("vault-0"));
+        assert_eq!(finish(&pods, false).reason, Reason::UpToDate);
+        pods[0].answer = silent();
+        assert_eq!(finish(&pods, true).reason, Reason::WaitingForReplacement);
+        pods[0].answer = Standby;
+        pods[1].answer = Standby;
+        assert_eq!(finish(&pods, true).reason, Reason::NoActivePod);
+        pods[1].answer = Active;
+        let got = finish(&pods, true);
+        assert_eq!(got.reason, Reason::UpToDate);
+        assert_eq!(got.message, "3/3 pods at revision vault-new");
     }
 
     #[test]

@@ -791,3 +791,31 @@ async fn more_pods_per_step_than_the_quorum_allows_is_a_spec_problem() -> anyhow
     assert_eq!(p.evictions().await, Vec::<String>::new());
     Ok(())
 }
+
+/// The last step too is over only when its replacement serves: the active pod's
+/// replacement left sealed holds the upgrade at WaitingForUnseal, not UpToDate, until it
+/// is unsealed.
+#[tokio::test]
+async fn the_active_pods_replacement_left_sealed_holds_the_end() -> anyhow::Result<()> {
+    let p = plane("last", "OnDelete").await?;
+    p.create_cluster(UPGRADE).await?;
+    p.converged().await?;
+    p.upgrading("False", "UpToDate").await?;
+    p.kubelet.seal_next("vault-0").await;
+    p.new_revision("2").await?;
+    wait::until("three evictions", LIMIT * 2, || async {
+        Ok((p.evictions().await.len() == 3).then_some(()))
+    })
+    .await?;
+    let waiting = p.upgrading("False", "WaitingForUnseal").await?;
+    assert!(
+        waiting.starts_with("vault-0 runs the new revision but is sealed"),
+        "{waiting}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.upgrading("False", "WaitingForUnseal").await?;
+    p.kubelet.set_role("vault-0", Role::Standby).await;
+    p.upgrading("False", "UpToDate").await?;
+    assert_eq!(p.evictions().await, ["vault-2", "vault-1", "vault-0"]);
+    Ok(())
+}

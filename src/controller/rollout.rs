@@ -108,7 +108,7 @@ pub async fn round(
         ctx,
         &vc_ns(vc),
         &views,
-        (&memory.evicted, most),
+        (&memory.evicted, most, finishing(vc)),
         blocked.map(|b| (b.pod.as_str(), b.refusal.as_str())),
     );
     if let (Reason::DisruptionBlocked, Some(b)) = (plan.reason, blocked) {
@@ -134,7 +134,7 @@ fn decide(
     ctx: &Context,
     ns: &str,
     pods: &[PodView],
-    (evicted, max_unavailable): (&[String], usize),
+    (evicted, max_unavailable, finishing): (&[String], usize, bool),
     blocked: Option<(&str, &str)>,
 ) -> Plan {
     let sets = ctx.caches.sets.read().unwrap();
@@ -145,7 +145,21 @@ fn decide(
         evicted,
         blocked,
         max_unavailable,
+        finishing,
     })
+}
+
+/// Whether the Upgrading condition last written says an upgrade is under way. Read from
+/// the status, so a new leader finishes the last step as the old one would have.
+fn finishing(vc: &VaultCluster) -> bool {
+    vc.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == upgrade::CONDITION))
+        .is_some_and(|c| {
+            c.reason != Reason::UpToDate.as_str()
+                && c.reason != Reason::InvalidSpec.as_str()
+                && c.reason != Reason::NoPods.as_str()
+        })
 }
 
 /// Each selected pod with this round's answer.
