@@ -36,15 +36,16 @@ pub struct Sample {
 /// finished.
 pub struct ServiceClient {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<Sample>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl ServiceClient {
     pub fn start(addr: SocketAddr, every: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (stopped, log) = (stop.clone(), samples.clone());
         let task = tokio::spawn(async move {
-            let mut samples = Vec::new();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stopped.load(Ordering::Relaxed) {
@@ -54,16 +55,31 @@ impl ServiceClient {
                     Ok((code, _)) => Outcome::Answer(code),
                     Err(_) => Outcome::Failed,
                 };
-                samples.push(Sample { sent, outcome });
+                log.lock()
+                    .expect("client lock")
+                    .push(Sample { sent, outcome });
             }
-            samples
         });
-        Self { stop, task }
+        Self {
+            stop,
+            samples,
+            task,
+        }
+    }
+
+    /// Whether the last `n` requests were all answered active.
+    pub fn settled(&self, n: usize) -> bool {
+        let samples = self.samples.lock().expect("client lock");
+        samples.len() >= n
+            && samples[samples.len() - n..]
+                .iter()
+                .all(|s| s.outcome == Outcome::Answer(200))
     }
 
     pub async fn finish(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap_or_default()
+        let _ = self.task.await;
+        self.samples.lock().expect("client lock").clone()
     }
 }
 
@@ -197,6 +213,50 @@ impl Report {
             self.vault_gap.as_millis(),
         )
     }
+}
+
+/// The client's answers as runs of one outcome, from the window's start: "200 x120
+/// (0-1210 ms), failed x3 (1220-1250 ms), ...", for reading what happened when.
+pub fn timeline(samples: &[Sample]) -> String {
+    let Some(first) = samples.first() else {
+        return String::new();
+    };
+    let ms = |s: &Sample| (s.sent - first.sent).as_millis();
+    let name = |o: Outcome| match o {
+        Outcome::Answer(code) => code.to_string(),
+        Outcome::Failed => "failed".into(),
+    };
+    let mut runs: Vec<(Outcome, usize, u128, u128)> = Vec::new();
+    for s in samples {
+        match runs.last_mut() {
+            Some(run) if run.0 == s.outcome => {
+                run.1 += 1;
+                run.3 = ms(s);
+            }
+            _ => runs.push((s.outcome, 1, ms(s), ms(s))),
+        }
+    }
+    runs.iter()
+        .map(|(o, n, from, to)| format!("{} x{n} ({from}-{to} ms)", name(*o)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// When each pod answered active, asked directly, as runs from `origin`: "vault-0
+/// (0-1200 ms), vault-1 (2070-5000 ms)"; a pause of over 50 ms starts a new run.
+pub fn active_runs(actives: &[(Instant, String)], origin: Instant) -> String {
+    let ms = |t: Instant| t.saturating_duration_since(origin).as_millis();
+    let mut runs: Vec<(&str, Instant, Instant)> = Vec::new();
+    for (at, pod) in actives {
+        match runs.last_mut() {
+            Some(run) if run.0 == pod && *at - run.2 <= Duration::from_millis(50) => run.2 = *at,
+            _ => runs.push((pod, *at, *at)),
+        }
+    }
+    runs.iter()
+        .map(|(pod, from, to)| format!("{pod} ({}-{} ms)", ms(*from), ms(*to)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn longest_outage(samples: &[Sample]) -> Duration {

@@ -24,10 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Pod;
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -313,7 +316,17 @@ impl VaultPods {
         for i in 1..REPLICAS {
             self.unseal(&pod_name(i)).await?;
         }
-        Ok(())
+        self.wait_voters().await
+    }
+
+    /// Waits until every pod is a raft voter: a joiner starts as a non-voter that
+    /// autopilot promotes once stable, and only voters can take over after a step-down.
+    pub async fn wait_voters(&self) -> anyhow::Result<()> {
+        let all: Vec<String> = (0..REPLICAS).map(pod_name).collect();
+        wait::until("every pod a raft voter", LIMIT, || async {
+            Ok(self.voters().await.ok().filter(|v| *v == all).map(|_| ()))
+        })
+        .await
     }
 
     /// The pod that answers active now, asked directly.
@@ -359,6 +372,94 @@ impl VaultPods {
             .collect();
         voters.sort();
         Ok(voters)
+    }
+}
+
+/// A VaultCluster `vault` over the StatefulSet's pods, `extra` appended to its spec (the
+/// CRD's default probing otherwise).
+pub fn vault_cluster(namespace: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: vault-registrar.dev/v1alpha1\nkind: VaultCluster\nmetadata: {{name: vault, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app.kubernetes.io/name: vault, component: server}}}}\n  {extra}\n"
+    )
+}
+
+/// The upgrade as the StatefulSet and the VaultCluster show it.
+impl VaultPods {
+    pub async fn update_revision(&self) -> anyhow::Result<String> {
+        let set = Api::<StatefulSet>::namespaced(self.client.clone(), &self.namespace)
+            .get("vault")
+            .await?;
+        Ok(set
+            .status
+            .and_then(|s| s.update_revision)
+            .unwrap_or_default())
+    }
+
+    /// Changes the pod template's annotation: a new StatefulSet revision.
+    pub async fn new_revision(&self, value: &str) -> anyhow::Result<()> {
+        let patch = json!({"spec": {"template": {"metadata": {"annotations": {REVISION_ANNOTATION: value}}}}});
+        Api::<StatefulSet>::namespaced(self.client.clone(), &self.namespace)
+            .patch("vault", &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(())
+    }
+
+    /// The VaultCluster's Upgrading condition now: status, reason, message (empty when
+    /// absent).
+    pub async fn upgrading(&self) -> anyhow::Result<(String, String, String)> {
+        let gvk = GroupVersionKind::gvk("vault-registrar.dev", "v1alpha1", "VaultCluster");
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &ApiResource::from_gvk(&gvk),
+        );
+        let vc = api.get("vault").await?;
+        let field = |c: &Value, k: &str| c[k].as_str().unwrap_or_default().to_string();
+        Ok(vc.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Upgrading")
+            .map(|c| (field(c, "status"), field(c, "reason"), field(c, "message")))
+            .unwrap_or_default())
+    }
+
+    /// Waits for the Upgrading condition with this status and reason; its message.
+    pub async fn wait_upgrading(&self, status: &str, reason: &str) -> anyhow::Result<String> {
+        let last = Mutex::new(Default::default());
+        let got = wait::until(&format!("Upgrading={status} ({reason})"), LIMIT, || async {
+            let (s, r, m) = self.upgrading().await?;
+            let found = (s == status && r == reason).then(|| m.clone());
+            *last.lock().expect("last lock") = (s, r, m);
+            Ok(found)
+        })
+        .await;
+        got.with_context(|| format!("last seen: {:?}", last.lock().expect("last lock")))
+    }
+
+    /// Until the upgrade is done (UpToDate after at least one step): whenever the condition
+    /// names a replacement waiting for its unseal (`WaitingForUnseal`), unseals it, once.
+    /// The pods so named, in order.
+    pub async fn unseal_each_replacement(&self) -> anyhow::Result<Vec<String>> {
+        let mut unsealed: Vec<String> = Vec::new();
+        let start = std::time::Instant::now();
+        loop {
+            anyhow::ensure!(
+                start.elapsed() < LIMIT * 4,
+                "the upgrade did not end; unsealed {unsealed:?}"
+            );
+            let (status, reason, message) = self.upgrading().await?;
+            if status == "False" && reason == "UpToDate" && !unsealed.is_empty() {
+                return Ok(unsealed);
+            }
+            let named = message.split_whitespace().next().unwrap_or_default();
+            if reason == "WaitingForUnseal" && !unsealed.iter().any(|u| u == named) {
+                println!("Upgrading={status} {reason}: {message}");
+                self.unseal(named).await?;
+                unsealed.push(named.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
