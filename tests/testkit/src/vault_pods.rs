@@ -383,6 +383,20 @@ pub fn vault_cluster(namespace: &str, extra: &str) -> String {
     )
 }
 
+impl VaultPods {
+    /// Unseals every pod that answers sealed or uninitialized; their names.
+    pub async fn unseal_sealed(&self) -> anyhow::Result<Vec<String>> {
+        let mut unsealed = Vec::new();
+        for (name, _) in self.ips().await? {
+            if let Ok((501 | 503, _)) = self.health(&name).await {
+                self.unseal(&name).await?;
+                unsealed.push(name);
+            }
+        }
+        Ok(unsealed)
+    }
+}
+
 /// The upgrade as the StatefulSet and the VaultCluster show it.
 impl VaultPods {
     pub async fn update_revision(&self) -> anyhow::Result<String> {
@@ -439,7 +453,8 @@ impl VaultPods {
 
     /// Until the upgrade is done (UpToDate after at least one step): whenever the condition
     /// names a replacement waiting for its unseal (`WaitingForUnseal`), unseals it, once.
-    /// The pods so named, in order.
+    /// The pods so named, in order. The last replacement (the pod active before) pauses
+    /// nothing and is not named: see `unseal_sealed`.
     pub async fn unseal_each_replacement(&self) -> anyhow::Result<Vec<String>> {
         let mut unsealed: Vec<String> = Vec::new();
         let start = std::time::Instant::now();

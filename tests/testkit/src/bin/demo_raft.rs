@@ -75,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
     vault.new_revision("2").await?;
     let t = Instant::now();
     let order = vault.unseal_each_replacement().await?;
-    println!("upgrade done in {:?}; replaced in order: {order:?}", t.elapsed());
+    println!("Upgrading=False UpToDate {:?} after the change; the standbys' replacements waited: {order:?}", t.elapsed());
+    show(&kubectl, "every pod at the new revision; the last replacement (active before) still sealed")?;
+    let sealed = vault.unseal_sealed().await?;
+    println!("unsealed {sealed:?}");
     vault.wait_voters().await?;
     routed(&client, &vault, None).await?;
     show(&kubectl, "after the upgrade")?;
