@@ -62,7 +62,10 @@ async fn setup(extra: &str) -> anyhow::Result<Setup> {
     release::install_chart(&node).await?;
     let t = Instant::now();
     let mut vault = VaultPods::deploy(&node, &client, NS).await?;
-    println!("three Vault pods answering {:?} after the apply", t.elapsed());
+    println!(
+        "three Vault pods answering {:?} after the apply",
+        t.elapsed()
+    );
     apply(&node, &vault_cluster(NS, extra)).await?;
     labels_are(&client, "vault-initialized", "false", &[0, 1, 2]).await?;
     let t = Instant::now();
@@ -159,9 +162,11 @@ where
     // Settled: every pod's labels right, the Service on the active pod, and the client
     // answered active for half a second in a row.
     converged(s).await?;
-    let settled = wait::until("the client answered active 50 times in a row", LIMIT, || async {
-        Ok(client.settled(50).then_some(()))
-    })
+    let settled = wait::until(
+        "the client answered active 50 times in a row",
+        LIMIT,
+        || async { Ok(client.settled(50).then_some(())) },
+    )
     .await;
     let samples = client.finish().await;
     let actives = poller.finish().await;
@@ -169,7 +174,10 @@ where
     println!("{}", report.line(what));
     println!("  the client's answers: {}", timeline(&samples));
     if let Some(first) = samples.first() {
-        println!("  active, asked directly: {}", active_runs(&actives, first.sent));
+        println!(
+            "  active, asked directly: {}",
+            active_runs(&actives, first.sent)
+        );
     }
     settled?;
     Ok((out, report))
@@ -219,7 +227,10 @@ async fn real_vault_pods_are_labelled_and_routed_through_a_step_down_and_a_delet
 /// What a client may rely on whatever the timing: it ends on the active pod, and the active
 /// Service never routed a request to a sealed pod.
 fn sane(report: &Report) -> anyhow::Result<()> {
-    anyhow::ensure!(report.ends_active, "the client did not end on 200: {report:?}");
+    anyhow::ensure!(
+        report.ends_active,
+        "the client did not end on 200: {report:?}"
+    );
     anyhow::ensure!(
         report.sealed == 0,
         "the active Service routed to a sealed pod: {report:?}"
@@ -276,13 +287,32 @@ async fn a_role_ordered_upgrade_of_real_vault_pods() -> anyhow::Result<()> {
     let history = history(&s).await;
     one_at_a_time(&history).map_err(anyhow::Error::msg)?;
     let order = evicted(&history);
-    println!("evictions: {order:?} (active before: {active}); most away at once: {:?}", away.most());
+    println!(
+        "evictions: {order:?} (active before: {active}); most away at once: {:?}",
+        away.most()
+    );
     assert_eq!(order.len(), REPLICAS, "{order:?}");
-    assert_eq!(order.last(), Some(&active), "the active pod last: {order:?}");
+    assert_eq!(
+        order.last(),
+        Some(&active),
+        "the active pod last: {order:?}"
+    );
     let (named, sealed_last) = paused;
-    assert_eq!(named, order[..2], "each standby's replacement waited, named");
-    assert_eq!(sealed_last, order[2..], "the last replacement sealed at the end");
-    assert!(away.most().0 <= 1, "two pods away at once: {:?}", away.most());
+    assert_eq!(
+        named,
+        order[..2],
+        "each standby's replacement waited, named"
+    );
+    assert_eq!(
+        sealed_last,
+        order[2..],
+        "the last replacement sealed at the end"
+    );
+    assert!(
+        away.most().0 <= 1,
+        "two pods away at once: {:?}",
+        away.most()
+    );
     // Vault at the end: one active pod, every pod unsealed, three voters.
     s.vault.wait_active(None).await?;
     for i in 0..REPLICAS {
@@ -304,7 +334,6 @@ async fn history(s: &Setup) -> Vec<(String, String)> {
     let plane = &s.node.plane;
     pod_history(tokio::task::block_in_place(|| plane.writes_in(NS)))
 }
-
 
 /// Stops the node and fails on what it left on the machine. Links that vanished are not
 /// ours to restore: other engineers' network-namespace tests add and remove veth pairs on

@@ -11,7 +11,11 @@ pub fn pod_history(writes: Vec<(String, String, String, String, i64)>) -> Vec<(S
             *code < 300 && verb == "create" && (resource == "pods" || resource == "pods/eviction")
         })
         .map(|(_, _, resource, name, _)| {
-            let what = if resource == "pods" { "create" } else { "evict" };
+            let what = if resource == "pods" {
+                "create"
+            } else {
+                "evict"
+            };
             (what.to_string(), name)
         })
         .collect()
@@ -58,8 +62,12 @@ mod tests {
 
     #[test]
     fn one_at_a_time_reads_the_history() {
-        assert!(one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-2"), ("evict", "v-1")])).is_ok());
-        assert!(one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-1"), ("evict", "v-1")])).is_err());
+        assert!(
+            one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-2"), ("evict", "v-1")])).is_ok()
+        );
+        assert!(
+            one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-1"), ("evict", "v-1")])).is_err()
+        );
     }
 
     #[test]

@@ -113,9 +113,7 @@ pub fn manifests(namespace: &str, revision: &str) -> String {
 }
 
 fn statefulset(namespace: &str, labels: &Value, revision: &str) -> Value {
-    let field_env = |name: &str, path: &str| {
-        json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
-    };
+    let field_env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let health = "/v1/sys/health?standbyok=true&sealedcode=204&uninitcode=204";
     json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -248,7 +246,14 @@ impl VaultPods {
             .await?
             .with_context(|| format!("{name} has no address"))?;
         let token = self.keys.as_ref().map(|k| k.root_token.as_str());
-        vault_api(SocketAddr::new(ip.into(), API_PORT), method, path, token, body).await
+        vault_api(
+            SocketAddr::new(ip.into(), API_PORT),
+            method,
+            path,
+            token,
+            body,
+        )
+        .await
     }
 
     /// `sys/health` of pod `name`: the status code and the body.
@@ -288,7 +293,10 @@ impl VaultPods {
     pub async fn unseal(&self, name: &str) -> anyhow::Result<()> {
         let key = json!({"key": self.keys()?.unseal});
         wait::until(&format!("{name} to take the unseal key"), LIMIT, || async {
-            match self.call(name, "PUT", "/v1/sys/unseal", Some(key.clone())).await {
+            match self
+                .call(name, "PUT", "/v1/sys/unseal", Some(key.clone()))
+                .await
+            {
                 Ok((200, _)) => Ok(Some(())),
                 Ok((_, answer)) => {
                     tracing::debug!(%name, %answer, "unseal key refused; retrying");
@@ -349,9 +357,7 @@ impl VaultPods {
 
     /// `vault operator step-down` on pod `name`.
     pub async fn step_down(&self, name: &str) -> anyhow::Result<()> {
-        let (code, answer) = self
-            .call(name, "PUT", "/v1/sys/step-down", None)
-            .await?;
+        let (code, answer) = self.call(name, "PUT", "/v1/sys/step-down", None).await?;
         anyhow::ensure!(code == 204, "step-down on {name}: {code} {answer}");
         Ok(())
     }

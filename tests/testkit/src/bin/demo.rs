@@ -105,7 +105,14 @@ fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<(
     );
     print!(
         "{}",
-        kubectl(&["get", "vaultcluster", "-n", VAULT_NS, "-o", release::CONDITIONS])?
+        kubectl(&[
+            "get",
+            "vaultcluster",
+            "-n",
+            VAULT_NS,
+            "-o",
+            release::CONDITIONS
+        ])?
     );
     Ok(())
 }

@@ -34,20 +34,30 @@ async fn main() -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(node)
     })
     .await??;
-    println!("ready after {:?}; kubeconfig: {}", t.elapsed(), node.plane.kubeconfig.display());
+    println!(
+        "ready after {:?}; kubeconfig: {}",
+        t.elapsed(),
+        node.plane.kubeconfig.display()
+    );
     let client = node.plane.client().await?;
     let kubectl = |args: &[&str]| run(node.plane.kubectl().args(args));
 
-    println!("\n== helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace --wait");
+    println!(
+        "\n== helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace --wait"
+    );
     release::install_chart(&node).await?;
 
-    println!("\n== Vault: a StatefulSet of 3 raft pods (OnDelete), and a VaultCluster with spec.upgrade");
+    println!(
+        "\n== Vault: a StatefulSet of 3 raft pods (OnDelete), and a VaultCluster with spec.upgrade"
+    );
     let mut vault = VaultPods::deploy(&node, &client, NS).await?;
     let upgrade = "upgrade: {strategy: RoleOrdered, maxUnavailable: 1}";
     apply(&node, &vault_cluster(NS, upgrade)).await?;
     println!("{}", kubectl(&["get", "statefulset,svc", "-n", NS])?);
 
-    println!("== PUT /v1/sys/init on vault-0; PUT /v1/sys/unseal on each pod (they join by auto_join)");
+    println!(
+        "== PUT /v1/sys/init on vault-0; PUT /v1/sys/unseal on each pod (they join by auto_join)"
+    );
     vault.bootstrap().await?;
     let active = routed(&client, &vault, None).await?;
     show(&kubectl, &format!("{active} active"))?;
@@ -57,26 +67,41 @@ async fn main() -> anyhow::Result<()> {
     let next = routed(&client, &vault, Some(&active)).await?;
     show(&kubectl, &format!("after the step-down: {next} active"))?;
 
-    println!("\n== kubectl delete pod {next} (the active one); its replacement starts empty and is unsealed");
+    println!(
+        "\n== kubectl delete pod {next} (the active one); its replacement starts empty and is unsealed"
+    );
     let t = Instant::now();
     Api::<Pod>::namespaced(client.clone(), NS)
         .delete(&next, &DeleteParams::default())
         .await?;
     let after = routed(&client, &vault, Some(&next)).await?;
-    println!("{after} active and routed {:?} after the delete", t.elapsed());
+    println!(
+        "{after} active and routed {:?} after the delete",
+        t.elapsed()
+    );
     vault
-        .wait_health(&next, "back, not yet unsealed", |(c, _)| matches!(c, 501 | 503))
+        .wait_health(&next, "back, not yet unsealed", |(c, _)| {
+            matches!(c, 501 | 503)
+        })
         .await?;
     vault.unseal(&next).await?;
     vault.wait_voters().await?;
     show(&kubectl, "the replacement unsealed")?;
 
-    println!("\n== a new pod-template revision (an annotation); the operator replaces the pods by role");
+    println!(
+        "\n== a new pod-template revision (an annotation); the operator replaces the pods by role"
+    );
     vault.new_revision("2").await?;
     let t = Instant::now();
     let order = vault.unseal_each_replacement().await?;
-    println!("Upgrading=False UpToDate {:?} after the change; the standbys' replacements waited: {order:?}", t.elapsed());
-    show(&kubectl, "every pod at the new revision; the last replacement (active before) still sealed")?;
+    println!(
+        "Upgrading=False UpToDate {:?} after the change; the standbys' replacements waited: {order:?}",
+        t.elapsed()
+    );
+    show(
+        &kubectl,
+        "every pod at the new revision; the last replacement (active before) still sealed",
+    )?;
     let sealed = vault.unseal_sealed().await?;
     println!("unsealed {sealed:?}");
     vault.wait_voters().await?;
@@ -85,8 +110,14 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         kubectl(&[
-            "get", "events", "-n", NS, "--field-selector", "involvedObject.kind=VaultCluster",
-            "-o", "custom-columns=REASON:.reason,MESSAGE:.message",
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "involvedObject.kind=VaultCluster",
+            "-o",
+            "custom-columns=REASON:.reason,MESSAGE:.message",
         ])?
     );
 
@@ -116,11 +147,23 @@ fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>, title: &str) -> any
     print!(
         "{}",
         kubectl(&[
-            "get", "pods", "-n", NS, "-o", "wide", "-L",
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-o",
+            "wide",
+            "-L",
             "vault-active,vault-sealed,vault-initialized,controller-revision-hash",
         ])?
     );
-    print!("{}", kubectl(&["get", "vaultcluster", "-n", NS, "-o", "wide"])?);
-    print!("{}", kubectl(&["get", "vaultcluster", "-n", NS, "-o", release::CONDITIONS])?);
+    print!(
+        "{}",
+        kubectl(&["get", "vaultcluster", "-n", NS, "-o", "wide"])?
+    );
+    print!(
+        "{}",
+        kubectl(&["get", "vaultcluster", "-n", NS, "-o", release::CONDITIONS])?
+    );
     Ok(())
 }
