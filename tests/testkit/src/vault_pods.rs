@@ -485,10 +485,13 @@ impl VaultPods {
 }
 
 /// Watches the StatefulSet's pods and counts, at every change the API server sends, how
-/// many of `vault-0..2` are away: missing, terminating or not Ready. A sealed pod is Ready
-/// (the chart's probe), so this counts pods out of Kubernetes' hands, not sealed ones.
+/// many of `vault-0..2` are away: missing, terminating or not Running. What Vault answers
+/// (sealed, joining) and readiness (a probe timing out on a loaded machine) do not count:
+/// this is about the pods an eviction takes away.
 pub struct AwayWatch {
     most: Arc<Mutex<(usize, String)>>,
+    /// Each change of the pods away, with the pod event that made it.
+    changes: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -496,29 +499,55 @@ impl AwayWatch {
     pub fn start(client: &kube::Client, namespace: &str) -> Self {
         let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let most = Arc::new(Mutex::new((0, String::new())));
-        let record = most.clone();
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (record, log) = (most.clone(), changes.clone());
         let task = tokio::spawn(async move {
             let config = watcher::Config::default().labels(SELECTOR);
             let mut seen: BTreeMap<String, Pod> = BTreeMap::new();
             let mut events = std::pin::pin!(watcher(pods, config).applied_objects());
+            let mut before = Vec::new();
             while let Some(Ok(pod)) = events.next().await {
+                let what = format!(
+                    "{} {} rv {}",
+                    pod.name_any(),
+                    pod.status
+                        .as_ref()
+                        .and_then(|s| s.phase.clone())
+                        .unwrap_or_default(),
+                    pod.resource_version().unwrap_or_default()
+                );
                 seen.insert(pod.name_any(), pod);
                 let away: Vec<String> = (0..REPLICAS)
                     .map(pod_name)
                     .filter(|n| seen.get(n).is_none_or(|p| !present(p)))
                     .collect();
+                if away != before {
+                    log.lock()
+                        .expect("away lock")
+                        .push(format!("{what}: away {away:?}"));
+                    before = away.clone();
+                }
                 let mut most = record.lock().expect("away lock");
                 if away.len() > most.0 {
                     *most = (away.len(), away.join(","));
                 }
             }
         });
-        Self { most, task }
+        Self {
+            most,
+            changes,
+            task,
+        }
     }
 
     /// The most pods away at one moment, and which.
     pub fn most(&self) -> (usize, String) {
         self.most.lock().expect("away lock").clone()
+    }
+
+    /// Each change of the pods away, in the order the watch saw them.
+    pub fn changes(&self) -> Vec<String> {
+        self.changes.lock().expect("away lock").clone()
     }
 }
 
@@ -529,14 +558,8 @@ impl Drop for AwayWatch {
 }
 
 fn present(pod: &Pod) -> bool {
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    ready && pod.metadata.deletion_timestamp.is_none()
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    running && pod.metadata.deletion_timestamp.is_none()
 }
 
 pub fn pod_name(i: usize) -> String {
