@@ -517,6 +517,11 @@ impl AwayWatch {
                     pod.resource_version().unwrap_or_default()
                 );
                 seen.insert(pod.name_any(), pod);
+                // The first list arrives one pod at a time: nothing is away before all
+                // three were seen once.
+                if seen.len() < REPLICAS {
+                    continue;
+                }
                 let away: Vec<String> = (0..REPLICAS)
                     .map(pod_name)
                     .filter(|n| seen.get(n).is_none_or(|p| !present(p)))
