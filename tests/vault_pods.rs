@@ -270,11 +270,7 @@ async fn a_role_ordered_upgrade_of_real_vault_pods() -> anyhow::Result<()> {
         let named = s.vault.unseal_each_replacement().await?;
         // The operator reports UpToDate once every pod runs the new revision, the last
         // replacement (the pod active before) still sealed: nothing waits for it.
-        let sealed = wait::until("the last replacement back", LIMIT, || async {
-            let sealed = s.vault.unseal_sealed().await?;
-            Ok((!sealed.is_empty()).then_some(sealed))
-        })
-        .await?;
+        let sealed = s.vault.unseal_last_replacement().await?;
         Ok((named, sealed))
     })
     .await?;

@@ -390,6 +390,16 @@ pub fn vault_cluster(namespace: &str, extra: &str) -> String {
 }
 
 impl VaultPods {
+    /// After an upgrade: waits until the last replacement (the pod active before, which
+    /// the operator does not wait for) answers sealed, and unseals it; its name.
+    pub async fn unseal_last_replacement(&self) -> anyhow::Result<Vec<String>> {
+        wait::until("the last replacement answering sealed", LIMIT, || async {
+            let sealed = self.unseal_sealed().await?;
+            Ok((!sealed.is_empty()).then_some(sealed))
+        })
+        .await
+    }
+
     /// Unseals every pod that answers sealed or uninitialized; their names.
     pub async fn unseal_sealed(&self) -> anyhow::Result<Vec<String>> {
         let mut unsealed = Vec::new();

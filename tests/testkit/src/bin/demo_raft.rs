@@ -14,6 +14,7 @@ use vault_registrar_testkit::real_vault::vault_binary;
 use vault_registrar_testkit::release::{self, apply};
 use vault_registrar_testkit::stage::run;
 use vault_registrar_testkit::vault_pods::{self, VaultPods, vault_cluster};
+use vault_registrar_testkit::wait;
 
 const NS: &str = "vault";
 const LIMIT: Duration = Duration::from_secs(90);
@@ -86,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     vault.unseal(&next).await?;
     vault.wait_voters().await?;
+    unsealed_labels(&client).await?;
     show(&kubectl, "the replacement unsealed")?;
 
     println!(
@@ -102,10 +104,11 @@ async fn main() -> anyhow::Result<()> {
         &kubectl,
         "every pod at the new revision; the last replacement (active before) still sealed",
     )?;
-    let sealed = vault.unseal_sealed().await?;
+    let sealed = vault.unseal_last_replacement().await?;
     println!("unsealed {sealed:?}");
     vault.wait_voters().await?;
     routed(&client, &vault, None).await?;
+    unsealed_labels(&client).await?;
     show(&kubectl, "after the upgrade")?;
     println!(
         "{}",
@@ -140,6 +143,17 @@ async fn routed(
         .ok_or_else(|| anyhow::anyhow!("{active} has no address"))?;
     wait_endpoints(client, NS, "vault-active", &[ip.to_string()], LIMIT).await?;
     Ok(active)
+}
+
+/// Waits until the operator labels all three pods unsealed.
+async fn unsealed_labels(client: &kube::Client) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let params = kube::api::ListParams::default().labels("vault-sealed=false");
+    wait::until("three pods labelled unsealed", LIMIT, || async {
+        let list = pods.list(&params).await?;
+        Ok((list.items.len() == vault_pods::REPLICAS).then_some(()))
+    })
+    .await
 }
 
 fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>, title: &str) -> anyhow::Result<()> {
