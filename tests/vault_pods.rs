@@ -334,8 +334,8 @@ async fn history(s: &Setup) -> Vec<(String, String)> {
 
 /// Stops the node and fails on what it left on the machine. The kernel removes a pod's
 /// veth after its network namespace, asynchronously: a veth still there is given 30
-/// seconds to go (on 2 busy cores it took over 10). One that vanished is not ours to restore (a veth of the node before,
-/// still being removed when the machine was observed).
+/// seconds to go (on 2 busy cores it took over 10). One that vanished is not ours to
+/// restore (a veth of the node before, still being removed when the machine was observed).
 fn teardown(s: Setup) -> anyhow::Result<()> {
     let diffs: Vec<String> = tokio::task::block_in_place(|| s.node.stop())
         .into_iter()
