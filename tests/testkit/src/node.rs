@@ -370,32 +370,12 @@ fn teardown(dir: &Path, procs: &mut Vec<(&'static str, Child)>, before: &Machine
         &dir.join("containerd/containerd.sock").display().to_string(),
         dir,
     );
-    slow_step("waiting for the pods' veths to go", || {
-        wait_veths_gone(before)
-    });
     slow_step("removing files in fixed places", || {
         machine::remove_new_paths(&before.paths)
     });
     let _ = machine::take_paths_record();
     before.restore_sysctls();
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// The kernel removes a pod's veth after its network namespace, asynchronously: on busy
-/// cores that takes seconds, and the next run's record of the machine would see it go.
-fn wait_veths_gone(before: &Machine) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        let left = Machine::observe().is_ok_and(|now| {
-            now.differences(before)
-                .iter()
-                .any(|d| d.starts_with("link veth") && d.ends_with(" left behind"))
-        });
-        if !left {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Runs a teardown step, saying so when it took long (a stuck step shows in the log).
