@@ -332,10 +332,10 @@ async fn history(s: &Setup) -> Vec<(String, String)> {
     pod_history(tokio::task::block_in_place(|| plane.writes_in(NS)))
 }
 
-/// Stops the node and fails on what it left on the machine. The kernel removes a pod's
-/// veth after its network namespace, asynchronously: a veth still there is given 30
-/// seconds to go (on 2 busy cores it took over 10). One that vanished is not ours to
-/// restore (a veth of the node before, still being removed when the machine was observed).
+/// Stops the node and fails on what it left on the machine. A pod's veth still there is
+/// given 30 seconds to go; one that vanished is not ours to restore (a veth a run before
+/// left, going while the machine was observed). Known open: after the upgrade a pod's
+/// network namespace has outlived the teardown, its veth with it (not explained yet).
 fn teardown(s: Setup) -> anyhow::Result<()> {
     let diffs: Vec<String> = tokio::task::block_in_place(|| s.node.stop())
         .into_iter()
