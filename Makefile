@@ -114,11 +114,13 @@ demo: binaries
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
 		$(TESTKIT_BIN_DIR)/demo
 
-## The operator (a process on the control plane) over a real three-node Vault raft cluster.
+## Real Vault as users run it on a local node: a raft StatefulSet of three Vault pods (an
+## image of the Vault binary built here), the operator from its chart; init, unseal, labels,
+## a step-down, the active pod deleted, an upgrade by role (spec.upgrade).
 demo-raft: binaries vault
-	$(CARGO) build --bin vault-registrar
-	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
-		$(CARGO) run -q -p vault-registrar-testkit --bin demo_raft
+	$(CARGO) build --workspace --bin vault-registrar --bin demo_raft --bin vault-sim --bin pause
+	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
+		$(TESTKIT_BIN_DIR)/demo_raft
 
 ## Failover latency (simulator; real Vault beside it), steady-state writes, printed.
 bench: binaries vault

@@ -35,6 +35,10 @@ pub struct SlimPod {
     pub phase: String,
     pub ip: Option<IpAddr>,
     pub ready: bool,
+    /// The StatefulSet its controller ownerReference names, if that is its controller:
+    /// which StatefulSet `spec.upgrade` replaces it through. Not the StatefulSet's
+    /// selector, whose keys the trimmed labels may lack.
+    pub stateful_set: Option<String>,
 }
 
 impl From<&Pod> for SlimPod {
@@ -104,8 +108,18 @@ impl SlimPod {
             phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
             ip: status.and_then(|s| s.pod_ip.as_deref()?.parse().ok()),
             ready,
+            stateful_set: controlling_set(pod),
         }
     }
+}
+
+/// The name of the StatefulSet a pod's controller ownerReference names.
+fn controlling_set(pod: &Pod) -> Option<String> {
+    pod.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "StatefulSet")
+        .filter(|o| o.api_version.starts_with("apps/"))
+        .map(|o| o.name.clone())
 }
 
 impl SlimPod {
@@ -512,6 +526,7 @@ mod tests {
             phase: "Running".into(),
             ip: None,
             ready: true,
+            stateful_set: None,
         }
     }
 

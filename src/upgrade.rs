@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
-use kube::core::{Selector, SelectorExt};
 
 use crate::health::Role;
 use crate::tracker::Verdict;
@@ -32,7 +31,6 @@ pub struct SetView {
     pub strategy: String,
     pub replicas: i32,
     pub update_revision: Option<String>,
-    pub selector: Option<Selector>,
 }
 
 impl From<&StatefulSet> for SetView {
@@ -50,7 +48,6 @@ impl From<&StatefulSet> for SetView {
                 .as_ref()
                 .and_then(|s| s.update_revision.clone())
                 .filter(|r| !r.is_empty()),
-            selector: spec.and_then(|s| Selector::try_from(s.selector.clone()).ok()),
         }
     }
 }
@@ -63,10 +60,11 @@ pub fn set_name_of(pod: &str) -> Option<&str> {
 }
 
 /// Whether `set` controls a pod: the StatefulSet controller names its pods
-/// `<set>-<ordinal>` and adopts only pods its selector matches.
-pub fn controls(set: &SetView, pod: &str, labels: &BTreeMap<String, String>) -> bool {
-    set_name_of(pod) == Some(set.name.as_str())
-        && set.selector.as_ref().is_some_and(|s| s.matches(labels))
+/// `<set>-<ordinal>` and, adopting one, makes itself the pod's controller ownerReference.
+/// The selector is not matched: the pod cache keeps only the labels VaultClusters read,
+/// and the official chart's StatefulSet selects on `app.kubernetes.io/instance` too.
+pub fn controls(set: &SetView, pod: &str, controller: Option<&str>) -> bool {
+    set_name_of(pod) == Some(set.name.as_str()) && controller == Some(set.name.as_str())
 }
 
 /// What Vault answered for a pod, as far as an upgrade cares.
@@ -116,6 +114,8 @@ pub struct PodView {
     pub name: String,
     pub uid: String,
     pub labels: BTreeMap<String, String>,
+    /// The StatefulSet its controller ownerReference names.
+    pub stateful_set: Option<String>,
     pub terminating: bool,
     pub answer: Answer,
 }
@@ -266,7 +266,7 @@ fn controller(input: &Input) -> Result<SetView, String> {
     for pod in input.pods {
         let set = set_name_of(&pod.name)
             .and_then(|name| (input.set)(name))
-            .filter(|set| controls(set, &pod.name, &pod.labels))
+            .filter(|set| controls(set, &pod.name, pod.stateful_set.as_deref()))
             .ok_or_else(|| {
                 format!(
                     "pod {} is not controlled by a StatefulSet; spec.upgrade needs the pods of one StatefulSet with updateStrategy OnDelete",
@@ -466,10 +466,6 @@ mod tests {
             strategy: strategy.into(),
             replicas,
             update_revision: Some(NEW.into()),
-            selector: Some(Selector::from_iter([(
-                "app".to_string(),
-                "vault".to_string(),
-            )])),
         }
     }
 
@@ -481,6 +477,7 @@ mod tests {
                 ("app".into(), "vault".into()),
                 (REVISION_LABEL.into(), revision.into()),
             ]),
+            stateful_set: Some("vault".into()),
             terminating: false,
             answer,
         }
@@ -762,16 +759,20 @@ mod tests {
             got.message.contains("not controlled by a StatefulSet"),
             "{got:?}"
         );
-        // A StatefulSet of the name whose selector does not match the pod.
-        let mut other = set("OnDelete", 3);
-        other.selector = Some(Selector::from_iter([(
-            "app".to_string(),
-            "web".to_string(),
-        )]));
-        assert_eq!(run(&[other], &pods).reason, Reason::InvalidSpec);
+        // A StatefulSet of the name that is not the pods' controller (pods adopted by
+        // none, or by another StatefulSet).
+        for owner in [None, Some("web")] {
+            let mut orphans = pods.to_vec();
+            orphans[1].stateful_set = owner.map(String::from);
+            assert_eq!(
+                run(&[set("OnDelete", 3)], &orphans).reason,
+                Reason::InvalidSpec
+            );
+        }
         // Pods of two StatefulSets.
         let mut mixed = pods.to_vec();
         mixed[2].name = "other-0".into();
+        mixed[2].stateful_set = Some("other".into());
         let mut second = set("OnDelete", 1);
         second.name = "other".into();
         let got = run(&[set("OnDelete", 3), second], &mixed);

@@ -29,6 +29,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use vault_registrar::crd::VaultCluster;
 use vault_registrar_testkit::cluster::Operator;
+use vault_registrar_testkit::evictions::{away_at_evictions, evicted, one_at_a_time, pod_history};
 use vault_registrar_testkit::pods::{NODE_NAME, SimPod, ensure_node, next_pod_ip, set_running};
 use vault_registrar_testkit::vault_sim::{Role, SimState, VaultSim};
 use vault_registrar_testkit::{shared, wait};
@@ -355,33 +356,11 @@ impl Plane {
     /// The successful evictions in this namespace, in the order the API server took them,
     /// and every pod creation, as (verb or "evict", pod).
     async fn history(&self) -> Vec<(String, String)> {
-        shared()
-            .writes_in_async(&self.ns)
-            .await
-            .into_iter()
-            .filter(|(_, verb, resource, _, code)| {
-                *code < 300
-                    && verb == "create"
-                    && (resource == "pods" || resource == "pods/eviction")
-            })
-            .map(|(_, _, resource, name, _)| {
-                let what = if resource == "pods" {
-                    "create"
-                } else {
-                    "evict"
-                };
-                (what.to_string(), name)
-            })
-            .collect()
+        pod_history(shared().writes_in_async(&self.ns).await)
     }
 
     async fn evictions(&self) -> Vec<String> {
-        self.history()
-            .await
-            .into_iter()
-            .filter(|(what, _)| what == "evict")
-            .map(|(_, pod)| pod)
-            .collect()
+        evicted(&self.history().await)
     }
 
     async fn event(&self, reason: &str) -> anyhow::Result<String> {
@@ -452,63 +431,6 @@ fn chart_rules() -> anyhow::Result<Vec<serde_json::Value>> {
     );
     let role: serde_json::Value = serde_yaml::from_slice(&out.stdout)?;
     Ok(serde_json::from_value(role["rules"].clone())?)
-}
-
-/// Each eviction waited for the StatefulSet to create the pod evicted before it.
-fn one_at_a_time(history: &[(String, String)]) -> Result<(), String> {
-    match away_at_evictions(history)
-        .into_iter()
-        .find(|(_, away)| *away > 1)
-    {
-        Some((pod, _)) => Err(format!(
-            "{pod} evicted before the pod evicted before it was created again: {history:?}"
-        )),
-        None => Ok(()),
-    }
-}
-
-/// For each eviction, the pod and how many pods were then evicted and not yet created
-/// again, itself included.
-fn away_at_evictions(history: &[(String, String)]) -> Vec<(String, usize)> {
-    let mut away = BTreeSet::new();
-    let mut out = Vec::new();
-    for (what, pod) in history {
-        match what.as_str() {
-            "evict" => {
-                away.insert(pod.as_str());
-                out.push((pod.clone(), away.len()));
-            }
-            "create" => {
-                away.remove(pod.as_str());
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-#[test]
-fn one_at_a_time_reads_the_history() {
-    let h = |items: &[(&str, &str)]| -> Vec<(String, String)> {
-        items
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    };
-    assert!(one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-2"), ("evict", "v-1")])).is_ok());
-    assert!(one_at_a_time(&h(&[("evict", "v-2"), ("create", "v-1"), ("evict", "v-1")])).is_err());
-    let pairs = h(&[
-        ("evict", "v-4"),
-        ("evict", "v-3"),
-        ("create", "v-4"),
-        ("create", "v-3"),
-        ("evict", "v-0"),
-    ]);
-    let away: Vec<usize> = away_at_evictions(&pairs)
-        .into_iter()
-        .map(|(_, n)| n)
-        .collect();
-    assert_eq!(away, [1, 2, 1]);
 }
 
 /// An annotation change of the pod template: the operator replaces the standbys first,

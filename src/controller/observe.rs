@@ -240,6 +240,7 @@ mod tests {
             phase: "Running".into(),
             ip: None,
             ready: true,
+            stateful_set: None,
         })
     }
 

@@ -175,6 +175,7 @@ fn views(members: &[Member], pods: &[Arc<SlimPod>]) -> Vec<PodView> {
                 name: pod.name.clone(),
                 uid: pod.uid.clone(),
                 labels: pod.labels.clone(),
+                stateful_set: pod.stateful_set.clone(),
                 terminating: pod.terminating,
                 answer,
             }

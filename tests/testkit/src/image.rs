@@ -24,6 +24,8 @@ pub const OPERATOR_REPOSITORY: &str = "localhost/vault-registrar";
 pub const TAG: &str = "test";
 pub const SIM_IMAGE: &str = "localhost/vault-registrar-sim:test";
 pub const PAUSE_IMAGE: &str = "localhost/vault-registrar-pause:test";
+/// Real Vault, from the binary tests/vault/build.sh makes.
+pub const VAULT_IMAGE: &str = "localhost/vault:test";
 
 pub fn operator_image() -> String {
     format!("{OPERATOR_REPOSITORY}:{TAG}")
@@ -60,15 +62,8 @@ pub fn built(operator_bin: &Path) -> anyhow::Result<&'static Images> {
 }
 
 fn build_all(operator_bin: &Path) -> anyhow::Result<Images> {
-    let before = machine::Machine::observe()?;
     let start = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("vault-registrar-images-{}-", std::process::id()))
-        .tempdir()?
-        .keep();
-    crate::controlplane::register_dir_for_exit(dir.clone());
-    let builder = Builder { dir: dir.clone() };
-    let result = (|| {
+    with_builder(|builder| {
         let testkit = testkit_bins()?;
         Ok::<_, anyhow::Error>(Images {
             operator: builder.build(
@@ -91,7 +86,32 @@ fn build_all(operator_bin: &Path) -> anyhow::Result<Images> {
             )?,
             took: start.elapsed(),
         })
-    })();
+    })
+}
+
+/// The Vault image, built once per process from `vault_bin` (static, so no libraries go
+/// in). Call it with the machine lock held, as `built`.
+pub fn vault_built(vault_bin: &Path) -> anyhow::Result<&'static Image> {
+    static IMAGE: OnceLock<Result<Image, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            with_builder(|b| b.build(VAULT_IMAGE, vault_bin, "vault", VAULT_CONTAINERFILE))
+                .map_err(|e| format!("{e:#}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("building the Vault image: {e}"))
+}
+
+/// Runs `build` with a builder in a directory of this process, then removes what buildah
+/// left in fixed places and its storage (the archives stay for `ctr images import`).
+fn with_builder<T>(build: impl FnOnce(&Builder) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let before = machine::Machine::observe()?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("vault-registrar-images-{}-", std::process::id()))
+        .tempdir()?
+        .keep();
+    crate::controlplane::register_dir_for_exit(dir.clone());
+    let result = build(&Builder { dir: dir.clone() });
     machine::unmount_below(&dir);
     machine::remove_new_paths(&before.paths);
     let _ = std::fs::remove_dir_all(dir.join("storage"));
@@ -133,6 +153,10 @@ pub fn runtime_base(dockerfile: &str) -> Option<String> {
 }
 
 const SIM_CONTAINERFILE: &str = "FROM scratch\nCOPY base/ /\nCOPY --chown=65532:65532 home/ /home/\nCOPY vault-sim /vault-sim\nUSER 65532:65532\nEXPOSE 8200\nENTRYPOINT [\"/vault-sim\"]\n";
+
+/// As the official image: `vault server` reading /vault/config, data under /vault/data
+/// (a volume), run as the nonroot user; Vault's own home is its config and data.
+const VAULT_CONTAINERFILE: &str = "FROM scratch\nCOPY base/ /\nCOPY --chown=65532:65532 home/ /home/\nCOPY vault /bin/vault\nUSER 65532:65532\nEXPOSE 8200 8201\nENTRYPOINT [\"/bin/vault\"]\nCMD [\"server\", \"-config=/vault/config\"]\n";
 
 const PAUSE_CONTAINERFILE: &str =
     "FROM scratch\nCOPY base/ /\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT [\"/pause\"]\n";
@@ -258,7 +282,12 @@ fn list(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
 /// Debian's files the distroless `cc` base holds: the libraries `bin` loads (as `ldd` finds
 /// them), the `nonroot` user, CA certificates, os-release, a world-writable /tmp.
 fn assemble_base(base: &Path, bin: &Path) -> anyhow::Result<()> {
-    let ldd = run(Command::new("ldd").arg(bin))?;
+    let ldd = match run(Command::new("ldd").arg(bin)) {
+        Ok(out) => out,
+        // A static binary (Vault, CGO off) loads no libraries.
+        Err(e) if format!("{e:#}").contains("not a dynamic executable") => String::new(),
+        Err(e) => return Err(e),
+    };
     for lib in libraries(&ldd) {
         let target = base.join(lib.trim_start_matches('/'));
         std::fs::create_dir_all(target.parent().unwrap())?;

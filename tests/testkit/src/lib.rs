@@ -6,7 +6,9 @@ pub mod api_relay;
 pub mod certs;
 pub mod cluster;
 pub mod controlplane;
+pub mod downtime;
 pub mod election;
+pub mod evictions;
 pub mod history;
 pub mod image;
 pub mod machine;
@@ -19,6 +21,7 @@ pub mod release;
 pub mod stage;
 pub mod takeover;
 pub mod tools;
+pub mod vault_pods;
 pub mod vault_sim;
 pub mod wait;
 

@@ -487,6 +487,18 @@ pub fn delete_nft_table(family: &str, name: &str) {
         .output();
 }
 
+/// Deletes the veths that were not there before. Deleting the host end deletes the pair,
+/// whatever still holds the pod's end: a pod network namespace can outlive its removal
+/// from /run/netns while a process or a mount of it lingers, and keep its veth with it.
+pub fn remove_new_veths(before: &BTreeSet<String>) {
+    let Ok(now) = links() else {
+        return;
+    };
+    for link in now.difference(before).filter(|l| l.starts_with("veth")) {
+        delete_link(link);
+    }
+}
+
 /// Deletes a link if it exists.
 pub fn delete_link(name: &str) {
     let _ = Command::new("ip").args(["link", "del", name]).output();

@@ -107,6 +107,13 @@ impl NodePlane {
         ctr(&self.dir)
     }
 
+    /// Loads an image built after the start (as the Vault image) into the node's containerd.
+    pub fn import(&self, img: &image::Image) -> anyhow::Result<()> {
+        run(self.ctr().args(["images", "import"]).arg(&img.archive))
+            .with_context(|| format!("importing {}", img.name))
+            .map(|_| ())
+    }
+
     /// The host PID of a container, from its status's `containerd://<id>`.
     pub fn container_pid(&self, container_id: &str) -> anyhow::Result<i32> {
         let id = container_id.trim_start_matches("containerd://");
@@ -363,6 +370,9 @@ fn teardown(dir: &Path, procs: &mut Vec<(&'static str, Child)>, before: &Machine
         &dir.join("containerd/containerd.sock").display().to_string(),
         dir,
     );
+    slow_step("removing the pods' veths", || {
+        machine::remove_new_veths(&before.links)
+    });
     slow_step("removing files in fixed places", || {
         machine::remove_new_paths(&before.paths)
     });

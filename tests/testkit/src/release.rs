@@ -105,6 +105,9 @@ fn replica(pod: &Pod) -> Replica {
     }
 }
 
+/// `kubectl get vaultcluster -o` this: each condition on a line, `type=status reason: message`.
+pub const CONDITIONS: &str = "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}";
+
 /// Who holds the release's Lease.
 pub async fn leader(client: &kube::Client) -> anyhow::Result<Option<String>> {
     lease_holder(client, NAMESPACE, RELEASE).await

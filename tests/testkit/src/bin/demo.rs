@@ -105,10 +105,14 @@ fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<(
     );
     print!(
         "{}",
-        kubectl(&["get", "vaultcluster", "-n", VAULT_NS, "-o", CONDITIONS])?
+        kubectl(&[
+            "get",
+            "vaultcluster",
+            "-n",
+            VAULT_NS,
+            "-o",
+            release::CONDITIONS
+        ])?
     );
     Ok(())
 }
-
-/// Each condition of the VaultClusters on a line: type=status reason: message.
-const CONDITIONS: &str = "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}";

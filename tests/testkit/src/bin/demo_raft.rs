@@ -1,152 +1,177 @@
-//! `make demo-raft`: the operator at work on a local control plane over a real Vault raft cluster
-//! (three Vault 1.21.4 processes, one per pod): init, unseal, the labels, a step-down and a
-//! kill of the active node, then cleaning up.
+//! `make demo-raft`: real Vault as users run it, on a local node — a raft StatefulSet of
+//! three Vault pods in the official chart's layout (`vault_pods`), the operator installed
+//! from its chart — through init and unseal, a step-down, the active pod deleted, and an
+//! upgrade by role (`spec.upgrade`), showing what users read with kubectl after each.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams};
 use vault_registrar_testkit::cluster::wait_endpoints;
-use vault_registrar_testkit::real_vault::RaftCluster;
-use vault_registrar_testkit::stage::Stage;
+use vault_registrar_testkit::node::NodePlane;
+use vault_registrar_testkit::real_vault::vault_binary;
+use vault_registrar_testkit::release::{self, apply};
+use vault_registrar_testkit::stage::run;
+use vault_registrar_testkit::vault_pods::{self, VaultPods, vault_cluster};
+use vault_registrar_testkit::wait;
 
-const LIMIT: Duration = Duration::from_secs(60);
+const NS: &str = "vault";
+const LIMIT: Duration = Duration::from_secs(90);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    println!(
-        "== starting etcd, kube-apiserver and kube-controller-manager; helm install of the chart (CRD,"
+    let bin = PathBuf::from(
+        std::env::var_os("VAULT_REGISTRAR_BIN")
+            .ok_or_else(|| anyhow::anyhow!("VAULT_REGISTRAR_BIN must name the operator binary"))?,
     );
+    let vault_bin = vault_binary()?;
+    println!("== a node (kubelet, containerd, bridge CNI, kube-proxy) beside the control plane;");
+    println!("   the operator's and Vault's images built with buildah from the binaries here");
+    let t = Instant::now();
+    let node = tokio::task::spawn_blocking(move || {
+        let node = NodePlane::start(&bin)?;
+        vault_pods::import_image(&node, &vault_bin)?;
+        Ok::<_, anyhow::Error>(node)
+    })
+    .await??;
     println!(
-        "   ServiceAccount, RBAC); the operator with that ServiceAccount's token and leader election;"
+        "ready after {:?}; kubeconfig: {}",
+        t.elapsed(),
+        node.plane.kubeconfig.display()
     );
-    println!("   a VaultCluster probing every second");
-    let stage = Stage::start("demo", &[], "1s").await?;
-    println!("kubeconfig: {}", stage.plane.kubeconfig.display());
+    let client = node.plane.client().await?;
+    let kubectl = |args: &[&str]| run(node.plane.kubectl().args(args));
 
     println!(
-        "\n== three real Vault servers (raft storage, retry_join), one per pod; not initialised"
+        "\n== helm install vault-registrar charts/vault-registrar -n vault-registrar --create-namespace --wait"
     );
-    let mut vault = RaftCluster::launch(&stage.client, "demo", "vault", 3).await?;
-    labelled(&vault, "vault-initialized", &["false"; 3]).await?;
-    show(&stage, "before init")?;
-
-    println!("\n== vault operator init -key-shares=1 -key-threshold=1 on vault-0; unseal vault-0");
-    vault.init().await?;
-    vault.unseal(0).await?;
-    vault.wait_code(0, 200, LIMIT).await?;
-    wait_active(&stage, &vault, 0).await?;
-    show(&stage, "vault-0 active, the others not yet joined")?;
-
-    println!("\n== unseal vault-1 and vault-2 (they join over raft and become standbys)");
-    for i in 1..3 {
-        vault.unseal(i).await?;
-    }
-    for i in 1..3 {
-        vault.wait_code(i, 429, LIMIT).await?;
-    }
-    vault.wait_voters(3, LIMIT).await?;
-    labelled(&vault, "vault-sealed", &["false"; 3]).await?;
-    show(&stage, "all unsealed")?;
-
-    println!("\n== vault operator step-down on vault-0");
-    vault.step_down(0).await?;
-    let b = next_active(&stage, &vault, 0).await?;
-    show(
-        &stage,
-        &format!("after the step-down: {} active", vault.pod_name(b)),
-    )?;
+    release::install_chart(&node).await?;
 
     println!(
-        "\n== SIGKILL of the active {} (as an OOM kill); raft elects another",
-        vault.pod_name(b)
+        "\n== Vault: a StatefulSet of 3 raft pods (OnDelete), and a VaultCluster with spec.upgrade"
     );
-    vault.kill(b);
-    let c = next_active(&stage, &vault, b).await?;
-    let mut sealed = ["false"; 3];
-    sealed[b] = "true";
-    labelled(&vault, "vault-sealed", &sealed).await?;
-    show(
-        &stage,
-        &format!("after the kill: {} active", vault.pod_name(c)),
-    )?;
+    let mut vault = VaultPods::deploy(&node, &client, NS).await?;
+    let upgrade = "upgrade: {strategy: RoleOrdered, maxUnavailable: 1}";
+    apply(&node, &vault_cluster(NS, upgrade)).await?;
+    println!("{}", kubectl(&["get", "statefulset,svc", "-n", NS])?);
+
     println!(
-        "\n{}",
-        stage.kubectl(&[
+        "== PUT /v1/sys/init on vault-0; PUT /v1/sys/unseal on each pod (they join by auto_join)"
+    );
+    vault.bootstrap().await?;
+    let active = routed(&client, &vault, None).await?;
+    show(&kubectl, &format!("{active} active"))?;
+
+    println!("\n== vault operator step-down (PUT /v1/sys/step-down) on {active}");
+    vault.step_down(&active).await?;
+    let next = routed(&client, &vault, Some(&active)).await?;
+    show(&kubectl, &format!("after the step-down: {next} active"))?;
+
+    println!(
+        "\n== kubectl delete pod {next} (the active one); its replacement starts empty and is unsealed"
+    );
+    let t = Instant::now();
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .delete(&next, &DeleteParams::default())
+        .await?;
+    let after = routed(&client, &vault, Some(&next)).await?;
+    println!(
+        "{after} active and routed {:?} after the delete",
+        t.elapsed()
+    );
+    vault
+        .wait_health(&next, "back, not yet unsealed", |(c, _)| {
+            matches!(c, 501 | 503)
+        })
+        .await?;
+    vault.unseal(&next).await?;
+    vault.wait_voters().await?;
+    unsealed_labels(&client).await?;
+    show(&kubectl, "the replacement unsealed")?;
+
+    println!(
+        "\n== a new pod-template revision (an annotation); the operator replaces the pods by role"
+    );
+    vault.new_revision("2").await?;
+    let t = Instant::now();
+    let order = vault.unseal_each_replacement().await?;
+    println!(
+        "Upgrading=False UpToDate {:?} after the change; each replacement waited, named, until unsealed: {order:?}",
+        t.elapsed()
+    );
+    vault.wait_voters().await?;
+    routed(&client, &vault, None).await?;
+    unsealed_labels(&client).await?;
+    show(&kubectl, "after the upgrade")?;
+    println!(
+        "{}",
+        kubectl(&[
             "get",
             "events",
+            "-n",
+            NS,
             "--field-selector",
             "involvedObject.kind=VaultCluster",
             "-o",
-            "custom-columns=REASON:.reason,MESSAGE:.message"
+            "custom-columns=REASON:.reason,MESSAGE:.message",
         ])?
     );
-    println!("== done; stopping everything");
+
+    println!("== done; tearing the node down");
+    let diffs = tokio::task::spawn_blocking(move || node.stop()).await?;
+    println!("left on the machine: {diffs:?}");
     Ok(())
 }
 
-/// Waits for the node Vault makes active after `old`, and for the operator to route to it.
-async fn next_active(stage: &Stage, vault: &RaftCluster, old: usize) -> anyhow::Result<usize> {
-    let start = std::time::Instant::now();
-    let now = loop {
-        match vault.wait_active(LIMIT).await? {
-            i if i != old => break i,
-            _ => anyhow::ensure!(start.elapsed() < LIMIT, "no new active node"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    wait_active(stage, vault, now).await?;
-    Ok(now)
+/// Waits for Vault's active pod (not `not`) and for the active Service to hold it alone.
+async fn routed(
+    client: &kube::Client,
+    vault: &VaultPods,
+    not: Option<&str>,
+) -> anyhow::Result<String> {
+    let active = vault.wait_active(not).await?;
+    let ip = vault
+        .ip(&active)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{active} has no address"))?;
+    wait_endpoints(client, NS, "vault-active", &[ip.to_string()], LIMIT).await?;
+    Ok(active)
 }
 
-async fn wait_active(stage: &Stage, vault: &RaftCluster, i: usize) -> anyhow::Result<()> {
-    wait_endpoints(&stage.client, "demo", "vault-active", &[vault.ip(i)], LIMIT).await
-}
-
-/// Waits until label `key` on pod `vault-i` is `want[i]`.
-async fn labelled(vault: &RaftCluster, key: &str, want: &[&str]) -> anyhow::Result<()> {
-    vault_registrar_testkit::wait::until(&format!("{key} = {want:?}"), LIMIT, || async {
-        for (i, w) in want.iter().enumerate() {
-            if vault.labels(i).await?.get(key).map(String::as_str) != Some(*w) {
-                return Ok(None);
-            }
-        }
-        Ok(Some(()))
+/// Waits until the operator labels all three pods unsealed.
+async fn unsealed_labels(client: &kube::Client) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let params = kube::api::ListParams::default().labels("vault-sealed=false");
+    wait::until("three pods labelled unsealed", LIMIT, || async {
+        let list = pods.list(&params).await?;
+        Ok((list.items.len() == vault_pods::REPLICAS).then_some(()))
     })
     .await
 }
 
-fn show(stage: &Stage, title: &str) -> anyhow::Result<()> {
+fn show(kubectl: &dyn Fn(&[&str]) -> anyhow::Result<String>, title: &str) -> anyhow::Result<()> {
     println!("-- {title}");
-    print!("{}", stage.kubectl(&["get", "vaultcluster", "-o", "wide"])?);
     print!(
         "{}",
-        stage.kubectl(&[
-            "get",
-            "vaultcluster",
-            "-o",
-            "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}",
-        ])?
-    );
-    print!(
-        "{}",
-        stage.kubectl(&[
+        kubectl(&[
             "get",
             "pods",
+            "-n",
+            NS,
             "-o",
             "wide",
             "-L",
-            "vault-active,vault-sealed,vault-initialized,vault-version"
+            "vault-active,vault-sealed,vault-initialized,controller-revision-hash",
         ])?
     );
-    for service in ["vault-active", "vault-standby"] {
-        let eps = stage.kubectl(&[
-            "get",
-            "endpointslices",
-            "-l",
-            &format!("kubernetes.io/service-name={service}"),
-            "-o",
-            "jsonpath={.items[*].endpoints[*].addresses[*]}",
-        ])?;
-        println!("{service} endpoints: {eps}");
-    }
+    print!(
+        "{}",
+        kubectl(&["get", "vaultcluster", "-n", NS, "-o", "wide"])?
+    );
+    print!(
+        "{}",
+        kubectl(&["get", "vaultcluster", "-n", NS, "-o", release::CONDITIONS])?
+    );
     Ok(())
 }
