@@ -150,6 +150,10 @@ async fn active_service(client: &kube::Client) -> anyhow::Result<SocketAddr> {
 
 /// The client and the direct poller, running while `during` runs and until the client has
 /// had a second of active answers after it (so the window closes on the new active pod).
+/// What kube-controller-manager's EndpointSlice controller logs when it finds its own last
+/// write not yet in its cache, and retries the Service after a back-off.
+const STALE_SLICES: &str = "informer cache is out of date";
+
 async fn measure<F, T>(s: &Setup, what: &str, during: F) -> anyhow::Result<(T, Report)>
 where
     F: std::future::Future<Output = anyhow::Result<T>>,
@@ -157,6 +161,12 @@ where
     let service = active_service(&s.client).await?;
     let client = ServiceClient::start(service, EVERY);
     let poller = DirectPoller::start(&s.client, NS, SELECTOR, EVERY);
+    let stale = || {
+        s.node
+            .plane
+            .log_count("kube-controller-manager", STALE_SLICES)
+    };
+    let stale_before = stale();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let out = during.await?;
     // Settled: every pod's labels right, the Service on the active pod, and the client
@@ -172,6 +182,10 @@ where
     let actives = poller.finish().await;
     let report = Report::new(&samples, &actives);
     println!("{}", report.line(what));
+    println!(
+        "  kube-controller-manager retried a Service's EndpointSlices on a stale cache (1 s back-off) {} times meanwhile",
+        stale() - stale_before
+    );
     println!("  the client's answers: {}", timeline(&samples));
     if let Some(first) = samples.first() {
         println!(

@@ -547,6 +547,12 @@ impl ControlPlane {
         self.dir().join(format!("{name}.log"))
     }
 
+    /// How many lines of a component's log contain `needle` so far.
+    pub fn log_count(&self, name: &str, needle: &str) -> usize {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        text.lines().filter(|l| l.contains(needle)).count()
+    }
+
     /// The last lines of a component's log, for error messages.
     pub fn log_tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
