@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::rhythm::{self, Rhythm, Round};
 use crate::services;
+use crate::status::written::StatusWrite;
 use crate::status::{Observation, build};
 use crate::tracker::Tracker;
 
@@ -66,6 +67,9 @@ pub struct Context {
     /// When each cluster's (by UID) status was last written: changes that can wait are
     /// written at most once per interval.
     status_written: Mutex<HashMap<String, Instant>>,
+    /// Each cluster's (by UID) last status write while the cache does not show it yet
+    /// (see `status::written`).
+    status_pending: Mutex<HashMap<String, StatusWrite>>,
     /// Failed reconciles in a row per VaultCluster UID, and when the retry is due, for the
     /// backoff (see `Streak`).
     failures: Mutex<HashMap<String, Streak>>,
@@ -109,6 +113,7 @@ impl Context {
             rhythms: Mutex::new(HashMap::new()),
             dirty: Mutex::new(std::collections::HashSet::new()),
             status_written: Mutex::new(HashMap::new()),
+            status_pending: Mutex::new(HashMap::new()),
             owned_since: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             finalized: Mutex::default(),
@@ -147,6 +152,7 @@ impl Context {
         self.dirty.lock().unwrap().clear();
         self.owned_since.lock().unwrap().clear();
         self.status_written.lock().unwrap().clear();
+        self.status_pending.lock().unwrap().clear();
         self.failures.lock().unwrap().clear();
         self.finalized.lock().unwrap().clear();
         self.rollouts.clear();
@@ -468,6 +474,8 @@ fn cluster_name(vc: &VaultCluster) -> String {
 /// a round whose status could not be published is followed by a full one.
 async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let started = Instant::now();
+    let newest = report::with_newest_status(vc, ctx);
+    let vc = &*newest;
     let settings = match usable(vc, ctx).await? {
         Ok(settings) => settings,
         Err(problem) => return report::invalid(vc, ctx, problem).await,
@@ -657,6 +665,7 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     ctx.rhythms.lock().unwrap().remove(&uid);
     ctx.metrics.forget_cluster(&ns, &vc.name_any());
     ctx.status_written.lock().unwrap().remove(&uid);
+    ctx.status_pending.lock().unwrap().remove(&uid);
     ctx.owned_since.lock().unwrap().remove(&uid);
     ctx.rollouts.forget(&uid);
     ctx.finalized.lock().unwrap().remove(&uid);

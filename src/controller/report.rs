@@ -1,6 +1,7 @@
 //! Report: the status (written only when it changed), the events its changes imply, and
 //! the per-cluster gauges.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -15,6 +16,7 @@ use super::act::write_params;
 use super::{Context, cluster_name, interval};
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
+use crate::status::written::{StatusWrite, newer};
 use crate::status::{CONDITIONS, Notice, can_wait, invalid_spec, merge_patch, notices};
 use crate::text::{EVENT_NOTE, shorten};
 
@@ -42,17 +44,24 @@ pub async fn publish(
     let api: Api<VaultCluster> =
         Api::namespaced(ctx.client.clone(), &vc.namespace().unwrap_or_default());
     let patch = merge_patch(vc.status.as_ref(), &status);
-    api.patch_status(&vc.name_any(), &write_params(), &Patch::Merge(patch))
+    let written = api
+        .patch_status(&vc.name_any(), &write_params(), &Patch::Merge(patch))
         .await
         .map_err(|source| Error::UpdateStatus {
             cluster: cluster_name(vc),
             source,
         })?;
     ctx.metrics.status_writes.inc();
-    ctx.status_written
-        .lock()
-        .unwrap()
-        .insert(vc.uid().unwrap_or_default(), Instant::now());
+    let (uid, at) = (vc.uid().unwrap_or_default(), Instant::now());
+    ctx.status_written.lock().unwrap().insert(uid.clone(), at);
+    ctx.status_pending.lock().unwrap().insert(
+        uid,
+        StatusWrite {
+            at,
+            resource_version: written.resource_version(),
+            status: status.clone(),
+        },
+    );
     for notice in notices(vc.status.as_ref(), &status) {
         if notice.reason == "ActiveChanged" {
             let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
@@ -64,6 +73,28 @@ pub async fn publish(
         event(vc, ctx, notice).await;
     }
     Ok(())
+}
+
+/// The cluster with the newest status this term knows: its last write, while the cache
+/// does not show it yet (see `status::written`).
+pub fn with_newest_status<'a>(vc: &'a VaultCluster, ctx: &Context) -> Cow<'a, VaultCluster> {
+    let uid = vc.uid().unwrap_or_default();
+    let mut pending = ctx.status_pending.lock().unwrap();
+    let Some(write) = pending.get(&uid) else {
+        return Cow::Borrowed(vc);
+    };
+    let version = vc.resource_version();
+    match newer(version.as_deref(), vc.status.as_ref(), write, Instant::now()) {
+        Some(status) => {
+            let mut vc = vc.clone();
+            vc.status = Some(status.clone());
+            Cow::Owned(vc)
+        }
+        None => {
+            pending.remove(&uid);
+            Cow::Borrowed(vc)
+        }
+    }
 }
 
 /// Whether this change can wait because the status was written less than an interval ago.

@@ -2,12 +2,14 @@
 //! observed and what its writes did (never from what it meant to write). Pure: the status
 //! holds no probe timestamps, so an unchanged cluster yields an identical status and no
 //! write. `members` makes the per-pod rows, `conditions` the conditions, `events` the events
-//! a change calls for, `routing` which changes are written at once.
+//! a change calls for, `routing` which changes are written at once, `written` which of the
+//! cache's status and this term's last write a round starts from.
 
 mod conditions;
 mod events;
 mod members;
 mod routing;
+pub mod written;
 
 pub use events::{Notice, notices};
 pub use routing::can_wait;
