@@ -254,7 +254,9 @@ fn sane(report: &Report) -> anyhow::Result<()> {
 
 /// A RoleOrdered upgrade of real Vault pods: a budget of no disruption blocks it; without
 /// the budget the standbys go first, the active pod last, one at a time, each replacement
-/// waiting (named in the condition) until the test unseals it.
+/// waiting (named in the condition) until the test unseals it. The operator's leading
+/// replica is deleted while the first step waits: the other one finishes the upgrade from
+/// what it lists, without a second eviction in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_ordered_upgrade_of_real_vault_pods() -> anyhow::Result<()> {
     let _turn = TURN.lock().await;
@@ -281,7 +283,16 @@ async fn a_role_ordered_upgrade_of_real_vault_pods() -> anyhow::Result<()> {
             .kubectl()
             .args(["delete", "pdb", "vault", "-n", NS])
             .output()?;
-        s.vault.unseal_each_replacement().await
+        let mut handed_over = false;
+        s.vault
+            .unseal_each_replacement_after(async |named| {
+                if !handed_over {
+                    handed_over = true;
+                    hand_over(&s.client, named).await?;
+                }
+                Ok(())
+            })
+            .await
     })
     .await?;
     let done = s.vault.update_revision().await?;
@@ -322,6 +333,17 @@ async fn a_role_ordered_upgrade_of_real_vault_pods() -> anyhow::Result<()> {
     s.vault.wait_voters().await?;
     sane(&report)?;
     teardown(s)
+}
+
+/// Deletes the operator's leading replica while `waiting` (a replacement) is named in the
+/// condition, and waits until the other replica leads.
+async fn hand_over(client: &kube::Client, waiting: &str) -> anyhow::Result<()> {
+    let holder = release::leader(client)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no replica leads the operator"))?;
+    let (next, after) = release::delete_leader(client, &holder).await?;
+    println!("while {waiting} waits: leader {holder} deleted, {next} leads after {after:?}");
+    Ok(())
 }
 
 fn budget() -> String {

@@ -448,6 +448,15 @@ impl VaultPods {
     /// The pods so named, in order; the last is the pod active before, whose replacement
     /// the upgrade waits for as for the others.
     pub async fn unseal_each_replacement(&self) -> anyhow::Result<Vec<String>> {
+        self.unseal_each_replacement_after(async |_| Ok(())).await
+    }
+
+    /// `unseal_each_replacement`, with `before` run on each replacement's name first, while
+    /// the step that made it is still in flight.
+    pub async fn unseal_each_replacement_after(
+        &self,
+        mut before: impl AsyncFnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<String>> {
         let mut unsealed: Vec<String> = Vec::new();
         let start = std::time::Instant::now();
         loop {
@@ -462,6 +471,7 @@ impl VaultPods {
             let named = message.split_whitespace().next().unwrap_or_default();
             if reason == "WaitingForUnseal" && !unsealed.iter().any(|u| u == named) {
                 println!("Upgrading={status} {reason}: {message}");
+                before(named).await?;
                 self.unseal(named).await?;
                 unsealed.push(named.to_string());
             }
