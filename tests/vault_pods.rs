@@ -159,6 +159,7 @@ where
     F: std::future::Future<Output = anyhow::Result<T>>,
 {
     let service = active_service(&s.client).await?;
+    let started = k8s_openapi::jiff::Timestamp::now();
     let client = ServiceClient::start(service, EVERY);
     let poller = DirectPoller::start(&s.client, NS, SELECTOR, EVERY);
     let stale = || {
@@ -193,8 +194,28 @@ where
             active_runs(&actives, first.sent)
         );
     }
+    println!("  the writes meanwhile: {}", writes_since(s, started));
     settled?;
     Ok((out, report))
+}
+
+/// The writes to pods' labels and to EndpointSlices in the namespace since `started` (ms
+/// after it, the API server's completion time, who wrote), to see where time went between
+/// Vault's change and the client's: the operator's label, the EndpointSlice controller's
+/// slice, then kube-proxy (not in the log).
+fn writes_since(s: &Setup, started: k8s_openapi::jiff::Timestamp) -> String {
+    let writes = tokio::task::block_in_place(|| s.node.plane.timed_writes_in(NS));
+    writes
+        .into_iter()
+        .filter(|(at, _)| *at >= started)
+        .filter(|(_, [_, _, resource, _])| resource == "pods" || resource == "endpointslices")
+        .map(|(at, [user, verb, resource, name])| {
+            let ms = at.duration_since(started).as_millis();
+            let who = user.rsplit(':').next().unwrap_or_default().to_string();
+            format!("{ms} {who} {verb} {resource} {name}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Labels on real Vault pods, then a step-down and the active pod deleted, measured.

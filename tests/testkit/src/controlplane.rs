@@ -445,6 +445,26 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Write requests to objects in `namespace` with the time the API server completed each
+    /// (its stageTimestamp), as (at, user, verb, resource or resource/subresource, name).
+    pub fn timed_writes_in(&self, namespace: &str) -> Vec<(Timestamp, [String; 4])> {
+        self.audited_writes()
+            .into_iter()
+            .filter(|e| e["objectRef"]["namespace"] == namespace)
+            .filter_map(|e| {
+                let at: Timestamp = e["stageTimestamp"].as_str()?.parse().ok()?;
+                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+                let resource = match field("subresource").as_str() {
+                    "" => field("resource"),
+                    sub => format!("{}/{sub}", field("resource")),
+                };
+                let user = e["user"]["username"].as_str().unwrap_or_default();
+                let verb = e["verb"].as_str().unwrap_or_default();
+                Some((at, [user.into(), verb.into(), resource, field("name")]))
+            })
+            .collect()
+    }
+
     /// `writes_in`, read off the async runtime: the audit log grows to megabytes and parsing
     /// it on a runtime thread stalls whatever else that runtime serves (the Vault simulators).
     pub async fn writes_in_async(
