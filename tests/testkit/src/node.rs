@@ -564,6 +564,11 @@ maxPods: 50
     )
 }
 
+/// kube-proxy as users run it: `minSyncPeriod` is its default, 1 s, written out because a
+/// 0 here means "unset" and is defaulted to 1 s too. It bounds how soon a Service's rules
+/// follow an EndpointSlice change that comes within a second of another sync (any Service's),
+/// which is most of what a client loses beyond Vault's own gap at a step-down
+/// (`tests/vault_pods.rs`; with 1 ms the second went).
 fn kube_proxy_config(kubeconfig: &Path, healthz: u16, metrics: u16) -> String {
     format!(
         r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -578,7 +583,7 @@ healthzBindAddress: 127.0.0.1:{healthz}
 metricsBindAddress: 127.0.0.1:{metrics}
 nodePortAddresses: ["{BRIDGE_IP}/32"]
 nftables:
-  minSyncPeriod: 0s
+  minSyncPeriod: 1s
   syncPeriod: 30s
 conntrack:
   maxPerCore: 0
