@@ -84,7 +84,12 @@ pub fn with_newest_status<'a>(vc: &'a VaultCluster, ctx: &Context) -> Cow<'a, Va
         return Cow::Borrowed(vc);
     };
     let version = vc.resource_version();
-    match newer(version.as_deref(), vc.status.as_ref(), write, Instant::now()) {
+    match newer(
+        version.as_deref(),
+        vc.status.as_ref(),
+        write,
+        Instant::now(),
+    ) {
         Some(status) => {
             let mut vc = vc.clone();
             vc.status = Some(status.clone());

@@ -30,8 +30,8 @@ pub fn newer<'a>(
     written: &'a StatusWrite,
     now: Instant,
 ) -> Option<&'a VaultClusterStatus> {
-    let shown = written.resource_version.as_deref() == cached_version
-        || cached == Some(&written.status);
+    let shown =
+        written.resource_version.as_deref() == cached_version || cached == Some(&written.status);
     (!shown && now.duration_since(written.at) < TRUSTED_FOR).then_some(&written.status)
 }
 
@@ -60,7 +60,12 @@ mod tests {
         let w = write(t, "7", 3);
         let later = t + Duration::from_secs(1);
         // (cache's version, cache's status, now, what the round starts from)
-        let cases: [(Option<&str>, Option<VaultClusterStatus>, Instant, Option<i32>); 6] = [
+        let cases: [(
+            Option<&str>,
+            Option<VaultClusterStatus>,
+            Instant,
+            Option<i32>,
+        ); 6] = [
             (Some("5"), Some(status(2)), later, Some(3)),
             (Some("5"), None, later, Some(3)),
             (Some("7"), Some(status(3)), later, None),
@@ -68,7 +73,12 @@ mod tests {
             (Some("9"), Some(status(3)), later, None),
             // The cache never shows it (another writer?): the cache wins after a while.
             (Some("5"), Some(status(2)), t + TRUSTED_FOR, None),
-            (Some("5"), Some(status(2)), t + TRUSTED_FOR - Duration::from_millis(1), Some(3)),
+            (
+                Some("5"),
+                Some(status(2)),
+                t + TRUSTED_FOR - Duration::from_millis(1),
+                Some(3),
+            ),
         ];
         for (i, (version, cached, now, expected)) in cases.into_iter().enumerate() {
             let got = newer(version, cached.as_ref(), &w, now).map(|s| s.pods);

@@ -405,16 +405,8 @@ impl ControlPlane {
             .into_iter()
             .filter(|e| e["user"]["username"] == user)
             .map(|e| {
-                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
-                let resource = match field("subresource").as_str() {
-                    "" => field("resource"),
-                    sub => format!("{}/{sub}", field("resource")),
-                };
-                (
-                    e["verb"].as_str().unwrap_or_default().to_string(),
-                    resource,
-                    field("name"),
-                )
+                let [_, verb, resource, name] = described(&e);
+                (verb, resource, name)
             })
             .collect()
     }
@@ -426,42 +418,20 @@ impl ControlPlane {
             .into_iter()
             .filter(|e| e["objectRef"]["namespace"] == namespace)
             .map(|e| {
-                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
-                let resource = match field("subresource").as_str() {
-                    "" => field("resource"),
-                    sub => format!("{}/{sub}", field("resource")),
-                };
-                (
-                    e["user"]["username"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    e["verb"].as_str().unwrap_or_default().to_string(),
-                    resource,
-                    field("name"),
-                    e["responseStatus"]["code"].as_i64().unwrap_or_default(),
-                )
+                let [user, verb, resource, name] = described(&e);
+                let code = e["responseStatus"]["code"].as_i64().unwrap_or_default();
+                (user, verb, resource, name, code)
             })
             .collect()
     }
 
     /// Write requests to objects in `namespace` with the time the API server completed each
-    /// (its stageTimestamp), as (at, user, verb, resource or resource/subresource, name).
+    /// (its stageTimestamp), as (at, [user, verb, resource, name]).
     pub fn timed_writes_in(&self, namespace: &str) -> Vec<(Timestamp, [String; 4])> {
         self.audited_writes()
             .into_iter()
             .filter(|e| e["objectRef"]["namespace"] == namespace)
-            .filter_map(|e| {
-                let at: Timestamp = e["stageTimestamp"].as_str()?.parse().ok()?;
-                let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
-                let resource = match field("subresource").as_str() {
-                    "" => field("resource"),
-                    sub => format!("{}/{sub}", field("resource")),
-                };
-                let user = e["user"]["username"].as_str().unwrap_or_default();
-                let verb = e["verb"].as_str().unwrap_or_default();
-                Some((at, [user.into(), verb.into(), resource, field("name")]))
-            })
+            .filter_map(|e| Some((e["stageTimestamp"].as_str()?.parse().ok()?, described(&e))))
             .collect()
     }
 
@@ -695,6 +665,22 @@ fn timed(e: &serde_json::Value, stamp: &str) -> Option<(Timestamp, String, Strin
     let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
     let verb = e["verb"].as_str().unwrap_or_default().to_string();
     Some((at, verb, field("resource"), field("name")))
+}
+
+/// An audit event's user, verb, resource (`pods/status` for a subresource) and name.
+fn described(e: &serde_json::Value) -> [String; 4] {
+    let field = |k: &str| e["objectRef"][k].as_str().unwrap_or_default().to_string();
+    let resource = match field("subresource").as_str() {
+        "" => field("resource"),
+        sub => format!("{}/{sub}", field("resource")),
+    };
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    [
+        text(&e["user"]["username"]),
+        text(&e["verb"]),
+        resource,
+        field("name"),
+    ]
 }
 
 /// The verbs of the audit log that change something.
