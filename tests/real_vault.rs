@@ -10,6 +10,7 @@
 
 mod common;
 
+use anyhow::Context;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -403,15 +404,19 @@ async fn real_vault_listeners_requiring_client_certificates() -> anyhow::Result<
     let named = |errors: &[String]| {
         errors.len() == 3 && errors.iter().all(|e| e.contains("clientCertSecretRef"))
     };
+    let last = std::sync::Mutex::new(Vec::new());
     let error = wait::until(
         "every probe error naming clientCertSecretRef",
         LIMIT,
         || async {
             let errors = errors().await?;
-            Ok(named(&errors).then(|| errors[0].clone()))
+            let found = named(&errors).then(|| errors[0].clone());
+            *last.lock().unwrap() = errors;
+            Ok(found)
         },
     )
-    .await?;
+    .await
+    .with_context(|| format!("the errors last seen: {:?}", last.lock().unwrap()))?;
     // And it keeps naming it: every refused probe says why, not only some.
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {

@@ -15,7 +15,9 @@ pub(super) fn last_health(verdict: &Verdict) -> Option<&Health> {
 
 /// A pod failing the same way round after round keeps the error that began the streak, so
 /// that an error text that varies (a timeout, then "no route to host") does not rewrite the
-/// status every round.
+/// status every round. An error naming the spec setting to fix replaces one that does not:
+/// a streak begun by "connection refused" while Vault started must not hide, for as long as
+/// it lasts, that the listener wants `clientCertSecretRef`.
 pub(super) fn keep_first_errors(
     members: &mut [MemberStatus],
     previous: Option<&VaultClusterStatus>,
@@ -26,10 +28,20 @@ pub(super) fn keep_first_errors(
         .filter(|m| !m.last_probe_error.is_empty())
     {
         let before = previous.members.iter().find(|p| p.name == m.name);
-        if let Some(p) = before.filter(|p| p.role == m.role && !p.last_probe_error.is_empty()) {
+        let kept = |p: &&MemberStatus| {
+            p.role == m.role
+                && !p.last_probe_error.is_empty()
+                && (names_a_setting(&p.last_probe_error) || !names_a_setting(&m.last_probe_error))
+        };
+        if let Some(p) = before.filter(kept) {
             m.last_probe_error.clone_from(&p.last_probe_error);
         }
     }
+}
+
+/// Whether a probe error says which spec setting to fix (see `probe::tls_hint`).
+fn names_a_setting(error: &str) -> bool {
+    error.contains("spec.")
 }
 
 pub(super) fn member_status(m: &Member) -> MemberStatus {

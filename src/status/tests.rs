@@ -368,6 +368,14 @@ fn a_streak_of_failures_keeps_its_first_error() {
         again.members[0].last_probe_error, "connect: refused",
         "a new streak"
     );
+    let hint = "the listener requires a client certificate: set spec.health.tls.clientCertSecretRef: http: connection closed before an answer";
+    let named = status_of(vec![failing(hint)], Some(&again), vec![], 5);
+    assert_eq!(
+        named.members[0].last_probe_error, hint,
+        "an error naming the setting to fix replaces one that does not"
+    );
+    let later = status_of(vec![failing("connect: refused")], Some(&named), vec![], 6);
+    assert_eq!(later.members[0].last_probe_error, hint, "and is kept");
 }
 
 #[test]
