@@ -200,9 +200,7 @@ impl Prober {
                 self.keep(target, key, sender);
                 Ok(answer)
             }
-            Err(Attempt::Broken(failure)) => {
-                Err(with_cause(failure, ended, target.timeout / 2).await)
-            }
+            Err(Attempt::Broken(failure)) => Err(with_cause(failure, ended).await),
             Err(Attempt::Failed(failure)) => Err(failure),
         }
     }
@@ -226,10 +224,9 @@ type Ended = tokio::sync::oneshot::Receiver<String>;
 
 /// A fresh connection closed before its answer: the request sees only that, the driver saw
 /// why (a TLS alert the listener sent after the handshake, as TLS 1.3 listeners that require
-/// a client certificate do). The driver's word may come late on a busy machine, and the
-/// status keeps the first error of a streak, so it is awaited for up to `within`.
-async fn with_cause(failure: Failure, ended: Ended, within: Duration) -> Failure {
-    match tokio::time::timeout(within, ended).await {
+/// a client certificate do). Awaited briefly: the probe holds a slot meanwhile.
+async fn with_cause(failure: Failure, ended: Ended) -> Failure {
+    match tokio::time::timeout(Duration::from_millis(100), ended).await {
         Ok(Ok(cause)) if !failure.message.contains(&cause) => hinted(Failure::new(
             failure.kind,
             format!("{}: {cause}", failure.message),
