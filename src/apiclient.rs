@@ -7,6 +7,7 @@ use std::time::Duration;
 use kube::runtime::watcher;
 
 use crate::api_metrics::{ApiMetrics, CountRequests};
+use crate::write_limit::{LimitWrites, WRITES_IN_FLIGHT};
 
 /// How long the API server keeps one watch open. Watches end well before the controller
 /// client's read timeout, so a quiet but healthy watch is never mistaken for a dead one.
@@ -58,22 +59,34 @@ pub fn client_with(
     read: Duration,
     api: &ApiMetrics,
 ) -> Result<kube::Client, ClientError> {
+    Ok(
+        kube::client::ClientBuilder::try_from(timed(config, connect, read))?
+            .with_layer(&CountRequests(api.clone()))
+            .build(),
+    )
+}
+
+fn timed(config: &kube::Config, connect: Duration, read: Duration) -> kube::Config {
     let mut config = config.clone();
     config.connect_timeout = Some(connect);
     config.read_timeout = Some(read);
     config.write_timeout = Some(WRITE_TIMEOUT.min(read));
     config.reset_reader_on_write = true;
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&CountRequests(api.clone()))
-        .build())
+    config
 }
 
-/// The controller's client: watches, lists and writes.
+/// The controller's client: watches, lists and writes, at most `WRITES_IN_FLIGHT` writes
+/// at a time. The Lease has a client of its own, so a queue of writes never delays a
+/// renewal.
 pub fn controller_client(
     config: &kube::Config,
     api: &ApiMetrics,
 ) -> Result<kube::Client, ClientError> {
-    client_with(config, CONNECT_TIMEOUT, CONTROLLER_READ_TIMEOUT, api)
+    let config = timed(config, CONNECT_TIMEOUT, CONTROLLER_READ_TIMEOUT);
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&CountRequests(api.clone()))
+        .with_layer(&LimitWrites::new(WRITES_IN_FLIGHT))
+        .build())
 }
 
 /// The client of `spec.upgrade`'s evictions: without kube's retries, which would repeat a

@@ -31,6 +31,7 @@ pub mod status;
 pub mod text;
 pub mod tracker;
 pub mod upgrade;
+pub mod write_limit;
 
 /// The CRD as YAML, as `vault-registrar crd` prints it and `crds/` holds it.
 pub fn crd_yaml() -> String {
