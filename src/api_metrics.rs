@@ -116,7 +116,7 @@ pub struct Counted<S> {
     metrics: ApiMetrics,
 }
 
-type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+pub(crate) type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 
 impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for Counted<S>
 where

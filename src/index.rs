@@ -365,9 +365,6 @@ impl<K: ResourceExt> LabelledIndex<K> {
     }
 }
 
-/// One pair every pod a VaultCluster selects must carry: the matchLabels entry whose key
-/// sorts last. Keys like `app.kubernetes.io/name` sort early and are shared by every Vault,
-/// while per-instance keys tend to sort later, so this is usually the selective one.
 /// The one required pair a VaultCluster is found by: the one that most likely names this
 /// installation rather than every Vault in the namespace, so that a pod's lookup meets only
 /// its own clusters. The official chart selects on `app.kubernetes.io/name: vault` (the same

@@ -4,13 +4,13 @@
 //! Reads and watches pass freely: a watch stays open for minutes and must never wait for a
 //! permit, nor take one.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Method, Request};
 use tokio::sync::Semaphore;
+
+use crate::api_metrics::Answer;
 
 /// Writes in flight at most, like a plain client keeping 32 clusters' writes going.
 pub const WRITES_IN_FLIGHT: usize = 32;
@@ -40,8 +40,6 @@ pub struct Limited<S> {
     inner: S,
     permits: Arc<Semaphore>,
 }
-
-type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 
 impl<S, ReqBody> tower::Service<Request<ReqBody>> for Limited<S>
 where

@@ -64,12 +64,10 @@ pub struct Context {
     /// Since when every pod of each cluster (by UID) has carried the ownership label, for
     /// the upgrade of Service selectors (see `services::owned_long_enough`).
     owned_since: Mutex<HashMap<String, Option<Instant>>>,
-    /// When each cluster's (by UID) status was last written: changes that can wait are
-    /// written at most once per interval.
-    status_written: Mutex<HashMap<String, Instant>>,
-    /// Each cluster's (by UID) last status write while the cache does not show it yet
+    /// Each cluster's (by UID) last status write: changes that can wait are written at
+    /// most once per interval, and a round starts from it while the cache does not show it
     /// (see `status::written`).
-    status_pending: Mutex<HashMap<String, StatusWrite>>,
+    status_written: Mutex<HashMap<String, StatusWrite>>,
     /// Failed reconciles in a row per VaultCluster UID, and when the retry is due, for the
     /// backoff (see `Streak`).
     failures: Mutex<HashMap<String, Streak>>,
@@ -113,7 +111,6 @@ impl Context {
             rhythms: Mutex::new(HashMap::new()),
             dirty: Mutex::new(std::collections::HashSet::new()),
             status_written: Mutex::new(HashMap::new()),
-            status_pending: Mutex::new(HashMap::new()),
             owned_since: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             finalized: Mutex::default(),
@@ -152,7 +149,6 @@ impl Context {
         self.dirty.lock().unwrap().clear();
         self.owned_since.lock().unwrap().clear();
         self.status_written.lock().unwrap().clear();
-        self.status_pending.lock().unwrap().clear();
         self.failures.lock().unwrap().clear();
         self.finalized.lock().unwrap().clear();
         self.rollouts.clear();
@@ -665,7 +661,6 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     ctx.rhythms.lock().unwrap().remove(&uid);
     ctx.metrics.forget_cluster(&ns, &vc.name_any());
     ctx.status_written.lock().unwrap().remove(&uid);
-    ctx.status_pending.lock().unwrap().remove(&uid);
     ctx.owned_since.lock().unwrap().remove(&uid);
     ctx.rollouts.forget(&uid);
     ctx.finalized.lock().unwrap().remove(&uid);

@@ -52,14 +52,12 @@ pub async fn publish(
             source,
         })?;
     ctx.metrics.status_writes.inc();
-    let (uid, at) = (vc.uid().unwrap_or_default(), Instant::now());
-    ctx.status_written.lock().unwrap().insert(uid.clone(), at);
-    ctx.status_pending.lock().unwrap().insert(
-        uid,
+    ctx.status_written.lock().unwrap().insert(
+        vc.uid().unwrap_or_default(),
         StatusWrite {
-            at,
+            at: Instant::now(),
             resource_version: written.resource_version(),
-            status: status.clone(),
+            status: Some(status.clone()),
         },
     );
     for notice in notices(vc.status.as_ref(), &status) {
@@ -79,8 +77,8 @@ pub async fn publish(
 /// does not show it yet (see `status::written`).
 pub fn with_newest_status<'a>(vc: &'a VaultCluster, ctx: &Context) -> Cow<'a, VaultCluster> {
     let uid = vc.uid().unwrap_or_default();
-    let mut pending = ctx.status_pending.lock().unwrap();
-    let Some(write) = pending.get(&uid) else {
+    let mut written = ctx.status_written.lock().unwrap();
+    let Some(write) = written.get_mut(&uid) else {
         return Cow::Borrowed(vc);
     };
     let version = vc.resource_version();
@@ -96,7 +94,7 @@ pub fn with_newest_status<'a>(vc: &'a VaultCluster, ctx: &Context) -> Cow<'a, Va
             Cow::Owned(vc)
         }
         None => {
-            pending.remove(&uid);
+            write.status = None;
             Cow::Borrowed(vc)
         }
     }
@@ -108,7 +106,7 @@ fn waits(vc: &VaultCluster, ctx: &Context, status: &VaultClusterStatus) -> bool 
     can_wait(vc.status.as_ref(), status)
         && written
             .get(&vc.uid().unwrap_or_default())
-            .is_some_and(|at| at.elapsed() < interval(vc))
+            .is_some_and(|w| w.at.elapsed() < interval(vc))
 }
 
 pub(super) async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {

@@ -19,7 +19,8 @@ pub struct StatusWrite {
     pub at: Instant,
     /// The object's resourceVersion that the write returned.
     pub resource_version: Option<String>,
-    pub status: VaultClusterStatus,
+    /// What was written; dropped once the cache has shown it.
+    pub status: Option<VaultClusterStatus>,
 }
 
 /// What a round starts from: the status written last, or `None` for the cache's (it shows
@@ -30,9 +31,9 @@ pub fn newer<'a>(
     written: &'a StatusWrite,
     now: Instant,
 ) -> Option<&'a VaultClusterStatus> {
-    let shown =
-        written.resource_version.as_deref() == cached_version || cached == Some(&written.status);
-    (!shown && now.duration_since(written.at) < TRUSTED_FOR).then_some(&written.status)
+    let status = written.status.as_ref()?;
+    let shown = written.resource_version.as_deref() == cached_version || cached == Some(status);
+    (!shown && now.duration_since(written.at) < TRUSTED_FOR).then_some(status)
 }
 
 #[cfg(test)]
@@ -50,7 +51,7 @@ mod tests {
         StatusWrite {
             at,
             resource_version: Some(version.into()),
-            status: status(pods),
+            status: Some(status(pods)),
         }
     }
 
@@ -84,5 +85,11 @@ mod tests {
             let got = newer(version, cached.as_ref(), &w, now).map(|s| s.pods);
             assert_eq!(got, expected, "case {i}");
         }
+        let shown = StatusWrite { status: None, ..w };
+        assert_eq!(
+            newer(Some("5"), Some(&status(2)), &shown, later),
+            None,
+            "once shown, the cache"
+        );
     }
 }
