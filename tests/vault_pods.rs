@@ -235,7 +235,6 @@ async fn real_vault_pods_are_labelled_and_routed_through_a_step_down_and_a_delet
     })
     .await?;
     assert_ne!(new, active);
-    sane(&step_down)?;
 
     let deleted = new.clone();
     let (_, deletion) = measure(&s, "kubectl delete pod (the active one)", async {
@@ -255,12 +254,16 @@ async fn real_vault_pods_are_labelled_and_routed_through_a_step_down_and_a_delet
         Ok(next)
     })
     .await?;
-    sane(&deletion)?;
-    teardown(s)
+    // The node goes first, so that a verdict against the client leaves nothing behind.
+    teardown(s)?;
+    sane(&step_down)?;
+    sane(&deletion)
 }
 
 /// What a client may rely on whatever the timing: it ends on the active pod, and the active
-/// Service never routed a request to a sealed pod.
+/// Service was never moved to a sealed pod. The active pod itself may answer sealed for a
+/// moment as it steps down (seen once in CI: one 503 between two 200s of the same pod);
+/// the meter tells those apart by their following an active answer at once.
 fn sane(report: &Report) -> anyhow::Result<()> {
     anyhow::ensure!(
         report.ends_active,
@@ -352,8 +355,8 @@ async fn a_role_ordered_upgrade_of_real_vault_pods() -> anyhow::Result<()> {
         assert!(matches!(code, 200 | 429), "vault-{i} answers {code}");
     }
     s.vault.wait_voters().await?;
-    sane(&report)?;
-    teardown(s)
+    teardown(s)?;
+    sane(&report)
 }
 
 /// Deletes the operator's leading replica while `waiting` (a replacement) is named in the

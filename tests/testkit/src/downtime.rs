@@ -18,12 +18,37 @@ use crate::election::http_get_at;
 const REQUEST_LIMIT: Duration = Duration::from_secs(1);
 const HEALTH: &str = "/v1/sys/health";
 
+/// How soon after an active answer a run of sealed answers may start and still be the
+/// pod that gave it changing its own answer. Moving the Service to another pod takes a
+/// probe answer, the operator's write, the EndpointSlice controller and kube-proxy's sync,
+/// which together take longer; the old active stepping down has been seen answering 503
+/// once, 24 ms after its last 200, then 200 again.
+const OWN_CHANGE: Duration = Duration::from_millis(100);
+
 /// What one request got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Answer(u16),
+    /// A body saying sealed or not initialized, whatever the code.
+    Sealed(u16),
     /// Refused, reset or not answered within the limit.
     Failed,
+}
+
+impl Outcome {
+    fn of(code: u16, body: &str) -> Self {
+        let says = |field: &str, value: bool| {
+            serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|b| b.get(field)?.as_bool())
+                == Some(value)
+        };
+        if says("sealed", true) || says("initialized", false) {
+            Self::Sealed(code)
+        } else {
+            Self::Answer(code)
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +77,7 @@ impl ServiceClient {
                 tick.tick().await;
                 let sent = Instant::now();
                 let outcome = match http_get_at(addr, HEALTH, REQUEST_LIMIT).await {
-                    Ok((code, _)) => Outcome::Answer(code),
+                    Ok((code, body)) => Outcome::of(code, &body),
                     Err(_) => Outcome::Failed,
                 };
                 log.lock()
@@ -167,8 +192,12 @@ pub struct Report {
     pub longest_outage: Duration,
     /// Answers by a standby: 429 (or a redirect) through the active Service.
     pub by_standby: usize,
-    /// Answers by a sealed or uninitialized pod (503, 501).
+    /// Answers by a sealed or uninitialized pod (as its body says) that the Service was
+    /// routed to: not a run starting within `OWN_CHANGE` of an active answer.
     pub sealed: usize,
+    /// Answers by the pod that had just answered active, saying sealed in its own
+    /// transition: a run starting within `OWN_CHANGE` of an active answer.
+    pub sealed_by_the_old_active: usize,
     pub failed: usize,
     /// Whether the last request was answered active.
     pub ends_active: bool,
@@ -186,7 +215,8 @@ impl Report {
             requests: samples.len(),
             longest_outage: longest_outage(samples),
             by_standby: count(&|o| matches!(o, Outcome::Answer(429 | 300..=399))),
-            sealed: count(&|o| matches!(o, Outcome::Answer(501 | 503))),
+            sealed: count(&|o| matches!(o, Outcome::Sealed(_))) - own_sealed(samples),
+            sealed_by_the_old_active: own_sealed(samples),
             failed: count(&|o| o == Outcome::Failed),
             ends_active: samples
                 .last()
@@ -204,11 +234,12 @@ impl Report {
             .map(|(a, b)| format!(" ({a} -> {b})"))
             .unwrap_or_default();
         format!(
-            "{what}: {} requests through the active Service; longest run not answered active {} ms; {} answered by a standby, {} by a sealed pod, {} failed; Vault's own gap {} ms{handover}",
+            "{what}: {} requests through the active Service; longest run not answered active {} ms; {} answered by a standby, {} by a sealed pod routed to, {} by the old active saying sealed as it changed, {} failed; Vault's own gap {} ms{handover}",
             self.requests,
             self.longest_outage.as_millis(),
             self.by_standby,
             self.sealed,
+            self.sealed_by_the_old_active,
             self.failed,
             self.vault_gap.as_millis(),
         )
@@ -224,6 +255,7 @@ pub fn timeline(samples: &[Sample]) -> String {
     let ms = |s: &Sample| (s.sent - first.sent).as_millis();
     let name = |o: Outcome| match o {
         Outcome::Answer(code) => code.to_string(),
+        Outcome::Sealed(code) => format!("{code} sealed"),
         Outcome::Failed => "failed".into(),
     };
     let mut runs: Vec<(Outcome, usize, u128, u128)> = Vec::new();
@@ -279,6 +311,32 @@ fn longest_outage(samples: &[Sample]) -> Duration {
     longest
 }
 
+/// The sealed answers in runs that start within `OWN_CHANGE` of an active answer, with
+/// nothing between.
+fn own_sealed(samples: &[Sample]) -> usize {
+    let mut own = 0;
+    let mut last_active: Option<Instant> = None;
+    let mut in_own_run = false;
+    for s in samples {
+        match s.outcome {
+            Outcome::Answer(200) => {
+                last_active = Some(s.sent);
+                in_own_run = false;
+            }
+            Outcome::Sealed(_) => {
+                in_own_run = in_own_run || last_active.is_some_and(|at| s.sent - at <= OWN_CHANGE);
+                own += usize::from(in_own_run);
+                last_active = None;
+            }
+            _ => {
+                last_active = None;
+                in_own_run = false;
+            }
+        }
+    }
+    own
+}
+
 fn longest_gap(actives: &[(Instant, String)]) -> (Duration, Option<(String, String)>) {
     actives
         .windows(2)
@@ -325,8 +383,45 @@ mod tests {
         let open = samples(t, &[Answer(200), Answer(503), Answer(503), Answer(503)]);
         let report = Report::new(&open, &[]);
         assert_eq!(report.longest_outage, Duration::from_millis(20));
-        assert_eq!(report.sealed, 3);
         assert!(!report.ends_active);
+    }
+
+    #[test]
+    fn a_sealed_answer_is_the_old_actives_own_only_straight_after_an_active_one() {
+        use Outcome::{Answer, Failed, Sealed};
+        let t = Instant::now();
+        // The active pod changing its own answer: 200, then sealed at once.
+        let own = samples(t, &[Answer(200), Sealed(503), Sealed(503), Answer(200)]);
+        let report = Report::new(&own, &[]);
+        assert_eq!((report.sealed, report.sealed_by_the_old_active), (0, 2));
+        // Sealed after a failure or a standby: the Service was moved to a sealed pod.
+        let moved = samples(
+            t,
+            &[Answer(200), Failed, Sealed(503), Answer(429), Sealed(501)],
+        );
+        let report = Report::new(&moved, &[]);
+        assert_eq!((report.sealed, report.sealed_by_the_old_active), (2, 0));
+        // Sealed too long after the last active answer (samples every 200 ms).
+        let late: Vec<Sample> = [Answer(200), Sealed(503)]
+            .iter()
+            .enumerate()
+            .map(|(i, o)| Sample {
+                sent: t + Duration::from_millis(200 * i as u64),
+                outcome: *o,
+            })
+            .collect();
+        assert_eq!(Report::new(&late, &[]).sealed, 1);
+    }
+
+    #[test]
+    fn the_body_not_the_code_says_sealed() {
+        let sealed = r#"{"initialized":true,"sealed":true,"standby":true}"#;
+        let uninit = r#"{"initialized":false,"sealed":true}"#;
+        let standby = r#"{"initialized":true,"sealed":false,"standby":true}"#;
+        assert_eq!(Outcome::of(503, sealed), Outcome::Sealed(503));
+        assert_eq!(Outcome::of(204, uninit), Outcome::Sealed(204));
+        assert_eq!(Outcome::of(503, standby), Outcome::Answer(503));
+        assert_eq!(Outcome::of(503, ""), Outcome::Answer(503));
     }
 
     #[test]
