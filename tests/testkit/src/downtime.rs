@@ -57,8 +57,8 @@ pub struct Sample {
     pub outcome: Outcome,
 }
 
-/// Asks `GET /v1/sys/health` at one address every `every`, each on a fresh connection, until
-/// finished.
+/// Asks `GET /v1/sys/health` at one address every `every`, each on a fresh connection and
+/// without waiting for the one before, until finished.
 pub struct ServiceClient {
     stop: Arc<AtomicBool>,
     samples: Arc<Mutex<Vec<Sample>>>,
@@ -73,17 +73,25 @@ impl ServiceClient {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Each request on its own task: one that hangs to its limit must not blind the
+            // client to the answers meanwhile.
+            let mut requests = tokio::task::JoinSet::new();
             while !stopped.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let sent = Instant::now();
-                let outcome = match http_get_at(addr, HEALTH, REQUEST_LIMIT).await {
-                    Ok((code, body)) => Outcome::of(code, &body),
-                    Err(_) => Outcome::Failed,
-                };
-                log.lock()
-                    .expect("client lock")
-                    .push(Sample { sent, outcome });
+                let log = log.clone();
+                requests.spawn(async move {
+                    let sent = Instant::now();
+                    let outcome = match http_get_at(addr, HEALTH, REQUEST_LIMIT).await {
+                        Ok((code, body)) => Outcome::of(code, &body),
+                        Err(_) => Outcome::Failed,
+                    };
+                    log.lock()
+                        .expect("client lock")
+                        .push(Sample { sent, outcome });
+                });
+                while requests.try_join_next().is_some() {}
             }
+            requests.join_all().await;
         });
         Self {
             stop,
@@ -94,7 +102,8 @@ impl ServiceClient {
 
     /// Whether the last `n` requests were all answered active.
     pub fn settled(&self, n: usize) -> bool {
-        let samples = self.samples.lock().expect("client lock");
+        let mut samples = self.samples.lock().expect("client lock");
+        samples.sort_by_key(|s| s.sent);
         samples.len() >= n
             && samples[samples.len() - n..]
                 .iter()
@@ -104,7 +113,9 @@ impl ServiceClient {
     pub async fn finish(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        self.samples.lock().expect("client lock").clone()
+        let mut samples = self.samples.lock().expect("client lock").clone();
+        samples.sort_by_key(|s| s.sent);
+        samples
     }
 }
 
