@@ -118,6 +118,12 @@ pub struct RunArgs {
     /// This replica's identity in the Lease; defaults to POD_NAME, then the host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Threads that run the operator's tasks. One keeps a thousand clusters' probes on
+    /// schedule; at that scale two cost a fifth more CPU, spent waking each other (see
+    /// README, "Scale"). Raise it only when one core cannot keep up.
+    #[arg(long, default_value_t = 1, env = "WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,7 +19,16 @@ fn main() -> anyhow::Result<()> {
     purge_at_once();
     #[cfg(feature = "dhat-heap")]
     let _profile = heap_profile();
-    operator()
+    let cli = Cli::parse();
+    let threads = match &cli.command {
+        Command::Run(args) => usize::from(args.worker_threads),
+        Command::Crd { .. } => 1,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?
+        .block_on(operator(cli))
 }
 
 /// Starts dhat's heap profile, which is written when the profiler is dropped: at exit, or,
@@ -94,9 +103,8 @@ fn no_huge_pages() {
     }
 }
 
-#[tokio::main]
-async fn operator() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn operator(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Crd { chart_template } => {
             let yaml = vault_registrar::crd_yaml();
             match chart_template {
