@@ -37,12 +37,9 @@ pub enum Outcome {
 
 impl Outcome {
     fn of(code: u16, body: &str) -> Self {
-        let says = |field: &str, value: bool| {
-            serde_json::from_str::<serde_json::Value>(body)
-                .ok()
-                .and_then(|b| b.get(field)?.as_bool())
-                == Some(value)
-        };
+        let body = serde_json::from_str::<serde_json::Value>(body).unwrap_or_default();
+        let says =
+            |field: &str, value: bool| body.get(field).and_then(|v| v.as_bool()) == Some(value);
         if says("sealed", true) || says("initialized", false) {
             Self::Sealed(code)
         } else {
@@ -222,12 +219,13 @@ impl Report {
     pub fn new(samples: &[Sample], actives: &[(Instant, String)]) -> Self {
         let count = |f: &dyn Fn(Outcome) -> bool| samples.iter().filter(|s| f(s.outcome)).count();
         let (vault_gap, vault_handover) = longest_gap(actives);
+        let own = own_sealed(samples);
         Self {
             requests: samples.len(),
             longest_outage: longest_outage(samples),
             by_standby: count(&|o| matches!(o, Outcome::Answer(429 | 300..=399))),
-            sealed: count(&|o| matches!(o, Outcome::Sealed(_))) - own_sealed(samples),
-            sealed_by_the_old_active: own_sealed(samples),
+            sealed: count(&|o| matches!(o, Outcome::Sealed(_))) - own,
+            sealed_by_the_old_active: own,
             failed: count(&|o| o == Outcome::Failed),
             ends_active: samples
                 .last()
