@@ -9,7 +9,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 seconds="${1:-30}"
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(health duration selector)
+[[ ${#targets[@]} -gt 0 ]] || targets=(health duration selector http1)
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
 # The flags cargo-fuzz passes, without the nightly-only sanitizer: coverage counters, value

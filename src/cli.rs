@@ -157,10 +157,20 @@ const DRAIN_BOUND: Duration = Duration::from_secs(5);
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // First, so a SIGTERM during start-up is a stop, not the default kill.
     let stop = stop_on_signal();
-    match fdlimit::raise_nofile() {
-        Ok((soft, hard)) => info!(soft, hard, "open-file limit"),
-        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
-    }
+    let kept_connections = match fdlimit::raise_nofile() {
+        Ok((soft, hard)) => {
+            let kept = fdlimit::kept_connections(soft);
+            info!(
+                soft,
+                hard, kept, "open-file limit, and the probe connections kept within it"
+            );
+            kept
+        }
+        Err(e) => {
+            warn!(error = %e, "could not raise the open-file limit");
+            fdlimit::kept_connections(1024)
+        }
+    };
     let timing = Timing::new(args.lease_duration, args.renew_deadline, args.retry_period)?;
     let config = apiclient::load_config(args.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new();
@@ -200,7 +210,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let ctx = Context::new(
         client.clone(),
-        Prober::new(args.probe_concurrency).reporting_to(metrics.probe_connections.clone()),
+        Prober::new(args.probe_concurrency)
+            .keeping_at_most(kept_connections)
+            .reporting_to(metrics.probe_connections.clone()),
         metrics.clone(),
         leading.clone(),
         namespaces.clone(),

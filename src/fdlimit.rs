@@ -26,6 +26,14 @@ pub fn raise_nofile() -> std::io::Result<(libc::rlim_t, libc::rlim_t)> {
     Ok((limit.rlim_cur, limit.rlim_max))
 }
 
+/// How many idle probe connections may be kept under a soft limit of `soft` open files:
+/// half of it, so that the API server's connections, scrapes and probes in flight always
+/// find a descriptor; a probe whose connection could not be kept pays a handshake, a probe
+/// that finds no descriptor fails.
+pub fn kept_connections(soft: libc::rlim_t) -> usize {
+    usize::try_from(soft / 2).unwrap_or(usize::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -15,13 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
 use prometheus::IntGauge;
 use tokio::time::Instant;
 
-/// The sending half of one HTTP/1.1 connection.
-pub type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+use crate::http1::Stream;
 
 /// How long a kept connection may sit unused. A pod in a settled cluster is probed at least
 /// every `interval` (2s by default, at most 5m by the schema), so a minute keeps every
@@ -42,7 +39,7 @@ pub struct Key {
 
 /// One idle connection and when it was last used.
 struct Kept {
-    sender: Sender,
+    stream: Stream,
     since: Instant,
 }
 
@@ -51,6 +48,8 @@ struct Idle {
     kept: HashMap<Key, Kept>,
     /// Told the number kept after every change.
     gauge: Option<IntGauge>,
+    /// At most this many kept (None: no bound).
+    limit: Option<usize>,
 }
 
 impl Idle {
@@ -60,12 +59,12 @@ impl Idle {
         }
     }
 
-    /// Drops what the pod closed and what sat unused too long; dropping the sender ends the
-    /// connection's driver, which closes the socket.
+    /// Drops what the pod closed and what sat unused too long; dropping a stream closes its
+    /// socket.
     fn sweep(&mut self, expiry: Duration) {
         let now = Instant::now();
         self.kept
-            .retain(|_, k| !k.sender.is_closed() && now - k.since < expiry);
+            .retain(|_, k| k.stream.idle_and_open() && now - k.since < expiry);
         self.report();
     }
 }
@@ -94,6 +93,12 @@ impl Pool {
         }
     }
 
+    /// Keeps at most `limit` connections from now on; a connection offered past it is
+    /// closed.
+    pub fn limit_to(&self, limit: usize) {
+        self.idle.lock().unwrap().limit = Some(limit);
+    }
+
     /// Reports the number of kept connections to `gauge` from now on.
     pub fn report_to(&self, gauge: IntGauge) {
         let mut idle = self.idle.lock().unwrap();
@@ -102,23 +107,24 @@ impl Pool {
     }
 
     /// An idle connection for `key` that is still open and not expired.
-    pub fn take(&self, key: &Key) -> Option<Sender> {
+    pub fn take(&self, key: &Key) -> Option<Stream> {
         let mut idle = self.idle.lock().unwrap();
         let kept = idle.kept.remove(key);
         idle.report();
-        kept.filter(|k| !k.sender.is_closed() && k.since.elapsed() < self.expiry)
-            .map(|k| k.sender)
+        kept.filter(|k| k.stream.idle_and_open() && k.since.elapsed() < self.expiry)
+            .map(|k| k.stream)
     }
 
     /// Keeps a connection after a complete answer.
-    pub fn put(&self, key: Key, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put(&self, key: Key, stream: Stream) {
         self.start_sweeping();
         let mut idle = self.idle.lock().unwrap();
+        let full = idle.limit.is_some_and(|limit| idle.kept.len() >= limit);
+        if full && !idle.kept.contains_key(&key) {
+            return;
+        }
         let since = Instant::now();
-        idle.kept.insert(key, Kept { sender, since });
+        idle.kept.insert(key, Kept { stream, since });
         idle.report();
     }
 

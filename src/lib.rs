@@ -14,6 +14,7 @@ pub mod fault;
 pub mod fdlimit;
 pub mod health;
 pub mod health_state;
+pub mod http1;
 pub mod index;
 pub mod keepalive;
 pub mod labels;

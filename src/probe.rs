@@ -8,19 +8,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::fair::FairPool;
 
 use crate::health::classify;
-use crate::keepalive::{IDLE_EXPIRY, Key, Pool, Sender};
+use crate::http1::{self, Answer, ExchangeError, Stream};
+use crate::keepalive::{IDLE_EXPIRY, Key, Pool};
 use crate::tracker::{Failure, FailureKind, Outcome};
 
 /// The largest body accepted; Vault's health answer is well under 2 KiB.
@@ -46,10 +43,6 @@ pub struct Target {
     /// TLS settings, their identity (for connection reuse) and the name to verify; None
     /// for plain HTTP.
     pub tls: Option<(Arc<rustls::ClientConfig>, u64, ServerName<'static>)>,
-    /// Whether the connection is kept for the next probe of the pod. Only a pod probed
-    /// often pays for one: a kept connection holds about 40 KiB, and a standby probed once
-    /// an interval costs less in a handshake than in memory at a thousand clusters.
-    pub keep: bool,
 }
 
 impl Target {
@@ -98,6 +91,13 @@ impl Prober {
             share: (concurrency / 4).clamp(1, 16),
             pool: Pool::new(expiry),
         }
+    }
+
+    /// Keeps at most `limit` idle connections; past it, a connection is closed after its
+    /// answer (see `fdlimit::kept_connections`).
+    pub fn keeping_at_most(self, limit: usize) -> Self {
+        self.pool.limit_to(limit);
+        self
     }
 
     /// Reports the number of kept connections to `gauge`.
@@ -179,37 +179,41 @@ fn io_failure(what: &str, error: std::io::Error) -> Failure {
 impl Prober {
     /// One request and its answer, on an idle connection to the pod if there is one, else
     /// (or when the idle one turns out dead) on a new one. Both share the probe's deadline.
-    async fn exchange(&self, target: &Target) -> Result<(u16, Bytes), Failure> {
+    async fn exchange(&self, target: &Target) -> Result<(u16, Vec<u8>), Failure> {
+        let request = http1::request(&target.path, target.ip, target.port)
+            .map_err(|e| Failure::new(FailureKind::Local, format!("request: {e}")))?;
         let key = target.key();
-        if let Some(sender) = self.pool.take(&key) {
-            match request(sender, target).await {
-                Ok((answer, sender)) => {
-                    self.keep(target, key, sender);
-                    return Ok(answer);
-                }
+        if let Some(mut stream) = self.pool.take(&key) {
+            match stream.exchange(&request, MAX_BODY).await {
+                Ok(answer) => return Ok(self.keep(key, stream, answer)),
                 // A kept connection that breaks was most likely closed or forgotten by the
                 // other end while idle (a restarted Vault, or a new pod at the old address
                 // answering with a reset): it says nothing of the pod, the fresh one will.
-                Err(Attempt::Broken(_)) => {}
-                Err(Attempt::Failed(failure)) => return Err(failure),
+                Err(ExchangeError::Broken(_)) => {}
+                Err(ExchangeError::Malformed(message)) => return Err(malformed(message)),
             }
         }
-        let (sender, ended) = connect(target).await?;
-        match request(sender, target).await {
-            Ok((answer, sender)) => {
-                self.keep(target, key, sender);
-                Ok(answer)
-            }
-            Err(Attempt::Broken(failure)) => Err(with_cause(failure, ended).await),
-            Err(Attempt::Failed(failure)) => Err(failure),
+        let mut stream = connect(target).await?;
+        match stream.exchange(&request, MAX_BODY).await {
+            Ok(answer) => Ok(self.keep(key, stream, answer)),
+            // A TLS alert the listener sent after the handshake (TLS 1.3 listeners that
+            // require a client certificate do) is in the read's error.
+            Err(ExchangeError::Broken(message)) => Err(hinted(Failure::new(
+                FailureKind::Transport,
+                format!("http: {message}"),
+            ))),
+            Err(ExchangeError::Malformed(message)) => Err(malformed(message)),
         }
     }
 
-    /// Keeps the connection after an answer if the target asks for it; dropping it closes it.
-    fn keep(&self, target: &Target, key: Key, sender: Sender) {
-        if target.keep {
-            self.pool.put(key, sender);
+    /// Keeps the connection for the pod's next probe if the answer allows it; dropping it
+    /// closes it. Every pod's is kept: an idle one holds a socket and a few hundred bytes,
+    /// less than a handshake every interval costs in CPU.
+    fn keep(&self, key: Key, stream: Stream, answer: Answer) -> (u16, Vec<u8>) {
+        if answer.reusable {
+            self.pool.put(key, stream);
         }
+        (answer.status, answer.body)
     }
 
     /// Idle connections kept for reuse: about one per kept pod probed within the idle
@@ -219,24 +223,13 @@ impl Prober {
     }
 }
 
-/// Why a connection's driver ended, when it ended with an error.
-type Ended = tokio::sync::oneshot::Receiver<String>;
-
-/// A fresh connection closed before its answer: the request sees only that, the driver saw
-/// why (a TLS alert the listener sent after the handshake, as TLS 1.3 listeners that require
-/// a client certificate do). Awaited briefly: the probe holds a slot meanwhile.
-async fn with_cause(failure: Failure, ended: Ended) -> Failure {
-    match tokio::time::timeout(Duration::from_millis(100), ended).await {
-        Ok(Ok(cause)) if !failure.message.contains(&cause) => hinted(Failure::new(
-            failure.kind,
-            format!("{}: {cause}", failure.message),
-        )),
-        _ => failure,
-    }
+/// Something answered, but not an HTTP answer a health report can come from.
+fn malformed(message: String) -> Failure {
+    Failure::new(FailureKind::Answer, message)
 }
 
-/// A new connection, TLS included, ready to send on. Its driver runs until it closes.
-async fn connect(target: &Target) -> Result<(Sender, Ended), Failure> {
+/// A new connection, TLS included, ready to send on.
+async fn connect(target: &Target) -> Result<Stream, Failure> {
     let within = connect_timeout(target.timeout);
     let tcp = tokio::time::timeout(within, TcpStream::connect((target.ip, target.port)))
         .await
@@ -251,121 +244,15 @@ async fn connect(target: &Target) -> Result<(Sender, Ended), Failure> {
     // Without it the probe still works; only a dead peer is found later.
     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&KEEPALIVE);
     match &target.tls {
-        None => handshake(tcp).await,
+        None => Ok(Stream::Plain(tcp)),
         Some((config, _, name)) => {
             // A failed handshake, verification included, tells nothing of Vault's state.
             let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name.clone(), tcp)
                 .await
                 .map_err(|e| hinted(io_failure("tls", e)))?;
-            handshake(tls).await
+            Ok(Stream::Tls(Box::new(tls)))
         }
-    }
-}
-
-async fn handshake<S>(stream: S) -> Result<(Sender, Ended), Failure>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| Failure::new(FailureKind::Transport, format!("http: {e}")))?;
-    let (tell, ended) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            let _ = tell.send(error_chain(&e));
-        }
-    });
-    Ok((sender, ended))
-}
-
-/// Why a request on a connection got no answer.
-enum Attempt {
-    /// The connection closed, was reset or ended before a whole answer: on a reused
-    /// connection not the pod's doing; on a fresh one, this failure.
-    Broken(Failure),
-    /// Anything else: an answer that is not HTTP or too large, or our own error.
-    Failed(Failure),
-}
-
-/// Whether the error is the connection's end (closed, reset, EOF) rather than something the
-/// other end sent.
-fn connection_broke(error: &hyper::Error) -> bool {
-    if error.is_canceled() || error.is_closed() || error.is_incomplete_message() {
-        return true;
-    }
-    let mut cause = std::error::Error::source(error);
-    while let Some(e) = cause {
-        if e.is::<std::io::Error>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
-}
-
-fn closed_before_answer() -> Attempt {
-    Attempt::Broken(Failure::new(
-        FailureKind::Transport,
-        "http: connection closed before an answer",
-    ))
-}
-
-/// Sends the probe and reads the whole answer; the connection comes back for reuse.
-async fn request(mut sender: Sender, target: &Target) -> Result<((u16, Bytes), Sender), Attempt> {
-    if sender.ready().await.is_err() {
-        return Err(closed_before_answer());
-    }
-    let host = match target.ip {
-        IpAddr::V6(ip) => format!("[{ip}]:{}", target.port),
-        IpAddr::V4(ip) => format!("{ip}:{}", target.port),
-    };
-    let req = http::Request::get(target.path.as_str())
-        .header(http::header::HOST, host)
-        .header(http::header::ACCEPT, "application/json")
-        .header(
-            http::header::USER_AGENT,
-            concat!("vault-registrar/", env!("CARGO_PKG_VERSION")),
-        )
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| Attempt::Failed(Failure::new(FailureKind::Local, format!("request: {e}"))))?;
-    let response = match sender.send_request(req).await {
-        Ok(response) => response,
-        Err(e) if e.is_canceled() || e.is_incomplete_message() => {
-            return Err(closed_before_answer());
-        }
-        Err(e) => {
-            let broke = connection_broke(&e);
-            // hyper's Display stops at its own layer; the TLS alert is in the source chain.
-            let failure = hinted(Failure::new(
-                FailureKind::Transport,
-                format!("http: {}", error_chain(&e)),
-            ));
-            return Err(if broke {
-                Attempt::Broken(failure)
-            } else {
-                Attempt::Failed(failure)
-            });
-        }
-    };
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| body_failure(status, e.as_ref()))?
-        .to_bytes();
-    Ok(((status, body), sender))
-}
-
-/// A body that could not be read whole: too large is the answer's fault; cut off is the
-/// connection's.
-fn body_failure(status: u16, error: &(dyn std::error::Error + 'static)) -> Attempt {
-    let message =
-        format!("status {status}: body unreadable or larger than {MAX_BODY} bytes: {error}");
-    let failure = Failure::new(FailureKind::Answer, message);
-    match error.downcast_ref::<hyper::Error>() {
-        Some(e) if connection_broke(e) => Attempt::Broken(failure),
-        _ => Attempt::Failed(failure),
     }
 }
 
@@ -448,20 +335,6 @@ fn hinted(failure: Failure) -> Failure {
         }
         _ => failure,
     }
-}
-
-/// An error and its causes, "outer: inner: ...".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let more = e.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = e.source();
-    }
-    text
 }
 
 /// What a TLS alert from the listener means for the spec: a refused or missing client
@@ -665,7 +538,6 @@ mod tests {
             path: "/v1/sys/health".into(),
             timeout: Duration::from_millis(50),
             tls: None,
-            keep: true,
         };
         let (outcome, took) = prober.probe(&target, &share).await;
         match outcome {
@@ -716,7 +588,6 @@ mod reuse_tests {
             path: "/v1/sys/health".into(),
             timeout: Duration::from_secs(2),
             tls: None,
-            keep: true,
         }
     }
 

@@ -99,7 +99,13 @@ impl Tracker {
             Outcome::Healthy(mut health) => {
                 hold_version(record, &mut health, now, hold);
                 record.failures = 0;
-                record.last = Some(health.clone());
+                // Kept, not replaced, while the answer is the same: a record lives for the
+                // pod's life, and a fresh copy every probe would scatter these small
+                // long-lived strings among the probe's short-lived ones, which pins whole
+                // allocator pages (see README, "Scale").
+                if record.last.as_ref() != Some(&health) {
+                    record.last = Some(health.clone());
+                }
                 Verdict::Healthy(health)
             }
             // Our own shortage is no evidence about the pod: it does not count.

@@ -1,6 +1,6 @@
 //! The probe connection pool against real servers on loopback: a kept connection the server
 //! broke is replaced without a failure, kept connections expire so the pool follows the pods
-//! still probed, and probe sockets carry TCP keepalive; and, over a cut path on the pod
+//! still probed and stay within the pool's limit, and probe sockets carry TCP keepalive; and, over a cut path on the pod
 //! network, a connect that is never answered gives up before the probe's timeout.
 //!
 //! The servers speak just enough HTTP/1.1 by hand to break a connection at a chosen moment
@@ -158,7 +158,6 @@ async fn probe(prober: &Prober, addr: SocketAddr) -> Outcome {
         path: "/v1/sys/health".into(),
         timeout: Duration::from_secs(2),
         tls: None,
-        keep: true,
     };
     prober.probe(&target, &prober.cluster_share("ns")).await.0
 }
@@ -238,6 +237,21 @@ async fn the_pool_shrinks_to_the_pods_still_probed() {
 }
 
 #[tokio::test]
+async fn kept_connections_stay_within_the_limit_and_the_probes_past_it_still_answer() {
+    let prober = Prober::new(8).keeping_at_most(2);
+    let pods = futures::future::join_all((0..4).map(|_| Pod::start(Mode::Serve))).await;
+    for round in 0..2 {
+        for pod in &pods {
+            assert_healthy(&prober, pod.addr, &format!("round {round}")).await;
+        }
+        assert_eq!(prober.idle_connections(), 2, "round {round}");
+    }
+    let accepted: Vec<usize> = pods.iter().map(Pod::accepted).collect();
+    // The first two kept theirs; the other two paid a handshake each round.
+    assert_eq!(accepted, [1, 1, 2, 2]);
+}
+
+#[tokio::test]
 async fn probe_sockets_have_tcp_keepalive() {
     let pod = Pod::start(Mode::Serve).await;
     let prober = Prober::new(4);
@@ -294,7 +308,6 @@ async fn an_unanswered_connect_gives_up_before_the_probe() {
         path: "/v1/sys/health".into(),
         timeout: Duration::from_secs(10),
         tls: None,
-        keep: true,
     };
     let (outcome, took) = prober.probe(&target, &prober.cluster_share("ns")).await;
     match outcome {

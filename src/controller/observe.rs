@@ -200,7 +200,6 @@ async fn probe_pod(
         path: settings.path.clone(),
         timeout: settings.timeout,
         tls,
-        keep: settings.keep_connection(pod),
     };
     let (outcome, took) = ctx.prober.probe(&target, share).await;
     let label = match &outcome {

@@ -13,7 +13,6 @@ use tracing::warn;
 use super::{Context, cluster_name};
 use crate::crd::{Scheme, TlsSpec, VaultCluster, parse_duration};
 use crate::error::Error;
-use crate::index::SlimPod;
 use crate::probe::{check_server_name, tls_config};
 
 /// Why a round cannot probe: the spec (reported in the status, labels held) or a transient
@@ -38,18 +37,6 @@ pub struct ProbeSettings {
     /// A problem of the spec that does not stop the probes: a CA source gone or emptied
     /// after a good read, whose last bundle keeps failovers followed meanwhile.
     pub warning: Option<String>,
-    /// The label that marks the cluster's active pod (`<labelPrefix>-active`).
-    pub active_label: String,
-}
-
-impl ProbeSettings {
-    /// Whether a probe's connection to `pod` is kept for its next probe: where a new one
-    /// costs more than a kept one's ~40 KiB. The active pod is probed every
-    /// `activeInterval`; a TLS handshake costs about a millisecond of CPU. A plain HTTP
-    /// standby, probed once an interval, costs less in a TCP handshake.
-    pub fn keep_connection(&self, pod: &SlimPod) -> bool {
-        self.tls.is_some() || pod.labels.get(&self.active_label).map(String::as_str) == Some("true")
-    }
 }
 
 pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSettings, Unusable> {
@@ -114,7 +101,6 @@ pub async fn probe_settings(vc: &VaultCluster, ctx: &Context) -> Result<ProbeSet
         threshold: h.failure_threshold.max(1) as u32,
         tls,
         warning,
-        active_label: crate::labels::LabelNames::new(&vc.spec.label_prefix).active,
     })
 }
 
@@ -433,45 +419,5 @@ mod tests {
         prune(&mut built, now + UNUSED_TTL + Duration::from_secs(1));
         let left: Vec<&[u8]> = built.keys().map(|(ca, ..)| ca.as_slice()).collect();
         assert_eq!(left, [b"new".as_slice()]);
-    }
-
-    fn settings(tls: bool) -> ProbeSettings {
-        let config = tls.then(|| (tls_config(None, true, None).unwrap(), 1, "{pod}".into()));
-        ProbeSettings {
-            port: 8200,
-            path: "/v1/sys/health".into(),
-            timeout: Duration::from_secs(1),
-            interval: Duration::from_secs(2),
-            active_interval: Duration::from_millis(500),
-            threshold: 1,
-            tls: config,
-            warning: None,
-            active_label: "vault-active".into(),
-        }
-    }
-
-    fn pod(labels: serde_json::Value) -> SlimPod {
-        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p", "namespace": "ns", "uid": "p", "labels": labels},
-        }))
-        .unwrap();
-        SlimPod::from(&pod)
-    }
-
-    #[test]
-    fn a_connection_is_kept_for_the_active_pod_and_for_tls_only() {
-        // (https, the pod's labels, kept)
-        let cases = [
-            (false, serde_json::json!({"vault-active": "true"}), true),
-            (false, serde_json::json!({"vault-active": "false"}), false),
-            (false, serde_json::json!({}), false),
-            (false, serde_json::json!({"other-active": "true"}), false),
-            (true, serde_json::json!({"vault-active": "false"}), true),
-            (true, serde_json::json!({}), true),
-        ];
-        for (tls, labels, kept) in cases {
-            let got = settings(tls).keep_connection(&pod(labels.clone()));
-            assert_eq!(got, kept, "tls {tls}, labels {labels}");
-        }
     }
 }
