@@ -119,9 +119,9 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Threads that run the operator's tasks. One keeps a thousand clusters' probes on
-    /// schedule; at that scale two cost more CPU (0.54-0.57 cores in two runs against
-    /// 0.34-0.50 in three), spent waking each other (see README, "Scale"). Raise it only when
-    /// one core cannot keep up.
+    /// schedule (0.24 cores); at that scale two cost more CPU (0.54-0.57 cores against
+    /// 0.34-0.50 for one, measured before the probe client was rewritten), spent waking each
+    /// other (see README, "Scale"). Raise it only when one core cannot keep up.
     #[arg(long, default_value_t = 1, env = "WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: u16,
