@@ -229,10 +229,15 @@ impl<S: AsyncRead + Unpin> Reader<'_, S> {
         status: u16,
         max_body: usize,
     ) -> Result<Vec<u8>, ExchangeError> {
+        // Checked after each read and once more at the end: the head's read may have
+        // brought the whole body already.
         while self.fill().await? {
             if self.buf.len() - self.at > max_body {
                 return Err(too_large(status, max_body));
             }
+        }
+        if self.buf.len() - self.at > max_body {
+            return Err(too_large(status, max_body));
         }
         let body = self.buf[self.at..].to_vec();
         self.at = self.buf.len();
@@ -313,6 +318,12 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(usize, Head)>, ExchangeError> {
         }
     };
     let status = response.code.unwrap_or_default();
+    // Three digits are all the parser checks; a status below 100 does not exist.
+    if status < 100 {
+        return Err(ExchangeError::Malformed(format!(
+            "status {status:03} is not an HTTP status"
+        )));
+    }
     let mut length: Option<usize> = None;
     let mut chunked = None;
     let mut close = response.version != Some(1);
@@ -475,6 +486,11 @@ mod tests {
                 too_large.clone(),
             ),
             (
+                "until close, too large in the head's read",
+                pieces(&[&[b"HTTP/1.1 200 OK\r\n\r\n".as_slice(), &[b'x'; 1500]].concat()]),
+                too_large.clone(),
+            ),
+            (
                 "chunks too large",
                 pieces(&[chunked, b"fffff\r\n"]),
                 too_large,
@@ -498,6 +514,11 @@ mod tests {
                 "two lengths",
                 pieces(&[b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"]),
                 malformed("status 200: two different Content-Lengths"),
+            ),
+            (
+                "a status below 100",
+                pieces(&[b"HTTP/1.1 080 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"]),
+                malformed("status 080 is not an HTTP status"),
             ),
             (
                 "switching protocols",
