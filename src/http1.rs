@@ -109,6 +109,7 @@ where
         stream,
         buf: Vec::with_capacity(1024),
         at: 0,
+        limit: read_limit(max_body),
     };
     let head = loop {
         let head = reader.head().await?;
@@ -166,16 +167,29 @@ struct Head {
     keep_alive: bool,
 }
 
+/// The most one exchange reads, whatever the framing: interim answers, trailers and chunk
+/// sizes are each bounded only per piece, and a pod could send them without end.
+fn read_limit(max_body: usize) -> usize {
+    4 * (MAX_HEAD + max_body)
+}
+
 /// Bytes read so far and how far they are used.
 struct Reader<'a, S> {
     stream: &'a mut S,
     buf: Vec<u8>,
     at: usize,
+    limit: usize,
 }
 
 impl<S: AsyncRead + Unpin> Reader<'_, S> {
     /// Reads more; false at the end of the stream.
     async fn fill(&mut self) -> Result<bool, ExchangeError> {
+        if self.buf.len() >= self.limit {
+            return Err(ExchangeError::Malformed(format!(
+                "answer larger than {} bytes in all",
+                self.limit
+            )));
+        }
         if self.buf.capacity() - self.buf.len() < 512 {
             self.buf.reserve(self.buf.len().max(1024));
         }
@@ -528,6 +542,23 @@ mod tests {
         ];
         for (name, pieces, want) in cases {
             assert_eq!(answer_to(pieces, 1024).await, want, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn endless_interim_answers_or_trailers_are_refused() {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(3000);
+        let trailers = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".as_slice(),
+            &b"X-T: 1\r\n".repeat(10_000),
+        ]
+        .concat();
+        let want = Err(ExchangeError::Malformed(format!(
+            "answer larger than {} bytes in all",
+            read_limit(1024)
+        )));
+        for (name, bytes) in [("interim answers", interim), ("trailers", trailers)] {
+            assert_eq!(answer_to(vec![bytes], 1024).await, want, "{name}");
         }
     }
 
