@@ -911,17 +911,26 @@ async fn leader_election_only_the_holder_writes_and_the_other_takes_over() -> an
         )
         .await?;
 
-    // Someone else takes the lease: the holder stops writing at once.
-    let mut lease = leases.get("le-vault-registrar").await?;
-    let spec = lease.spec.as_mut().unwrap();
-    spec.holder_identity = Some("intruder".into());
-    spec.lease_duration_seconds = Some(6);
-    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-        k8s_openapi::jiff::Timestamp::now(),
-    ));
-    leases
-        .replace("le-vault-registrar", &PostParams::default(), &lease)
-        .await?;
+    // Someone else takes the lease: the holder stops writing at once. The holder renews
+    // every retry period, so a replace can meet a newer version (409, seen in CI): the
+    // intruder then reads the Lease again, as any client would.
+    for attempt in 1.. {
+        let mut lease = leases.get("le-vault-registrar").await?;
+        let spec = lease.spec.as_mut().unwrap();
+        spec.holder_identity = Some("intruder".into());
+        spec.lease_duration_seconds = Some(6);
+        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        match leases
+            .replace("le-vault-registrar", &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 10 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let before = shared().writes_by_async(&follower).await.len();
     vault.sim(2).update(|s| s.role = Role::Standby).await;
