@@ -243,15 +243,14 @@ impl<S: AsyncRead + Unpin> Reader<'_, S> {
         status: u16,
         max_body: usize,
     ) -> Result<Vec<u8>, ExchangeError> {
-        // Checked after each read and once more at the end: the head's read may have
-        // brought the whole body already.
-        while self.fill().await? {
+        // Checked before each read: the head's read may have brought the whole body.
+        loop {
             if self.buf.len() - self.at > max_body {
                 return Err(too_large(status, max_body));
             }
-        }
-        if self.buf.len() - self.at > max_body {
-            return Err(too_large(status, max_body));
+            if !self.fill().await? {
+                break;
+            }
         }
         let body = self.buf[self.at..].to_vec();
         self.at = self.buf.len();
