@@ -299,8 +299,18 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, mut stop: oneshot
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
+    stop_listening(&listener);
     drop(listener);
     conns.shutdown().await;
+}
+
+/// Stops the socket listening before its descriptor is closed. A process the test spawns at that
+/// moment holds a copy of every descriptor until its exec, and closing ours alone would leave
+/// the port accepting through that copy; shutting the socket down acts on the socket itself.
+fn stop_listening(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a descriptor we own and keep open for the whole call.
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) };
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -979,7 +989,14 @@ mod tests {
     }
 
     async fn sim(state: SimState) -> VaultSim {
-        VaultSim::start("127.0.0.1:0".parse().unwrap(), None, state)
+        sim_on("127.0.0.1", state).await
+    }
+
+    /// A sim on a loopback address of its own. A test that lets the port go and then expects a
+    /// refusal needs one: the tests run in parallel, and another test's bind to port 0 on
+    /// 127.0.0.1 may be handed the port just freed.
+    async fn sim_on(ip: &str, state: SimState) -> VaultSim {
+        VaultSim::start(format!("{ip}:0").parse().unwrap(), None, state)
             .await
             .expect("sim starts")
     }
@@ -1294,7 +1311,7 @@ mod tests {
 
     #[tokio::test]
     async fn crash_refuses_and_recovery_rebinds() {
-        let node = sim(SimState::new(Role::Active)).await;
+        let node = sim_on("127.0.0.2", SimState::new(Role::Active)).await;
         let addr = node.addr();
         let idle = TcpStream::connect(addr).await.unwrap();
         assert_eq!(get(addr, HEALTH_PATH).await.status, 200);
@@ -1323,7 +1340,11 @@ mod tests {
 
     #[tokio::test]
     async fn starting_crashed_then_serving() {
-        let node = sim(SimState::new(Role::Standby).with_behavior(Behavior::Crash)).await;
+        let node = sim_on(
+            "127.0.0.3",
+            SimState::new(Role::Standby).with_behavior(Behavior::Crash),
+        )
+        .await;
         assert!(TcpStream::connect(node.addr()).await.is_err());
         node.update(|s| s.behavior = Behavior::Serve).await;
         assert_eq!(get(node.addr(), HEALTH_PATH).await.status, 429);
@@ -1387,12 +1408,12 @@ mod tests {
 
     #[tokio::test]
     async fn stop_and_drop_close_the_listener() {
-        let node = sim(SimState::new(Role::Active)).await;
+        let node = sim_on("127.0.0.4", SimState::new(Role::Active)).await;
         let addr = node.addr();
         node.stop().await;
         assert!(TcpStream::connect(addr).await.is_err());
 
-        let node = sim(SimState::new(Role::Active)).await;
+        let node = sim_on("127.0.0.5", SimState::new(Role::Active)).await;
         let addr = node.addr();
         drop(node);
         // Abort takes effect when the runtime next polls the task.
