@@ -4,6 +4,7 @@
 pub mod api_metrics;
 pub mod apiclient;
 pub mod cli;
+pub mod cluster_metrics;
 pub mod controller;
 pub mod crd;
 pub mod decide;

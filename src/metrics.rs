@@ -1,25 +1,22 @@
 //! Prometheus metrics of the operator: what it does (reconciles, probes, writes), what it
-//! sees of each VaultCluster, its build and its process. A VaultCluster's series live while
-//! this process leads and the VaultCluster exists: `forget_cluster` deletes them when it
-//! goes, `forget_clusters` all of them when leadership is lost, so a follower or a deleted
-//! cluster never shows a stale value.
+//! sees of each VaultCluster (`cluster_metrics`), its build and its process. A VaultCluster's
+//! series live while this process leads and the VaultCluster exists: `forget_cluster`
+//! deletes them when it goes, `forget_clusters` all of them when leadership is lost, so a
+//! follower or a deleted cluster never shows a stale value.
 //!
 //! The per-cluster label is `namespace`, the VaultCluster's. Scraped with honor_labels (the
 //! chart's ServiceMonitor default) it stays `namespace`; otherwise Prometheus renames it to
 //! `exported_namespace` and sets `namespace` to the operator's.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 
 use crate::api_metrics::ApiMetrics;
-use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
+use crate::cluster_metrics::ClusterMetrics;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-/// Label names of the per-cluster series.
-pub const CLUSTER_LABELS: [&str; 2] = ["namespace", "cluster"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -27,24 +24,17 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     pub reconcile_errors: IntCounterVec,
     pub reconcile_duration: Histogram,
-    pub probes: IntCounterVec,
     pub probe_latency: HistogramVec,
     pub label_writes: IntCounter,
     pub status_writes: IntCounter,
     pub service_writes: IntCounter,
-    pub active_changes: IntCounterVec,
-    pub upgrade_steps: IntCounterVec,
-    pub cluster_pods: IntGaugeVec,
-    pub cluster_condition: IntGaugeVec,
-    active_pod: IntGaugeVec,
+    /// Probes, active changes, upgrade steps and gauges of each VaultCluster.
+    pub clusters: ClusterMetrics,
     pub leader: IntGauge,
     pub probe_connections: IntGauge,
     /// Every request of this process's Kubernetes clients.
     pub api: ApiMetrics,
     build_info: IntGaugeVec,
-    /// The clusters whose gauges are set, and the pod each one's active_pod series names (so
-    /// a change removes the old series).
-    shown: Arc<Mutex<HashMap<(String, String), Option<String>>>>,
 }
 
 impl Default for Metrics {
@@ -59,10 +49,6 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 
 fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge")
-}
-
-fn cluster_labels(extra: &str) -> [&str; 3] {
-    [CLUSTER_LABELS[0], CLUSTER_LABELS[1], extra]
 }
 
 impl Metrics {
@@ -89,11 +75,6 @@ impl Metrics {
                 ]),
             )
             .expect("valid histogram"),
-            probes: counter(
-                "vault_registrar_probes_total",
-                "Health probes of a VaultCluster's pods, by outcome (active, standby, perf-standby, sealed, uninitialized, removed, failed).",
-                &cluster_labels("outcome"),
-            ),
             probe_latency: HistogramVec::new(
                 HistogramOpts::new(
                     "vault_registrar_probe_duration_seconds",
@@ -120,31 +101,7 @@ impl Metrics {
                 "Service creates, applies and deletes sent.",
             )
             .expect("valid counter"),
-            active_changes: counter(
-                "vault_registrar_active_changes_total",
-                "Changes of a VaultCluster's active pod (failovers, and losing or finding one).",
-                &CLUSTER_LABELS,
-            ),
-            upgrade_steps: counter(
-                "vault_registrar_upgrade_steps_total",
-                "Evictions of spec.upgrade, by result (evicted, blocked by a PodDisruptionBudget, failed).",
-                &cluster_labels("result"),
-            ),
-            cluster_pods: gauge(
-                "vault_registrar_cluster_pods",
-                "A VaultCluster's selected pods, by role (all, active, standby, perf-standby, sealed, uninitialized, unreachable).",
-                &cluster_labels("role"),
-            ),
-            cluster_condition: gauge(
-                "vault_registrar_cluster_condition",
-                "1 when the VaultCluster's condition (Ready, Available, Degraded, SelectorOverlap) is True, else 0.",
-                &cluster_labels("condition"),
-            ),
-            active_pod: gauge(
-                "vault_registrar_cluster_active_pod",
-                "1 for the pod labelled active in a VaultCluster; no series while it has none.",
-                &cluster_labels("pod"),
-            ),
+            clusters: ClusterMetrics::default(),
             leader: IntGauge::new(
                 "vault_registrar_leader",
                 "1 while this process holds the leader lease (or runs without election), else 0.",
@@ -178,7 +135,6 @@ impl Metrics {
                 "Always 1; the labels tell the operator's version.",
                 &["version"],
             ),
-            shown: Arc::default(),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -192,16 +148,11 @@ impl Metrics {
             Box::new(self.reconciles.clone()),
             Box::new(self.reconcile_errors.clone()),
             Box::new(self.reconcile_duration.clone()),
-            Box::new(self.probes.clone()),
             Box::new(self.probe_latency.clone()),
             Box::new(self.label_writes.clone()),
             Box::new(self.status_writes.clone()),
             Box::new(self.service_writes.clone()),
-            Box::new(self.active_changes.clone()),
-            Box::new(self.upgrade_steps.clone()),
-            Box::new(self.cluster_pods.clone()),
-            Box::new(self.cluster_condition.clone()),
-            Box::new(self.active_pod.clone()),
+            Box::new(self.clusters.clone()),
             Box::new(self.leader.clone()),
             Box::new(self.probe_connections.clone()),
             Box::new(self.api.requests.clone()),
@@ -232,58 +183,21 @@ impl Metrics {
             .collect()
     }
 
-    /// Points the cluster's active_pod series at `pod`, removing the one for the pod before,
-    /// and records that the cluster's gauges are shown.
-    pub fn set_active_pod(&self, ns: &str, cluster: &str, pod: Option<&str>) {
-        let key = (ns.to_string(), cluster.to_string());
-        let before = self
-            .shown
-            .lock()
-            .unwrap()
-            .insert(key, pod.map(String::from));
-        if before.as_ref().is_some_and(|b| b.as_deref() == pod) {
-            return;
-        }
-        if let Some(Some(old)) = before {
-            let _ = self.active_pod.remove_label_values(&[ns, cluster, &old]);
-        }
-        if let Some(pod) = pod {
-            self.active_pod
-                .with_label_values(&[ns, cluster, pod])
-                .set(1);
-        }
-    }
-
     /// Whether the cluster's gauges are set: after losing and regaining the lead they are
     /// not, however unchanged its status.
     pub fn shows(&self, ns: &str, cluster: &str) -> bool {
-        let key = (ns.to_string(), cluster.to_string());
-        self.shown.lock().unwrap().contains_key(&key)
+        self.clusters.shows(ns, cluster)
     }
 
     /// Deletes every series of one VaultCluster: it is gone.
     pub fn forget_cluster(&self, ns: &str, cluster: &str) {
-        let key = (ns.to_string(), cluster.to_string());
-        if let Some(Some(pod)) = self.shown.lock().unwrap().remove(&key) {
-            let _ = self.active_pod.remove_label_values(&[ns, cluster, &pod]);
-        }
-        remove_cluster(&self.probes, ns, cluster);
-        remove_cluster(&self.active_changes, ns, cluster);
-        remove_cluster(&self.upgrade_steps, ns, cluster);
-        remove_cluster(&self.cluster_pods, ns, cluster);
-        remove_cluster(&self.cluster_condition, ns, cluster);
+        self.clusters.forget(ns, cluster);
     }
 
     /// Deletes the series of every VaultCluster: this process no longer leads, so what it
     /// last saw is no longer watched.
     pub fn forget_clusters(&self) {
-        self.shown.lock().unwrap().clear();
-        self.active_pod.reset();
-        self.probes.reset();
-        self.active_changes.reset();
-        self.upgrade_steps.reset();
-        self.cluster_pods.reset();
-        self.cluster_condition.reset();
+        self.clusters.forget_all();
     }
 
     /// The text exposition format.
@@ -296,34 +210,6 @@ impl Metrics {
     }
 }
 
-/// Removes the series of `vec` whose namespace and cluster labels are these, whatever
-/// their other labels.
-fn remove_cluster<B: MetricVecBuilder>(vec: &MetricVec<B>, ns: &str, cluster: &str) {
-    let doomed: Vec<HashMap<String, String>> = vec
-        .collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .map(|metric| {
-            metric
-                .get_label()
-                .iter()
-                .map(|l| (l.name().to_string(), l.value().to_string()))
-                .collect::<HashMap<_, _>>()
-        })
-        .filter(|labels| {
-            labels.get(CLUSTER_LABELS[0]).map(String::as_str) == Some(ns)
-                && labels.get(CLUSTER_LABELS[1]).map(String::as_str) == Some(cluster)
-        })
-        .collect();
-    for labels in doomed {
-        let labels: HashMap<&str, &str> = labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let _ = vec.remove(&labels);
-    }
-}
-
 /// CPU, memory, open files and start time of this process, as `process_*`.
 fn process_collector() -> prometheus::process_collector::ProcessCollector {
     prometheus::process_collector::ProcessCollector::for_self()
@@ -332,6 +218,7 @@ fn process_collector() -> prometheus::process_collector::ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster_metrics::Gauges;
 
     fn series(m: &Metrics, needle: &str) -> Vec<String> {
         m.render()
@@ -352,17 +239,20 @@ mod tests {
             .count()
     }
 
+    fn gauges(active_pod: Option<&str>) -> Gauges {
+        Gauges {
+            pods: vec![("all", 3)],
+            conditions: vec![("Ready", true)],
+            active_pod: active_pod.map(String::from),
+        }
+    }
+
     fn observe(m: &Metrics, ns: &str, cluster: &str) {
-        m.probes.with_label_values(&[ns, cluster, "active"]).inc();
-        m.probes.with_label_values(&[ns, cluster, "failed"]).inc();
-        m.active_changes.with_label_values(&[ns, cluster]).inc();
-        m.cluster_pods
-            .with_label_values(&[ns, cluster, "all"])
-            .set(3);
-        m.cluster_condition
-            .with_label_values(&[ns, cluster, "Ready"])
-            .set(1);
-        m.set_active_pod(ns, cluster, Some(&format!("{cluster}-0")));
+        m.clusters.count_probe(ns, cluster, "active");
+        m.clusters.count_probe(ns, cluster, "failed");
+        m.clusters.count_active_change(ns, cluster);
+        let pod = format!("{cluster}-0");
+        m.clusters.show(ns, cluster, gauges(Some(&pod)));
     }
 
     #[test]
@@ -397,15 +287,15 @@ mod tests {
     #[test]
     fn the_active_pod_series_follows_the_active_pod() {
         let m = Metrics::new();
-        m.set_active_pod("a", "vault", Some("vault-0"));
-        m.set_active_pod("a", "vault", Some("vault-1"));
+        m.clusters.show("a", "vault", gauges(Some("vault-0")));
+        m.clusters.show("a", "vault", gauges(Some("vault-1")));
         assert_eq!(
             series(&m, "vault_registrar_cluster_active_pod"),
             [
                 "vault_registrar_cluster_active_pod{cluster=\"vault\",namespace=\"a\",pod=\"vault-1\"} 1"
             ]
         );
-        m.set_active_pod("a", "vault", None);
+        m.clusters.show("a", "vault", gauges(None));
         assert!(series(&m, "vault_registrar_cluster_active_pod").is_empty());
     }
 

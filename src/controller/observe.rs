@@ -207,9 +207,8 @@ async fn probe_pod(
         Outcome::Failed(_) => "failed",
     };
     ctx.metrics
-        .probes
-        .with_label_values(&[pod.namespace.as_str(), cluster, label])
-        .inc();
+        .clusters
+        .count_probe(&pod.namespace, cluster, label);
     let result = if label == "failed" { "failed" } else { "ok" };
     ctx.metrics
         .probe_latency

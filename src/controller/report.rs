@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::act::write_params;
 use super::{Context, cluster_name, interval};
+use crate::cluster_metrics::Gauges;
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
 use crate::status::written::{StatusWrite, newer};
@@ -62,11 +63,10 @@ pub async fn publish(
     );
     for notice in notices(vc.status.as_ref(), &status) {
         if notice.reason == "ActiveChanged" {
-            let labels = [vc.namespace().unwrap_or_default(), vc.name_any()];
+            let ns = vc.namespace().unwrap_or_default();
             ctx.metrics
-                .active_changes
-                .with_label_values(&[labels[0].as_str(), labels[1].as_str()])
-                .inc();
+                .clusters
+                .count_active_change(&ns, &vc.name_any());
         }
         event(vc, ctx, notice).await;
     }
@@ -139,8 +139,7 @@ pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
     if ctx.guard("gauges").is_err() {
         return;
     }
-    let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
-    for (role, n) in [
+    let pods = [
         ("all", s.pods),
         ("active", s.active),
         ("standby", s.standby),
@@ -148,23 +147,19 @@ pub fn gauges(vc: &VaultCluster, ctx: &Context, s: &VaultClusterStatus) {
         ("sealed", s.sealed),
         ("uninitialized", s.uninitialized),
         ("unreachable", s.unreachable),
-    ] {
-        ctx.metrics
-            .cluster_pods
-            .with_label_values(&[ns.as_str(), name.as_str(), role])
-            .set(n as i64);
-    }
-    for condition in CONDITIONS {
+    ];
+    let conditions = CONDITIONS.map(|condition| {
         let on = s
             .conditions
             .iter()
             .any(|c| c.type_ == condition && c.status == "True");
-        ctx.metrics
-            .cluster_condition
-            .with_label_values(&[ns.as_str(), name.as_str(), condition])
-            .set(on as i64);
-    }
-    // Last: it marks the cluster's gauges as set.
-    ctx.metrics
-        .set_active_pod(&ns, &name, s.active_pod.as_deref());
+        (condition, on)
+    });
+    let gauges = Gauges {
+        pods: pods.map(|(role, n)| (role, n as i64)).to_vec(),
+        conditions: conditions.to_vec(),
+        active_pod: s.active_pod.clone(),
+    };
+    let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+    ctx.metrics.clusters.show(&ns, &name, gauges);
 }

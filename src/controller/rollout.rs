@@ -208,11 +208,8 @@ async fn evict(
         )
         .await;
     let (ns, name) = (vc_ns(vc), vc.name_any());
-    let count = |result: &str| {
-        ctx.metrics
-            .upgrade_steps
-            .with_label_values(&[ns.as_str(), name.as_str(), result])
-            .inc();
+    let count = |result: &'static str| {
+        ctx.metrics.clusters.count_upgrade_step(&ns, &name, result);
     };
     match result {
         Ok(_) => {
