@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::core::SelectorExt;
 
@@ -15,6 +14,7 @@ use crate::crd::{PodSelector, VaultCluster};
 use crate::labels::{
     LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, PREFIX_LABEL, written_prefix,
 };
+use crate::pod_view::PodView;
 use crate::selector;
 use crate::upgrade::REVISION_LABEL;
 
@@ -41,8 +41,8 @@ pub struct SlimPod {
     pub stateful_set: Option<String>,
 }
 
-impl From<&Pod> for SlimPod {
-    fn from(pod: &Pod) -> Self {
+impl From<&PodView> for SlimPod {
+    fn from(pod: &PodView) -> Self {
         Self::trimmed(pod, |_| true)
     }
 }
@@ -92,7 +92,7 @@ pub fn keys_of(vc: &VaultCluster) -> BTreeSet<String> {
 impl SlimPod {
     /// What a round needs of `pod`, keeping only the labels `wanted` and the operator's own
     /// (see `trim_labels`).
-    pub fn trimmed(pod: &Pod, wanted: impl Fn(&str) -> bool) -> Self {
+    pub fn trimmed(pod: &PodView, wanted: impl Fn(&str) -> bool) -> Self {
         let status = pod.status.as_ref();
         let ready = status
             .and_then(|s| s.conditions.as_ref())
@@ -114,7 +114,7 @@ impl SlimPod {
 }
 
 /// The name of the StatefulSet a pod's controller ownerReference names.
-fn controlling_set(pod: &Pod) -> Option<String> {
+fn controlling_set(pod: &PodView) -> Option<String> {
     pod.owner_references()
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == "StatefulSet")
@@ -716,7 +716,7 @@ mod tests {
 
     #[test]
     fn a_slim_pod_keeps_what_rounds_read() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: PodView = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "v0", "namespace": "a", "uid": "u", "labels": {"app": "vault"},
                 "annotations": {"vault-registrar.dev/cluster": "x", "big": "y"}},
             "spec": {"containers": [{"name": "vault", "image": "vault"}]},

@@ -23,6 +23,7 @@ pub mod leader;
 pub mod lease;
 pub mod log_format;
 pub mod metrics;
+pub mod pod_view;
 pub mod probe;
 pub mod rhythm;
 pub mod secure_metrics;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -21,6 +21,7 @@ use crate::index::SlimPod;
 use crate::labels::{
     LEGACY_OWNER_ANNOTATION, LabelNames, OWNER_LABEL, diff, full_removal, retire_prefix,
 };
+use crate::pod_view::PodView;
 use crate::services::{self, Kind};
 
 /// What `act` did.
@@ -216,7 +217,7 @@ async fn patch_pod(
     let (ns, name) = (&pod.namespace, &pod.name);
     ctx.guard(&format!("pod {ns}/{name}"))?;
     meta["uid"] = json!(pod.uid);
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<PodView> = Api::namespaced(ctx.client.clone(), ns);
     match api
         .patch(
             name,

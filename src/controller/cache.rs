@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures::channel::mpsc;
 use futures::{SinkExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 use super::settings::{CaKind, CaSource};
 use crate::crd::VaultCluster;
 use crate::index::{ClusterIndex, LabelledIndex, PodIndex, SlimPod};
+use crate::pod_view::PodView;
 
 /// The kinds whose first list in a term a round waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -531,7 +532,7 @@ fn labelled<K: ResourceExt>(index: &mut LabelledIndex<K>, update: Update<K>) {
 }
 
 /// What the caches keep of a pod: the labels some VaultCluster reads, and ours.
-pub fn slim_pod(caches: &Caches, pod: &Pod) -> SlimPod {
+pub fn slim_pod(caches: &Caches, pod: &PodView) -> SlimPod {
     let clusters = caches.clusters.read().unwrap();
     SlimPod::trimmed(pod, |key| clusters.wants(key))
 }
@@ -606,7 +607,7 @@ mod tests {
     }
 
     fn pod(name: &str) -> SlimPod {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: PodView = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
         }))
         .unwrap();
@@ -656,14 +657,14 @@ mod tests {
             update: pods,
             slim: slim_pod,
         };
-        let full = |name: &str| -> Pod {
+        let full = |name: &str| -> PodView {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
             }))
             .unwrap()
         };
         let mut listing = Vec::new();
-        let index = |feed: &Feed<SlimPod, Pod>| {
+        let index = |feed: &Feed<SlimPod, PodView>| {
             let index = feed.caches.pods.read().unwrap();
             let mut names: Vec<String> = ["a", "b", "c"]
                 .iter()
@@ -719,7 +720,7 @@ mod tests {
         let old = vc("old", "{matchLabels: {app: vault}}");
         clusters(&caches, term, Update::Relisted(&scope, vec![old.clone()]));
         caches.mark_synced(term, Kind::Clusters, &scope);
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: PodView = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "ns", "uid": "p", "resourceVersion": "1",
                 "labels": {"app": "vault", "tier": "t", "junk": "x".repeat(60)}},
         }))
@@ -727,7 +728,7 @@ mod tests {
         // Each start of the watch is a new list, sent by the test.
         let (starts, mut lists) = mpsc::unbounded();
         let watch = move || {
-            let (tx, rx) = mpsc::unbounded::<Result<watcher::Event<Pod>, watcher::Error>>();
+            let (tx, rx) = mpsc::unbounded::<Result<watcher::Event<PodView>, watcher::Error>>();
             starts.unbounded_send(tx).unwrap();
             rx
         };

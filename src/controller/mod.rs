@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
@@ -36,6 +36,7 @@ use crate::error::Error;
 use crate::fail_static;
 use crate::labels::{LabelNames, diff, full_removal};
 use crate::metrics::Metrics;
+use crate::pod_view::PodView;
 use crate::probe::Prober;
 use crate::rhythm::{self, Rhythm, Round};
 use crate::services;
@@ -267,11 +268,11 @@ fn spawn_watches(
         triggers.clone(),
     ));
     let marks = ctx.clone();
-    let (pods, pod_config) = (api::<Pod>(client, scope), config.clone());
+    let (pods, pod_config) = (api::<PodView>(client, scope), config.clone());
     tasks.spawn(cache::drive(
         move || watcher(pods.clone(), pod_config.clone()),
         feed.of(Kind::Pods, cache::pods, cache::slim_pod),
-        move |pod: &Pod| concerned(&marks, pod),
+        move |pod: &PodView| concerned(&marks, pod),
         triggers.clone(),
     ));
     let marks = ctx.clone();
@@ -327,7 +328,7 @@ fn owners(ctx: &Context, svc: &Service) -> Vec<ObjectRef<VaultCluster>> {
 
 /// The VaultClusters a pod change concerns: those selecting it and the one that labelled
 /// it. Their next round is a full one.
-fn concerned(ctx: &Context, pod: &Pod) -> Vec<ObjectRef<VaultCluster>> {
+fn concerned(ctx: &Context, pod: &PodView) -> Vec<ObjectRef<VaultCluster>> {
     let slim = cache::slim_pod(&ctx.caches, pod);
     let index = ctx.caches.clusters.read().unwrap();
     let clusters = index.concerned(&slim);
