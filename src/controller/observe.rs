@@ -155,7 +155,7 @@ pub async fn probe_all(
             Member {
                 name: pod.name.clone(),
                 ip: pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
-                labels: pod.labels.clone(),
+                labels: pod.labels.as_ref().clone(),
                 verdict,
                 reach,
                 serving: pod.serving(),
@@ -229,10 +229,12 @@ mod tests {
             namespace: "ns".into(),
             uid: name.into(),
             resource_version: "1".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             legacy_owner: legacy.map(String::from),
             terminating: false,
             phase: "Running".into(),

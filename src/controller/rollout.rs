@@ -174,7 +174,7 @@ fn views(members: &[Member], pods: &[Arc<SlimPod>]) -> Vec<PodView> {
             PodView {
                 name: pod.name.clone(),
                 uid: pod.uid.clone(),
-                labels: pod.labels.clone(),
+                labels: pod.labels.as_ref().clone(),
                 stateful_set: pod.stateful_set.clone(),
                 terminating: pod.terminating,
                 answer,
