@@ -473,9 +473,12 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let started = Instant::now();
     let newest = report::with_newest_status(vc, ctx);
     let vc = &*newest;
-    let settings = match usable(vc, ctx).await? {
+    // The phases that talk to the API server are boxed: a future is as large as its
+    // largest state, and a round spends its time waiting for probe slots, not in them. At
+    // 1,000 clusters hundreds of rounds wait at once, each a spawned task of that size.
+    let settings = match Box::pin(usable(vc, ctx)).await? {
         Ok(settings) => settings,
-        Err(problem) => return report::invalid(vc, ctx, problem).await,
+        Err(problem) => return Box::pin(report::invalid(vc, ctx, problem)).await,
     };
     let uid = vc.uid().unwrap_or_default();
     let previous = ctx.rhythms.lock().unwrap().get(&uid).cloned();
@@ -490,8 +493,8 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
     let held = fail_static::hold(&mut members);
     let decision = decide(&names, &vc.name_any(), &members);
     // Act, and record what was written.
-    let acted = act::act(vc, ctx, &names, &decision, &members, &selection).await;
-    let upgrade = rollout::round(vc, ctx, &members, &selection.candidates).await;
+    let acted = Box::pin(act::act(vc, ctx, &names, &decision, &members, &selection)).await;
+    let upgrade = Box::pin(rollout::round(vc, ctx, &members, &selection.candidates)).await;
     let (service_problems, failed) = match acted.result {
         Ok(problems) => (problems, None),
         Err(error) => (Vec::new(), Some(error)),
@@ -509,7 +512,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         previous: vc.status.as_ref(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
     });
-    rollout::report(vc, ctx, upgrade.as_ref(), &mut status).await;
+    Box::pin(rollout::report(vc, ctx, upgrade.as_ref(), &mut status)).await;
     // Report. A failed write still gets its status published, so Ready never stays True
     // over it.
     let first = previous.is_none();
@@ -524,7 +527,7 @@ async fn apply(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
         roles: roles_signature(&status),
         generation: vc.metadata.generation,
     };
-    let published = report::publish(vc, ctx, status).await;
+    let published = Box::pin(report::publish(vc, ctx, status)).await;
     // Only a round whose writes (`settled_active`) and report both landed may be followed
     // by a sentinel round.
     if published.is_err() {
@@ -672,6 +675,34 @@ async fn cleanup(vc: &VaultCluster, ctx: &Context) -> Result<Action, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reconcile is a spawned task as large as its future's largest state, and at 1,000
+    /// clusters hundreds of them wait for probe slots at once: with its API phases inline it
+    /// was 9,424 bytes; boxed, 5,024 (rustc 1.95).
+    #[tokio::test]
+    async fn a_round_waiting_for_its_probes_is_a_small_task() {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let ctx = Context::new(
+            Client::try_from(config).unwrap(),
+            Prober::new(4),
+            Metrics::new(),
+            Arc::new(AtomicBool::new(true)),
+            vec![None],
+            services::Allowed {
+                types: vec![],
+                annotations: vec![],
+            },
+        );
+        let vc: VaultCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vault-registrar.dev/v1alpha1", "kind": "VaultCluster",
+            "metadata": {"name": "v", "namespace": "n"},
+            "spec": {"selector": {"matchLabels": {"a": "b"}}}
+        }))
+        .unwrap();
+        let round = reconcile(Arc::new(vc), ctx);
+        let size = std::mem::size_of_val(&round);
+        assert!(size <= 6 * 1024, "a reconcile's future is {size} bytes");
+    }
 
     #[test]
     fn clusters_are_spread_over_the_interval() {
