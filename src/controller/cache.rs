@@ -25,7 +25,8 @@ use futures::channel::mpsc;
 use futures::{SinkExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -548,7 +549,34 @@ pub fn slim_set(set: &StatefulSet) -> StatefulSet {
     slim
 }
 
-/// What the caches keep of a Service or EndpointSlice: no managed fields, which are most
+/// What the caches keep of an EndpointSlice: its names, labels and endpoint addresses, all
+/// that a round reads (`act::await_active_endpoints_drained`). Targets, conditions, ports and
+/// owners were most of it: 8.5 MB for 2,000 slices in a heap profile at 1,000 clusters.
+pub fn slim_slice(slice: &EndpointSlice) -> EndpointSlice {
+    let meta = &slice.metadata;
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            labels: meta.labels.clone(),
+            ..ObjectMeta::default()
+        },
+        address_type: slice.address_type.clone(),
+        endpoints: slice
+            .endpoints
+            .iter()
+            .map(|e| Endpoint {
+                addresses: e.addresses.clone(),
+                ..Endpoint::default()
+            })
+            .collect(),
+        ports: None,
+    }
+}
+
+/// What the caches keep of a Service: no managed fields, which are most
 /// of an object's size and never read.
 pub fn trimmed<K: ResourceExt + Clone>(object: &K) -> K {
     let mut object = object.clone();
@@ -560,6 +588,34 @@ pub fn trimmed<K: ResourceExt + Clone>(object: &K) -> K {
 mod tests {
     use super::super::settings::CaKind;
     use super::*;
+
+    #[test]
+    fn a_slim_slice_keeps_names_labels_and_addresses_only() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vault-active-x", "namespace": "ns", "uid": "u", "resourceVersion": "9",
+                "labels": {"kubernetes.io/service-name": "vault-active"},
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-02T10:00:00Z"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "vault-active", "uid": "s"}]},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": "vault-0", "namespace": "ns", "uid": "p"}, "nodeName": "n1"}],
+            "ports": [{"name": "http", "port": 8200, "protocol": "TCP"}]
+        }))
+        .unwrap();
+        let slim = slim_slice(&slice);
+        assert_eq!(slim.metadata.name, slice.metadata.name);
+        assert_eq!(slim.metadata.namespace, slice.metadata.namespace);
+        assert_eq!(slim.metadata.labels, slice.metadata.labels);
+        assert_eq!(
+            slim.metadata.resource_version,
+            slice.metadata.resource_version
+        );
+        assert_eq!(slim.endpoints.len(), 1);
+        assert_eq!(slim.endpoints[0].addresses, ["10.0.0.7"]);
+        assert!(slim.endpoints[0].target_ref.is_none() && slim.endpoints[0].conditions.is_none());
+        assert!(slim.metadata.annotations.is_none() && slim.metadata.owner_references.is_none());
+        assert!(slim.ports.is_none());
+    }
 
     #[test]
     fn the_ca_is_read_again_on_a_new_generation_or_a_failing_handshake() {

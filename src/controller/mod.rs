@@ -307,7 +307,7 @@ fn spawn_watches(
                 .take()
                 .expect("the EndpointSlice watch never starts over")
         },
-        feed.of(Kind::Slices, cache::slices, |_, s| cache::trimmed(s)),
+        feed.of(Kind::Slices, cache::slices, |_, s| cache::slim_slice(s)),
         |_: &EndpointSlice| Vec::new(),
         triggers,
     ));
