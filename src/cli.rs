@@ -157,20 +157,17 @@ const DRAIN_BOUND: Duration = Duration::from_secs(5);
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // First, so a SIGTERM during start-up is a stop, not the default kill.
     let stop = stop_on_signal();
-    let kept_connections = match fdlimit::raise_nofile() {
+    let soft = match fdlimit::raise_nofile() {
         Ok((soft, hard)) => {
-            let kept = fdlimit::kept_connections(soft);
-            info!(
-                soft,
-                hard, kept, "open-file limit, and the probe connections kept within it"
-            );
-            kept
+            info!(soft, hard, "open-file limit");
+            soft
         }
         Err(e) => {
-            warn!(error = %e, "could not raise the open-file limit");
-            fdlimit::kept_connections(1024)
+            warn!(error = %e, "could not raise the open-file limit; assuming 1024");
+            1024
         }
     };
+    let kept_connections = fdlimit::kept_connections(soft);
     let timing = Timing::new(args.lease_duration, args.renew_deadline, args.retry_period)?;
     let config = apiclient::load_config(args.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new();

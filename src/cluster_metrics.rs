@@ -13,43 +13,72 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricT
 /// Label names of the per-cluster series.
 pub const CLUSTER_LABELS: [&str; 2] = ["namespace", "cluster"];
 
-/// The families, in the order of `Inner::descs`.
+/// The per-cluster families; `Inner::descs` describes them in this order.
 const FAMILIES: [Family; 6] = [
     Family {
         name: "vault_registrar_probes_total",
         help: "Health probes of a VaultCluster's pods, by outcome (active, standby, perf-standby, sealed, uninitialized, removed, failed).",
         extra: Some("outcome"),
         kind: MetricType::COUNTER,
+        values: |s| counts(&s.probes),
     },
     Family {
         name: "vault_registrar_active_changes_total",
         help: "Changes of a VaultCluster's active pod (failovers, and losing or finding one).",
         extra: None,
         kind: MetricType::COUNTER,
+        values: |s| match s.active_changes {
+            0 => Vec::new(),
+            n => vec![(None, n as f64)],
+        },
     },
     Family {
         name: "vault_registrar_upgrade_steps_total",
         help: "Evictions of spec.upgrade, by result (evicted, blocked by a PodDisruptionBudget, failed).",
         extra: Some("result"),
         kind: MetricType::COUNTER,
+        values: |s| counts(&s.upgrade_steps),
     },
     Family {
         name: "vault_registrar_cluster_pods",
         help: "A VaultCluster's selected pods, by role (all, active, standby, perf-standby, sealed, uninitialized, unreachable).",
         extra: Some("role"),
         kind: MetricType::GAUGE,
+        values: |s| {
+            gauges(s, |g| {
+                g.pods.iter().map(|(r, n)| (Some(*r), *n as f64)).collect()
+            })
+        },
     },
     Family {
         name: "vault_registrar_cluster_condition",
         help: "1 when the VaultCluster's condition (Ready, Available, Degraded, SelectorOverlap) is True, else 0.",
         extra: Some("condition"),
         kind: MetricType::GAUGE,
+        values: |s| {
+            gauges(s, |g| {
+                let on = |on: bool| f64::from(u8::from(on));
+                g.conditions
+                    .iter()
+                    .map(|(c, o)| (Some(*c), on(*o)))
+                    .collect()
+            })
+        },
     },
     Family {
         name: "vault_registrar_cluster_active_pod",
         help: "1 for the pod labelled active in a VaultCluster; no series while it has none.",
         extra: Some("pod"),
         kind: MetricType::GAUGE,
+        values: |s| {
+            gauges(s, |g| {
+                g.active_pod
+                    .as_deref()
+                    .map(|pod| (Some(pod), 1.0))
+                    .into_iter()
+                    .collect()
+            })
+        },
     },
 ];
 
@@ -59,6 +88,8 @@ struct Family {
     /// The label beside namespace and cluster, if any.
     extra: Option<&'static str>,
     kind: MetricType,
+    /// A cluster's series of this family, as (its own label's value, value).
+    values: fn(&Series) -> Vec<(Option<&str>, f64)>,
 }
 
 /// What a round last reported of a cluster: the gauges exist only once it has.
@@ -150,11 +181,7 @@ impl ClusterMetrics {
     /// Sets the cluster's gauges, replacing what it showed before (the pod it named active
     /// among them).
     pub fn show(&self, ns: &str, cluster: &str, gauges: Gauges) {
-        self.with(ns, cluster, |s| {
-            if s.gauges.as_ref() != Some(&gauges) {
-                s.gauges = Some(gauges);
-            }
-        });
+        self.with(ns, cluster, |s| s.gauges = Some(gauges));
     }
 
     /// Whether the cluster's gauges are set: after losing and regaining the lead they are
@@ -220,37 +247,16 @@ fn metric(
     m
 }
 
-/// The series of one family for one cluster, as (its own label's value, value).
-fn values(family: usize, s: &Series) -> Vec<(Option<&str>, f64)> {
-    let counts = |c: &[(&'static str, u64)]| -> Vec<(Option<&str>, f64)> {
-        c.iter().map(|(k, n)| (Some(*k), *n as f64)).collect()
-    };
-    let gauges = s.gauges.as_ref();
-    match family {
-        0 => counts(&s.probes),
-        1 => match s.active_changes {
-            0 => Vec::new(),
-            n => vec![(None, n as f64)],
-        },
-        2 => counts(&s.upgrade_steps),
-        3 => gauges
-            .into_iter()
-            .flat_map(|g| g.pods.iter().map(|(r, n)| (Some(*r), *n as f64)))
-            .collect(),
-        4 => gauges
-            .into_iter()
-            .flat_map(|g| {
-                g.conditions
-                    .iter()
-                    .map(|(c, on)| (Some(*c), f64::from(u8::from(*on))))
-            })
-            .collect(),
-        _ => gauges
-            .and_then(|g| g.active_pod.as_deref())
-            .map(|pod| (Some(pod), 1.0))
-            .into_iter()
-            .collect(),
-    }
+fn counts(counts: &[(&'static str, u64)]) -> Vec<(Option<&'static str>, f64)> {
+    counts.iter().map(|(k, n)| (Some(*k), *n as f64)).collect()
+}
+
+/// The gauges' series: none until a round has reported the cluster.
+fn gauges<'a>(
+    s: &'a Series,
+    series: impl Fn(&'a Gauges) -> Vec<(Option<&'a str>, f64)>,
+) -> Vec<(Option<&'a str>, f64)> {
+    s.gauges.as_ref().map(series).unwrap_or_default()
 }
 
 impl Collector for ClusterMetrics {
@@ -262,15 +268,14 @@ impl Collector for ClusterMetrics {
         let series = self.0.series.lock().unwrap();
         FAMILIES
             .iter()
-            .enumerate()
-            .map(|(i, f)| {
+            .map(|f| {
                 let mut family = MetricFamily::default();
                 family.set_name(f.name.to_string());
                 family.set_help(f.help.to_string());
                 family.set_field_type(f.kind);
                 let all = series.iter().flat_map(|(ns, clusters)| {
                     clusters.iter().flat_map(move |(cluster, s)| {
-                        values(i, s).into_iter().map(move |(extra, value)| {
+                        (f.values)(s).into_iter().map(move |(extra, value)| {
                             let extra = f.extra.zip(extra);
                             metric(ns, cluster, extra, value, f.kind)
                         })

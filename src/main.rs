@@ -2,7 +2,11 @@ use clap::Parser;
 use vault_registrar::cli::{Cli, Command, init_logging, run};
 
 /// mimalloc returns freed memory to the system where glibc's per-thread arenas keep it:
-/// the initial lists of a large namespace would otherwise stay in the RSS for good.
+/// the initial lists of a large namespace would otherwise stay in the RSS for good. With
+/// `--features system-allocator` Rust allocates through the C library's `malloc` instead, so
+/// that a sampling heap profiler preloaded in its place sees every allocation (jemalloc's:
+/// `LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=prof:true,...`), at a cost the steady state of
+/// 1,000 clusters bears, where dhat's full backtraces do not.
 #[cfg(not(any(feature = "dhat-heap", feature = "system-allocator")))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -12,11 +16,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[cfg(feature = "dhat-heap")]
 #[global_allocator]
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
-
-// With `--features system-allocator`, Rust allocates through the C library's `malloc`, so that
-// a sampling heap profiler preloaded in its place sees every allocation: jemalloc's, as in
-// `LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=prof:true,...`, at a cost the steady state of 1,000
-// clusters bears (dhat's full backtraces do not).
 
 fn main() -> anyhow::Result<()> {
     no_huge_pages();

@@ -22,17 +22,14 @@ use crate::labels::LEGACY_OWNER_ANNOTATION;
 pub struct PodView {
     #[serde(default, deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
     pub status: Option<StatusView>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct StatusView {
-    #[serde(default)]
     pub phase: Option<String>,
-    #[serde(default, rename = "podIP")]
+    #[serde(rename = "podIP")]
     pub pod_ip: Option<String>,
-    #[serde(default)]
     pub conditions: Option<Vec<ConditionView>>,
 }
 
@@ -48,21 +45,14 @@ pub struct ConditionView {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LeanMeta {
-    #[serde(default)]
     name: Option<String>,
-    #[serde(default)]
     namespace: Option<String>,
-    #[serde(default)]
     uid: Option<String>,
-    #[serde(default)]
     resource_version: Option<String>,
-    #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
     #[serde(default, deserialize_with = "legacy_owner_only")]
     annotations: Option<BTreeMap<String, String>>,
-    #[serde(default)]
     owner_references: Option<Vec<OwnerReference>>,
-    #[serde(default)]
     deletion_timestamp: Option<Time>,
 }
 
