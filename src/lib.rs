@@ -25,6 +25,7 @@ pub mod log_format;
 pub mod metrics;
 pub mod pod_view;
 pub mod probe;
+pub mod recorder;
 pub mod rhythm;
 pub mod secure_metrics;
 pub mod selector;

@@ -859,3 +859,73 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The operator's event recorder on the real API server: a repeat is the first event's
+/// series (the events.k8s.io validation takes the patch), another note is another event,
+/// and a repeat of an event that is gone is created again.
+#[tokio::test]
+async fn a_repeated_event_is_counted_on_the_first_and_a_lost_one_is_created_again()
+-> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use vault_registrar::recorder::{Notice, Recorder};
+    let client = shared().client().await?;
+    let ns = "e2e-events";
+    create_namespace(&client, ns).await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let mut map = ConfigMap::default();
+    map.metadata.name = Some("regarded".into());
+    let map = maps.create(&PostParams::default(), &map).await?;
+    let recorder = Recorder::new(client.clone(), "vault-registrar", None);
+    let notice = |note: &str| Notice {
+        warning: false,
+        reason: "ActiveChanged",
+        note: note.into(),
+        related: Some("vault-1"),
+    };
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let listed = || async {
+        let mut items = events.list(&ListParams::default()).await?.items;
+        // Named by the time in nanoseconds, in hexadecimal of one length: oldest first.
+        items.sort_by_key(|e| e.metadata.name.clone());
+        anyhow::Ok(items)
+    };
+    recorder
+        .publish(&map, notice("from vault-0 to vault-1"))
+        .await?;
+    recorder
+        .publish(&map, notice("from vault-0 to vault-1"))
+        .await?;
+    let list = listed().await?;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].series.as_ref().map(|s| s.count), Some(2));
+    assert_eq!(
+        list[0].regarding.as_ref().and_then(|r| r.uid.clone()),
+        map.metadata.uid
+    );
+    assert_eq!(
+        list[0].related.as_ref().and_then(|r| r.name.as_deref()),
+        Some("vault-1")
+    );
+    recorder
+        .publish(&map, notice("from vault-2 to vault-1"))
+        .await?;
+    let list = listed().await?;
+    assert_eq!(list.len(), 2, "another note is another event: {list:?}");
+    let first = list[0].metadata.name.clone().unwrap_or_default();
+    events.delete(&first, &DeleteParams::default()).await?;
+    recorder
+        .publish(&map, notice("from vault-0 to vault-1"))
+        .await?;
+    let list = listed().await?;
+    let notes: Vec<_> = list
+        .iter()
+        .map(|e| (e.note.clone(), e.series.is_some()))
+        .collect();
+    assert_eq!(list.len(), 2, "{notes:?}");
+    assert!(
+        list.iter()
+            .any(|e| e.note.as_deref() == Some("from vault-0 to vault-1") && e.series.is_none()),
+        "the lost event is created again, as a new one: {notes:?}"
+    );
+    Ok(())
+}

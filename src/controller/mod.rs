@@ -22,7 +22,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -38,6 +37,7 @@ use crate::labels::{LabelNames, diff, full_removal};
 use crate::metrics::Metrics;
 use crate::pod_view::PodView;
 use crate::probe::Prober;
+use crate::recorder::Recorder;
 use crate::rhythm::{self, Rhythm, Round};
 use crate::services;
 use crate::status::written::StatusWrite;
@@ -98,12 +98,8 @@ impl Context {
         scopes: Vec<Option<String>>,
         allowed: services::Allowed,
     ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), MANAGER, std::env::var("POD_NAME").ok()),
             client,
             prober,
             metrics,

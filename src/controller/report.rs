@@ -4,12 +4,10 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::{Api, Patch};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
-use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::act::write_params;
@@ -17,6 +15,7 @@ use super::{Context, cluster_name, interval};
 use crate::cluster_metrics::Gauges;
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
+use crate::recorder;
 use crate::status::written::{StatusWrite, newer};
 use crate::status::{CONDITIONS, Notice, can_wait, invalid_spec, merge_patch, notices};
 use crate::text::{EVENT_NOTE, shorten};
@@ -111,24 +110,13 @@ fn waits(vc: &VaultCluster, ctx: &Context, status: &VaultClusterStatus) -> bool 
 
 pub(super) async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
-    let event = KubeEvent {
-        type_: if notice.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: notice.reason.into(),
-        note: Some(shorten(notice.message, EVENT_NOTE)),
-        action: "Reconcile".into(),
-        secondary: notice.pod.map(|pod| ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(pod),
-            namespace: vc.namespace(),
-            ..Default::default()
-        }),
+    let notice = recorder::Notice {
+        warning: notice.warning,
+        reason: notice.reason,
+        note: shorten(notice.message, EVENT_NOTE),
+        related: notice.pod.as_deref(),
     };
-    if let Err(e) = ctx.recorder.publish(&event, &vc.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(vc, notice).await {
         warn!(cluster = %cluster_name(vc), error = %e, "publishing event failed");
     }
 }
