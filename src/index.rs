@@ -171,7 +171,8 @@ impl<T> Postings<T> {
         }
     }
 
-    fn insert(&mut self, ns: &str, name: &str, object: T) {
+    fn insert(&mut self, ns: &str, name: &str, object: impl Into<Arc<T>>) {
+        let object = object.into();
         self.remove(ns, name);
         for (k, v) in (self.keys)(&object) {
             let pair = (ns.to_string(), k, v);
@@ -181,7 +182,7 @@ impl<T> Postings<T> {
                 .insert(name.to_string());
         }
         self.objects
-            .insert((ns.to_string(), name.to_string()), Arc::new(object));
+            .insert((ns.to_string(), name.to_string()), object);
     }
 
     fn remove(&mut self, ns: &str, name: &str) {
@@ -463,7 +464,8 @@ impl ClusterIndex {
         }
     }
 
-    pub fn apply(&mut self, vc: VaultCluster) {
+    pub fn apply(&mut self, vc: impl Into<Arc<VaultCluster>>) {
+        let vc = vc.into();
         let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
         // The new keys are counted before the old ones are let go, so that a key both
         // read never looks unread.

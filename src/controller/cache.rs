@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -66,6 +66,10 @@ pub struct Caches {
     /// The key epoch, sent each time a VaultCluster starts reading a new label key.
     keys: watch::Sender<u64>,
     ca: Mutex<HashMap<CaKey, CaEntry>>,
+    /// Per scope, the controller's store of VaultClusters (kube's reflector). The index
+    /// takes a cluster from there when it is the same version, so the two share one
+    /// object instead of keeping a copy each (4.3 MB at 1,000 clusters in a heap profile).
+    stores: Mutex<HashMap<Option<String>, Store<VaultCluster>>>,
 }
 
 impl Default for Caches {
@@ -81,6 +85,7 @@ impl Default for Caches {
             learned: Mutex::default(),
             keys: watch::Sender::new(0),
             ca: Mutex::default(),
+            stores: Mutex::default(),
         }
     }
 }
@@ -130,6 +135,25 @@ impl Caches {
         *self.slices.write().unwrap() = LabelledIndex::default();
         *self.sets.write().unwrap() = LabelledIndex::default();
         term
+    }
+
+    /// Shares the controller's store of a scope's VaultClusters with the index (`shared`).
+    pub fn share_store(&self, scope: &Option<String>, store: Store<VaultCluster>) {
+        self.stores.lock().unwrap().insert(scope.clone(), store);
+    }
+
+    /// `vc` as a controller's store holds it, if that is the same version: the reflector
+    /// applied the event before passing it on, so after an update or a whole list it has
+    /// it. Otherwise (a status write's answer, a store of an older term) a copy of its own.
+    fn shared(&self, vc: VaultCluster) -> Arc<VaultCluster> {
+        let key = ObjectRef::from_obj(&vc);
+        let same = |held: &Arc<VaultCluster>| {
+            let (a, b) = (&held.metadata, &vc.metadata);
+            a.uid.is_some() && a.uid == b.uid && a.resource_version == b.resource_version
+        };
+        let stores = self.stores.lock().unwrap();
+        let held = stores.values().filter_map(|s| s.get(&key)).find(same);
+        held.unwrap_or_else(|| Arc::new(vc))
     }
 
     pub fn term(&self) -> u64 {
@@ -485,9 +509,10 @@ pub fn clusters(caches: &Caches, term: u64, update: Update<VaultCluster>) {
         match update {
             Update::Relisted(scope, all) => {
                 index.clear_scope(scope.as_deref());
-                all.into_iter().for_each(|vc| index.apply(vc));
+                all.into_iter()
+                    .for_each(|vc| index.apply(caches.shared(vc)));
             }
-            Update::Applied(vc) => index.apply(vc),
+            Update::Applied(vc) => index.apply(caches.shared(vc)),
             Update::Deleted(ns, name) => index.delete(&ns, &name),
         }
         grew = index.settle().then(|| index.epoch());
@@ -760,6 +785,49 @@ mod tests {
         assert_eq!(index(&feed), ["b", "c"]);
         apply(&feed, &mut listing, &watcher::Event::Delete(full("b")));
         assert_eq!(index(&feed), ["c"]);
+    }
+
+    #[test]
+    fn the_index_shares_the_controllers_copy_of_the_same_version_only() {
+        let caches = Caches::default();
+        let term = caches.new_term();
+        let scope = Some("ns".to_string());
+        let version = |rv: &str| {
+            let spec = serde_yaml::from_str("selector: {matchLabels: {app: vault}}").unwrap();
+            let mut vc = VaultCluster::new("vault", spec);
+            vc.metadata.namespace = Some("ns".into());
+            vc.metadata.uid = Some("u".into());
+            vc.metadata.resource_version = Some(rv.into());
+            vc
+        };
+        let (store, mut writer) = kube::runtime::reflector::store();
+        caches.share_store(&scope, store.clone());
+        let held = || store.get(&ObjectRef::from_obj(&version("1"))).unwrap();
+        let indexed = || caches.clusters.read().unwrap().get("ns", "vault").unwrap();
+        // A whole list: the store swaps it in before the index hears of it.
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(version("1")),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+        }
+        clusters(&caches, term, Update::Relisted(&scope, vec![version("1")]));
+        assert!(Arc::ptr_eq(&indexed(), &held()), "one object for both");
+        // A status write's answer is newer than the store: the index keeps its own.
+        clusters(&caches, term, Update::Applied(version("2")));
+        assert!(!Arc::ptr_eq(&indexed(), &held()));
+        assert_eq!(indexed().metadata.resource_version.as_deref(), Some("2"));
+        // The watch's update of the same version: shared again.
+        writer.apply_watcher_event(&watcher::Event::Apply(version("2")));
+        clusters(&caches, term, Update::Applied(version("2")));
+        assert!(Arc::ptr_eq(&indexed(), &held()));
+        // Another object of the same name (deleted and created again) is not taken for it.
+        let mut other = version("2");
+        other.metadata.uid = Some("v".into());
+        clusters(&caches, term, Update::Applied(other));
+        assert_eq!(indexed().metadata.uid.as_deref(), Some("v"));
+        assert!(!Arc::ptr_eq(&indexed(), &held()));
     }
 
     #[tokio::test]

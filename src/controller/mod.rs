@@ -204,6 +204,7 @@ pub async fn run(
     let term = ctx.caches.term();
     let (triggers, reconciles) = futures::channel::mpsc::channel(TRIGGER_BUFFER);
     let (reader, writer) = reflector::store();
+    ctx.caches.share_store(&scope, reader.clone());
     let mut watches = tokio::task::JoinSet::new();
     spawn_watches(&mut watches, &ctx, &scope, term, writer, triggers);
     let controller = Controller::for_stream(futures::stream::pending(), reader)
