@@ -9,15 +9,16 @@
 # is reachable there): keep the runtime stage to instructions that work on any base (COPY,
 # USER, EXPOSE, ENTRYPOINT, CMD) and the binary's libraries to what distroless/cc holds.
 
-# Build stage: the release binary, with the exact dependency versions of Cargo.lock. The whole
+# Build stage: the shipped binary (Cargo's `dist` profile: release with whole-program LTO),
+# with the exact dependency versions of Cargo.lock. The whole
 # workspace is copied because Cargo needs every member (tests/testkit) to resolve it.
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin vault-registrar \
-    && install -m 0755 target/release/vault-registrar /vault-registrar
+    cargo build --profile dist --locked --bin vault-registrar \
+    && install -m 0755 target/dist/vault-registrar /vault-registrar
 
 # Runtime stage. The binary links glibc (libc, libm, libgcc_s), so distroless/static will not
 # do; distroless/cc carries exactly those libraries and CA certificates, and no shell.

@@ -122,11 +122,12 @@ demo-raft: binaries vault
 	VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_TESTKIT_BIN_DIR="$(TESTKIT_BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
 		$(TESTKIT_BIN_DIR)/demo_raft
 
-## Failover latency (simulator; real Vault beside it), steady-state writes, printed.
+## Failover latency (simulator; real Vault beside it), steady-state writes, printed. The
+## benches measure the operator as shipped: the `dist` profile (Cargo.toml), as the image builds it.
 bench: binaries vault
-	$(CARGO) build --release --bin vault-registrar
+	$(CARGO) build --profile dist --bin vault-registrar
 	@mkdir -p bench
-	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/dist/vault-registrar" \
 		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench; } | tee bench/failover.txt
 
 ## The first line of a figures file: what was measured, on which commit, when, on how many
@@ -138,9 +139,9 @@ FIGURES_HEADER = echo "\# $@ $(if $(filter bench-scale,$@),N=$(N) U=$(U) ,)at $$
 N ?= 1000
 U ?= 10000
 bench-scale: binaries
-	$(CARGO) build --release --bin vault-registrar
+	$(CARGO) build --profile dist --bin vault-registrar
 	@mkdir -p bench
-	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/release/vault-registrar" \
+	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/dist/vault-registrar" \
 		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U); } | tee bench/scale-N$(N)-U$(U).txt
 
 ## Regenerate crds/, the chart's CRD template and kustomize's copy from the Rust types.
