@@ -402,8 +402,9 @@ enum Scenario {
     /// Nothing more: the start and the first round (caches, labels, Services, status, the
     /// first event, the CA from its ConfigMap) use it.
     Converge,
-    /// A failover inside Vault and back: the second ActiveChanged about the same pod is a
-    /// repeat, which the event recorder patches (its count) rather than creates.
+    /// A failover inside Vault, back, and over again: the second "active pod changed from
+    /// vault-0 to vault-1" is a repeat (same pod, same note), which the event recorder
+    /// patches (its count) rather than creates.
     FailoverAndBack,
     /// The standby Service disabled in the spec: the operator deletes it.
     DisableStandby,
@@ -580,7 +581,7 @@ async fn play(
         Scenario::Converge => {}
         Scenario::FailoverAndBack => {
             vault.wait_labels("vault-active", &labels(0), LIMIT).await?;
-            for (from, to) in [(0, 1), (1, 0)] {
+            for (from, to) in [(0, 1), (1, 0), (0, 1)] {
                 vault.sim(from).update(|s| s.role = Role::Standby).await;
                 vault.sim(to).update(|s| s.role = Role::Active).await;
                 vault
