@@ -20,17 +20,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 
+use crate::status::Notice;
+use crate::text::{EVENT_NOTE, shorten};
+
 /// How long after its last showing an event still counts a repeat (client-go's and kube's).
 pub const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
-
-/// One event to publish about a VaultCluster.
-pub struct Notice<'a> {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub note: String,
-    /// The pod it is about, if one: events of other pods are not counted as its repeats.
-    pub related: Option<&'a str>,
-}
 
 /// What identifies a repeat.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -119,10 +113,11 @@ impl Recorder {
 
     /// Creates the event, or counts it on the one it repeats. A repeat whose event is gone
     /// from the API server is created again.
-    pub async fn publish<K>(&self, regarding: &K, notice: Notice<'_>) -> Result<(), kube::Error>
+    pub async fn publish<K>(&self, regarding: &K, notice: &Notice) -> Result<(), kube::Error>
     where
         K: Resource<DynamicType = ()>,
     {
+        let note = shorten(notice.message.clone(), EVENT_NOTE);
         let reference = regarding.object_ref(&());
         let namespace = reference
             .namespace
@@ -134,8 +129,8 @@ impl Recorder {
             uid: reference.uid.clone().unwrap_or_default(),
             reason: notice.reason,
             warning: notice.warning,
-            related: notice.related.map(str::to_owned),
-            note: notice.note.clone(),
+            related: notice.pod.clone(),
+            note: note.clone(),
         };
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
         let now = Timestamp::now();
@@ -146,7 +141,7 @@ impl Recorder {
             .step(&key, Instant::now(), || event_name(&key.name, now));
         let result = match &step {
             Step::Create(name) => {
-                let event = self.event(name, reference, &notice, now);
+                let event = self.event(name, reference, notice, note, now);
                 api.create(&PostParams::default(), &event).await.map(drop)
             }
             Step::Count(name, count) => {
@@ -176,6 +171,7 @@ impl Recorder {
         name: &str,
         regarding: ObjectReference,
         notice: &Notice,
+        note: String,
         now: Timestamp,
     ) -> Event {
         Event {
@@ -186,13 +182,13 @@ impl Recorder {
             },
             action: Some("Reconcile".into()),
             reason: Some(notice.reason.into()),
-            note: Some(notice.note.clone()),
+            note: Some(note),
             event_time: Some(MicroTime(now)),
             type_: Some(if notice.warning { "Warning" } else { "Normal" }.into()),
-            related: notice.related.map(|pod| ObjectReference {
+            related: notice.pod.as_ref().map(|pod| ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
-                name: Some(pod.into()),
+                name: Some(pod.clone()),
                 namespace: regarding.namespace.clone(),
                 ..Default::default()
             }),

@@ -867,7 +867,8 @@ async fn invalid_specs_are_rejected_by_the_api_server() -> anyhow::Result<()> {
 async fn a_repeated_event_is_counted_on_the_first_and_a_lost_one_is_created_again()
 -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::ConfigMap;
-    use vault_registrar::recorder::{Notice, Recorder};
+    use vault_registrar::recorder::Recorder;
+    use vault_registrar::status::Notice;
     let client = shared().client().await?;
     let ns = "e2e-events";
     create_namespace(&client, ns).await?;
@@ -879,8 +880,8 @@ async fn a_repeated_event_is_counted_on_the_first_and_a_lost_one_is_created_agai
     let notice = |note: &str| Notice {
         warning: false,
         reason: "ActiveChanged",
-        note: note.into(),
-        related: Some("vault-1"),
+        message: note.into(),
+        pod: Some("vault-1".into()),
     };
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let listed = || async {
@@ -890,10 +891,10 @@ async fn a_repeated_event_is_counted_on_the_first_and_a_lost_one_is_created_agai
         anyhow::Ok(items)
     };
     recorder
-        .publish(&map, notice("from vault-0 to vault-1"))
+        .publish(&map, &notice("from vault-0 to vault-1"))
         .await?;
     recorder
-        .publish(&map, notice("from vault-0 to vault-1"))
+        .publish(&map, &notice("from vault-0 to vault-1"))
         .await?;
     let list = listed().await?;
     assert_eq!(list.len(), 1, "{list:?}");
@@ -907,14 +908,14 @@ async fn a_repeated_event_is_counted_on_the_first_and_a_lost_one_is_created_agai
         Some("vault-1")
     );
     recorder
-        .publish(&map, notice("from vault-2 to vault-1"))
+        .publish(&map, &notice("from vault-2 to vault-1"))
         .await?;
     let list = listed().await?;
     assert_eq!(list.len(), 2, "another note is another event: {list:?}");
     let first = list[0].metadata.name.clone().unwrap_or_default();
     events.delete(&first, &DeleteParams::default()).await?;
     recorder
-        .publish(&map, notice("from vault-0 to vault-1"))
+        .publish(&map, &notice("from vault-0 to vault-1"))
         .await?;
     let list = listed().await?;
     let notes: Vec<_> = list

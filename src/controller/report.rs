@@ -15,10 +15,8 @@ use super::{Context, cluster_name, interval};
 use crate::cluster_metrics::Gauges;
 use crate::crd::{VaultCluster, VaultClusterStatus};
 use crate::error::Error;
-use crate::recorder;
 use crate::status::written::{StatusWrite, newer};
 use crate::status::{CONDITIONS, Notice, can_wait, invalid_spec, merge_patch, notices};
-use crate::text::{EVENT_NOTE, shorten};
 
 /// Reports a spec the operator cannot act on, touching nothing else: the labels are held
 /// and the last observation stays in the status.
@@ -110,13 +108,7 @@ fn waits(vc: &VaultCluster, ctx: &Context, status: &VaultClusterStatus) -> bool 
 
 pub(super) async fn event(vc: &VaultCluster, ctx: &Context, notice: Notice) {
     info!(cluster = %cluster_name(vc), reason = notice.reason, message = %notice.message, "event");
-    let notice = recorder::Notice {
-        warning: notice.warning,
-        reason: notice.reason,
-        note: shorten(notice.message, EVENT_NOTE),
-        related: notice.pod.as_deref(),
-    };
-    if let Err(e) = ctx.recorder.publish(vc, notice).await {
+    if let Err(e) = ctx.recorder.publish(vc, &notice).await {
         warn!(cluster = %cluster_name(vc), error = %e, "publishing event failed");
     }
 }
