@@ -7,9 +7,21 @@ use vault_registrar::cli::{Cli, Command, init_logging, run};
 /// that a sampling heap profiler preloaded in its place sees every allocation (jemalloc's:
 /// `LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=prof:true,...`), at a cost the steady state of
 /// 1,000 clusters bears, where dhat's full backtraces do not.
-#[cfg(not(any(feature = "dhat-heap", feature = "system-allocator")))]
+#[cfg(not(any(
+    feature = "dhat-heap",
+    feature = "system-allocator",
+    feature = "heap-count"
+)))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "heap-count")]
+mod heap_count;
+
+/// With `--features heap-count`, mimalloc with the bytes held counted (see `heap_count`).
+#[cfg(feature = "heap-count")]
+#[global_allocator]
+static ALLOCATOR: heap_count::Counting = heap_count::Counting;
 
 /// With `--features dhat-heap`, every allocation is recorded by dhat instead (see
 /// `heap_profile`).
@@ -23,6 +35,8 @@ fn main() -> anyhow::Result<()> {
     purge_at_once();
     #[cfg(feature = "dhat-heap")]
     let _profile = heap_profile();
+    #[cfg(feature = "heap-count")]
+    heap_count::report();
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Run(args) => usize::from(args.worker_threads),
