@@ -16,7 +16,7 @@ use vault_registrar_testkit::cluster::{endpoint_ips, wait_endpoints};
 use vault_registrar_testkit::election::http_get_at;
 use vault_registrar_testkit::image::{self, operator_image};
 use vault_registrar_testkit::machine::{Machine, MachineLock};
-use vault_registrar_testkit::node::{NODE_NAME, NodePlane};
+use vault_registrar_testkit::node::{NODE_NAME, NodePlane, machine_before_a_node};
 use vault_registrar_testkit::release::{self, NAMESPACE, Replica, VAULT_PORT};
 use vault_registrar_testkit::stage::run;
 use vault_registrar_testkit::wait;
@@ -113,13 +113,7 @@ fn the_image_has_the_dockerfile_layout_user_entrypoint_and_no_shell() -> anyhow:
 #[test]
 fn a_panicking_test_leaves_the_machine_as_it_found_it() -> anyhow::Result<()> {
     let _turn = TURN.blocking_lock();
-    let before = {
-        let _lock = MachineLock::acquire()?;
-        // The images first, so that their build (which cleans up after itself) is not
-        // inside the comparison.
-        image::built(bin())?;
-        Machine::observe()?
-    };
+    let before = machine_before_a_node(bin())?;
     let dir = std::sync::Mutex::new(None);
     let outcome = std::panic::catch_unwind(|| {
         let node = start_node().expect("node");
@@ -172,11 +166,7 @@ fn a_panicking_test_leaves_the_machine_as_it_found_it() -> anyhow::Result<()> {
 #[test]
 fn a_run_killed_outright_is_cleaned_up_by_the_next_start() -> anyhow::Result<()> {
     let _turn = TURN.blocking_lock();
-    let before = {
-        let _lock = MachineLock::acquire()?;
-        image::built(bin())?;
-        Machine::observe()?
-    };
+    let before = machine_before_a_node(bin())?;
     let marker = std::env::temp_dir().join(format!("vault-registrar-held-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
     let hold = image::testkit_bins()?.join("node-hold");

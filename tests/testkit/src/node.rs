@@ -420,6 +420,17 @@ fn remove_node_state(shim_needle: &str, dir: &Path) {
     machine::delete_link(BRIDGE);
 }
 
+/// The machine as a node would find it: a dead run's leftovers removed first (a test that
+/// compares the machine before and after would otherwise count their removal by the next
+/// start as a difference), the images built (their build cleans up after itself), then
+/// observed, all under the machine lock.
+pub fn machine_before_a_node(operator_bin: &Path) -> anyhow::Result<Machine> {
+    let _lock = MachineLock::acquire()?;
+    clean_leftovers();
+    image::built(operator_bin)?;
+    Machine::observe()
+}
+
 /// A run killed outright (SIGKILL of the test binary) leaves shims, containers, cgroups and
 /// the bridge. With the machine lock held no node runs, so whatever of a node is found
 /// belongs to a dead run.
