@@ -3,7 +3,6 @@
 //! what it left (`tests/node.rs`).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use vault_registrar_testkit::image::SIM_IMAGE;
 use vault_registrar_testkit::node::NodePlane;
@@ -28,7 +27,8 @@ fn main() -> anyhow::Result<()> {
         .args(["wait", "--for=condition=Ready", "pod/held", "--timeout=60s"]))?;
     std::fs::write(&marker, node.dir().display().to_string())?;
     loop {
-        // Held until killed; a kill outright is the point.
-        let _ = Command::new("sleep").arg("3600").status();
+        // Held until killed; a kill outright is the point. The wait is in this process: a
+        // `sleep` child outlived the kill, holding the test's output open for an hour.
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
