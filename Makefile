@@ -90,8 +90,8 @@ test: binaries oldest-k8s previous-release vault openbao promtool testkit-bins
 bench-smoke: binaries vault
 	$(CARGO) build --workspace --bin vault-registrar --bin bench_scale --bin bench
 	set -o pipefail; VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
-		$(TESTKIT_BIN_DIR)/bench_scale 50 500 | tee target/bench-smoke.txt
-	@for figure in "cold convergence" "API reads" "API writes" "CPU" "RSS" "probes per second" "failover"; do \
+		$(TESTKIT_BIN_DIR)/bench_scale 50 500 20 | tee target/bench-smoke.txt
+	@for figure in "cold convergence" "API reads" "API writes" "CPU" "RSS" "probes per second" "soak" "MiB/h" "failover"; do \
 	  grep -qi "$$figure" target/bench-smoke.txt || { echo "bench-smoke: no figure for $$figure"; exit 1; }; done
 	set -o pipefail; VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_VAULT_BIN="$(VAULT_BIN)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/debug/vault-registrar" \
 		$(TESTKIT_BIN_DIR)/bench --smoke | tee target/bench-failover-smoke.txt
@@ -133,16 +133,18 @@ bench: binaries vault
 ## The first line of a figures file: what was measured, on which commit, when, on how many
 ## cores. README's figures are copied from these files (bench/), regenerated with any change
 ## that moves them.
-FIGURES_HEADER = echo "\# $@ $(if $(filter bench-scale,$@),N=$(N) U=$(U) ,)at $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- src tests || echo +changes), $$(date -u +%Y-%m-%dT%H:%MZ), $$(nproc) cores"
+FIGURES_HEADER = echo "\# $@ $(if $(filter bench-scale,$@),N=$(N) U=$(U) SOAK=$(SOAK)s ,)at $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- src tests || echo +changes), $$(date -u +%Y-%m-%dT%H:%MZ), $$(nproc) cores"
 
 ## N VaultClusters x 3 pods beside U other pods, one operator replica: figures printed.
 N ?= 1000
 U ?= 10000
+## Seconds held at steady state after the 30 s window, for what grows with time (RSS).
+SOAK ?= 300
 bench-scale: binaries
 	$(CARGO) build --profile dist --bin vault-registrar
 	@mkdir -p bench
 	set -o pipefail; { $(FIGURES_HEADER); VAULT_REGISTRAR_BIN_DIR="$(BIN_DIR)" VAULT_REGISTRAR_BIN="$(CURDIR)/target/dist/vault-registrar" \
-		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U); } | tee bench/scale-N$(N)-U$(U).txt
+		$(CARGO) run -q --release -p vault-registrar-testkit --bin bench_scale -- $(N) $(U) $(SOAK); } | tee bench/scale-N$(N)-U$(U).txt
 
 ## Regenerate crds/, the chart's CRD template and kustomize's copy from the Rust types.
 crds:

@@ -3,8 +3,9 @@
 //! a real API server. Prints, from measurements: cold convergence next to the time a plain
 //! client takes for the same number of label PATCHes; API reads per second and writes over
 //! 30 s at steady state (the API server's own metrics); the operator's RSS, peak RSS and CPU
-//! (from /proc); probes per second sent against configured; and one failover's latency
-//! under that load. Asserts nothing.
+//! (from /proc); probes per second sent against configured; the same over a longer soak
+//! (third argument, seconds; default 300), where a slow leak shows as RSS growth; and one
+//! failover's latency under that load. Asserts nothing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -39,6 +40,12 @@ async fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000);
+    let soak = Duration::from_secs(
+        args.next()
+            .map(|a| a.parse())
+            .transpose()?
+            .unwrap_or(300),
+    );
     let bin = std::env::var("VAULT_REGISTRAR_BIN")?;
     println!(
         "bench-scale: {n} VaultClusters x 3 pods, {u} other pods, interval 2s, activeInterval 500ms, --probe-concurrency {PROBE_CONCURRENCY}"
@@ -134,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
         100.0 * sent / configured
     );
 
+    let rss_kib = memory_kib(pid)?.0;
+    soak_figures(&plane, pid, soak, (rss_kib, reads1, probes1), probes, configured).await?;
+
     let (label, endpoint) = failover(&client, &sims, &pods).await?;
     println!(
         "one failover under load: new active labelled after {label:?}, the only endpoint after {endpoint:?}"
@@ -143,6 +153,43 @@ async fn main() -> anyhow::Result<()> {
     if operator.wait_exit(Duration::from_secs(60)).is_none() {
         operator.kill();
     }
+    Ok(())
+}
+
+/// A longer hold at steady state: what grows with time alone (a leak of a few bytes a probe
+/// is megabytes an hour at this scale) and any write the 30 s window was too short to see.
+async fn soak_figures(
+    plane: &ControlPlane,
+    pid: u32,
+    soak: Duration,
+    (rss0, requests0, probes0): (u64, BTreeMap<(String, String), f64>, u64),
+    probes: impl Fn() -> u64,
+    configured: f64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    tokio::time::sleep(soak).await;
+    let secs = started.elapsed().as_secs_f64();
+    let (rss1, peak) = memory_kib(pid)?;
+    let sent = (probes() - probes0) as f64 / secs;
+    println!("soak over another {secs:.0} s at steady state:");
+    let writes = delta(
+        &requests0,
+        &plane.requests()?,
+        &["POST", "PUT", "PATCH", "DELETE", "APPLY"],
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let growth = (mib(rss1) - mib(rss0)) / secs * 3600.0;
+    println!(
+        "  operator RSS: {:.1} MiB at its start, {:.1} MiB at its end ({growth:+.1} MiB/h), peak {:.0} MiB",
+        mib(rss0),
+        mib(rss1),
+        mib(peak)
+    );
+    println!("  API writes: {writes}");
+    println!(
+        "  probes per second: {sent:.1} ({:.1} % of configured)",
+        100.0 * sent / configured
+    );
     Ok(())
 }
 
@@ -570,6 +617,12 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 
 /// VmRSS and VmHWM, in MiB.
 fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let (rss, peak) = memory_kib(pid)?;
+    Ok((rss / 1024, peak / 1024))
+}
+
+/// VmRSS and VmHWM, in KiB.
+fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| {
         status
@@ -579,7 +632,7 @@ fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Ok((kib("VmRSS:") / 1024, kib("VmHWM:") / 1024))
+    Ok((kib("VmRSS:"), kib("VmHWM:")))
 }
 
 /// Waits until kube-controller-manager has an EndpointSlice for each generated Service:
