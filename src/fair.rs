@@ -129,7 +129,7 @@ impl FairPool {
 
     /// Waits for a slot for a probe of a pod in `namespace`.
     pub async fn acquire(&self, namespace: &str) -> Slot {
-        let (waiter, granted) = {
+        let (mut waiter, granted) = {
             let mut state = self.state.lock().unwrap();
             let ticket = state.next_ticket;
             state.next_ticket += 1;
@@ -148,14 +148,14 @@ impl FairPool {
         };
         // The sender lives until the grant or until the waiter goes: it cannot fail.
         let _ = granted.await;
-        // With its ticket gone the waiter's drop finds nothing to give back. It must still
-        // be dropped, not forgotten: forgetting leaked its namespace and its pool handle on
-        // every probe (5 bytes and an allocation each, a steady growth of the live heap at
-        // 3,000 probes a second).
+        // With its ticket gone the waiter's drop finds nothing to give back, and needs no
+        // namespace: the slot takes it. The waiter must still be dropped, not forgotten:
+        // forgetting leaked its namespace and its pool handle on every probe (a steady
+        // growth of the live heap at 3,000 probes a second).
         self.state.lock().unwrap().tickets.remove(&waiter.ticket);
         Slot {
             pool: self.clone(),
-            namespace: waiter.namespace.clone(),
+            namespace: std::mem::take(&mut waiter.namespace),
         }
     }
 

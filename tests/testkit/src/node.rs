@@ -61,9 +61,7 @@ impl NodePlane {
     /// the node is Ready. `operator_bin` is the operator binary its image is built from.
     pub fn start(operator_bin: &Path) -> anyhow::Result<Self> {
         let lock = MachineLock::acquire()?;
-        clean_leftovers();
-        let images = image::built(operator_bin)?;
-        let before = Machine::observe()?;
+        let (images, before) = clean_and_observe(operator_bin)?;
         machine::save_paths_record(&before.paths)?;
         let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let mut ground = Ground {
@@ -426,9 +424,15 @@ fn remove_node_state(shim_needle: &str, dir: &Path) {
 /// observed, all under the machine lock.
 pub fn machine_before_a_node(operator_bin: &Path) -> anyhow::Result<Machine> {
     let _lock = MachineLock::acquire()?;
+    Ok(clean_and_observe(operator_bin)?.1)
+}
+
+/// With the machine lock held: a dead run's leftovers removed, the images built, the
+/// machine recorded.
+fn clean_and_observe(operator_bin: &Path) -> anyhow::Result<(&'static Images, Machine)> {
     clean_leftovers();
-    image::built(operator_bin)?;
-    Machine::observe()
+    let images = image::built(operator_bin)?;
+    Ok((images, Machine::observe()?))
 }
 
 /// A run killed outright (SIGKILL of the test binary) leaves shims, containers, cgroups and

@@ -40,12 +40,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000);
-    let soak = Duration::from_secs(
-        args.next()
-            .map(|a| a.parse())
-            .transpose()?
-            .unwrap_or(300),
-    );
+    let soak = Duration::from_secs(args.next().map(|a| a.parse()).transpose()?.unwrap_or(300));
     let bin = std::env::var("VAULT_REGISTRAR_BIN")?;
     println!(
         "bench-scale: {n} VaultClusters x 3 pods, {u} other pods, interval 2s, activeInterval 500ms, --probe-concurrency {PROBE_CONCURRENCY}"
@@ -130,8 +125,12 @@ async fn main() -> anyhow::Result<()> {
         "  operator CPU: {:.3} cores",
         (cpu1 - cpu0) as f64 / ticks / secs
     );
-    let (rss, peak) = memory(pid)?;
-    println!("  operator RSS: {rss} MiB, peak {peak} MiB");
+    let (rss_kib, peak_kib) = memory_kib(pid)?;
+    println!(
+        "  operator RSS: {} MiB, peak {} MiB",
+        rss_kib / 1024,
+        peak_kib / 1024
+    );
     // Each settled cluster: a full round of 3 probes every 2 s, and its active pod alone
     // every 500 ms between them (3 more).
     let configured = pods.len() as f64 / 2.0 * 2.0;
@@ -141,8 +140,15 @@ async fn main() -> anyhow::Result<()> {
         100.0 * sent / configured
     );
 
-    let rss_kib = memory_kib(pid)?.0;
-    soak_figures(&plane, pid, soak, (rss_kib, reads1, probes1), probes, configured).await?;
+    soak_figures(
+        &plane,
+        pid,
+        soak,
+        (rss_kib, reads1, probes1),
+        probes,
+        configured,
+    )
+    .await?;
 
     let (label, endpoint) = failover(&client, &sims, &pods).await?;
     println!(
@@ -613,12 +619,6 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
         .split_whitespace()
         .collect();
     Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
-/// VmRSS and VmHWM, in MiB.
-fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let (rss, peak) = memory_kib(pid)?;
-    Ok((rss / 1024, peak / 1024))
 }
 
 /// VmRSS and VmHWM, in KiB.
