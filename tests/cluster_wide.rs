@@ -116,18 +116,26 @@ async fn one_operator_serves_every_namespace_with_metrics_and_json_logs() -> any
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     let elsewhere = get(port, "/healthz").await?;
     assert!(elsewhere.starts_with("HTTP/1.1 404"), "{elsewhere}");
-    let text = wait::until("metrics with both clusters ready", LIMIT, || async {
-        let text = get(port, "/metrics").await?;
-        let ready = |ns: &str| {
-            metric(
-                &text,
-                &format!(
-                    "vault_registrar_cluster_condition{{cluster=\"vault\",condition=\"Ready\",namespace=\"{ns}\"}}"
-                ),
-            )
-        };
-        Ok((ready("wide-a") == Some(1.0) && ready("wide-b") == Some(1.0)).then_some(text))
-    })
+    // A round sets its gauges before it sends the status they come from, so the scrape
+    // waits for the status patches too (CI once scraped between the two).
+    let text = wait::until(
+        "metrics with both clusters ready and their status written",
+        LIMIT,
+        || async {
+            let text = get(port, "/metrics").await?;
+            let ready = |ns: &str| {
+                metric(
+                    &text,
+                    &format!(
+                        "vault_registrar_cluster_condition{{cluster=\"vault\",condition=\"Ready\",namespace=\"{ns}\"}}"
+                    ),
+                )
+            };
+            let statuses = metric(&text, "vault_registrar_status_writes_total").unwrap_or(0.0);
+            Ok((ready("wide-a") == Some(1.0) && ready("wide-b") == Some(1.0) && statuses >= 2.0)
+                .then_some(text))
+        },
+    )
     .await?;
     assert!(
         metric(&text, "vault_registrar_pod_label_writes_total").unwrap_or(0.0) >= 4.0,
